@@ -1,0 +1,35 @@
+# The two commands a user needs: `make demo` and `make test`.
+# Each installs what it needs first (Debian packages, then a virtualenv).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs fuse2fs fio attr acl strace
+STAMP := $(VENV)/.installed
+
+.PHONY: deps demo test lint bench clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-deps.sh
+	bash scripts/install-deps.sh $(APT_PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: deps
+	bash scripts/demo.sh
+
+test: deps
+	$(VENV)/bin/ruff check app tests bench
+	$(PY) -m pytest
+
+lint: deps
+	$(VENV)/bin/ruff check app tests bench
+
+bench: deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info app/*.egg-info

@@ -1,0 +1,3 @@
+from ext4box.cli import main
+
+raise SystemExit(main())

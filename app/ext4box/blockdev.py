@@ -1,0 +1,133 @@
+"""Positional I/O on the one device fd, with bounds checks.
+
+Every read of metadata or data goes through here, so an offset computed from
+hostile metadata can never reach past the device. The block size is not known
+until the superblock is parsed, so block-level helpers take it explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+class DeviceRangeError(Exception):
+    """A request falls (partly) outside the device."""
+
+    def __init__(self, offset: int, length: int, size: int) -> None:
+        super().__init__(f"range {offset}+{length} outside device of {size} bytes")
+        self.offset = offset
+        self.length = length
+        self.size = size
+
+
+class BlockDevice:
+    """A bounds-checked view of a device or image file descriptor."""
+
+    def __init__(self, fd: int, *, writable: bool = False, size: int | None = None) -> None:
+        self.fd = fd
+        self.writable = writable
+        self.size = size if size is not None else _device_size(fd)
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False) -> BlockDevice:
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        try:
+            return cls(fd, writable=writable)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DeviceRangeError(offset, length, self.size)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read exactly `length` bytes at `offset` (short reads are retried)."""
+        self.check_range(offset, length)
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
+        parts = [data]
+        done = len(data)
+        while done < length:
+            chunk = os.pread(self.fd, length - done, offset + done)
+            if not chunk:
+                raise DeviceRangeError(offset, length, offset + done)
+            parts.append(chunk)
+            done += len(chunk)
+        return b"".join(parts)
+
+    def preadv(self, buffers: Sequence[bytearray | memoryview], offset: int) -> int:
+        """Fill `buffers` from `offset` with one vectored read; returns bytes read."""
+        total = sum(len(b) for b in buffers)
+        self.check_range(offset, total)
+        return os.preadv(self.fd, buffers, offset)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.writable:
+            raise PermissionError("device opened read-only")
+        self.check_range(offset, len(data))
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def flush(self) -> None:
+        if self.writable:
+            os.fsync(self.fd)
+
+
+class MetadataCache:
+    """A bounded LRU of metadata blocks keyed by block number.
+
+    Data blocks never pass through here: file data is read by the iomap
+    executor straight into request buffers.
+    """
+
+    def __init__(self, dev: BlockDevice, block_size: int, capacity: int = 4096) -> None:
+        self.dev = dev
+        self.block_size = block_size
+        self.capacity = capacity
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, block: int) -> bytes:
+        with self._lock:
+            data = self._blocks.get(block)
+            if data is not None:
+                self._blocks.move_to_end(block)
+                return data
+        data = self.dev.pread(block * self.block_size, self.block_size)
+        with self._lock:
+            self._blocks[block] = data
+            if len(self._blocks) > self.capacity:
+                self._blocks.popitem(last=False)
+        return data
+
+    def invalidate(self, block: int) -> None:
+        with self._lock:
+            self._blocks.pop(block, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+
+
+def _device_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise ValueError("device must be a regular file or a block device")
