@@ -65,6 +65,10 @@ class IsADirectory(Ext4Error):
     errno = errno.EISDIR
 
 
+class NotASymlink(Ext4Error):
+    errno = errno.EINVAL
+
+
 class NoData(Ext4Error):
     """An extended attribute does not exist."""
 

@@ -1,0 +1,448 @@
+"""The facade the upper layers use: one opened ext4 filesystem, read side.
+
+It ties the leaf parsers together (superblock → groups → inodes → extents /
+block maps / directories / xattrs) and owns the small caches between them.
+Nothing here knows about FUSE: callers get Inode objects, names as bytes,
+BlockRuns, and Ext4Error subclasses.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import structlog
+
+from ext4box.blockdev import BlockDevice, DeviceRangeError, MetadataCache
+from ext4box.ext4 import features as F
+from ext4box.ext4.acl import acl_disk_to_xattr
+from ext4box.ext4.blockmap import BlockMapMapper
+from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.directory import DirectoryReader
+from ext4box.ext4.errors import (
+    Corrupt,
+    NoData,
+    NotADirectory,
+    NotASymlink,
+    NotExt4,
+    NotFound,
+    ReadOnly,
+    Unsupported,
+    block_where,
+    inode_where,
+)
+from ext4box.ext4.extents import ExtentMapper
+from ext4box.ext4.group_desc import GroupTable, gdt_block_count
+from ext4box.ext4.inline_data import inline_bytes
+from ext4box.ext4.inode import FL_EA_INODE, I_BLOCK_SIZE, ROOT_INO, Inode
+from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.xattr import XattrEntry, parse_ibody_xattrs, parse_xattr_block
+
+log = structlog.get_logger("ext4box.ext4")
+
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+INLINE_DATA_XATTR = b"system.data"
+MAX_SYMLINK = 4096
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lru(Generic[K, V]):
+    """A small thread-safe LRU map; the bound keeps hostile images from growing it."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+
+@dataclass(frozen=True, slots=True)
+class DirItem:
+    name: bytes
+    ino: int
+    file_type: int
+    cookie: int  # resume point after this item
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    blocks_avail: int
+    files: int
+    files_free: int
+    namelen: int = 255
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSizes:
+    metadata_blocks: int = 8192
+    inodes: int = 16384
+    mappers: int = 1024
+    directories: int = 1024
+
+
+class Filesystem:
+    def __init__(self, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> None:
+        self.dev = dev
+        self.sb = sb
+        self.block_size = sb.block_size
+        self.readonly = True
+        self.meta = MetadataCache(dev, sb.block_size, caches.metadata_blocks)
+        self.groups = GroupTable(sb, self.read_meta_block)
+        self._inodes: _Lru[int, Inode] = _Lru(caches.inodes)
+        self._mappers: _Lru[int, ExtentMapper | BlockMapMapper] = _Lru(caches.mappers)
+        self._dirs: _Lru[int, DirectoryReader] = _Lru(caches.directories)
+        self._huge_file = sb.has_ro_compat(F.RO_COMPAT_HUGE_FILE)
+        # Blocks no file may map: the boot block, superblock and primary GDT.
+        self._reserved_end = (
+            sb.first_data_block + 1 + gdt_block_count(sb) + int(sb.reserved_gdt_blocks)
+        )
+
+    # ---- opening -------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, dev: BlockDevice, *, readonly: bool = True, caches: CacheSizes | None = None
+    ) -> Filesystem:
+        if not readonly:
+            raise ReadOnly("read-write mounts are not supported yet")
+        if dev.size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
+            raise NotExt4(f"device of {dev.size} bytes is too small for ext4")
+        sb = Superblock.parse(dev.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
+        unsupported = sb.incompat_unsupported()
+        if unsupported:
+            raise Unsupported(
+                "incompatible features", detail="image uses " + ", ".join(unsupported)
+            )
+        if sb.blocks_count * sb.block_size > dev.size:
+            raise Corrupt(
+                "superblock",
+                "block 0 offset 1024",
+                f"{sb.blocks_count} blocks of {sb.block_size} bytes exceed the device "
+                f"({dev.size} bytes): truncated image?",
+            )
+        if sb.has_incompat(F.INCOMPAT_RECOVER):
+            log.warning(
+                "journal_needs_recovery",
+                detail="serving the last checkpointed state; journal replay is not implemented",
+            )
+        fs = cls(dev, sb, caches or CacheSizes())
+        fs.inode(ROOT_INO)  # fail at mount, not at first lookup, if the root is bad
+        log.info(
+            "filesystem_opened",
+            block_size=sb.block_size,
+            blocks=sb.blocks_count,
+            groups=sb.group_count,
+            features=" ".join(sb.feature_names()),
+        )
+        return fs
+
+    def close(self) -> None:
+        self.meta.clear()
+
+    # ---- blocks --------------------------------------------------------
+
+    def read_meta_block(self, pblk: int) -> bytes:
+        if pblk <= 0 or pblk >= self.sb.blocks_count:
+            raise Corrupt("block pointer", block_where(pblk), "outside the filesystem")
+        try:
+            return self.meta.read(pblk)
+        except DeviceRangeError as err:
+            raise Corrupt("block pointer", block_where(pblk), "past the end of the device") from err
+
+    def check_run(self, pblk: int, length: int) -> None:
+        """Refuse data runs outside the filesystem or over its fixed metadata."""
+        if length <= 0 or pblk < self._reserved_end or pblk + length > self.sb.blocks_count:
+            raise Corrupt(
+                "block mapping",
+                block_where(pblk),
+                f"run of {length} blocks not inside the data area "
+                f"[{self._reserved_end}, {self.sb.blocks_count})",
+            )
+
+    # ---- inodes --------------------------------------------------------
+
+    def inode(self, ino: int) -> Inode:
+        cached = self._inodes.get(ino)
+        if cached is not None:
+            return cached
+        sb = self.sb
+        if ino < 1 or ino > sb.inodes_count:
+            raise Corrupt("inode number", inode_where(ino), f"outside 1..{sb.inodes_count}")
+        group, index = divmod(ino - 1, sb.inodes_per_group)
+        desc = self.groups[group]
+        offset = index * sb.inode_size
+        block = self.read_meta_block(desc.inode_table + offset // sb.block_size)
+        start = offset % sb.block_size
+        raw = block[start : start + sb.inode_size]
+        inode = Inode.parse(
+            raw,
+            ino,
+            fs_csum_seed=sb.csum_seed,
+            huge_file=self._huge_file,
+            block_size=sb.block_size,
+        )
+        if inode.links_count == 0 and inode.mode == 0:
+            raise Corrupt("inode", inode_where(ino), "deleted or never-used inode referenced")
+        self._inodes.put(ino, inode)
+        return inode
+
+    def _check_contents_readable(self, inode: Inode) -> None:
+        if inode.is_encrypted:
+            raise Unsupported(
+                "encrypted inode", inode_where(inode.ino), "encryption keys are not supported"
+            )
+        if inode.is_verity and inode.is_reg:
+            raise Unsupported(
+                "verity inode", inode_where(inode.ino), "fs-verity contents cannot be verified"
+            )
+
+    # ---- file data -----------------------------------------------------
+
+    def _mapper(self, inode: Inode) -> ExtentMapper | BlockMapMapper:
+        mapper = self._mappers.get(inode.ino)
+        if mapper is not None:
+            return mapper
+        if inode.uses_extents:
+            mapper = ExtentMapper(
+                ino=inode.ino,
+                i_block=inode.i_block,
+                read_block=self.read_meta_block,
+                block_size=self.block_size,
+                csum_seed=inode.csum_seed,
+                check_run=self.check_run,
+            )
+        else:
+            mapper = BlockMapMapper(
+                ino=inode.ino,
+                i_block=inode.i_block,
+                read_block=self.read_meta_block,
+                block_size=self.block_size,
+                check_run=self.check_run,
+            )
+        self._mappers.put(inode.ino, mapper)
+        return mapper
+
+    def map_blocks(self, inode: Inode, lblk: int, count: int) -> list[BlockRun]:
+        """Where logical blocks [lblk, lblk+count) of a file live on the device."""
+        self._check_contents_readable(inode)
+        if inode.has_inline_data:
+            raise Corrupt("inode", inode_where(inode.ino), "inline-data inode has no block map")
+        return self._mapper(inode).map(lblk, count)
+
+    def read_bytes(self, inode: Inode, offset: int, length: int) -> bytes:
+        """Read a byte range of a small file body (symlinks, directories, EA inodes)."""
+        if inode.has_inline_data:
+            return self.inline_data(inode)[offset : offset + length]
+        bs = self.block_size
+        first = offset // bs
+        last = (offset + length + bs - 1) // bs
+        parts = []
+        for run in self.map_blocks(inode, first, last - first):
+            if run.pblk is None or run.unwritten:
+                parts.append(bytes(run.length * bs))
+            else:
+                parts.append(self.dev.pread(run.pblk * bs, run.length * bs))
+        data = b"".join(parts)
+        skip = offset - first * bs
+        return data[skip : skip + length]
+
+    def inline_data(self, inode: Inode) -> bytes:
+        self._check_contents_readable(inode)
+        if not inode.has_inline_data:
+            raise Corrupt("inode", inode_where(inode.ino), "not an inline-data inode")
+        system_data = self._xattr_value(inode, INLINE_DATA_XATTR)
+        return inline_bytes(inode.i_block, system_data, inode.size, inode.ino)
+
+    # ---- directories ---------------------------------------------------
+
+    def _directory(self, ino: int) -> DirectoryReader:
+        reader = self._dirs.get(ino)
+        if reader is not None:
+            return reader
+        inode = self.inode(ino)
+        if not inode.is_dir:
+            raise NotADirectory(f"inode {ino} is not a directory")
+        if inode.is_encrypted:
+            raise Unsupported("encrypted directory", inode_where(ino))
+        if inode.is_casefold:
+            raise Unsupported("casefolded directory", inode_where(ino), "case-insensitive lookups")
+        sb = self.sb
+        inline_body = None
+        if inode.has_inline_data:
+            inline_body = inode.i_block + (self._xattr_value(inode, INLINE_DATA_XATTR) or b"")
+
+        def read_lblk(lblk: int) -> bytes | None:
+            (run,) = self.map_blocks(inode, lblk, 1)
+            if run.pblk is None or run.unwritten:
+                return None
+            return self.read_meta_block(run.pblk)
+
+        reader = DirectoryReader(
+            ino=ino,
+            size=inode.size,
+            block_size=self.block_size,
+            read_lblk=read_lblk,
+            indexed=inode.is_indexed and sb.has_compat(F.COMPAT_DIR_INDEX),
+            has_filetype=sb.has_incompat(F.INCOMPAT_FILETYPE),
+            csum_seed=inode.csum_seed,
+            hash_seed=sb.hash_seed,
+            default_hash_version=int(sb.def_hash_version),
+            unsigned_hash=sb.unsigned_hash,
+            max_ino=sb.inodes_count,
+            inline_body=inline_body,
+            large_dir=sb.has_incompat(F.INCOMPAT_LARGEDIR),
+        )
+        self._dirs.put(ino, reader)
+        return reader
+
+    def lookup(self, dir_ino: int, name: bytes) -> int:
+        entry = self._directory(dir_ino).lookup(name)
+        if entry is None:
+            raise NotFound(f"{name!r} not in directory {dir_ino}")
+        return entry.inode
+
+    def readdir(self, dir_ino: int, cookie: int = 0) -> Iterator[DirItem]:
+        for entry, next_cookie in self._directory(dir_ino).iterate(cookie):
+            yield DirItem(entry.name, entry.inode, entry.file_type, next_cookie)
+
+    # ---- symlinks ------------------------------------------------------
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        where = inode_where(ino)
+        if not inode.is_symlink:
+            raise NotASymlink(f"inode {ino} is not a symlink")
+        if inode.is_encrypted:
+            raise Unsupported("encrypted symlink", where)
+        size = inode.size
+        if size == 0 or size > MAX_SYMLINK or size > self.block_size:
+            raise Corrupt("symlink", where, f"target length {size} invalid")
+        if inode.has_inline_data:
+            target = self.inline_data(inode)
+        elif self._is_fast_symlink(inode):
+            if size >= I_BLOCK_SIZE:
+                raise Corrupt("symlink", where, f"fast symlink of length {size} exceeds i_block")
+            target = inode.i_block[:size]
+        else:
+            target = self.read_bytes(inode, 0, size)
+        if b"\0" in target:
+            raise Corrupt("symlink", where, "target contains a NUL byte")
+        return target
+
+    def _is_fast_symlink(self, inode: Inode) -> bool:
+        # A fast symlink owns no blocks beyond a possible xattr block.
+        xattr_sectors = self.sb.cluster_size // 512 if inode.file_acl else 0
+        return inode.blocks_512 - xattr_sectors == 0
+
+    # ---- extended attributes -------------------------------------------
+
+    def _xattrs(self, inode: Inode) -> list[XattrEntry]:
+        entries = list(
+            parse_ibody_xattrs(
+                inode.ibody_xattr_area, ino=inode.ino, read_ea_inode=self._read_ea_inode
+            )
+        )
+        if inode.file_acl:
+            block = self.read_meta_block(inode.file_acl)
+            parsed = parse_xattr_block(
+                block,
+                blkno=inode.file_acl,
+                ino=inode.ino,
+                csum_seed=self.sb.csum_seed,
+                read_ea_inode=self._read_ea_inode,
+            )
+            entries.extend(parsed.entries)
+        return entries
+
+    def _read_ea_inode(self, ea_ino: int, size: int) -> bytes:
+        ea = self.inode(ea_ino)
+        if not ea.flags & FL_EA_INODE:
+            raise Corrupt("xattr value inode", inode_where(ea_ino), "EA_INODE flag not set")
+        if ea.size != size:
+            raise Corrupt(
+                "xattr value inode", inode_where(ea_ino), f"size {ea.size} != entry size {size}"
+            )
+        return self.read_bytes(ea, 0, size)
+
+    def _xattr_value(self, inode: Inode, name: bytes) -> bytes | None:
+        for entry in self._xattrs(inode):
+            if entry.name == name:
+                return entry.value
+        return None
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [e.name for e in self._xattrs(self.inode(ino)) if e.name != INLINE_DATA_XATTR]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name == INLINE_DATA_XATTR:
+            raise NoData(name.decode(errors="replace"))
+        inode = self.inode(ino)
+        value = self._xattr_value(inode, name)
+        if value is None:
+            raise NoData(name.decode(errors="replace"))
+        if name in ACL_XATTRS:
+            return acl_disk_to_xattr(value, where=inode_where(ino))
+        return value
+
+    # ---- whole filesystem ----------------------------------------------
+
+    def statfs(self) -> StatFs:
+        sb = self.sb
+        # Like the kernel, count free space from the group descriptors (the
+        # superblock totals are only updated lazily) and keep back the
+        # clusters ext4 reserves for delayed allocation.
+        cluster_ratio = sb.cluster_size // sb.block_size
+        free = sum(d.free_blocks_count for d in self.groups.descs) * cluster_ratio
+        free_inodes = sum(d.free_inodes_count for d in self.groups.descs)
+        reserved = sb.r_blocks_count + self._delalloc_reserve_blocks()
+        return StatFs(
+            block_size=sb.block_size,
+            blocks=sb.blocks_count - self._overhead_blocks(),
+            blocks_free=free,
+            blocks_avail=max(0, free - reserved),
+            files=sb.inodes_count,
+            files_free=free_inodes,
+        )
+
+    def _delalloc_reserve_blocks(self) -> int:
+        sb = self.sb
+        if not sb.has_incompat(F.INCOMPAT_EXTENTS):
+            return 0
+        cluster_ratio = sb.cluster_size // sb.block_size
+        return min(sb.blocks_count // cluster_ratio // 50, 4096) * cluster_ratio
+
+    def _overhead_blocks(self) -> int:
+        sb = self.sb
+        overhead = int(sb.overhead_clusters) * (sb.cluster_size // sb.block_size)
+        if overhead:
+            return overhead
+        # As the kernel counts it: superblock and GDT copies, bitmaps, inode tables.
+        itable = -(-sb.inodes_per_group * sb.inode_size // sb.block_size)
+        gdt = gdt_block_count(sb) + int(sb.reserved_gdt_blocks)
+        backups = sum(1 for g in range(sb.group_count) if sb.group_has_super(g))
+        return sb.first_data_block + backups * (1 + gdt) + sb.group_count * (2 + itable)

@@ -1,0 +1,260 @@
+"""One inode: its fields, timestamps, device number and checksum."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from ext4box.ext4.checksum import crc32c_raw, inode_csum_seed
+from ext4box.ext4.errors import Corrupt, inode_where
+
+ROOT_INO = 2
+GOOD_OLD_INODE_SIZE = 128
+I_BLOCK_SIZE = 60
+
+# i_flags
+FL_IMMUTABLE = 0x10
+FL_APPEND = 0x20
+FL_ENCRYPT = 0x800
+FL_INDEX = 0x1000
+FL_HUGE_FILE = 0x40000
+FL_EXTENTS = 0x80000
+FL_VERITY = 0x100000
+FL_EA_INODE = 0x200000
+FL_INLINE_DATA = 0x10000000
+FL_CASEFOLD = 0x40000000
+
+# The fixed 128-byte part. i_block is kept as raw bytes: its meaning depends on
+# the flags (extent root, block map, inline data, fast symlink, device number).
+_BASE = struct.Struct("<HHIiiiIHHIII60sIIII12s")
+# osd2 for Linux: blocks_high, file_acl_high, uid_high, gid_high, checksum_lo, reserved
+_OSD2 = struct.Struct("<HHHHHH")
+_EXTRA_ISIZE = struct.Struct("<HH")
+_CHECKSUM_LO_OFFSET = 0x7C
+_CHECKSUM_HI_OFFSET = 0x82
+# Offsets of the optional fields after the 128 bytes, relative to offset 128:
+# each exists only if i_extra_isize covers its end.
+_EXTRA_FIELDS = {
+    "checksum_hi": (2, "<H"),
+    "ctime_extra": (4, "<I"),
+    "mtime_extra": (8, "<I"),
+    "atime_extra": (12, "<I"),
+    "crtime": (16, "<i"),
+    "crtime_extra": (20, "<I"),
+    "version_hi": (24, "<I"),
+    "projid": (28, "<I"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    links_count: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    crtime_ns: int
+    dtime: int
+    blocks_512: int  # st_blocks
+    flags: int
+    generation: int
+    file_acl: int  # external xattr block, 0 if none
+    i_block: bytes
+    extra_isize: int
+    projid: int
+    raw: bytes  # the whole on-disk inode (inode_size bytes)
+    csum_seed: int | None  # per-inode seed for extent/dir/xattr checksums
+
+    @property
+    def file_type(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_device(self) -> bool:
+        return stat.S_ISCHR(self.mode) or stat.S_ISBLK(self.mode)
+
+    @property
+    def has_inline_data(self) -> bool:
+        return bool(self.flags & FL_INLINE_DATA)
+
+    @property
+    def uses_extents(self) -> bool:
+        return bool(self.flags & FL_EXTENTS)
+
+    @property
+    def is_indexed(self) -> bool:
+        return bool(self.flags & FL_INDEX)
+
+    @property
+    def is_encrypted(self) -> bool:
+        return bool(self.flags & FL_ENCRYPT)
+
+    @property
+    def is_casefold(self) -> bool:
+        return bool(self.flags & FL_CASEFOLD)
+
+    @property
+    def is_verity(self) -> bool:
+        return bool(self.flags & FL_VERITY)
+
+    @property
+    def ibody_xattr_area(self) -> bytes:
+        """The in-inode extended attribute area (may be empty)."""
+        start = GOOD_OLD_INODE_SIZE + self.extra_isize
+        return self.raw[start:] if start < len(self.raw) else b""
+
+    @property
+    def rdev(self) -> int:
+        """Device number of a char/block device, as os.makedev builds it."""
+        if not self.is_device:
+            return 0
+        old, new = struct.unpack_from("<II", self.i_block, 0)
+        if old:
+            return os.makedev((old >> 8) & 0xFF, old & 0xFF)
+        major = (new & 0xFFF00) >> 8
+        minor = (new & 0xFF) | ((new >> 12) & 0xFFF00)
+        return os.makedev(major, minor)
+
+    @classmethod
+    def parse(
+        cls,
+        raw: bytes,
+        ino: int,
+        *,
+        fs_csum_seed: int | None,
+        huge_file: bool,
+        block_size: int,
+    ) -> Inode:
+        """Parse one on-disk inode of len(raw) == inode_size bytes.
+
+        fs_csum_seed is the filesystem checksum seed when metadata_csum is on.
+        """
+        where = inode_where(ino)
+        (
+            mode,
+            uid_lo,
+            size_lo,
+            atime,
+            ctime,
+            mtime,
+            dtime,
+            gid_lo,
+            links,
+            blocks_lo,
+            flags,
+            _osd1,
+            i_block,
+            generation,
+            file_acl_lo,
+            size_hi,
+            _faddr,
+            osd2,
+        ) = _BASE.unpack_from(raw, 0)
+        blocks_hi, file_acl_hi, uid_hi, gid_hi, csum_lo, _ = _OSD2.unpack(osd2)
+        inode_size = len(raw)
+        extra_isize = 0
+        extra: dict[str, int] = {}
+        if inode_size > GOOD_OLD_INODE_SIZE:
+            (extra_isize,) = _EXTRA_ISIZE.unpack_from(raw, GOOD_OLD_INODE_SIZE)[:1]
+            if extra_isize & 3 or GOOD_OLD_INODE_SIZE + extra_isize > inode_size:
+                raise Corrupt("inode", where, f"extra_isize {extra_isize} invalid")
+            for name, (offset, fmt) in _EXTRA_FIELDS.items():
+                if offset + struct.calcsize(fmt) <= extra_isize:
+                    (extra[name],) = struct.unpack_from(fmt, raw, GOOD_OLD_INODE_SIZE + offset)
+
+        csum_seed = None
+        if fs_csum_seed is not None:
+            csum_seed = inode_csum_seed(fs_csum_seed, ino, generation)
+            _verify_checksum(raw, csum_lo, extra.get("checksum_hi"), csum_seed, where)
+
+        size = size_lo | (size_hi << 32)
+        if size >= 1 << 63:
+            raise Corrupt("inode", where, f"size {size} exceeds 2^63")
+        if huge_file:
+            blocks = blocks_lo | (blocks_hi << 32)
+            blocks_512 = blocks * (block_size // 512) if flags & FL_HUGE_FILE else blocks
+        else:
+            blocks_512 = blocks_lo
+
+        return cls(
+            ino=ino,
+            mode=mode,
+            uid=uid_lo | (uid_hi << 16),
+            gid=gid_lo | (gid_hi << 16),
+            size=size,
+            links_count=links,
+            atime_ns=_time_ns(atime, extra.get("atime_extra")),
+            mtime_ns=_time_ns(mtime, extra.get("mtime_extra")),
+            ctime_ns=_time_ns(ctime, extra.get("ctime_extra")),
+            crtime_ns=_time_ns(extra["crtime"], extra.get("crtime_extra"))
+            if "crtime" in extra
+            else 0,
+            dtime=dtime,
+            blocks_512=blocks_512,
+            flags=flags,
+            generation=generation,
+            file_acl=file_acl_lo | (file_acl_hi << 32),
+            i_block=i_block,
+            extra_isize=extra_isize,
+            projid=extra.get("projid", 0),
+            raw=bytes(raw),
+            csum_seed=csum_seed,
+        )
+
+
+def _time_ns(seconds: int, extra: int | None) -> int:
+    """Seconds are signed 32-bit; the extra word adds 2 epoch bits and nanoseconds."""
+    if extra is None:
+        return seconds * 1_000_000_000
+    seconds += (extra & 3) << 32
+    nsec = extra >> 2
+    if nsec > 999_999_999:
+        nsec = 999_999_999
+    return seconds * 1_000_000_000 + nsec
+
+
+def inode_checksum(raw: bytes, csum_seed: int, has_hi: bool) -> int:
+    """crc32c over the inode with both checksum fields taken as zero."""
+    crc = crc32c_raw(csum_seed, raw[:_CHECKSUM_LO_OFFSET])
+    crc = crc32c_raw(crc, b"\0\0")
+    crc = crc32c_raw(crc, raw[_CHECKSUM_LO_OFFSET + 2 : GOOD_OLD_INODE_SIZE])
+    if len(raw) > GOOD_OLD_INODE_SIZE:
+        if has_hi:
+            crc = crc32c_raw(crc, raw[GOOD_OLD_INODE_SIZE:_CHECKSUM_HI_OFFSET])
+            crc = crc32c_raw(crc, b"\0\0")
+            crc = crc32c_raw(crc, raw[_CHECKSUM_HI_OFFSET + 2 :])
+        else:
+            crc = crc32c_raw(crc, raw[GOOD_OLD_INODE_SIZE:])
+    return crc
+
+
+def _verify_checksum(
+    raw: bytes, csum_lo: int, csum_hi: int | None, csum_seed: int, where: str
+) -> None:
+    has_hi = csum_hi is not None
+    crc = inode_checksum(raw, csum_seed, has_hi)
+    if has_hi:
+        stored = csum_lo | (csum_hi << 16)  # type: ignore[operator]
+    else:
+        stored = csum_lo
+        crc &= 0xFFFF
+    if crc != stored:
+        raise Corrupt("inode", where, f"checksum 0x{stored:x} != computed 0x{crc:x}")
