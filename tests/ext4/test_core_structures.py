@@ -175,7 +175,7 @@ def test_inode_checksum_detects_flipped_byte(tmp_path: Path) -> None:
         raw = bytearray(dev.pread(offset, sb.inode_size))
         Inode.parse(bytes(raw), 2, fs_csum_seed=sb.csum_seed, huge_file=True, block_size=4096)
         raw[0x20] ^= 0x01  # i_flags
-        with pytest.raises(Corrupt, match="inode 2.*checksum"):
+        with pytest.raises(Corrupt, match=r"inode 2.*checksum"):
             Inode.parse(bytes(raw), 2, fs_csum_seed=sb.csum_seed, huge_file=True, block_size=4096)
     finally:
         dev.close()
@@ -188,7 +188,7 @@ def test_superblock_rejections(tmp_path: Path) -> None:
 
     flipped = bytearray(raw)
     flipped[0x18] ^= 0x10  # log_block_size, also breaks the checksum
-    with pytest.raises(Corrupt, match="superblock.*checksum"):
+    with pytest.raises(Corrupt, match=r"superblock.*checksum"):
         Superblock.parse(bytes(flipped))
 
     with pytest.raises(NotExt4):

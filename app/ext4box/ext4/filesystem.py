@@ -151,6 +151,8 @@ class Filesystem:
                 detail="serving the last checkpointed state; journal replay is not implemented",
             )
         fs = cls(dev, sb, caches or CacheSizes())
+        for group, reason in fs.groups.bad.items():
+            log.error("corrupt", what="group descriptor", where=f"group {group}", why=reason)
         fs.inode(ROOT_INO)  # fail at mount, not at first lookup, if the root is bad
         log.info(
             "filesystem_opened",
@@ -396,10 +398,10 @@ class Filesystem:
         return None
 
     def listxattr(self, ino: int) -> list[bytes]:
-        return [e.name for e in self._xattrs(self.inode(ino)) if e.name != INLINE_DATA_XATTR]
+        return [e.name for e in self._xattrs(self.inode(ino)) if _listed(e.name)]
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if name == INLINE_DATA_XATTR:
+        if not _listed(name):
             raise NoData(name.decode(errors="replace"))
         inode = self.inode(ino)
         value = self._xattr_value(inode, name)
@@ -417,8 +419,9 @@ class Filesystem:
         # superblock totals are only updated lazily) and keep back the
         # clusters ext4 reserves for delayed allocation.
         cluster_ratio = sb.cluster_size // sb.block_size
-        free = sum(d.free_blocks_count for d in self.groups.descs) * cluster_ratio
-        free_inodes = sum(d.free_inodes_count for d in self.groups.descs)
+        good = [d for d in self.groups.descs if d.group not in self.groups.bad]
+        free = sum(d.free_blocks_count for d in good) * cluster_ratio
+        free_inodes = sum(d.free_inodes_count for d in good)
         reserved = sb.r_blocks_count + self._delalloc_reserve_blocks()
         return StatFs(
             block_size=sb.block_size,
@@ -446,3 +449,9 @@ class Filesystem:
         gdt = gdt_block_count(sb) + int(sb.reserved_gdt_blocks)
         backups = sum(1 for g in range(sb.group_count) if sb.group_has_super(g))
         return sb.first_data_block + backups * (1 + gdt) + sb.group_count * (2 + itable)
+
+
+def _listed(name: bytes) -> bool:
+    """Whether an xattr is visible to users; like the kernel, `system.*` other
+    than the ACLs (e.g. the inline-data body `system.data`) stays internal."""
+    return not name.startswith(b"system.") or name in ACL_XATTRS

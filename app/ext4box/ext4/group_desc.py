@@ -101,11 +101,19 @@ def gdt_block_count(sb: Superblock) -> int:
 
 
 class GroupTable:
-    """All group descriptors, read once at mount and validated against the geometry."""
+    """All group descriptors, read once at mount and validated against the geometry.
+
+    A descriptor that fails its checksum or points outside the filesystem
+    makes only its own group unusable (as the kernel tolerates on read-only
+    mounts): `bad` maps such groups to the reason, and asking for one raises
+    Corrupt, so inodes elsewhere stay reachable. A writer must refuse to mount
+    while `bad` is non-empty.
+    """
 
     def __init__(self, sb: Superblock, read_block: Callable[[int], bytes]) -> None:
         self.sb = sb
         self.descs: list[GroupDesc] = []
+        self.bad: dict[int, str] = {}
         descs_per_block = sb.block_size // sb.desc_size
         inode_table_blocks = -(-sb.inodes_per_group * sb.inode_size // sb.block_size)
         for index in range(gdt_block_count(sb)):
@@ -123,15 +131,14 @@ class GroupTable:
                 desc = GroupDesc.parse(raw, group, sb.desc_size)
                 want = descriptor_checksum(sb, group, raw)
                 if want is not None and want != desc.checksum:
-                    raise Corrupt(
-                        "group descriptor",
-                        group_where(group),
-                        f"checksum 0x{desc.checksum:04x} != computed 0x{want:04x}",
-                    )
-                self._check_layout(desc, inode_table_blocks)
+                    self.bad[group] = f"checksum 0x{desc.checksum:04x} != computed 0x{want:04x}"
+                else:
+                    problem = self._layout_problem(desc, inode_table_blocks)
+                    if problem:
+                        self.bad[group] = problem
                 self.descs.append(desc)
 
-    def _check_layout(self, desc: GroupDesc, inode_table_blocks: int) -> None:
+    def _layout_problem(self, desc: GroupDesc, inode_table_blocks: int) -> str | None:
         sb = self.sb
         first = sb.first_data_block
         end = sb.blocks_count
@@ -141,19 +148,15 @@ class GroupTable:
             ("inode table", desc.inode_table, inode_table_blocks),
         ):
             if start <= first or start + length > end:
-                raise Corrupt(
-                    "group descriptor",
-                    group_where(desc.group),
-                    f"{what} at block {start} (+{length}) outside the filesystem",
-                )
+                return f"{what} at block {start} (+{length}) outside the filesystem"
         if desc.free_inodes_count > sb.inodes_per_group:
-            raise Corrupt(
-                "group descriptor",
-                group_where(desc.group),
-                f"{desc.free_inodes_count} free inodes in a group of {sb.inodes_per_group}",
-            )
+            return f"{desc.free_inodes_count} free inodes in a group of {sb.inodes_per_group}"
+        return None
 
     def __getitem__(self, group: int) -> GroupDesc:
+        reason = self.bad.get(group)
+        if reason is not None:
+            raise Corrupt("group descriptor", group_where(group), reason)
         return self.descs[group]
 
     def __len__(self) -> int:

@@ -1,0 +1,91 @@
+"""Inode → pyfuse3.EntryAttributes, and the FUSE node id rules.
+
+FUSE reserves node id 1 for the root; ext4's root is inode 2. Every other node
+id is the ext4 inode number itself, so st_ino matches what the kernel's ext4
+shows. Inode 1 (bad blocks) can never appear in a directory.
+"""
+
+from __future__ import annotations
+
+import stat
+
+import pyfuse3
+
+from ext4box.ext4.errors import Corrupt, inode_where
+from ext4box.ext4.inode import Inode
+
+EXT4_ROOT_INO = 2
+BAD_BLOCKS_INO = 1
+
+# Nothing changes under a read-only mount: let the kernel cache names and
+# attributes for a long time.
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
+
+# ext4 directory entry file types → S_IFMT bits.
+_FTYPE_TO_S_IFMT = {
+    1: stat.S_IFREG,
+    2: stat.S_IFDIR,
+    3: stat.S_IFCHR,
+    4: stat.S_IFBLK,
+    5: stat.S_IFIFO,
+    6: stat.S_IFSOCK,
+    7: stat.S_IFLNK,
+}
+
+
+def ext4_ino(node_id: int) -> int:
+    """The ext4 inode behind a FUSE node id."""
+    return EXT4_ROOT_INO if node_id == pyfuse3.ROOT_INODE else node_id
+
+
+def check_child_ino(ino: int, dir_ino: int, name: bytes) -> None:
+    """Refuse a directory entry whose inode would collide with the FUSE root.
+
+    Only "." and ".." may name ext4's root; a hard link to it, or to inode 1,
+    exists only in a corrupt image and would alias the FUSE root node.
+    """
+    if ino in (BAD_BLOCKS_INO, EXT4_ROOT_INO):
+        raise Corrupt(
+            "directory entry",
+            inode_where(dir_ino),
+            f"entry {name!r} refers to reserved inode {ino}",
+        )
+
+
+def entry_attributes(inode: Inode, block_size: int) -> pyfuse3.EntryAttributes:
+    """Attributes of a facade Inode, exact to the nanosecond and the 512-byte block."""
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = inode.ino
+    attr.generation = inode.generation
+    attr.entry_timeout = ENTRY_TIMEOUT
+    attr.attr_timeout = ATTR_TIMEOUT
+    attr.st_mode = inode.mode
+    attr.st_nlink = inode.links_count
+    attr.st_uid = inode.uid
+    attr.st_gid = inode.gid
+    attr.st_rdev = inode.rdev
+    attr.st_size = inode.size
+    attr.st_blksize = block_size
+    attr.st_blocks = inode.stat_blocks
+    attr.st_atime_ns = inode.atime_ns
+    attr.st_mtime_ns = inode.mtime_ns
+    attr.st_ctime_ns = inode.ctime_ns
+    attr.st_birthtime_ns = inode.crtime_ns
+    return attr
+
+
+def placeholder_attributes(ino: int, file_type: int) -> pyfuse3.EntryAttributes:
+    """Attributes for a listed name whose inode cannot be read.
+
+    The name still shows up in the listing (as with the kernel's ext4, where
+    readdir does not read inodes); zero timeouts make the kernel come back
+    for real attributes, and that lookup/getattr reports the error.
+    """
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = ino
+    attr.entry_timeout = 0
+    attr.attr_timeout = 0
+    attr.st_mode = _FTYPE_TO_S_IFMT.get(file_type, stat.S_IFREG)
+    attr.st_nlink = 1
+    return attr

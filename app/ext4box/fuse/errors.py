@@ -1,0 +1,67 @@
+"""Turn whatever a request handler raises into a FUSE errno, and log it.
+
+A request must never take the server down: ext4 errors become their errno,
+`Corrupt` additionally gets one structured log line naming what, where and
+why, and anything unexpected is logged with its traceback and answered EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+
+from ext4box.ext4.errors import Corrupt, Ext4Error, NoData, NotFound, Unsupported
+from ext4box.log import get_logger
+
+log = get_logger("ext4box.fuse")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Expected answers, not incidents: logged at debug only.
+_QUIET = (NotFound, NoData)
+
+
+def to_fuse_error(err: BaseException, op: str) -> pyfuse3.FUSEError:
+    """The FUSEError to answer for `err`, after logging it as it deserves."""
+    if isinstance(err, pyfuse3.FUSEError):
+        return err
+    if isinstance(err, Corrupt):
+        log.error("corrupt", what=err.what, where=err.where, why=err.why, op=op)
+        return pyfuse3.FUSEError(err.errno)
+    if isinstance(err, Ext4Error):
+        if isinstance(err, _QUIET):
+            log.debug("request failed", op=op, error=str(err))
+        elif isinstance(err, Unsupported):
+            log.warning(
+                "unsupported", feature=err.feature, where=err.where, op=op, detail=err.detail
+            )
+        else:
+            log.info("request failed", op=op, error=str(err), errno=err.errno)
+        return pyfuse3.FUSEError(err.errno)
+    log.error("unexpected error", op=op, exc_info=err)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+def fuse_errors(
+    op: str,
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Decorate an async handler so it only ever raises `FUSEError`."""
+
+    def decorate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(handler)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await handler(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as err:  # the server must survive any request
+                raise to_fuse_error(err, op) from None
+
+        return guarded
+
+    return decorate

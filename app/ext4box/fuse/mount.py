@@ -1,0 +1,142 @@
+"""Mount options and the serving loop of `ext4box serve`.
+
+The user's -o options are checked against a short allow-list before libfuse
+sees them, so a typo is one clear error line rather than a libfuse usage dump,
+and nosuid,nodev can never be turned off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from ext4box.fuse.ops import Ext4Operations
+from ext4box.log import get_logger
+
+log = get_logger("ext4box.fuse")
+
+# Always on: the image's owner decides nothing about setuid files or device
+# nodes on this machine; the kernel checks permissions from the inode modes.
+FORCED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions"})
+# User options passed through to libfuse as given.
+PASSTHROUGH_OPTIONS = frozenset({"noexec", "allow_other", "noatime", "nodiratime"})
+# Accepted and implied by FORCED_OPTIONS (or simply the default).
+IMPLIED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "exec"})
+REFUSED_OPTIONS = {
+    "rw": "read-write not supported yet",
+    "suid": "option 'suid' is not allowed: mounts are always nosuid",
+    "dev": "option 'dev' is not allowed: mounts are always nodev",
+}
+
+_FD_MOUNTPOINT_PREFIX = "/dev/fd/"
+
+
+class MountSetupError(Exception):
+    """A problem with the options or the mountpoint, reported as one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    mountpoint: str
+    fuse_options: frozenset[str]
+
+
+def split_options(values: Iterable[str]) -> list[str]:
+    """Flatten repeated `-o a,b -o c` into ['a', 'b', 'c']."""
+    return [opt.strip() for value in values for opt in value.split(",") if opt.strip()]
+
+
+def fuse_options(
+    image_path: str, user_options: Iterable[str], *, as_root: bool, debug: bool = False
+) -> frozenset[str]:
+    """The option set for pyfuse3.init, or MountSetupError naming the bad option."""
+    options = set(FORCED_OPTIONS)
+    options.add("fsname=" + _escape_option_value(image_path))
+    options.add("subtype=ext4box")
+    if as_root:
+        # Other users may read, subject to the inode permissions
+        # (default_permissions makes the kernel enforce them).
+        options.add("allow_other")
+    exec_requested = False
+    for opt in user_options:
+        if opt in REFUSED_OPTIONS:
+            raise MountSetupError(REFUSED_OPTIONS[opt])
+        if opt in PASSTHROUGH_OPTIONS:
+            options.add(opt)
+        elif opt in IMPLIED_OPTIONS:
+            exec_requested |= opt == "exec"
+        else:
+            raise MountSetupError(f"unknown mount option {opt!r}")
+    if exec_requested:
+        options.discard("noexec")
+    if debug:
+        options.add("debug")  # libfuse prints every request
+    return frozenset(options)
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """A directory to mount on, or /dev/fd/N: an already-open /dev/fuse descriptor."""
+    if mountpoint.startswith(_FD_MOUNTPOINT_PREFIX):
+        number = mountpoint[len(_FD_MOUNTPOINT_PREFIX) :]
+        if not number.isdigit():
+            raise MountSetupError(f"bad file descriptor mountpoint {mountpoint!r}")
+        try:
+            os.fstat(int(number))
+        except OSError as err:
+            raise MountSetupError(f"mountpoint {mountpoint}: {err.strerror}") from None
+        return
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountSetupError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as err:
+        raise MountSetupError(f"mountpoint {mountpoint}: {err.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountSetupError(f"mountpoint {mountpoint} is not a directory")
+
+
+def serve(ops: Ext4Operations, config: MountConfig) -> None:
+    """Mount, serve in the foreground until unmounted or signalled, unmount."""
+    try:
+        pyfuse3.init(ops, config.mountpoint, set(config.fuse_options))
+    except RuntimeError as err:
+        # libfuse has already printed its own reason on stderr.
+        raise MountSetupError(f"cannot mount on {config.mountpoint}: {err}") from None
+    log.info("mounted", mountpoint=config.mountpoint, options=",".join(sorted(config.fuse_options)))
+    try:
+        trio.run(_serve_until_unmounted)
+    finally:
+        # Unmounts if we stop for a signal; a no-op after an external umount.
+        pyfuse3.close(unmount=True)
+    log.info("unmounted", mountpoint=config.mountpoint)
+
+
+async def _serve_until_unmounted() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("terminating", signal=signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _escape_option_value(value: str) -> str:
+    """Make a value safe inside one libfuse -o argument.
+
+    libfuse splits options at commas unless backslash-escaped, and pyfuse3
+    encodes options as ASCII.
+    """
+    text = value.encode("ascii", "replace").decode("ascii")
+    return text.replace("\\", "\\\\").replace(",", "\\,")

@@ -1,0 +1,89 @@
+"""The helper side of the fd hand-off (wire format: ext4box.service.protocol).
+
+The helper has decided (policy), opened the image and /dev/fuse and mounted;
+this module passes the two fds to the server and waits for READY:
+
+    sock = ...  # AF_UNIX SOCK_SEQPACKET, connected to the server
+    version = hand_off(sock, fuse_fd, image_fd, request)   # raises on refusal
+    wait_ready(sock, timeout=...)                          # raises on ERROR
+
+Before sending, the helper checks its own fds against what it declares, so a
+bug here is reported on the host in the helper's words instead of as the
+server's refusal.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from ext4box.service.protocol import (
+    DEFAULT_TIMEOUT,
+    MAGIC_ERROR,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    HandoffError,
+    MountRequest,
+    PeerRefused,
+    check_socket,
+    decode_error,
+    decode_hello_reply,
+    decode_ready,
+    encode_hello,
+    encode_mount,
+    magic_of,
+    recv_packet,
+    reply_error,
+    send_packet,
+    verify_fuse_fd,
+    verify_image_fd,
+)
+
+__all__ = ["HandoffError", "PeerRefused", "hand_off", "wait_ready"]
+
+
+def hand_off(
+    sock: socket.socket,
+    fuse_fd: int,
+    image_fd: int,
+    request: MountRequest,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    min_version: int = MIN_PROTOCOL_VERSION,
+    max_version: int = PROTOCOL_VERSION,
+) -> int:
+    """HELLO, then MOUNT with [fuse_fd, image_fd]; returns the agreed version.
+
+    The fds stay open in the helper (SCM_RIGHTS duplicates them); the caller
+    closes its copies when it no longer needs them.
+    """
+    check_socket(sock)
+    sock.settimeout(timeout)
+    verify_fuse_fd(fuse_fd)
+    verify_image_fd(image_fd, request)
+    send_packet(sock, encode_hello(min_version, max_version))
+    packet = _reply(sock)
+    version = decode_hello_reply(packet)
+    if not min_version <= version <= max_version:
+        reply_error(sock, errno.EPROTONOSUPPORT, f"server chose version {version}")
+        raise HandoffError(
+            f"server chose hand-off protocol version {version}, helper offered"
+            f" {min_version}..{max_version}",
+            errno.EPROTONOSUPPORT,
+        )
+    send_packet(sock, encode_mount(request), (fuse_fd, image_fd))
+    return version
+
+
+def wait_ready(sock: socket.socket, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Wait for READY; the server's ERROR becomes PeerRefused with its reason."""
+    sock.settimeout(timeout)
+    decode_ready(_reply(sock))
+
+
+def _reply(sock: socket.socket) -> bytes:
+    packet, _ = recv_packet(sock, max_fds=0)
+    if magic_of(packet) == MAGIC_ERROR:
+        raise decode_error(packet)
+    # Any other unexpected message is named by the caller's decode_*.
+    return packet

@@ -1,0 +1,297 @@
+"""The iomap engine: map a file range, then do the I/O for it.
+
+The filesystem below only answers "which blocks hold this range" through
+`map_blocks` (the block-run contract of ext4/blockrun.py) and "what is the
+inline body"; everything else — byte-granular mappings, caching the runs,
+clipping at EOF, zero-filling holes, coalescing device-adjacent ranges into one
+vectored read — lives here and knows nothing of extents, block maps or inodes'
+on-disk layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from ext4box.blockdev import BlockDevice, DeviceRangeError
+from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
+from ext4box.iomap.cache import MappingCache
+from ext4box.iomap.types import IOMap, IOMapKind
+
+# Beyond a cache miss, map this many bytes ahead so a sequential reader walks
+# the mapping tree once per window rather than once per request.
+MAP_AHEAD_BYTES = 16 * 1024 * 1024
+
+# os.preadv accepts at most IOV_MAX buffers per call.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class MappedInode(Protocol):
+    """What the engine needs to know about an inode (the facade's Inode fits)."""
+
+    ino: int
+    size: int
+    has_inline_data: bool
+
+
+class MappingSource(Protocol):
+    """The filesystem side of the contract (the ext4 facade fits)."""
+
+    block_size: int
+
+    def map_blocks(self, inode: MappedInode, lblk: int, count: int) -> list[BlockRun]: ...
+
+    def inline_data(self, inode: MappedInode) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSegment:
+    """One vectored read: device bytes from `addr` spread over buffer slices."""
+
+    addr: int
+    slices: tuple[tuple[int, int], ...]  # (offset in the result buffer, length)
+
+    @property
+    def length(self) -> int:
+        return sum(length for _, length in self.slices)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """Everything needed to produce a read's bytes without touching metadata again.
+
+    Ranges not covered by a segment or by `inline` are zeros (holes,
+    unwritten extents). Executing a plan only does device I/O, so it may run
+    in a worker thread.
+    """
+
+    ino: int
+    length: int
+    segments: tuple[DeviceSegment, ...] = ()
+    inline: bytes | None = None
+
+
+class IOMapEngine:
+    """Mapping (`begin`) and read execution for one filesystem on one device."""
+
+    def __init__(
+        self,
+        source: MappingSource,
+        dev: BlockDevice,
+        *,
+        cache_inodes: int = 1024,
+        cache_runs_per_inode: int = 8192,
+        map_ahead_bytes: int = MAP_AHEAD_BYTES,
+    ) -> None:
+        self.source = source
+        self.dev = dev
+        self.block_size = source.block_size
+        self.cache = MappingCache(cache_inodes, cache_runs_per_inode)
+        self.map_ahead_blocks = max(1, map_ahead_bytes // self.block_size)
+
+    # -- mapping ---------------------------------------------------------------
+
+    def begin(self, inode: MappedInode, pos: int, length: int, write: bool = False) -> list[IOMap]:
+        """Byte-granular mappings that exactly tile [pos, pos + length)."""
+        if write:
+            raise ReadOnly("the iomap write path is not implemented yet")
+        if pos < 0 or length < 0:
+            raise ValueError("negative position or length")
+        if length == 0:
+            return []
+        if inode.has_inline_data:
+            return [IOMap(IOMapKind.INLINE, pos, length)]
+        block_size = self.block_size
+        first = pos // block_size
+        end_block = -(-(pos + length) // block_size)
+        maps: list[IOMap] = []
+        end = pos + length
+        for run in self._runs(inode, first, end_block):
+            start = max(run.lblk * block_size, pos)
+            stop = min(run.end * block_size, end)
+            if run.pblk is None:
+                kind, addr = IOMapKind.HOLE, None
+            else:
+                kind = IOMapKind.UNWRITTEN if run.unwritten else IOMapKind.MAPPED
+                addr = run.pblk * block_size + (start - run.lblk * block_size)
+            previous = maps[-1] if maps else None
+            if (
+                previous is not None
+                and previous.kind is kind
+                and (addr is None or previous.addr + previous.length == addr)
+            ):
+                maps[-1] = IOMap(
+                    kind, previous.offset, previous.length + stop - start, previous.addr
+                )
+            else:
+                maps.append(IOMap(kind, start, stop - start, addr))
+        return maps
+
+    def invalidate(self, ino: int) -> None:
+        """Forget cached runs of `ino` (for the write path: its mapping changed)."""
+        self.cache.invalidate(ino)
+
+    def _runs(self, inode: MappedInode, first: int, end: int) -> list[BlockRun]:
+        """Runs tiling [first, end), from the cache where possible."""
+        cache = self.cache
+        with cache.lock:
+            entry = cache.runs_for(inode.ino)
+            found, gaps = entry.covering(first, end)
+        if not gaps:
+            return found
+        # Fill the gaps, mapping ahead of the last one (bounded by EOF) so
+        # the next sequential request hits the cache.
+        eof_block = -(-inode.size // self.block_size)
+        fetched: list[BlockRun] = []
+        for index, (gap_start, gap_end) in enumerate(gaps):
+            if index == len(gaps) - 1:
+                ahead = max(gap_end, min(gap_start + self.map_ahead_blocks, eof_block))
+                gap_end = self._next_cached_start(inode.ino, gap_end, ahead)
+            runs = self.source.map_blocks(inode, gap_start, gap_end - gap_start)
+            _check_tiling(inode.ino, runs, gap_start, gap_end)
+            fetched.extend(runs)
+        with cache.lock:
+            entry = cache.runs_for(inode.ino)
+            # Another request may have filled part of the range meanwhile;
+            # insert only what is still missing.
+            _, still_missing = entry.covering(first, fetched[-1].end)
+            entry.insert([r for r in fetched if _inside_any(r, still_missing)])
+            found, gaps = entry.covering(first, end)
+            cache.trim(inode.ino, entry)
+        if gaps:
+            # The per-inode bound dropped the runs (or a concurrent request
+            # raced us): answer this request from a direct walk.
+            runs = self.source.map_blocks(inode, first, end - first)
+            _check_tiling(inode.ino, runs, first, end)
+            return runs
+        return found
+
+    def _next_cached_start(self, ino: int, gap_end: int, ahead: int) -> int:
+        """Extend a gap up to `ahead` but stop at the next run already cached."""
+        if ahead <= gap_end:
+            return gap_end
+        with self.cache.lock:
+            _, gaps = self.cache.runs_for(ino).covering(gap_end, ahead)
+        if gaps and gaps[0][0] == gap_end:
+            return gaps[0][1]
+        return gap_end
+
+    # -- reading ---------------------------------------------------------------
+
+    def plan_read(self, inode: MappedInode, pos: int, size: int) -> ReadPlan:
+        """Map a read request, clipped at i_size, into a `ReadPlan`."""
+        if pos < 0 or size < 0:
+            raise ValueError("negative position or size")
+        length = min(size, max(0, inode.size - pos))
+        if length == 0:
+            return ReadPlan(inode.ino, 0)
+        maps = self.begin(inode, pos, length)
+        if maps and maps[0].kind is IOMapKind.INLINE:
+            body = self.source.inline_data(inode)
+            # A body shorter than i_size reads as zeros past its end, like a hole.
+            return ReadPlan(inode.ino, length, inline=bytes(body[pos : pos + length]))
+        segments: list[DeviceSegment] = []
+        seg_addr = -1
+        seg_end = -1
+        slices: list[tuple[int, int]] = []
+        for mapping in maps:
+            if mapping.kind is not IOMapKind.MAPPED:
+                continue
+            assert mapping.addr is not None
+            buf_off = mapping.offset - pos
+            if slices and mapping.addr == seg_end and len(slices) < _IOV_MAX:
+                last_off, last_len = slices[-1]
+                if last_off + last_len == buf_off:
+                    slices[-1] = (last_off, last_len + mapping.length)
+                else:
+                    slices.append((buf_off, mapping.length))
+            else:
+                if slices:
+                    segments.append(DeviceSegment(seg_addr, tuple(slices)))
+                seg_addr = mapping.addr
+                slices = [(buf_off, mapping.length)]
+            seg_end = mapping.addr + mapping.length
+        if slices:
+            segments.append(DeviceSegment(seg_addr, tuple(slices)))
+        return ReadPlan(inode.ino, length, tuple(segments))
+
+    def execute(self, plan: ReadPlan) -> bytes:
+        """Produce the bytes of a plan: device reads only, no metadata access."""
+        if plan.inline is not None:
+            body = plan.inline
+            return body if len(body) == plan.length else body.ljust(plan.length, b"\0")
+        segments = plan.segments
+        if (
+            len(segments) == 1
+            and len(segments[0].slices) == 1
+            and segments[0].slices[0] == (0, plan.length)
+        ):
+            # The common case — one contiguous extent covers the whole request:
+            # pread straight into the result, no intermediate buffer.
+            return self._device_read(plan.ino, segments[0].addr, plan.length)
+        # A fresh bytearray is already zero, which is what holes and unwritten
+        # ranges must read as.
+        buffer = bytearray(plan.length)
+        view = memoryview(buffer)
+        for segment in segments:
+            self._device_readv(
+                plan.ino, segment.addr, [view[off : off + length] for off, length in segment.slices]
+            )
+        return bytes(buffer)
+
+    def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
+        """Read up to `size` bytes at `pos` (short only at EOF)."""
+        return self.execute(self.plan_read(inode, pos, size))
+
+    def _device_read(self, ino: int, addr: int, length: int) -> bytes:
+        try:
+            return self.dev.pread(addr, length)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(ino), str(err)) from None
+
+    def _device_readv(self, ino: int, addr: int, views: list[memoryview]) -> None:
+        total = sum(len(v) for v in views)
+        try:
+            self.dev.check_range(addr, total)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(ino), str(err)) from None
+        while views:
+            done = os.preadv(self.dev.fd, views, addr)
+            if done <= 0:
+                raise Corrupt("data run", inode_where(ino), f"device ends inside {addr}+{total}")
+            # A short vectored read: keep only the buffers still unfilled.
+            views = _drop_prefix(views, done)
+            addr += done
+
+
+def _drop_prefix(views: list[memoryview], count: int) -> list[memoryview]:
+    """The buffers left after the first `count` bytes of `views` were filled."""
+    result: list[memoryview] = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        result.append(view[count:])
+        count = 0
+    return result
+
+
+def _inside_any(run: BlockRun, gaps: list[tuple[int, int]]) -> bool:
+    return any(start <= run.lblk and run.end <= end for start, end in gaps)
+
+
+def _check_tiling(ino: int, runs: list[BlockRun], start: int, end: int) -> None:
+    """Refuse a mapping that does not exactly tile [start, end): reading it would be garbage."""
+    cursor = start
+    for run in runs:
+        if run.lblk != cursor or run.length <= 0:
+            raise Corrupt(
+                "block mapping",
+                inode_where(ino),
+                f"runs do not tile blocks {start}..{end} at {cursor}",
+            )
+        cursor = run.end
+    if cursor != end:
+        raise Corrupt("block mapping", inode_where(ino), f"runs end at {cursor}, expected {end}")

@@ -1,0 +1,178 @@
+"""`ext4box service`: the in-container entrypoint.
+
+    ext4box service [--handoff-fd N | --handoff-socket PATH] [--allow-privileged]
+    ext4box service --self-report [--allow-privileged]
+    ext4box service --version
+
+Start-up order, each step before the next may begin:
+  1. inspect and log the sandbox; refuse if it is weaker than configured;
+  2. receive /dev/fuse and the image over the hand-off socket and verify them
+     (ext4box.service.protocol);
+  3. serve the FUSE session on those fds, then report READY to the helper.
+The service never opens a host path: everything it touches arrives as an fd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from ext4box import __version__
+from ext4box.service import protocol, sandbox
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SANDBOX = 3
+EXIT_HANDOFF = 4
+EXIT_SERVE = 5
+
+# podman run --preserve-fds=1 places the helper's socket at fd 3.
+DEFAULT_HANDOFF_FD = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ext4box service", description="serve one ext4 image handed over as fds"
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--self-report", action="store_true", help="print the sandbox report as JSON and exit"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--handoff-fd", type=int, default=None, metavar="N")
+    source.add_argument("--handoff-socket", default=None, metavar="PATH")
+    parser.add_argument(
+        "--allow-privileged",
+        action="store_true",
+        help="serve even when capabilities, no_new_privs, seccomp or netns are missing",
+    )
+    parser.add_argument("--timeout", type=float, default=protocol.DEFAULT_TIMEOUT)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(f"ext4box {__version__}")
+        return EXIT_OK
+    try:
+        report = sandbox.inspect()
+        weaknesses = sandbox.check(report, allow_privileged=args.allow_privileged)
+    except sandbox.SandboxViolation as exc:
+        if args.self_report:
+            print(json.dumps(_report_dict(report, exc.reasons, refused=True)))
+        _log("sandbox_refused", reasons=list(exc.reasons))
+        print(f"ext4box service: {exc}", file=sys.stderr)
+        return EXIT_SANDBOX
+    except sandbox.SandboxError as exc:
+        print(f"ext4box service: cannot inspect the sandbox: {exc}", file=sys.stderr)
+        return EXIT_SANDBOX
+    if args.self_report:
+        print(json.dumps(_report_dict(report, weaknesses, refused=False)))
+        return EXIT_OK
+    _log("sandbox", **report.as_dict(), weaknesses=list(weaknesses))
+    return _serve_handoff(args)
+
+
+def _serve_handoff(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        sock = _handoff_socket(args)
+    except (OSError, protocol.HandoffError) as exc:
+        print(f"ext4box service: no hand-off socket: {exc}", file=sys.stderr)
+        return EXIT_HANDOFF
+    with sock:
+        try:
+            received = protocol.receive_handoff(sock, timeout=args.timeout)
+        except protocol.HandoffError as exc:
+            _log("handoff_refused", reason=exc.reason, errno=exc.errno)
+            print(f"ext4box service: hand-off refused: {exc.reason}", file=sys.stderr)
+            return EXIT_HANDOFF
+        request = received.request
+        _log(
+            "handoff",
+            version=received.version,
+            mode=request.mode.name.lower(),
+            image_kind=request.image_kind.name.lower(),
+            image_size=request.image_size,
+            options=list(request.options),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        serve = _find_server()
+        if serve is None:
+            received.close()
+            reason = "this build has no FUSE server (ext4box.fuse.serve.serve_fds)"
+            protocol.reply_error(sock, errno.ENOSYS, reason)
+            print(f"ext4box service: {reason}", file=sys.stderr)
+            return EXIT_SERVE
+
+        def ready() -> None:
+            protocol.send_ready(sock)
+            _log("ready", seconds=round(time.monotonic() - started, 3))
+
+        try:
+            return serve(received, ready)
+        except Exception as exc:  # report any start-up failure to the helper
+            protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, str(exc))
+            raise
+
+
+def _handoff_socket(args: argparse.Namespace) -> socket.socket:
+    if args.handoff_socket is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(args.timeout)
+            sock.connect(args.handoff_socket)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    fd = DEFAULT_HANDOFF_FD if args.handoff_fd is None else args.handoff_fd
+    sock = socket.socket(fileno=fd)
+    try:
+        protocol.check_socket(sock)
+    except protocol.HandoffError:
+        sock.detach()  # not ours to close: the caller passed a wrong fd
+        raise
+    return sock
+
+
+ServeFn = Callable[[protocol.ReceivedMount, Callable[[], None]], int]
+
+
+def _find_server() -> ServeFn | None:
+    """The FUSE server is another layer; it may not be built yet.
+
+    Contract: serve_fds(received, ready) mounts nothing (the helper did),
+    runs the session on received.fuse_fd / received.image_fd, calls ready()
+    once the session is initialised, returns an exit code at unmount.
+    """
+    try:
+        from ext4box.fuse.serve import serve_fds  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return serve_fds  # type: ignore[no-any-return]
+
+
+def _report_dict(
+    report: sandbox.SandboxReport, weaknesses: tuple[str, ...], *, refused: bool
+) -> dict[str, object]:
+    out = report.as_dict()
+    out["weaknesses"] = list(weaknesses)
+    out["refused"] = refused
+    out["version"] = __version__
+    return out
+
+
+def _log(event: str, **fields: object) -> None:
+    # One JSON object per line on stderr: podman's log captures it verbatim.
+    print(json.dumps({"event": event, "service": "ext4box", **fields}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

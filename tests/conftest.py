@@ -1,0 +1,46 @@
+"""Session-wide fixtures: privilege checks, the per-session image cache, mounts.
+
+The FUSE-side fixtures serve images with `ext4box serve`. Setting
+EXT4BOX_TEST_SERVER=fuse2fs runs the same tests against fuse2fs instead, which
+checks the test machinery itself against an independent FUSE implementation.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from support.images import ImageCache
+from support.kernel import why_no_kernel_mounts
+from support.serve import why_no_fuse
+
+_TOOLS = ("mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck", "tune2fs", "setfacl")
+
+
+@pytest.fixture(scope="session")
+def need_kernel_mounts() -> None:
+    """Skip (with the reason) unless we may loop-mount and build images as root."""
+    reason = why_no_kernel_mounts()
+    if reason is None:
+        missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+        if missing:
+            reason = f"missing tools: {', '.join(missing)}"
+    if reason is not None:
+        pytest.skip(f"kernel reference unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def need_fuse() -> None:
+    """Skip (with the reason) unless FUSE mounts are possible."""
+    reason = why_no_fuse()
+    if reason is not None:
+        pytest.skip(f"FUSE unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def image_cache(
+    tmp_path_factory: pytest.TempPathFactory, need_kernel_mounts: None
+) -> ImageCache:
+    """Variant images built from one rich source tree, each at most once per session."""
+    return ImageCache(tmp_path_factory.mktemp("images"))

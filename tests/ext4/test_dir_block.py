@@ -1,0 +1,162 @@
+"""Linear directory blocks against debugfs `ls -p`, with and without checksum tails."""
+
+from __future__ import annotations
+
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+from dirs_support import debugfs_ls_modes, kernel_dirs_image, mkfs, need_tools, open_directory
+
+from ext4box.ext4.dir_block import (
+    DIR_TAIL_SIZE,
+    build_dir_block,
+    dir_block_csum,
+    parse_dir_block,
+    parse_dir_records,
+)
+from ext4box.ext4.errors import Corrupt
+
+_MODE_TO_FT = {
+    stat.S_IFREG: 1,
+    stat.S_IFDIR: 2,
+    stat.S_IFCHR: 3,
+    stat.S_IFBLK: 4,
+    stat.S_IFIFO: 5,
+    stat.S_IFSOCK: 6,
+    stat.S_IFLNK: 7,
+}
+
+
+@pytest.fixture(scope="module", params=["csum", "nocsum"])
+def small_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("dirblock")
+    image = kernel_dirs_image(base, csum=request.param == "csum", big=200)
+    reader = open_directory(image, "small", base)
+    return image, reader
+
+
+def _parse(reader, block: bytes, **kw):  # type: ignore[no-untyped-def]
+    args = dict(ino=reader.ino, lblk=0, has_filetype=True, csum_seed=reader.csum_seed)
+    args.update(kw)
+    return parse_dir_block(block, **args)
+
+
+def test_entries_and_types_match_debugfs(small_dir) -> None:  # type: ignore[no-untyped-def]
+    image, reader = small_dir
+    assert not reader.indexed and reader.nblocks == 1
+    block = reader._read_lblk(0)
+    got = _parse(reader, block, max_ino=reader.max_ino)
+    want = debugfs_ls_modes(image, "small")
+    assert [(e.inode, e.name) for _, e in got] == [(ino, name) for ino, _, name in want]
+    assert [e.file_type for _, e in got] == [_MODE_TO_FT[stat.S_IFMT(m)] for _, m, _ in want]
+    assert {e.file_type for _, e in got} == set(range(1, 8))
+    offsets = [off for off, _ in got]
+    assert offsets[:2] == [0, 12] and offsets == sorted(offsets)
+
+
+def test_checksum_tail(small_dir) -> None:  # type: ignore[no-untyped-def]
+    _, reader = small_dir
+    block = reader._read_lblk(0)
+    if reader.csum_seed is None:
+        # No tail: the last record runs to the end of the block.
+        records = parse_dir_records(
+            block, ino=reader.ino, lblk=0, has_filetype=True, csum_seed=None
+        )
+        assert records[-1].offset + records[-1].rec_len == len(block)
+        assert block[-DIR_TAIL_SIZE:][7] != 0xDE or records[-1].inode == 0
+        return
+    stored = struct.unpack_from("<I", block, len(block) - 4)[0]
+    assert stored == dir_block_csum(reader.csum_seed, block)
+    assert block[-12:-4] == b"\0\0\0\0\x0c\x00\x00\xde"
+    bad = bytearray(block)
+    bad[-1] ^= 1
+    with pytest.raises(Corrupt, match="checksum"):
+        _parse(reader, bytes(bad))
+    wrong_seed = reader.csum_seed ^ 1
+    with pytest.raises(Corrupt, match="checksum"):
+        _parse(reader, block, csum_seed=wrong_seed)
+
+
+def test_round_trip_mkfs_made_blocks(tmp_path: Path) -> None:
+    need_tools()
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(30):
+        (src / "d" / f"name-{i}-{'y' * (i % 9)}").write_bytes(b"")
+    for csum in (True, False):
+        image = mkfs(
+            tmp_path / f"rt-{csum}.img",
+            8,
+            source=src,
+            features="metadata_csum" if csum else "^metadata_csum",
+        )
+        reader = open_directory(image, "d", tmp_path)
+        for lblk in range(reader.nblocks):
+            block = reader._read_lblk(lblk)
+            records = parse_dir_records(
+                block, ino=reader.ino, lblk=lblk, has_filetype=True, csum_seed=reader.csum_seed
+            )
+            rebuilt = build_dir_block(records, block_size=len(block), csum_seed=reader.csum_seed)
+            assert rebuilt == block
+
+
+# ---- corruption: each damage applied to a real block, the tail re-sealed -------
+
+
+def _reseal(reader, block: bytearray) -> bytes:  # type: ignore[no-untyped-def]
+    if reader.csum_seed is not None:
+        struct.pack_into("<I", block, len(block) - 4, dir_block_csum(reader.csum_seed, block))
+    return bytes(block)
+
+
+def _damage(reader, offset_of_record: int, field: str, value: int) -> bytes:  # type: ignore[no-untyped-def]
+    block = bytearray(reader._read_lblk(0))
+    if field == "rec_len":
+        struct.pack_into("<H", block, offset_of_record + 4, value)
+    elif field == "name_len":
+        block[offset_of_record + 6] = value
+    elif field == "inode":
+        struct.pack_into("<I", block, offset_of_record, value)
+    return _reseal(reader, block)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("rec_len", 0, "below minimum"),
+        ("rec_len", 8, "below minimum"),
+        ("rec_len", 26, "multiple of 4"),
+        ("rec_len", 4000, "overruns"),
+        ("name_len", 200, "too small for name_len"),
+        ("inode", 0x7FFFFFFF, "beyond inode count"),
+    ],
+)
+def test_damaged_records_are_corrupt(small_dir, field: str, value: int, why: str) -> None:  # type: ignore[no-untyped-def]
+    _, reader = small_dir
+    records = parse_dir_records(
+        reader._read_lblk(0), ino=reader.ino, lblk=0, has_filetype=True, csum_seed=reader.csum_seed
+    )
+    target = records[2]  # the first entry after "." and ".."
+    damaged = _damage(reader, target.offset, field, value)
+    with pytest.raises(Corrupt, match=why) as err:
+        _parse(reader, damaged, max_ino=reader.max_ino)
+    assert f"inode {reader.ino}" in err.value.where and "block 0" in err.value.where
+
+
+def test_live_entry_with_empty_name_is_corrupt(small_dir) -> None:  # type: ignore[no-untyped-def]
+    _, reader = small_dir
+    damaged = _damage(reader, 12, "name_len", 0)  # ".." loses its name
+    with pytest.raises(Corrupt, match="empty name"):
+        _parse(reader, damaged)
+
+
+def test_missing_tail_is_corrupt(small_dir) -> None:  # type: ignore[no-untyped-def]
+    _, reader = small_dir
+    if reader.csum_seed is None:
+        pytest.skip("tails exist only with metadata_csum")
+    block = bytearray(reader._read_lblk(0))
+    block[-5] = 0  # the tail's 0xDE marker
+    with pytest.raises(Corrupt, match="no checksum tail"):
+        _parse(reader, bytes(block))

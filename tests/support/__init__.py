@@ -1,0 +1,1 @@
+"""Shared test machinery: image builders, kernel and FUSE mounts, the diff walk."""
