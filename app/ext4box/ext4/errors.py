@@ -89,3 +89,25 @@ def block_where(block: int, ino: int | None = None) -> str:
 
 def group_where(group: int) -> str:
     return f"group {group}"
+
+
+class NoSpace(Ext4Error):
+    """No free blocks or inodes (or no room left in an inode / xattr block)."""
+
+    errno = errno.ENOSPC
+
+
+class Exists(Ext4Error):
+    errno = errno.EEXIST
+
+
+class NotEmpty(Ext4Error):
+    errno = errno.ENOTEMPTY
+
+
+class NameTooLong(Ext4Error):
+    errno = errno.ENAMETOOLONG
+
+
+class TooManyLinks(Ext4Error):
+    errno = errno.EMLINK
