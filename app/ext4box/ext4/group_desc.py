@@ -57,6 +57,70 @@ class GroupDesc:
         return cls(group, bb, ib, it, fb, fi, ud, flags, eb, bbc, ibc, iu, csum)
 
 
+def encode_group_desc(desc: GroupDesc, sb: Superblock, base: bytes = b"") -> bytes:
+    """The on-disk bytes of `desc` (sb.desc_size long) with its checksum.
+
+    Bytes past the 64 modelled ones are taken from `base` (the descriptor as
+    read), so a larger desc_size keeps whatever a newer kernel put there.
+    """
+    size = sb.desc_size
+    wide = size >= 64
+    limit32 = 0xFFFFFFFF if not wide else (1 << 64) - 1
+    limit16 = 0xFFFF if not wide else 0xFFFFFFFF
+    for name, value, limit in (
+        ("block_bitmap", desc.block_bitmap, limit32),
+        ("inode_bitmap", desc.inode_bitmap, limit32),
+        ("inode_table", desc.inode_table, limit32),
+        ("exclude_bitmap", desc.exclude_bitmap, limit32),
+        ("free_blocks_count", desc.free_blocks_count, limit16),
+        ("free_inodes_count", desc.free_inodes_count, limit16),
+        ("used_dirs_count", desc.used_dirs_count, limit16),
+        ("itable_unused", desc.itable_unused, limit16),
+    ):
+        if not 0 <= value <= limit:
+            raise ValueError(
+                f"group {desc.group}: {name} {value} does not fit a {size}-byte descriptor"
+            )
+    raw = bytearray(size)
+    _LO.pack_into(
+        raw,
+        0,
+        desc.block_bitmap & 0xFFFFFFFF,
+        desc.inode_bitmap & 0xFFFFFFFF,
+        desc.inode_table & 0xFFFFFFFF,
+        desc.free_blocks_count & 0xFFFF,
+        desc.free_inodes_count & 0xFFFF,
+        desc.used_dirs_count & 0xFFFF,
+        desc.flags & 0xFFFF,
+        desc.exclude_bitmap & 0xFFFFFFFF,
+        desc.block_bitmap_csum & 0xFFFF,
+        desc.inode_bitmap_csum & 0xFFFF,
+        desc.itable_unused & 0xFFFF,
+        0,
+    )
+    if wide:
+        _HI.pack_into(
+            raw,
+            32,
+            desc.block_bitmap >> 32,
+            desc.inode_bitmap >> 32,
+            desc.inode_table >> 32,
+            desc.free_blocks_count >> 16,
+            desc.free_inodes_count >> 16,
+            desc.used_dirs_count >> 16,
+            desc.itable_unused >> 16,
+            desc.exclude_bitmap >> 32,
+            (desc.block_bitmap_csum >> 16) & 0xFFFF,
+            (desc.inode_bitmap_csum >> 16) & 0xFFFF,
+            0,
+        )
+        if size > 64 and len(base) >= size:
+            raw[64:size] = base[64:size]
+    checksum = descriptor_checksum(sb, desc.group, bytes(raw))
+    struct.pack_into("<H", raw, CHECKSUM_OFFSET, checksum if checksum is not None else 0)
+    return bytes(raw)
+
+
 def descriptor_checksum(sb: Superblock, group: int, raw: bytes) -> int | None:
     """The checksum the descriptor should carry, or None if the image has none."""
     group_le = group.to_bytes(4, "little")

@@ -266,3 +266,178 @@ def _verify_checksum(
         crc &= 0xFFFF
     if crc != stored:
         raise Corrupt("inode", where, f"checksum 0x{stored:x} != computed 0x{crc:x}")
+
+
+# Field offsets in the fixed 128-byte part, for writing back.
+_MODE_UID = struct.Struct("<HHI")  # mode, uid_lo, size_lo at 0x00
+_TIMES = struct.Struct("<iiiI")  # atime, ctime, mtime, dtime at 0x08
+_GID_LINKS_BLOCKS_FLAGS = struct.Struct("<HHII")  # gid_lo, links, blocks_lo, flags at 0x18
+_I_BLOCK_OFFSET = 0x28
+_GEN_ACL_SIZEHI = struct.Struct("<III")  # generation, file_acl_lo, size_hi at 0x64
+_OSD2_OFFSET = 0x74
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_S32_MIN, _S32_MAX = -(1 << 31), (1 << 31) - 1
+# With the extra word: 2 epoch bits extend the signed 32-bit seconds to 34 bits.
+_EXTRA_TIME_MAX = _S32_MAX + (3 << 32)
+NS = 1_000_000_000
+
+
+def encode_inode(
+    inode: Inode, *, fs_csum_seed: int | None, huge_file: bool, block_size: int
+) -> bytes:
+    """The on-disk bytes of `inode`: its modelled fields written into a copy of
+    `inode.raw`, so fields this code does not model (osd1, faddr, version,
+    in-inode xattrs) survive unchanged; then the checksum, if metadata_csum.
+
+    Change fields with `dataclasses.replace(inode, size=..., mtime_ns=...)`;
+    the Inode stays frozen.
+    """
+    raw = bytearray(inode.raw)
+    where = inode_where(inode.ino)
+    if len(raw) < GOOD_OLD_INODE_SIZE or len(inode.i_block) != I_BLOCK_SIZE:
+        raise ValueError(f"{where}: raw of {len(raw)} bytes or i_block of {len(inode.i_block)}")
+    extra_isize = inode.extra_isize
+    if len(raw) > GOOD_OLD_INODE_SIZE:
+        if extra_isize & 3 or GOOD_OLD_INODE_SIZE + extra_isize > len(raw):
+            raise ValueError(f"{where}: extra_isize {extra_isize} invalid")
+        _U16.pack_into(raw, GOOD_OLD_INODE_SIZE, extra_isize)
+    else:
+        extra_isize = 0
+
+    def has_extra(name: str) -> bool:
+        offset, fmt = _EXTRA_FIELDS[name]
+        return offset + struct.calcsize(fmt) <= extra_isize
+
+    def put_extra(name: str, value: int) -> None:
+        offset, fmt = _EXTRA_FIELDS[name]
+        struct.pack_into(fmt, raw, GOOD_OLD_INODE_SIZE + offset, value)
+
+    if not 0 <= inode.size < 1 << 63:
+        raise ValueError(f"{where}: size {inode.size} out of range")
+    if not 0 <= inode.uid < 1 << 32 or not 0 <= inode.gid < 1 << 32:
+        raise ValueError(f"{where}: uid/gid out of range")
+    if not 0 <= inode.file_acl < 1 << 48:
+        raise ValueError(f"{where}: file_acl {inode.file_acl} out of range")
+
+    flags = inode.flags
+    blocks_lo, blocks_hi, flags = _encode_blocks(
+        inode.blocks_512, flags, huge_file, block_size, where
+    )
+
+    _MODE_UID.pack_into(raw, 0x00, inode.mode & 0xFFFF, inode.uid & 0xFFFF, inode.size & 0xFFFFFFFF)
+    times = {}
+    for name, value in (
+        ("atime", inode.atime_ns),
+        ("ctime", inode.ctime_ns),
+        ("mtime", inode.mtime_ns),
+    ):
+        seconds, extra = _encode_time(value, has_extra(f"{name}_extra"))
+        times[name] = seconds
+        if extra is not None:
+            put_extra(f"{name}_extra", extra)
+    _TIMES.pack_into(raw, 0x08, times["atime"], times["ctime"], times["mtime"], inode.dtime)
+    _GID_LINKS_BLOCKS_FLAGS.pack_into(
+        raw, 0x18, inode.gid & 0xFFFF, inode.links_count, blocks_lo, flags
+    )
+    raw[_I_BLOCK_OFFSET : _I_BLOCK_OFFSET + I_BLOCK_SIZE] = inode.i_block
+    _GEN_ACL_SIZEHI.pack_into(
+        raw, 0x64, inode.generation, inode.file_acl & 0xFFFFFFFF, inode.size >> 32
+    )
+    # osd2: blocks_high, file_acl_high, uid_high, gid_high; checksum_lo and
+    # the reserved word are left for the checksum step / as read.
+    struct.pack_into(
+        "<HHHH",
+        raw,
+        _OSD2_OFFSET,
+        blocks_hi,
+        inode.file_acl >> 32,
+        inode.uid >> 16,
+        inode.gid >> 16,
+    )
+    if has_extra("crtime"):
+        seconds, extra = _encode_time(inode.crtime_ns, has_extra("crtime_extra"))
+        put_extra("crtime", seconds)
+        if extra is not None:
+            put_extra("crtime_extra", extra)
+    if has_extra("projid"):
+        put_extra("projid", inode.projid)
+
+    if fs_csum_seed is not None:
+        has_hi = has_extra("checksum_hi")
+        crc = inode_checksum(
+            bytes(raw), inode_csum_seed(fs_csum_seed, inode.ino, inode.generation), has_hi
+        )
+        _U16.pack_into(raw, _CHECKSUM_LO_OFFSET, crc & 0xFFFF)
+        if has_hi:
+            _U16.pack_into(raw, _CHECKSUM_HI_OFFSET, crc >> 16)
+    return bytes(raw)
+
+
+def _encode_time(time_ns: int, with_extra: bool) -> tuple[int, int | None]:
+    """(signed 32-bit seconds, extra word or None), clamped to what fits, like the kernel."""
+    seconds, nsec = divmod(time_ns, NS)
+    if not with_extra:
+        return min(max(seconds, _S32_MIN), _S32_MAX), None
+    if seconds < _S32_MIN:
+        seconds, nsec = _S32_MIN, 0
+    elif seconds > _EXTRA_TIME_MAX:
+        seconds, nsec = _EXTRA_TIME_MAX, NS - 1
+    low = (seconds + (1 << 31)) % (1 << 32) - (1 << 31)  # the low 32 bits, signed
+    epoch = ((seconds - low) >> 32) & 3
+    return low, epoch | (nsec << 2)
+
+
+def _encode_blocks(
+    blocks_512: int, flags: int, huge_file: bool, block_size: int, where: str
+) -> tuple[int, int, int]:
+    """i_blocks as (lo, hi, flags): 512-byte units while they fit in 48 bits,
+    filesystem blocks with HUGE_FILE set only beyond that (huge_file feature)."""
+    if blocks_512 < 0:
+        raise ValueError(f"{where}: negative block count")
+    if blocks_512 < 1 << 32:
+        return blocks_512, 0, flags & ~FL_HUGE_FILE
+    if not huge_file:
+        raise ValueError(f"{where}: {blocks_512} sectors need the huge_file feature")
+    if blocks_512 < 1 << 48:
+        return blocks_512 & 0xFFFFFFFF, blocks_512 >> 32, flags & ~FL_HUGE_FILE
+    units = blocks_512 // (block_size // 512)
+    if units >= 1 << 48:
+        raise ValueError(f"{where}: {blocks_512} sectors exceed the huge_file limit")
+    return units & 0xFFFFFFFF, units >> 32, flags | FL_HUGE_FILE
+
+
+def blank_inode(
+    ino: int, inode_size: int, *, fs_csum_seed: int | None, generation: int, extra_isize: int = 32
+) -> Inode:
+    """An all-zero inode (as a freshly zeroed inode table holds) ready to be
+    filled in with `dataclasses.replace` and written with `encode_inode`."""
+    extra = extra_isize if inode_size > GOOD_OLD_INODE_SIZE else 0
+    extra = min(extra, inode_size - GOOD_OLD_INODE_SIZE) & ~3
+    raw = bytearray(inode_size)
+    if inode_size > GOOD_OLD_INODE_SIZE:
+        _U16.pack_into(raw, GOOD_OLD_INODE_SIZE, extra)
+    return Inode(
+        ino=ino,
+        mode=0,
+        uid=0,
+        gid=0,
+        size=0,
+        links_count=0,
+        atime_ns=0,
+        mtime_ns=0,
+        ctime_ns=0,
+        crtime_ns=0,
+        dtime=0,
+        blocks_512=0,
+        flags=0,
+        generation=generation,
+        file_acl=0,
+        i_block=bytes(I_BLOCK_SIZE),
+        extra_isize=extra,
+        projid=0,
+        raw=bytes(raw),
+        csum_seed=inode_csum_seed(fs_csum_seed, ino, generation)
+        if fs_csum_seed is not None
+        else None,
+    )

@@ -373,3 +373,72 @@ def _is_power_of(value: int, base: int) -> bool:
     while value % base == 0 and value > 1:
         value //= base
     return value == 1
+
+
+# Values wider than one on-disk field: name -> (low field, high field, low bits).
+_SPLIT_FIELDS: dict[str, tuple[str, str, int]] = {
+    "blocks_count": ("blocks_count_lo", "blocks_count_hi", 32),
+    "r_blocks_count": ("r_blocks_count_lo", "r_blocks_count_hi", 32),
+    "free_blocks_count": ("free_blocks_count_lo", "free_blocks_count_hi", 32),
+    "mtime": ("mtime_lo", "mtime_hi", 32),
+    "wtime": ("wtime_lo", "wtime_hi", 32),
+    "mkfs_time": ("mkfs_time_lo", "mkfs_time_hi", 32),
+    "lastcheck": ("lastcheck_lo", "lastcheck_hi", 32),
+}
+
+
+def encode_superblock(sb: Superblock, changes: dict[str, int | bytes]) -> bytes:
+    """The 1024 superblock bytes of `sb` with `changes` applied and the checksum set.
+
+    `changes` names raw fields (`state`, `mnt_count`...) or the split values
+    `free_blocks_count`, `wtime`, `mtime`... which are spread over their lo/hi
+    fields (the hi half only on 64bit for block counts). Everything else is
+    taken from `sb.raw` unchanged, so the encoding of an unchanged superblock
+    is byte-identical to what was read.
+    """
+    fields: dict[str, int | bytes] = dict(zip(_FIELDS, _STRUCT.unpack(sb.raw), strict=True))
+    for name, value in changes.items():
+        split = _SPLIT_FIELDS.get(name)
+        if split is None:
+            if name not in fields:
+                raise KeyError(f"no superblock field {name!r}")
+            fields[name] = value
+            continue
+        lo_name, hi_name, lo_bits = split
+        assert isinstance(value, int)
+        is_count = name.endswith("_count")
+        hi_bits = 32 if is_count else 8
+        if is_count and not sb.is_64bit:
+            hi_bits = 0
+        if value < 0 or value >> (lo_bits + hi_bits):
+            raise ValueError(f"superblock {name} {value} does not fit its fields")
+        fields[lo_name] = value & ((1 << lo_bits) - 1)
+        if hi_bits:
+            fields[hi_name] = value >> lo_bits
+    raw = bytearray(_STRUCT.pack(*(fields[name] for name in _FIELDS)))
+    if sb.metadata_csum:
+        struct.pack_into("<I", raw, CHECKSUM_OFFSET, crc32c_raw(0xFFFFFFFF, raw[:CHECKSUM_OFFSET]))
+    return bytes(raw)
+
+
+def mount_changes(sb: Superblock, now: int) -> dict[str, int | bytes]:
+    """What a read-write mount without a journal records, as the kernel does:
+    the filesystem is marked not clean until unmount, and the mount counted."""
+    max_mnt = int(sb.fields["max_mnt_count"])
+    changes: dict[str, int | bytes] = {
+        "state": int(sb.fields["state"]) & ~STATE_VALID,
+        "mnt_count": (int(sb.fields["mnt_count"]) + 1) & 0xFFFF,
+        "mtime": now,
+        "wtime": now,
+    }
+    if max_mnt == 0:
+        changes["max_mnt_count"] = -1  # "no limit", as the kernel sets it
+    return changes
+
+
+def clean_unmount_changes(sb: Superblock, now: int) -> dict[str, int | bytes]:
+    """Mark the filesystem clean again (unless an error was recorded meanwhile)."""
+    state = int(sb.fields["state"])
+    if not state & STATE_ERROR:
+        state |= STATE_VALID
+    return {"state": state, "wtime": now}

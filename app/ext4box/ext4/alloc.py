@@ -1,0 +1,561 @@
+"""Block and inode allocation over the group bitmaps.
+
+Both allocators read and write bitmaps, descriptors and superblock counts
+only through the MetadataWriter, so their changes commit in crash-safe
+order, and frees are deferred by it: a freed block or inode keeps its bit
+set (and cannot be handed out again) until the metadata that dropped it is
+on the device.
+
+Bitmaps are checked when first read: the checksum (metadata_csum) and, for
+block bitmaps, that every block of the group's own metadata is marked used.
+A bitmap that fails either is Corrupt, so a hostile image cannot make us
+allocate over an inode table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from ext4box.ext4 import bitmap as B
+from ext4box.ext4 import features as F
+from ext4box.ext4.errors import Corrupt, NoSpace, Unsupported, group_where, inode_where
+from ext4box.ext4.group_desc import (
+    BG_BLOCK_UNINIT,
+    BG_INODE_UNINIT,
+    BG_INODE_ZEROED,
+    GroupDesc,
+    gdt_block_count,
+    group_first_block,
+)
+from ext4box.ext4.inode_table import InodeTable
+from ext4box.ext4.metawriter import MetadataWriter
+from ext4box.ext4.superblock import Superblock
+
+ROOT_INO = 2
+
+
+def has_group_desc_csum(sb: Superblock) -> bool:
+    """UNINIT flags and itable_unused only mean something with descriptor checksums."""
+    return sb.has_ro_compat(F.RO_COMPAT_METADATA_CSUM | F.RO_COMPAT_GDT_CSUM)
+
+
+def blocks_in_group(sb: Superblock, group: int) -> int:
+    """Blocks group `group` covers (the last group may be short)."""
+    first = group_first_block(sb, group)
+    return min(sb.blocks_per_group, sb.blocks_count - first)
+
+
+def group_metadata_runs(sb: Superblock, descs: list[GroupDesc]) -> dict[int, list[tuple[int, int]]]:
+    """For each group, the (offset in group, length) runs of fixed metadata inside it:
+    superblock and GDT copies, reserved GDT blocks, meta_bg descriptor blocks, and
+    every group's bitmaps and inode table that live there (with flex_bg they are
+    packed into the first groups of the flex group)."""
+    runs: dict[int, list[tuple[int, int]]] = {g: [] for g in range(sb.group_count)}
+    descs_per_block = sb.block_size // sb.desc_size
+    meta_bg = sb.has_incompat(F.INCOMPAT_META_BG)
+    first_meta_bg = int(sb.fields["first_meta_bg"])
+    if meta_bg:
+        old_desc_blocks = first_meta_bg
+    else:
+        old_desc_blocks = gdt_block_count(sb) + int(sb.fields["reserved_gdt_blocks"])
+    for group in range(sb.group_count):
+        has_super = 1 if sb.group_has_super(group) else 0
+        if has_super:
+            runs[group].append((0, 1))
+        if not meta_bg or group // descs_per_block < first_meta_bg:
+            if has_super and old_desc_blocks:
+                runs[group].append((1, old_desc_blocks))
+        elif group % descs_per_block in (0, 1, descs_per_block - 1):
+            runs[group].append((has_super, 1))
+    itable_blocks = -(-sb.inodes_per_group * sb.inode_size // sb.block_size)
+    for desc in descs:
+        for start, length in (
+            (desc.block_bitmap, 1),
+            (desc.inode_bitmap, 1),
+            (desc.inode_table, itable_blocks),
+        ):
+            # A run may cross into the next group (a big flex_bg inode table).
+            while length > 0:
+                group = (start - sb.first_data_block) // sb.blocks_per_group
+                if group < 0 or group >= sb.group_count:
+                    raise Corrupt(
+                        "group descriptor", group_where(desc.group), "metadata outside fs"
+                    )
+                offset = start - group_first_block(sb, group)
+                piece = min(length, sb.blocks_per_group - offset)
+                runs[group].append((offset, piece))
+                start += piece
+                length -= piece
+    return runs
+
+
+class BlockAllocator:
+    """Goal-based allocation of contiguous block runs; frees deferred until commit."""
+
+    def __init__(self, writer: MetadataWriter) -> None:
+        sb = writer.sb
+        if sb.has_ro_compat(F.RO_COMPAT_BIGALLOC):
+            raise Unsupported("bigalloc", detail="writing clustered allocation is not implemented")
+        self.writer = writer
+        self.sb = sb
+        self._lock = writer.lock
+        self._csum = has_group_desc_csum(sb)
+        self._flex_size = (
+            1 << int(sb.fields["log_groups_per_flex"]) if sb.has_incompat(F.INCOMPAT_FLEX_BG) else 1
+        )
+        self._flex_size = min(max(self._flex_size, 1), sb.group_count)
+        self._metadata: dict[int, list[tuple[int, int]]] | None = None
+        self._verified: set[int] = set()
+        self._pending: dict[int, bytearray] = {}  # group -> bits with a free pending
+        self._pending_count = 0
+        self.free_blocks = sum(writer.group_desc(g).free_blocks_count for g in self._groups())
+        # Like the kernel, trust the descriptors over the lazily updated superblock total.
+        if self.free_blocks != sb.free_blocks_count:
+            writer.update_superblock(free_blocks_count=self.free_blocks)
+
+    def _groups(self) -> range:
+        return range(self.writer.group_count)
+
+    @property
+    def pending_free_blocks(self) -> int:
+        """Blocks freed but not yet released (they become free at the next commit)."""
+        return self._pending_count
+
+    # ---- group metadata and bitmaps ------------------------------------
+
+    def metadata_runs(self, group: int) -> list[tuple[int, int]]:
+        if self._metadata is None:
+            descs = [self.writer.group_desc(g) for g in self._groups()]
+            self._metadata = group_metadata_runs(self.sb, descs)
+        return self._metadata[group]
+
+    def _uninit(self, desc: GroupDesc) -> bool:
+        return self._csum and bool(desc.flags & BG_BLOCK_UNINIT)
+
+    def bitmap(self, group: int) -> bytearray:
+        """The group's current block bitmap (built if the group is BLOCK_UNINIT)."""
+        desc = self.writer.group_desc(group)
+        nbits = blocks_in_group(self.sb, group)
+        if self._uninit(desc):
+            return self._build_uninit_bitmap(group, desc, nbits)
+        bitmap = bytearray(self.writer.read(desc.block_bitmap))
+        if group not in self._verified:
+            self._verify(group, desc, bitmap)
+            self._verified.add(group)
+        return bitmap
+
+    def _build_uninit_bitmap(self, group: int, desc: GroupDesc, nbits: int) -> bytearray:
+        bitmap = bytearray(self.sb.block_size)
+        for offset, length in self.metadata_runs(group):
+            B.set_range(bitmap, offset, min(length, nbits - offset), nbits)
+        B.mark_padding(bitmap, nbits)
+        free = B.count_zeros(bitmap, nbits)
+        if free != desc.free_blocks_count:
+            raise Corrupt(
+                "group descriptor",
+                group_where(group),
+                f"BLOCK_UNINIT group has {desc.free_blocks_count} free blocks, layout says {free}",
+            )
+        return bitmap
+
+    def _verify(self, group: int, desc: GroupDesc, bitmap: bytearray) -> None:
+        sb = self.sb
+        where = f"block {desc.block_bitmap} ({group_where(group)})"
+        if sb.metadata_csum:
+            assert sb.csum_seed is not None
+            want = B.block_bitmap_checksum(
+                sb.csum_seed, bitmap, int(sb.fields["clusters_per_group"])
+            )
+            stored = desc.block_bitmap_csum
+            if sb.desc_size < 64:
+                want &= 0xFFFF
+            if want != stored:
+                raise Corrupt("block bitmap", where, f"checksum 0x{stored:x} != 0x{want:x}")
+        for offset, length in self.metadata_runs(group):
+            if not B.range_is_set(bitmap, offset, length):
+                raise Corrupt("block bitmap", where, f"group metadata at +{offset} marked free")
+
+    def _store(self, group: int, bitmap: bytearray, free_delta: int) -> None:
+        """Write the bitmap back and update descriptor and superblock counts."""
+        sb = self.sb
+        desc = self.writer.group_desc(group)
+        csum = desc.block_bitmap_csum
+        if sb.metadata_csum:
+            assert sb.csum_seed is not None
+            csum = B.block_bitmap_checksum(
+                sb.csum_seed, bitmap, int(sb.fields["clusters_per_group"])
+            )
+        self.writer.write(desc.block_bitmap, bytes(bitmap), bitmap=True)
+        self._verified.add(group)
+        self.writer.set_group_desc(
+            dataclasses.replace(
+                desc,
+                free_blocks_count=desc.free_blocks_count + free_delta,
+                flags=desc.flags & ~BG_BLOCK_UNINIT,
+                block_bitmap_csum=csum,
+            )
+        )
+        self.free_blocks += free_delta
+        self.writer.update_superblock(free_blocks_count=self.free_blocks)
+
+    def initialise_group(self, group: int) -> None:
+        """Give a BLOCK_UNINIT group a real bitmap on disk (the inode allocator
+        needs this before it uses the group's inodes, as e2fsck expects)."""
+        with self._lock:
+            desc = self.writer.group_desc(group)
+            if self._uninit(desc):
+                self._store(group, self.bitmap(group), 0)
+
+    # ---- allocation ----------------------------------------------------
+
+    def _group_order(self, goal_group: int) -> Iterator[int]:
+        """The goal's group, the rest of its flex group, then all others in order."""
+        count = self.writer.group_count
+        flex_first = goal_group - goal_group % self._flex_size
+        flex_end = min(flex_first + self._flex_size, count)
+        yield goal_group
+        for group in range(goal_group + 1, flex_end):
+            yield group
+        for group in range(flex_first, goal_group):
+            yield group
+        for step in range(count - (flex_end - flex_first)):
+            yield (flex_end + step) % count
+
+    def alloc(
+        self, goal: int, count: int, *, min_count: int = 1, reserve_ok: bool = False
+    ) -> tuple[int, int]:
+        """Allocate one contiguous run of n blocks, min_count <= n <= count, near
+        `goal`; returns (first block, n). `reserve_ok` lets root-like callers use
+        the reserved blocks (s_r_blocks_count). Raises NoSpace."""
+        if count < 1 or min_count < 1 or min_count > count:
+            raise ValueError(f"bad allocation request count={count} min_count={min_count}")
+        sb = self.sb
+        with self._lock:
+            available = self.free_blocks - (0 if reserve_ok else sb.r_blocks_count)
+            if available < min_count:
+                raise NoSpace(f"{max(available, 0)} blocks available, {min_count} needed")
+            count = min(count, available)
+            if not sb.first_data_block <= goal < sb.blocks_count:
+                goal = sb.first_data_block
+            goal_group = (goal - sb.first_data_block) // sb.blocks_per_group
+            goal_offset = goal - group_first_block(sb, goal_group)
+
+            # Grow in place when the goal block itself is free.
+            if self.writer.group_desc(goal_group).free_blocks_count >= min_count:
+                bitmap = self.bitmap(goal_group)
+                run = B.find_zero_run(bitmap, blocks_in_group(sb, goal_group), goal_offset, count)
+                if run is not None and run[0] == goal_offset and run[1] >= min_count:
+                    return self._take(goal_group, bitmap, *run)
+            # Then the first whole run of `count`, then the longest >= min_count.
+            for want in (count, min_count) if min_count < count else (count,):
+                for group in self._group_order(goal_group):
+                    if self.writer.group_desc(group).free_blocks_count < want:
+                        continue
+                    bitmap = self.bitmap(group)
+                    offset = goal_offset if group == goal_group else 0
+                    run = B.find_zero_run(bitmap, blocks_in_group(sb, group), offset, count)
+                    if run is not None and run[1] >= want:
+                        return self._take(group, bitmap, *run)
+            raise NoSpace(f"no run of {min_count} free blocks (fragmented or pending frees)")
+
+    def _take(self, group: int, bitmap: bytearray, offset: int, length: int) -> tuple[int, int]:
+        B.set_range(bitmap, offset, length, blocks_in_group(self.sb, group))
+        self._store(group, bitmap, -length)
+        return group_first_block(self.sb, group) + offset, length
+
+    def alloc_block(self, goal: int) -> int:
+        """One block for tree/directory/xattr metadata (the writers' callback shape)."""
+        return self.alloc(goal, 1)[0]
+
+    # ---- freeing -------------------------------------------------------
+
+    def free(self, pblk: int, count: int) -> None:
+        """Free [pblk, pblk + count) at the next commit, after the metadata that
+        dropped the blocks is written. Freeing a free block, a block already
+        pending, or group metadata is Corrupt (checked now, so the release can't fail)."""
+        sb = self.sb
+        if count < 1 or pblk < sb.first_data_block or pblk + count > sb.blocks_count:
+            raise Corrupt("block free", f"block {pblk}", f"run of {count} outside the filesystem")
+        with self._lock:
+            pieces = []
+            start, left = pblk, count
+            while left:
+                group = (start - sb.first_data_block) // sb.blocks_per_group
+                offset = start - group_first_block(sb, group)
+                length = min(left, blocks_in_group(sb, group) - offset)
+                pieces.append((group, offset, length))
+                start += length
+                left -= length
+            for group, offset, length in pieces:
+                self._check_free(group, offset, length)
+            for group, offset, length in pieces:
+                pending = self._pending.setdefault(group, bytearray(sb.block_size))
+                B.set_range(pending, offset, length)
+                self._pending_count += length
+                self.writer.defer(self._releaser(group, offset, length))
+
+    def _check_free(self, group: int, offset: int, length: int) -> None:
+        where = f"block {group_first_block(self.sb, group) + offset} ({group_where(group)})"
+        bitmap = self.bitmap(group)
+        if not B.range_is_set(bitmap, offset, length):
+            raise Corrupt("block free", where, f"{length} blocks not all allocated")
+        pending = self._pending.get(group)
+        if pending is not None and not B.range_is_clear(pending, offset, length):
+            raise Corrupt("block free", where, "freed twice before commit")
+        for meta_offset, meta_length in self.metadata_runs(group):
+            if offset < meta_offset + meta_length and meta_offset < offset + length:
+                raise Corrupt("block free", where, "run overlaps group metadata")
+
+    def _releaser(self, group: int, offset: int, length: int):  # -> Release
+        def release() -> None:
+            with self._lock:
+                bitmap = self.bitmap(group)
+                B.clear_range(bitmap, offset, length)
+                self._store(group, bitmap, length)
+                B.clear_range(self._pending[group], offset, length)
+                self._pending_count -= length
+
+        return release
+
+
+class InodeAllocator:
+    """Inode numbers: directories spread Orlov-like, files near their parent."""
+
+    def __init__(
+        self, writer: MetadataWriter, blocks: BlockAllocator, inode_table: InodeTable
+    ) -> None:
+        self.writer = writer
+        self.blocks = blocks
+        self.table = inode_table
+        self.sb = writer.sb
+        self._lock = writer.lock
+        self._csum = has_group_desc_csum(self.sb)
+        self._verified: set[int] = set()
+        self._pending: set[int] = set()
+        self._dir_rotor = 0
+        self.free_inodes = sum(
+            writer.group_desc(g).free_inodes_count for g in range(writer.group_count)
+        )
+        if self.free_inodes != self.sb.free_inodes_count:
+            writer.update_superblock(free_inodes_count=self.free_inodes)
+
+    # ---- bitmaps -------------------------------------------------------
+
+    def _reserved_bits(self, group: int) -> int:
+        """Leading inodes of `group` that are below s_first_ino (never handed out)."""
+        ipg = self.sb.inodes_per_group
+        return max(0, min(ipg, self.sb.first_ino - 1 - group * ipg))
+
+    def bitmap(self, group: int) -> bytearray:
+        sb = self.sb
+        desc = self.writer.group_desc(group)
+        ipg = sb.inodes_per_group
+        if self._csum and desc.flags & BG_INODE_UNINIT:
+            bitmap = bytearray(sb.block_size)
+            B.mark_padding(bitmap, ipg)
+            if desc.free_inodes_count != ipg - self._reserved_bits(group):
+                raise Corrupt(
+                    "group descriptor",
+                    group_where(group),
+                    f"INODE_UNINIT group has {desc.free_inodes_count} free inodes of {ipg}",
+                )
+            B.set_range(bitmap, 0, self._reserved_bits(group), ipg)
+            return bitmap
+        bitmap = bytearray(self.writer.read(desc.inode_bitmap))
+        if group not in self._verified and sb.metadata_csum:
+            assert sb.csum_seed is not None
+            want = B.inode_bitmap_checksum(sb.csum_seed, bitmap, ipg)
+            if sb.desc_size < 64:
+                want &= 0xFFFF
+            if want != desc.inode_bitmap_csum:
+                raise Corrupt(
+                    "inode bitmap",
+                    f"block {desc.inode_bitmap} ({group_where(group)})",
+                    f"checksum 0x{desc.inode_bitmap_csum:x} != 0x{want:x}",
+                )
+        self._verified.add(group)
+        return bitmap
+
+    def _store(self, group: int, bitmap: bytearray, desc: GroupDesc, free_delta: int) -> None:
+        sb = self.sb
+        csum = desc.inode_bitmap_csum
+        if sb.metadata_csum:
+            assert sb.csum_seed is not None
+            csum = B.inode_bitmap_checksum(sb.csum_seed, bitmap, sb.inodes_per_group)
+        self.writer.write(desc.inode_bitmap, bytes(bitmap), bitmap=True)
+        self._verified.add(group)
+        self.writer.set_group_desc(
+            dataclasses.replace(
+                desc,
+                free_inodes_count=desc.free_inodes_count + free_delta,
+                inode_bitmap_csum=csum,
+            )
+        )
+        self.free_inodes += free_delta
+        self.writer.update_superblock(free_inodes_count=self.free_inodes)
+
+    # ---- choosing a group ----------------------------------------------
+
+    def _dir_group(self, parent_group: int, top_level: bool) -> int | None:
+        """Orlov-like: spread top-level directories over groups with above-average
+        free inodes and blocks and the fewest directories; keep deeper ones near
+        their parent unless its group is already crowded."""
+        sb = self.sb
+        count = self.writer.group_count
+        descs = [self.writer.group_desc(g) for g in range(count)]
+        avg_inodes = sum(d.free_inodes_count for d in descs) // count
+        avg_blocks = sum(d.free_blocks_count for d in descs) // count
+        avg_dirs = sum(d.used_dirs_count for d in descs) // count
+        if top_level:
+            start = self._dir_rotor % count
+            self._dir_rotor += 1
+            best = None
+            for step in range(count):
+                d = descs[(start + step) % count]
+                if (
+                    d.free_inodes_count
+                    and d.free_inodes_count >= avg_inodes
+                    and (d.free_blocks_count >= avg_blocks)
+                    and (best is None or d.used_dirs_count < best.used_dirs_count)
+                ):
+                    best = d
+            if best is not None:
+                return best.group
+        else:
+            max_dirs = avg_dirs + sb.inodes_per_group // 16
+            min_inodes = max(avg_inodes - sb.inodes_per_group // 4, 1)
+            min_blocks = max(avg_blocks - sb.blocks_per_group // 4, 0)
+            for step in range(count):
+                d = descs[(parent_group + step) % count]
+                if (
+                    d.used_dirs_count < max_dirs
+                    and d.free_inodes_count >= min_inodes
+                    and d.free_blocks_count >= min_blocks
+                ):
+                    return d.group
+        for step in range(count):
+            d = descs[(parent_group + step) % count]
+            if d.free_inodes_count >= max(avg_inodes, 1):
+                return d.group
+        return self._any_group(parent_group)
+
+    def _file_group(self, parent_group: int) -> int | None:
+        count = self.writer.group_count
+        for step in range(count):
+            d = self.writer.group_desc((parent_group + step) % count)
+            if d.free_inodes_count and d.free_blocks_count:
+                return d.group
+        return self._any_group(parent_group)
+
+    def _any_group(self, start: int) -> int | None:
+        count = self.writer.group_count
+        for step in range(count):
+            d = self.writer.group_desc((start + step) % count)
+            if d.free_inodes_count:
+                return d.group
+        return None
+
+    # ---- allocation ----------------------------------------------------
+
+    def alloc(self, parent_ino: int, is_dir: bool) -> int:
+        """A free inode number for a new child of `parent_ino`; NoSpace if none.
+
+        The inode's slot in the table is zeroed when the group's table was
+        never zeroed (no ITABLE_ZEROED), so the caller starts from a clean slot."""
+        sb = self.sb
+        ipg = sb.inodes_per_group
+        if not 1 <= parent_ino <= sb.inodes_count:
+            raise Corrupt("inode number", inode_where(parent_ino), "parent outside the table")
+        with self._lock:
+            if self.free_inodes <= 0:
+                raise NoSpace("no free inodes")
+            parent_group = (parent_ino - 1) // ipg
+            tried: set[int] = set()
+            group = (
+                self._dir_group(parent_group, parent_ino == ROOT_INO)
+                if is_dir
+                else self._file_group(parent_group)
+            )
+            # Descriptor counts can disagree with a bitmap only on a damaged
+            # image; then try the other groups before giving up.
+            while group is not None and group not in tried:
+                tried.add(group)
+                ino = self._alloc_in_group(group, is_dir)
+                if ino is not None:
+                    return ino
+                group = next(
+                    (
+                        g
+                        for g in range(self.writer.group_count)
+                        if g not in tried and self.writer.group_desc(g).free_inodes_count
+                    ),
+                    None,
+                )
+            raise NoSpace("no free inodes")
+
+    def _alloc_in_group(self, group: int, is_dir: bool) -> int | None:
+        sb = self.sb
+        ipg = sb.inodes_per_group
+        bitmap = self.bitmap(group)
+        search = bytearray(bitmap)
+        B.set_range(search, 0, self._reserved_bits(group), ipg)
+        index = B.find_first_zero(search, ipg, 0)
+        if index is None:
+            return None
+        ino = group * ipg + index + 1
+        desc = self.writer.group_desc(group)
+        if self._csum:
+            if desc.flags & BG_BLOCK_UNINIT:
+                # e2fsck rejects a group whose inode bitmap is in use while its
+                # block bitmap is still uninitialised.
+                self.blocks.initialise_group(group)
+                desc = self.writer.group_desc(group)
+            used_end = ipg - desc.itable_unused  # slots [0, used_end) are "initialised"
+            if not desc.flags & BG_INODE_ZEROED:
+                # Slots newly brought under the used mark must not hold garbage.
+                for slot in range(used_end, index + 1):
+                    self.table.zero(group * ipg + slot + 1)
+                if index < used_end:
+                    self.table.zero(ino)
+            desc = dataclasses.replace(
+                desc,
+                flags=desc.flags & ~BG_INODE_UNINIT,
+                itable_unused=min(desc.itable_unused, ipg - (index + 1)),
+            )
+        elif not desc.flags & BG_INODE_ZEROED:
+            self.table.zero(ino)
+        if is_dir:
+            desc = dataclasses.replace(desc, used_dirs_count=desc.used_dirs_count + 1)
+        B.set_range(bitmap, index, 1, ipg)
+        self._store(group, bitmap, desc, -1)
+        return ino
+
+    # ---- freeing -------------------------------------------------------
+
+    def free(self, ino: int, was_dir: bool) -> None:
+        """Free inode `ino` at the next commit (after its directory entry removal
+        and its cleared on-disk inode are written)."""
+        sb = self.sb
+        if ino < sb.first_ino or ino > sb.inodes_count:
+            raise Corrupt("inode free", inode_where(ino), "reserved or outside the inode table")
+        with self._lock:
+            group, index = divmod(ino - 1, sb.inodes_per_group)
+            if ino in self._pending:
+                raise Corrupt("inode free", inode_where(ino), "freed twice before commit")
+            bitmap = self.bitmap(group)
+            if B.range_is_clear(bitmap, index, 1):
+                raise Corrupt("inode free", inode_where(ino), "inode is not allocated")
+            self._pending.add(ino)
+
+            def release() -> None:
+                with self._lock:
+                    current = self.bitmap(group)
+                    B.clear_range(current, index, 1, sb.inodes_per_group)
+                    desc = self.writer.group_desc(group)
+                    if was_dir and desc.used_dirs_count:
+                        desc = dataclasses.replace(desc, used_dirs_count=desc.used_dirs_count - 1)
+                    self._store(group, current, desc, 1)
+                    self._pending.discard(ino)
+
+            self.writer.defer(release)

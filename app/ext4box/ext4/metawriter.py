@@ -1,0 +1,252 @@
+"""The one place metadata blocks are written: buffered, ordered, with deferred frees.
+
+Every writer (allocators, inode table, extent trees, directories, xattrs)
+changes metadata through `MetadataWriter.write` and reads it back through
+`MetadataWriter.read`, which always returns the latest version. Nothing
+reaches the device until `commit`, which writes in an order that keeps a
+crash (of the process, or with `durable=True` also of the machine) from
+leaving a pointer to a block the bitmaps call free, or a freed block owned
+by two files:
+
+1. allocation side: bitmap blocks, then the group descriptor blocks
+   (newly set bits, cleared UNINIT flags, counts, bitmap checksums);
+2. barrier (fsync, only when durable): file data written before the commit
+   and the bitmaps are on the device before anything points at them;
+3. every other metadata block (inode tables, extent/directory/xattr blocks):
+   the pointers;
+4. barrier, then the deferred releases run (freed blocks and inodes are
+   cleared from their bitmaps only now, so they were never handed out again
+   while old pointers to them could still be on the device), and the
+   bitmaps and descriptors they dirtied are written;
+5. the superblock (free counts, state, times), then fsync if durable.
+
+With a jbd2 journal (issue 5) one commit becomes one transaction: the
+blocks gathered by `_take_phase` are logged together and checkpointed in
+the same order, and the releases run after the commit record.
+
+The writer also owns the mutable copies of the group descriptors and the
+superblock fields; readers of group geometry in a read-write mount must ask
+`group_desc()` here rather than the mount-time GroupTable.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ext4box.blockdev import BlockDevice, DeviceRangeError, MetadataCache
+from ext4box.ext4.errors import Corrupt, ReadOnly, block_where, group_where
+from ext4box.ext4.group_desc import (
+    GroupDesc,
+    GroupTable,
+    descriptor_block,
+    encode_group_desc,
+    gdt_block_count,
+)
+from ext4box.ext4.superblock import (
+    SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+    Superblock,
+    encode_superblock,
+)
+
+Release = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStats:
+    """What one commit wrote, for logs and tests."""
+
+    bitmap_blocks: int
+    descriptor_blocks: int
+    metadata_blocks: int
+    releases: int
+    superblock: bool
+
+
+class MetadataWriter:
+    def __init__(
+        self, dev: BlockDevice, meta_cache: MetadataCache, sb: Superblock, groups: GroupTable
+    ) -> None:
+        if not dev.writable:
+            raise ReadOnly("the device is open read-only")
+        if groups.bad:
+            group, reason = next(iter(groups.bad.items()))
+            raise Corrupt("group descriptor", group_where(group), f"{reason}; refusing to write")
+        self.dev = dev
+        self.cache = meta_cache
+        self.sb = sb  # geometry and mount-time fields; current values via `superblock()`
+        self.block_size = sb.block_size
+        self._descs: list[GroupDesc] = list(groups.descs)
+        self._descs_per_block = sb.block_size // sb.desc_size
+        self._bitmaps: dict[int, bytes] = {}
+        self._blocks: dict[int, bytes] = {}
+        self._dirty_groups: set[int] = set()
+        self._sb_changes: dict[str, int | bytes] = {}
+        self._sb_dirty = False
+        self._releases: list[Release] = []
+        # One lock for the writer and everything that changes metadata through it
+        # (the allocators share it): commit runs releases that take allocator
+        # state, so two locks would be a lock-order inversion.
+        self.lock = threading.RLock()
+        self._lock = self.lock
+        # Blocks only the writer itself may write: boot block, superblock, primary GDT.
+        self._protected_end = sb.first_data_block + 1 + gdt_block_count(sb)
+        self._gdt_blocks = {descriptor_block(sb, index) for index in range(gdt_block_count(sb))}
+
+    # ---- blocks ----------------------------------------------------------
+
+    def read(self, pblk: int) -> bytes:
+        """The latest version of metadata block `pblk` (dirty buffer, cache, device)."""
+        with self._lock:
+            data = self._blocks.get(pblk)
+            if data is None:
+                data = self._bitmaps.get(pblk)
+            if data is not None:
+                return data
+        self._check_block(pblk)
+        try:
+            return self.cache.read(pblk)
+        except DeviceRangeError as err:
+            raise Corrupt(
+                "metadata block", block_where(pblk), "past the end of the device"
+            ) from err
+
+    def write(self, pblk: int, data: bytes, *, bitmap: bool = False) -> None:
+        """Buffer a whole-block update. `bitmap=True` for allocation bitmaps, which
+        are written before the other metadata at commit."""
+        self._check_block(pblk)
+        if pblk < self._protected_end or pblk in self._gdt_blocks:
+            raise Corrupt("metadata write", block_where(pblk), "would overwrite superblock or GDT")
+        if len(data) != self.block_size:
+            raise ValueError(f"block {pblk}: {len(data)} bytes, block size {self.block_size}")
+        with self._lock:
+            target, other = (
+                (self._bitmaps, self._blocks) if bitmap else (self._blocks, self._bitmaps)
+            )
+            if pblk in other:
+                raise ValueError(f"block {pblk} written both as bitmap and as metadata")
+            target[pblk] = bytes(data)
+        # Nobody may read the device's older copy out of the cache from now on.
+        self.cache.invalidate(pblk)
+
+    def _check_block(self, pblk: int) -> None:
+        if pblk < 0 or pblk >= self.sb.blocks_count:
+            raise Corrupt("metadata block", block_where(pblk), "outside the filesystem")
+
+    # ---- group descriptors and superblock ---------------------------------
+
+    @property
+    def group_count(self) -> int:
+        return len(self._descs)
+
+    def group_desc(self, group: int) -> GroupDesc:
+        if group < 0 or group >= len(self._descs):
+            raise Corrupt("group number", group_where(group), f"outside 0..{len(self._descs) - 1}")
+        return self._descs[group]
+
+    def set_group_desc(self, desc: GroupDesc) -> None:
+        with self._lock:
+            self.group_desc(desc.group)
+            self._descs[desc.group] = desc
+            self._dirty_groups.add(desc.group)
+
+    def update_superblock(self, **changes: int | bytes) -> None:
+        """Record superblock field changes (names as `encode_superblock` takes them)."""
+        with self._lock:
+            self._sb_changes.update(changes)
+            self._sb_dirty = True
+
+    def superblock(self) -> Superblock:
+        """The superblock as it will be after the next commit."""
+        with self._lock:
+            return Superblock.parse(encode_superblock(self.sb, self._sb_changes))
+
+    # ---- deferred frees ---------------------------------------------------
+
+    def defer(self, release: Release) -> None:
+        """Run `release` at the next commit, after the metadata that stopped
+        pointing at the freed object is written. Releases clear bitmap bits and
+        raise free counts; they must not fail (check everything when deferring)."""
+        with self._lock:
+            self._releases.append(release)
+
+    @property
+    def dirty(self) -> bool:
+        with self._lock:
+            return bool(
+                self._bitmaps
+                or self._blocks
+                or self._dirty_groups
+                or self._sb_dirty
+                or self._releases
+            )
+
+    # ---- commit -----------------------------------------------------------
+
+    def commit(self, *, durable: bool = False) -> CommitStats:
+        """Write everything buffered, in crash-safe order; fsync when `durable`."""
+        with self._lock:
+            bitmaps = self._write_all(self._bitmaps)
+            descriptors = self._write_descriptors()
+            if durable and (bitmaps or descriptors):
+                self.dev.flush()
+            metadata = self._write_all(self._blocks)
+            releases = self._releases
+            self._releases = []
+            if releases:
+                if durable and metadata:
+                    self.dev.flush()
+                for release in releases:
+                    release()
+                bitmaps += self._write_all(self._bitmaps)
+                descriptors += self._write_descriptors()
+                metadata += self._write_all(self._blocks)
+            wrote_sb = self._write_superblock()
+            if durable:
+                self.dev.flush()
+            return CommitStats(bitmaps, descriptors, metadata, len(releases), wrote_sb)
+
+    def _write_all(self, pending: dict[int, bytes]) -> int:
+        # In block order (sequential I/O); a block leaves the buffer only once written,
+        # so a failed write can be retried by the next commit.
+        count = 0
+        for pblk in sorted(pending):
+            self.dev.pwrite(pblk * self.block_size, pending[pblk])
+            del pending[pblk]
+            self.cache.invalidate(pblk)
+            count += 1
+        return count
+
+    def _write_descriptors(self) -> int:
+        if not self._dirty_groups:
+            return 0
+        sb = self.sb
+        size = sb.desc_size
+        by_block: dict[int, list[int]] = {}
+        for group in self._dirty_groups:
+            by_block.setdefault(group // self._descs_per_block, []).append(group)
+        for index in sorted(by_block):
+            pblk = descriptor_block(sb, index)
+            block = bytearray(self.read(pblk))
+            for group in by_block[index]:
+                slot = (group % self._descs_per_block) * size
+                base = bytes(block[slot : slot + size])
+                block[slot : slot + size] = encode_group_desc(self._descs[group], sb, base)
+            self.dev.pwrite(pblk * self.block_size, block)
+            self.cache.invalidate(pblk)
+        self._dirty_groups.clear()
+        return len(by_block)
+
+    def _write_superblock(self) -> bool:
+        if not self._sb_dirty:
+            return False
+        raw = encode_superblock(self.sb, self._sb_changes)
+        self.dev.pwrite(SUPERBLOCK_OFFSET, raw)
+        first = SUPERBLOCK_OFFSET // self.block_size
+        last = (SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE - 1) // self.block_size
+        for pblk in range(first, last + 1):
+            self.cache.invalidate(pblk)
+        self._sb_dirty = False
+        return True
