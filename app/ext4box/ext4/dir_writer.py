@@ -1,0 +1,789 @@
+"""Changing one directory: add, remove and retarget names; grow; build and split the htree.
+
+Every change follows what the kernel's ext4 does, so an image we wrote looks
+like one the kernel wrote and e2fsck's deep htree checks pass:
+
+- Linear directories take a new name in the first record with room (first
+  fit). When the only block is full and dir_index is on, the directory is
+  converted to an htree: block 0 becomes the dx_root (keeping "." and ".."),
+  its other records move to a new block 1, and that block is split by hash
+  into blocks 1 and 2. Without dir_index, or with more than one linear block,
+  a full directory simply grows by one block.
+- Indexed directories take a new name in the leaf the hash selects. A full
+  leaf is split: entries sorted by hash, the upper part (about half the
+  bytes) moves to a new block, and the parent gets an index entry for it
+  (with the "continued" bit when equal hashes straddle the split). A full
+  index node is split in two when its parent has room; when every level up
+  to the root is full, the root's entries move into a new node and the tree
+  gains a level. Beyond 2 index levels (3 with large_dir) the kernel returns
+  ENOSPC, and so do we (errors.NoSpace).
+- Removing a name merges its record into the previous record of the block;
+  the first record of a block just gets inode 0. Leaves never shrink or merge.
+
+Inline directories (inline_data) are edited through an `InlineDirStore` the
+caller provides (see there); when both inline areas are full the directory
+is converted to one block and the add continues on the block path.
+
+Callers own everything outside the directory's bytes: allocating and mapping
+blocks (`append_block`), the inode's size and flags (`size`, `indexed`,
+`is_inline` after each call), link counts and times.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from .dir_block import (
+    DIR_RECORD,
+    DIR_TAIL_SIZE,
+    EXT4_FT_DIR,
+    MAX_NAME_LEN,
+    DirEntry,
+    DirRecord,
+    build_dir_block,
+    dir_rec_len,
+    pack_dir_record,
+    parse_dir_records,
+)
+from .dir_hash import dx_hash
+from .directory import DirectoryReader
+from .errors import Corrupt, Exists, Ext4Error, NameTooLong, NoSpace, NotFound, block_where
+from .htree import (
+    DX_ROOT_INFO_LENGTH,
+    HTREE_LEVELS_COMPAT,
+    HTREE_LEVELS_LARGE_DIR,
+    DxEntry,
+    DxNode,
+    DxRoot,
+    HtreeIndex,
+    build_dx_node,
+    build_dx_root,
+    dx_node_limit,
+    dx_root_limit,
+    parse_dx_node,
+    parse_dx_root,
+)
+
+INLINE_IBLOCK_SIZE = 60
+INLINE_PARENT_SIZE = 4  # an inline directory's i_block starts with the parent's inode number
+DOT_REC_LEN = dir_rec_len(1)  # 12
+# When the kernel turns a leaf into the dx_root it wipes only up to the old
+# dirent tail, so the dx_tail's reserved word keeps that tail's rec_len (12)
+# and file_type (0xDE) bytes. We write the same value so our roots match.
+CONVERTED_ROOT_TAIL_RESERVED = 0xDE00000C
+# Without large_dir a directory stays below 2 GiB (i_size_high is not used for dirs).
+MAX_SMALL_DIR_SIZE = 1 << 31
+_U32 = struct.Struct("<I")
+
+
+class InvalidName(Ext4Error):
+    """An empty name, or one containing '/' or NUL (EINVAL)."""
+
+    errno = 22
+
+
+def validate_name(name: bytes) -> None:
+    """1..255 bytes, no '/' and no NUL; NameTooLong (ENAMETOOLONG) above 255."""
+    if len(name) > MAX_NAME_LEN:
+        raise NameTooLong(f"name of {len(name)} bytes (limit {MAX_NAME_LEN})")
+    if not name or b"/" in name or b"\0" in name:
+        raise InvalidName(f"invalid directory entry name {name!r}")
+
+
+def new_dir_block(
+    *, ino: int, parent_ino: int, block_size: int, has_filetype: bool, csum_seed: int | None
+) -> bytes:
+    """Block 0 of a new directory: "." (12 bytes), ".." over the rest, the tail if csum_seed."""
+    ftype = EXT4_FT_DIR if has_filetype else 0
+    area = block_size - (DIR_TAIL_SIZE if csum_seed is not None else 0)
+    records = [
+        DirRecord(0, ino, DOT_REC_LEN, b".", ftype),
+        DirRecord(DOT_REC_LEN, parent_ino, area - DOT_REC_LEN, b"..", ftype),
+    ]
+    return build_dir_block(records, block_size=block_size, csum_seed=csum_seed)
+
+
+def new_inline_dir_body(parent_ino: int) -> bytes:
+    """i_block of a new inline directory: the parent, then one empty 56-byte record."""
+    area = INLINE_IBLOCK_SIZE - INLINE_PARENT_SIZE
+    return _U32.pack(parent_ino) + pack_dir_record(0, area, b"", 0)
+
+
+class InlineDirStore(Protocol):
+    """The caller's side of an inline directory (inline_data feature).
+
+    The body is i_block (60 bytes: the parent's inode number, then 56 bytes of
+    records) followed by the value of the in-inode xattr system.data (more
+    records, possibly empty). i_size of an inline directory is len(body).
+    """
+
+    def read_body(self) -> bytes:
+        """i_block + the system.data value."""
+        ...
+
+    def write_body(self, body: bytes) -> None:
+        """Store i_block = body[:60], system.data = body[60:], and set i_size = len(body).
+
+        The body only grows when `max_body_size` allowed it.
+        """
+        ...
+
+    def max_body_size(self) -> int:
+        """The largest body the inode can hold (60 + the biggest system.data value that fits)."""
+        ...
+
+    def convert_to_blocks(self, first_block: bytes) -> None:
+        """Turn the inode into a block directory holding `first_block` as logical block 0.
+
+        The caller allocates and maps one block, writes `first_block` there,
+        removes system.data, clears EXT4_INLINE_DATA_FL (setting the extents
+        root/flag as for any new directory block) and sets i_size = block size.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class _Frame:
+    """One index block on the path from the root to a leaf, as being edited."""
+
+    lblk: int  # 0 for the dx_root
+    limit: int
+    entries: list[DxEntry]
+    at: int  # the entry followed towards the leaf
+    tail_reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Path:
+    root: DxRoot
+    parent_ino: int  # ".." of the dx_root, kept when the root is rewritten
+    frames: list[_Frame]
+    leaf: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    lblk: int  # -1 for the i_block area of an inline directory, -2 for its system.data area
+    records: list[DirRecord]
+    index: int
+
+
+def _child_at(entries: list[DxEntry], hash_: int) -> int:
+    """Index of the last entry whose hash is <= hash_ (entry 0 covers from 0)."""
+    lo, hi = 1, len(entries) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if entries[mid].hash > hash_:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def _room(record: DirRecord) -> int:
+    """Bytes a new record could take out of this one (all of it if free)."""
+    if record.inode == 0:
+        return record.rec_len
+    return record.rec_len - dir_rec_len(len(record.name))
+
+
+def _find_slot(records: list[DirRecord], need: int) -> int | None:
+    """First record with room for `need` bytes: the kernel's first fit."""
+    for i, record in enumerate(records):
+        if _room(record) >= need:
+            return i
+    return None
+
+
+def _insert(records: list[DirRecord], at: int, new: DirRecord) -> list[DirRecord]:
+    """Put `new` into records[at]: reuse it if free, else split off its slack."""
+    record = records[at]
+    if record.inode == 0:
+        placed = [replace(new, offset=record.offset, rec_len=record.rec_len)]
+    else:
+        used = dir_rec_len(len(record.name))
+        placed = [
+            replace(record, rec_len=used),
+            replace(new, offset=record.offset + used, rec_len=record.rec_len - used),
+        ]
+    return [*records[:at], *placed, *records[at + 1 :]]
+
+
+def _delete(records: list[DirRecord], at: int) -> list[DirRecord]:
+    """Free records[at]: merge into the previous record, or blank it if it is the first."""
+    record = records[at]
+    if at == 0:
+        return [DirRecord(record.offset, 0, record.rec_len, b"", 0), *records[1:]]
+    previous = records[at - 1]
+    merged = replace(previous, rec_len=previous.rec_len + record.rec_len)
+    return [*records[: at - 1], merged, *records[at + 1 :]]
+
+
+def _packed(live: list[DirRecord], area: int) -> list[DirRecord]:
+    """Live records laid end to end at their minimal length; the last one spans the rest."""
+    out: list[DirRecord] = []
+    offset = 0
+    for record in live:
+        length = dir_rec_len(len(record.name))
+        out.append(replace(record, offset=offset, rec_len=length))
+        offset += length
+    if offset > area:
+        raise ValueError(f"{offset} bytes of records do not fit a {area}-byte area")
+    if not out:
+        return [DirRecord(0, 0, area, b"", 0)]
+    out[-1] = replace(out[-1], rec_len=area - out[-1].offset)
+    return out
+
+
+def _pack_area(records: list[DirRecord], block_size: int) -> bytes:
+    return b"".join(
+        pack_dir_record(r.inode, r.rec_len, r.name, r.file_type, block_size=block_size)
+        for r in records
+    )
+
+
+class DirectoryWriter:
+    """Mutations of one directory through block callbacks; holds the size and index flag.
+
+    `read_lblk(lblk)` returns the latest bytes of a logical block (None for a
+    hole), `write_lblk(lblk, data)` stores a whole block, `append_block()`
+    allocates and maps logical block `size // block_size`, grows the inode's
+    i_size by one block and returns that block number (NoSpace if it cannot);
+    the writer immediately fills it with one empty record, so the directory
+    stays well formed whatever fails next. After every call the caller copies
+    `size`, `indexed` (EXT4_INDEX_FL) and `is_inline` back into the inode.
+    A writer is valid while nobody else changes the directory; build a new
+    one otherwise.
+    """
+
+    def __init__(
+        self,
+        *,
+        ino: int,
+        size: int,
+        block_size: int,
+        read_lblk: Callable[[int], bytes | None],
+        write_lblk: Callable[[int, bytes], None],
+        append_block: Callable[[], int],
+        indexed: bool,
+        has_filetype: bool,
+        csum_seed: int | None,
+        hash_seed: tuple[int, int, int, int] | None,
+        default_hash_version: int,
+        unsigned_hash: bool,
+        max_ino: int,
+        large_dir: bool,
+        dir_index_enabled: bool,
+        metadata_csum: bool,
+        inline: InlineDirStore | None = None,
+    ) -> None:
+        if metadata_csum and csum_seed is None:
+            raise ValueError("metadata_csum needs the directory inode's checksum seed")
+        self.ino = ino
+        self.block_size = block_size
+        self._size = size
+        self._read_lblk = read_lblk
+        self._write_lblk = write_lblk
+        self._append_block = append_block
+        self.indexed = indexed and inline is None
+        self.has_filetype = has_filetype
+        # The seed used for dirent tails and dx tails; None when there are no checksums.
+        self._tail_seed = csum_seed if metadata_csum else None
+        self.hash_seed = hash_seed
+        self.default_hash_version = default_hash_version
+        self.unsigned_hash = unsigned_hash
+        self.max_ino = max_ino
+        self.large_dir = large_dir
+        self.dir_index_enabled = dir_index_enabled
+        self.metadata_csum = metadata_csum
+        self._inline = inline
+        self._area = block_size - (DIR_TAIL_SIZE if metadata_csum else 0)
+
+    # ---- state the caller copies into the inode ---------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def is_inline(self) -> bool:
+        return self._inline is not None
+
+    @property
+    def nblocks(self) -> int:
+        if self._size % self.block_size or self._size < 0:
+            why = f"size {self._size} is not a whole number of blocks"
+            raise Corrupt("directory", block_where(0, self.ino), why)
+        return self._size // self.block_size
+
+    # ---- public operations ------------------------------------------------------
+
+    def lookup(self, name: bytes) -> DirEntry | None:
+        validate_name(name)
+        return self._reader().lookup(name)
+
+    def is_empty(self) -> bool:
+        """True when only "." and ".." remain (the rmdir test)."""
+        return all(entry.name in (b".", b"..") for entry, _ in self._reader().iterate())
+
+    def add(self, name: bytes, ino: int, file_type: int) -> None:
+        """Insert a new name; Exists if it is already there, NoSpace if the index is full."""
+        self._check_new(name, ino)
+        if self._locate(name) is not None:
+            raise Exists(f"{name!r} already exists in directory inode {self.ino}")
+        new = DirRecord(0, ino, dir_rec_len(len(name)), name, file_type if self.has_filetype else 0)
+        if self._inline is not None and self._add_inline(new):
+            return
+        if self.indexed:
+            self._add_indexed(new)
+        else:
+            self._add_linear(new)
+
+    def remove(self, name: bytes) -> DirEntry:
+        """Delete a name and return what it pointed at; NotFound if absent."""
+        self._check_plain(name)
+        found = self._locate(name)
+        if found is None:
+            raise NotFound(f"{name!r} not in directory inode {self.ino}")
+        entry = found.records[found.index].entry()
+        self._store(found.lblk, _delete(found.records, found.index))
+        return entry
+
+    def retarget(self, name: bytes, ino: int, file_type: int) -> DirEntry:
+        """Point an existing name (or "..") at another inode; returns the old entry."""
+        if not 0 < ino <= self.max_ino:
+            raise ValueError(f"inode {ino} outside 1..{self.max_ino}")
+        ftype = file_type if self.has_filetype else 0
+        if name == b"..":
+            return self._retarget_dotdot(ino, ftype)
+        self._check_plain(name)
+        found = self._locate(name)
+        if found is None:
+            raise NotFound(f"{name!r} not in directory inode {self.ino}")
+        old = found.records[found.index]
+        records = list(found.records)
+        records[found.index] = replace(old, inode=ino, file_type=ftype)
+        self._store(found.lblk, records)
+        return old.entry()
+
+    # ---- argument checks --------------------------------------------------------
+
+    def _check_plain(self, name: bytes) -> None:
+        validate_name(name)
+        if name in (b".", b".."):
+            raise InvalidName(f"{name!r} cannot be added or removed")
+
+    def _check_new(self, name: bytes, ino: int) -> None:
+        self._check_plain(name)
+        if not 0 < ino <= self.max_ino:
+            raise ValueError(f"inode {ino} outside 1..{self.max_ino}")
+
+    # ---- block access -----------------------------------------------------------
+
+    def _read(self, lblk: int, what: str = "directory block") -> bytes:
+        if not 0 <= lblk < self.nblocks:
+            raise Corrupt(what, block_where(lblk, self.ino), "beyond the directory's size")
+        block = self._read_lblk(lblk)
+        if block is None:
+            raise Corrupt(what, block_where(lblk, self.ino), "hole in a directory")
+        if len(block) != self.block_size:
+            raise Corrupt(what, block_where(lblk, self.ino), f"{len(block)}-byte block")
+        return block
+
+    def _records(self, lblk: int, block: bytes | None = None) -> list[DirRecord]:
+        return parse_dir_records(
+            self._read(lblk) if block is None else block,
+            ino=self.ino,
+            lblk=lblk,
+            has_filetype=self.has_filetype,
+            csum_seed=self._tail_seed,
+            max_ino=self.max_ino,
+            block_size=self.block_size,
+        )
+
+    def _write_records(self, lblk: int, records: list[DirRecord]) -> None:
+        data = build_dir_block(records, block_size=self.block_size, csum_seed=self._tail_seed)
+        self._write_lblk(lblk, data)
+
+    def _store(self, lblk: int, records: list[DirRecord]) -> None:
+        """Write records back where _locate found them (a block or an inline area)."""
+        if lblk >= 0:
+            self._write_records(lblk, records)
+        else:
+            self._write_inline_area(lblk, records)
+
+    def _append(self) -> int:
+        limit = (1 << 48) if self.large_dir else MAX_SMALL_DIR_SIZE
+        if self._size + self.block_size > limit:
+            raise NoSpace(f"directory inode {self.ino} at its maximum size")
+        expected = self.nblocks
+        lblk = self._append_block()
+        if lblk != expected:
+            raise ValueError(f"append_block returned block {lblk}, expected {expected}")
+        self._size += self.block_size
+        # Valid (empty) at once: if a later step fails, e.g. the second append of
+        # an htree conversion hits ENOSPC, the directory is still well formed.
+        self._write_records(lblk, [DirRecord(0, 0, self._area, b"", 0)])
+        return lblk
+
+    def _reader(self) -> DirectoryReader:
+        body = self._inline.read_body() if self._inline is not None else None
+        return DirectoryReader(
+            ino=self.ino,
+            size=len(body) if body is not None else self._size,
+            block_size=self.block_size,
+            read_lblk=self._read_lblk,
+            indexed=self.indexed,
+            has_filetype=self.has_filetype,
+            csum_seed=self._tail_seed,
+            hash_seed=self.hash_seed,
+            default_hash_version=self.default_hash_version,
+            unsigned_hash=self.unsigned_hash,
+            max_ino=self.max_ino,
+            inline_body=body,
+            large_dir=self.large_dir,
+        )
+
+    # ---- finding a name ---------------------------------------------------------
+
+    def _locate(self, name: bytes) -> _Found | None:
+        """Where a live record named `name` is. An unusable index raises Corrupt:
+        we never write into a directory whose index we cannot trust."""
+        if self._inline is not None:
+            return self._locate_inline(name)
+        if self.indexed:
+            index = HtreeIndex(
+                ino=self.ino,
+                block_size=self.block_size,
+                nblocks=self.nblocks,
+                read_lblk=self._read_lblk,
+                csum_seed=self._tail_seed,
+                hash_seed=self.hash_seed,
+                unsigned_hash=self.unsigned_hash,
+                large_dir=self.large_dir,
+            )
+            lblks: Iterable[int] = index.leaf_blocks(name)
+        else:
+            lblks = range(self.nblocks)
+        for lblk in lblks:
+            records = self._records(lblk)
+            for i, record in enumerate(records):
+                if record.inode != 0 and record.name == name:
+                    return _Found(lblk, records, i)
+        return None
+
+    # ---- linear directories -----------------------------------------------------
+
+    def _add_linear(self, new: DirRecord) -> None:
+        nblocks = self.nblocks
+        for lblk in range(nblocks):
+            records = self._records(lblk)
+            at = _find_slot(records, new.rec_len)
+            if at is not None:
+                self._write_records(lblk, _insert(records, at, new))
+                return
+            if nblocks == 1 and self.dir_index_enabled:
+                self._make_indexed(records, new)
+                return
+        lblk = self._append()
+        fresh = [DirRecord(0, 0, self._area, b"", 0)]
+        self._write_records(lblk, _insert(fresh, 0, new))
+
+    def _make_indexed(self, block0: list[DirRecord], new: DirRecord) -> None:
+        """Turn a full one-block directory into an htree, then add `new` (make_indexed_dir)."""
+        where = block_where(0, self.ino)
+        if len(block0) < 3 or block0[0].name != b"." or block0[1].name != b"..":
+            raise Corrupt("directory block", where, "block 0 does not start with '.' and '..'")
+        if block0[0].inode != self.ino:
+            raise Corrupt("directory block", where, f"'.' points at inode {block0[0].inode}")
+        # Everything after ".." moves, keeping its layout; the last record stretches.
+        start = block0[2].offset
+        moved = [replace(r, offset=r.offset - start) for r in block0[2:]]
+        moved[-1] = replace(moved[-1], rec_len=self._area - moved[-1].offset)
+        leaf = self._append()
+        root = DxRoot(
+            hash_version=self.default_hash_version,
+            info_length=DX_ROOT_INFO_LENGTH,
+            indirect_levels=0,
+            unused_flags=0,
+            limit=dx_root_limit(self.block_size, self.metadata_csum),
+            entries=(DxEntry(0, leaf),),
+            tail_reserved=CONVERTED_ROOT_TAIL_RESERVED if self.metadata_csum else 0,
+        )
+        frame = _Frame(0, root.limit, [DxEntry(0, leaf)], 0, root.tail_reserved)
+        path = _Path(root, block0[1].inode, [frame], leaf)
+        # The kernel always splits the moved block at once, with the new name's hash.
+        self._split_leaf(path, moved, new)
+        self.indexed = True
+
+    # ---- indexed directories ----------------------------------------------------
+
+    def _hash(self, root: DxRoot, name: bytes) -> int:
+        return dx_hash(name, root.hash_version, self.hash_seed, self.unsigned_hash)[0]
+
+    def _probe(self, name: bytes | None) -> _Path:
+        """The index path from the root to the leaf covering `name`'s hash (dx_probe);
+        with None, the path to the first leaf."""
+        block0 = self._read(0, "dx_root")
+        root = parse_dx_root(
+            block0,
+            ino=self.ino,
+            block_size=self.block_size,
+            csum_seed=self._tail_seed,
+            large_dir=self.large_dir,
+        )
+        parent_ino = DIR_RECORD.unpack_from(block0, DOT_REC_LEN)[0]
+        hash_ = 0 if name is None else self._hash(root, name)
+        entries = list(root.entries)
+        frames = [_Frame(0, root.limit, entries, _child_at(entries, hash_), root.tail_reserved)]
+        for _ in range(root.indirect_levels):
+            child = frames[-1].entries[frames[-1].at].block
+            self._check_child(child, frames, "dx_node")
+            node = parse_dx_node(
+                self._read(child, "dx_node"),
+                ino=self.ino,
+                lblk=child,
+                block_size=self.block_size,
+                csum_seed=self._tail_seed,
+            )
+            entries = list(node.entries)
+            frames.append(_Frame(child, node.limit, entries, _child_at(entries, hash_),
+                                 node.tail_reserved))
+        leaf = frames[-1].entries[frames[-1].at].block
+        self._check_child(leaf, frames, "dx leaf pointer")
+        return _Path(root, parent_ino, frames, leaf)
+
+    def _check_child(self, lblk: int, frames: list[_Frame], what: str) -> None:
+        if lblk == 0 or lblk >= self.nblocks or any(f.lblk == lblk for f in frames):
+            why = f"index points at block {lblk}"
+            raise Corrupt(what, block_where(frames[-1].lblk, self.ino), why)
+
+    def _write_frame(self, path: _Path, frame: _Frame, levels: int | None = None) -> None:
+        if frame.lblk == 0:
+            root = replace(
+                path.root,
+                indirect_levels=path.root.indirect_levels if levels is None else levels,
+                limit=frame.limit,
+                entries=tuple(frame.entries),
+                tail_reserved=frame.tail_reserved,
+            )
+            data = build_dx_root(
+                root,
+                ino=self.ino,
+                parent_ino=path.parent_ino,
+                block_size=self.block_size,
+                csum_seed=self._tail_seed,
+                dot_file_type=EXT4_FT_DIR if self.has_filetype else 0,
+            )
+        else:
+            node = DxNode(frame.limit, tuple(frame.entries), frame.tail_reserved)
+            data = build_dx_node(node, block_size=self.block_size, csum_seed=self._tail_seed)
+        self._write_lblk(frame.lblk, data)
+
+    def _add_indexed(self, new: DirRecord) -> None:
+        max_levels = HTREE_LEVELS_LARGE_DIR if self.large_dir else HTREE_LEVELS_COMPAT
+        # Each pass either inserts or grows the index by one split; the index has
+        # at most max_levels levels, so a handful of passes always suffices.
+        for _ in range(2 * max_levels + 2):
+            path = self._probe(new.name)
+            records = self._records(path.leaf)
+            at = _find_slot(records, new.rec_len)
+            if at is not None:
+                self._write_records(path.leaf, _insert(records, at, new))
+                return
+            bottom = path.frames[-1]
+            if len(bottom.entries) < bottom.limit:
+                self._split_leaf(path, records, new)
+                return
+            self._grow_index(path, max_levels)
+        raise Corrupt("dx index", block_where(0, self.ino), "index keeps growing on insert")
+
+    def _split_leaf(self, path: _Path, records: list[DirRecord], new: DirRecord) -> None:
+        """Move the upper hashes of a full leaf to a new block, then insert `new` (do_split)."""
+        bs = self.block_size
+        live = [r for r in records if r.inode != 0 and r.name]
+        mapped = sorted(((self._hash(path.root, r.name), r) for r in live), key=lambda m: m[0])
+        count = len(mapped)
+        if count < 2:
+            raise Corrupt("directory leaf", block_where(path.leaf, self.ino),
+                          f"full leaf with {count} entries cannot be split")
+        # Take entries from the top until half the block would be passed; when even
+        # that leaves too much behind, split by count instead (as the kernel does).
+        moved_bytes = 0
+        move = 0
+        i = count - 1
+        while i >= 0:
+            size = mapped[i][1].rec_len
+            if moved_bytes + size // 2 > bs // 2:
+                break
+            moved_bytes += size
+            move += 1
+            i -= 1
+        split = count - move if i > 0 else count // 2
+        split_hash = mapped[split][0]
+        continued = 1 if split_hash == mapped[split - 1][0] else 0
+        moving = [r for _, r in mapped[split:]]
+        moving_offsets = {r.offset for r in moving}
+        staying = [r for r in live if r.offset not in moving_offsets]
+        low = _packed(staying, self._area)
+        high = _packed(moving, self._area)
+        new_lblk = self._append()
+        new_hash = self._hash(path.root, new.name)
+        target = high if new_hash >= split_hash else low
+        at = _find_slot(target, new.rec_len)
+        if at is None:
+            raise NoSpace(f"split leaf of directory inode {self.ino} has no room")
+        if target is high:
+            high = _insert(high, at, new)
+        else:
+            low = _insert(low, at, new)
+        # New block first, then the shrunk leaf, then the index entry pointing at it.
+        self._write_records(new_lblk, high)
+        self._write_records(path.leaf, low)
+        bottom = path.frames[-1]
+        bottom.entries.insert(bottom.at + 1, DxEntry(split_hash + continued, new_lblk))
+        self._write_frame(path, bottom)
+
+    def _grow_index(self, path: _Path, max_levels: int) -> None:
+        """Make room in a full bottom index node: split it or add a level."""
+        frames = path.frames
+        levels = len(frames)
+        depth = levels - 1
+        add_level = True
+        while depth > 0:
+            if len(frames[depth - 1].entries) < frames[depth - 1].limit:
+                add_level = False
+                break
+            depth -= 1
+        if add_level and levels >= max_levels:
+            hint = "" if self.large_dir else " (large_dir is off)"
+            raise NoSpace(f"htree of directory inode {self.ino} is full{hint}")
+        new_lblk = self._append()
+        node_limit = dx_node_limit(self.block_size, self.metadata_csum)
+        frame = frames[depth]
+        if add_level:
+            # The root's entries move down into a new node; the root points at it.
+            node = _Frame(new_lblk, node_limit, list(frame.entries), 0, 0)
+            self._write_frame(path, node)
+            frame.entries = [DxEntry(0, new_lblk)]
+            self._write_frame(path, frame, levels=path.root.indirect_levels + 1)
+            return
+        half = len(frame.entries) // 2
+        split_hash = frame.entries[half].hash
+        upper = _Frame(new_lblk, node_limit, frame.entries[half:], 0, 0)
+        frame.entries = frame.entries[:half]
+        self._write_frame(path, upper)
+        self._write_frame(path, frame)
+        parent = frames[depth - 1]
+        parent.entries.insert(parent.at + 1, DxEntry(split_hash, new_lblk))
+        self._write_frame(path, parent)
+
+    # ---- "." and ".." ---------------------------------------------------------
+
+    def _retarget_dotdot(self, ino: int, ftype: int) -> DirEntry:
+        if self._inline is not None:
+            body = bytearray(self._inline.read_body())
+            old = _U32.unpack_from(body, 0)[0]
+            _U32.pack_into(body, 0, ino)
+            self._inline.write_body(bytes(body))
+            return DirEntry(old, b"..", EXT4_FT_DIR if self.has_filetype else 0)
+        if self.indexed:
+            path = self._probe(None)
+            root = path.frames[0]
+            self._write_frame(replace(path, parent_ino=ino), root)
+            return DirEntry(path.parent_ino, b"..", EXT4_FT_DIR if self.has_filetype else 0)
+        records = self._records(0)
+        if len(records) < 2 or records[1].name != b".." or records[1].inode == 0:
+            raise Corrupt("directory block", block_where(0, self.ino), "no '..' record")
+        old_record = records[1]
+        records[1] = replace(old_record, inode=ino, file_type=ftype)
+        self._write_records(0, records)
+        return old_record.entry()
+
+    # ---- inline directories -----------------------------------------------------
+
+    def _inline_areas(self, body: bytes) -> list[tuple[int, bytes]]:
+        """(area id, bytes): -1 the i_block records, -2 the system.data records."""
+        if len(body) < INLINE_IBLOCK_SIZE:
+            raise Corrupt("inline directory", block_where(0, self.ino), "body under 60 bytes")
+        return [(-1, body[INLINE_PARENT_SIZE:INLINE_IBLOCK_SIZE]), (-2, body[INLINE_IBLOCK_SIZE:])]
+
+    def _inline_records(self, area: bytes) -> list[DirRecord]:
+        if not area:
+            return []
+        return parse_dir_records(
+            area,
+            ino=self.ino,
+            lblk=0,
+            has_filetype=self.has_filetype,
+            csum_seed=None,
+            max_ino=self.max_ino,
+            block_size=self.block_size,
+        )
+
+    def _locate_inline(self, name: bytes) -> _Found | None:
+        assert self._inline is not None
+        for area_id, area in self._inline_areas(self._inline.read_body()):
+            records = self._inline_records(area)
+            for i, record in enumerate(records):
+                if record.inode != 0 and record.name == name:
+                    return _Found(area_id, records, i)
+        return None
+
+    def _write_inline_area(self, area_id: int, records: list[DirRecord]) -> None:
+        assert self._inline is not None
+        body = self._inline.read_body()
+        packed = _pack_area(records, self.block_size)
+        if area_id == -1:
+            body = body[:INLINE_PARENT_SIZE] + packed + body[INLINE_IBLOCK_SIZE:]
+        else:
+            body = body[:INLINE_IBLOCK_SIZE] + packed
+        self._inline.write_body(body)
+        self._size = len(body)
+
+    def _add_inline(self, new: DirRecord) -> bool:
+        """Insert into i_block, else system.data (grown once to the most the inode
+        holds, as the kernel does), else convert to a block; False after converting."""
+        store = self._inline
+        assert store is not None
+        body = store.read_body()
+        areas = self._inline_areas(body)
+        if not areas[1][1]:
+            room = (store.max_body_size() - INLINE_IBLOCK_SIZE) & ~3
+            if room >= dir_rec_len(1):
+                areas[1] = (-2, pack_dir_record(0, room, b"", 0, block_size=self.block_size))
+        for area_id, area in areas:
+            records = self._inline_records(area)
+            at = _find_slot(records, new.rec_len)
+            if at is not None:
+                if area_id == -2 and len(body) == INLINE_IBLOCK_SIZE:
+                    store.write_body(body + area)  # the grown, still empty, system.data
+                self._write_inline_area(area_id, _insert(records, at, new))
+                return True
+        self._convert_inline(body)
+        return False
+
+    def _convert_inline(self, body: bytes) -> None:
+        """Inline records become block 0 after "." and ".."; the last record stretches."""
+        assert self._inline is not None
+        parent = _U32.unpack_from(body, 0)[0]
+        ftype = EXT4_FT_DIR if self.has_filetype else 0
+        records = [
+            DirRecord(0, self.ino, DOT_REC_LEN, b".", ftype),
+            DirRecord(DOT_REC_LEN, parent, DOT_REC_LEN, b"..", ftype),
+        ]
+        offset = 2 * DOT_REC_LEN
+        for _, area in self._inline_areas(body):
+            for record in self._inline_records(area):
+                records.append(replace(record, offset=offset + record.offset))
+            offset += len(area)
+        records[-1] = replace(records[-1], rec_len=self._area - records[-1].offset)
+        first_block = build_dir_block(records, block_size=self.block_size,
+                                      csum_seed=self._tail_seed)
+        self._inline.convert_to_blocks(first_block)
+        self._inline = None
+        self._size = self.block_size
+        self.indexed = False
