@@ -437,6 +437,59 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     )
 
 
+# -- host helper: mount, umount, list -------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from ext4box.helper import commands
+    from ext4box.helper.errors import HelperError
+
+    try:
+        result = commands.mount(
+            args.image,
+            args.mountpoint,
+            mode=args.mode,
+            policy_dir=args.policy,
+            timeout=args.timeout,
+        )
+    except HelperError as err:
+        raise CliError(err.line) from None
+    record = result.record
+    print(
+        f"mounted {record.image} on {record.mountpoint} ({record.mode}, container"
+        f" {record.name}, ready in {result.ready_seconds:.2f} s)"
+    )
+    return EXIT_OK
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from ext4box.helper import commands
+    from ext4box.helper.errors import HelperError
+
+    try:
+        commands.umount(args.mountpoint)
+    except HelperError as err:
+        raise CliError(err.line) from None
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ext4box.helper import commands
+
+    rows = commands.list_mounts()
+    if args.json:
+        print(commands.format_json(rows))
+    elif rows:
+        print(commands.format_table(rows))
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from ext4box.service.main import main as service_main
+
+    return service_main(list(args.service_args))
+
+
 # -- argument parsing ----------------------------------------------------------
 
 
@@ -494,10 +547,48 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--mountpoint")
     check.add_argument("--policy", metavar="DIR")
     check.set_defaults(handler=cmd_policy_check)
+
+    mount = commands.add_parser(
+        "mount", help="mount IMAGE on MOUNTPOINT through the sandboxed server, if policy allows"
+    )
+    mount.add_argument("image", metavar="IMAGE")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    access = mount.add_mutually_exclusive_group()
+    access.add_argument("--ro", dest="mode", action="store_const", const="ro", help="(default)")
+    access.add_argument("--rw", dest="mode", action="store_const", const="rw")
+    mount.add_argument(
+        "--policy", metavar="DIR", help="policy directory (default /etc/ext4box/policy.d)"
+    )
+    mount.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="wait for the server"
+    )
+    # info: the policy decision is always logged (JSON when stderr is not a terminal).
+    mount.set_defaults(handler=cmd_mount, mode="ro", default_level="info")
+
+    umount = commands.add_parser("umount", help="unmount an ext4box mount and stop its server")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.set_defaults(handler=cmd_umount, default_level="info")
+
+    listing = commands.add_parser("list", help="show active ext4box mounts")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    listing.set_defaults(handler=cmd_list)
+
+    service = commands.add_parser(
+        "service", help="the in-container server (started by `ext4box mount`)", add_help=False
+    )
+    service.add_argument("service_args", nargs=argparse.REMAINDER)
+    service.set_defaults(handler=cmd_service)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["service"]:
+        # The service parses its own options (argparse would take its
+        # --options for ours) and configures its own logging.
+        from ext4box.service.main import main as service_main
+
+        return service_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

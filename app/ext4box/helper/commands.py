@@ -1,0 +1,358 @@
+"""`ext4box mount`, `ext4box umount`, `ext4box list`: the host helper.
+
+mount, in this order (each step only if the previous one passed):
+  1. load the policy (all or nothing) and resolve the mountpoint;
+  2. open the image by its real path, with exactly the requested access,
+     and lock it (shared for ro, exclusive for rw);
+  3. ask the policy (which may hash the image, under our lock), log the
+     decision; refuse features the matching rule names (superblock only);
+  4. find podman and the server image, mount /dev/fuse on the mountpoint;
+  5. start the server container, hand it the two fds, wait for READY;
+  6. record the mount. Any failure after 4 unmounts and removes the
+     container again, so a failed mount leaves nothing behind.
+Every failure is one HelperError line; cli.py prints it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import secrets
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ext4box.helper import container, fusemount, handoff, state
+from ext4box.helper.errors import HelperError
+from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
+from ext4box.log import get_logger
+from ext4box.policy import (
+    Decision,
+    PolicyLoadError,
+    Request,
+    identity_of_uid,
+    load_policy,
+    sha256_of_fd,
+)
+from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
+
+log = get_logger("ext4box.helper")
+
+DEFAULT_TIMEOUT = 30.0
+GONE_TIMEOUT = 1.5  # how long umount waits for the server to exit by itself
+
+
+@dataclass(frozen=True, slots=True)
+class MountResult:
+    record: state.MountRecord
+    ready_seconds: float  # container start to READY
+
+
+# -- mount ----------------------------------------------------------------------
+
+
+def mount(
+    image_arg: str,
+    mountpoint_arg: str,
+    *,
+    mode: str = "ro",
+    policy_dir: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> MountResult:
+    _ensure_stdio()
+    who = identity_of_uid(os.getuid(), os.getgid())
+    policy = _load_policy(policy_dir)
+    mountpoint = _resolve_mountpoint(mountpoint_arg)
+    image = open_image(image_arg, mode)
+    try:
+        lock_image(image)
+        decision = policy.decide(
+            Request(
+                image=image.path,
+                image_size=image.size,
+                uid=who.uid,
+                user=who.user,
+                gids=who.gids,
+                groups=who.groups,
+                mode=mode,
+                mountpoint=mountpoint,
+                is_block_device=image.is_block_device,
+                sha256=lambda: sha256_of_fd(image.fd),
+            )
+        )
+        _log_decision(who.user, who.uid, image, mountpoint, decision)
+        if not decision.allowed:
+            raise HelperError(decision.reason)
+        check_features(image, decision.refused_features, decision.rule)
+        podman = container.find_podman()
+        container.check_image(podman)
+        return _mount_and_serve(podman, image, mountpoint, decision, timeout)
+    finally:
+        image.close()
+
+
+def _mount_and_serve(
+    podman: container.Podman,
+    image: OpenedImage,
+    mountpoint: str,
+    decision: Decision,
+    timeout: float,
+) -> MountResult:
+    flags = decision.mount_flags
+    spec = fusemount.MountSpec(
+        mountpoint=mountpoint,
+        source=image.path,
+        mode=image.mode,
+        noexec="noexec" in flags,
+        allow_other="allow_other" in flags,
+        uid=os.getuid(),
+        gid=os.getgid(),
+    )
+    request = MountRequest(
+        Mode.RO if image.mode == "ro" else Mode.RW,
+        ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
+        image.size,
+        tuple(flags),
+    )
+    name = f"ext4box-{secrets.token_hex(6)}"
+    log_file = state.log_path(name)
+    labels = {container.LABEL: "1", "org.ext4box.image": image.path}
+    started = time.monotonic()
+    # The container starts before the mount exists: podman's conmon runs in a
+    # mount namespace copied from ours at start, and a copy of our FUSE mount
+    # there would keep the connection alive after `ext4box umount`.
+    try:
+        container_id, sock = container.start(podman, name, log_file, labels, timeout)
+    except BaseException:
+        _discard(podman, name, log_file)
+        raise
+    with sock:
+        try:
+            fuse_fd = fusemount.mount(spec)
+        except BaseException:
+            _discard(podman, name, log_file)
+            raise
+        try:
+            _hand_off(podman, name, log_file, sock, fuse_fd, image, request, timeout)
+        except BaseException:
+            with contextlib.suppress(HelperError, OSError):
+                fusemount.unmount(mountpoint)
+            _discard(podman, name, log_file)
+            raise
+        finally:
+            os.close(fuse_fd)  # the server holds its own copy now (or nobody does)
+    ready = time.monotonic() - started
+    record = state.MountRecord(
+        name=name,
+        image=image.path,
+        mountpoint=mountpoint,
+        mode=image.mode,
+        container_id=container_id,
+        since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        pid=container.container_pid(podman, name),
+        uid=os.getuid(),
+        flags=tuple(flags),
+        rule=decision.rule,
+        sha256=decision.sha256,
+    )
+    state.save(record)
+    log.info("mounted", container=name, image=image.path, mountpoint=mountpoint,
+             mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
+    return MountResult(record, ready)
+
+
+def _hand_off(
+    podman: container.Podman,
+    name: str,
+    log_file: Path,
+    sock: socket.socket,
+    fuse_fd: int,
+    image: OpenedImage,
+    request: MountRequest,
+    timeout: float,
+) -> None:
+    try:
+        handoff.hand_off(sock, fuse_fd, image.fd, request, timeout=timeout)
+        handoff.wait_ready(sock, timeout=timeout)
+    except PeerRefused as refused:
+        if refused.errno == errno.ENOSYS:
+            raise HelperError(
+                f"the server in container {name} verified the fds but cannot serve:"
+                f" {refused.reason}"
+            ) from None
+        raise HelperError(f"the server in container {name} refused: {refused.reason}") from None
+    except HandoffError as broken:
+        tail = _tail_after_exit(log_file)
+        if broken.errno == errno.ETIMEDOUT:
+            line = f"the server container {name} did not become ready within {timeout:g} s"
+        elif broken.errno in (errno.ECONNRESET, errno.EPIPE):
+            line = f"the server container {name} exited during the hand-off"
+        else:
+            line = f"the server container {name} failed to start ({broken.reason})"
+        raise HelperError(line + (f"; its log: {tail}" if tail else "")) from None
+
+
+def _tail_after_exit(log_file: Path) -> str:
+    # conmon writes the log as the server runs; give it a moment to flush the last lines.
+    deadline = time.monotonic() + 2.0
+    tail = container.log_tail(log_file)
+    while not tail and time.monotonic() < deadline:
+        time.sleep(0.1)
+        tail = container.log_tail(log_file)
+    return tail
+
+
+def _discard(podman: container.Podman, name: str, log_file: Path) -> None:
+    with contextlib.suppress(HelperError):
+        container.remove(podman, name)
+    with contextlib.suppress(FileNotFoundError):
+        log_file.unlink()
+
+
+def _load_policy(policy_dir: str | None):  # type: ignore[no-untyped-def]
+    try:
+        return load_policy(policy_dir, check_ownership=True)
+    except PolicyLoadError as err:
+        raise HelperError(f"policy error: {err}") from None
+
+
+def _resolve_mountpoint(arg: str) -> str:
+    absolute = os.path.normpath(os.path.abspath(arg))
+    try:
+        st = os.stat(absolute)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            raise HelperError(
+                f"mountpoint {arg} is a FUSE mount whose server is gone; run: ext4box umount {arg}"
+            ) from None
+        raise HelperError(f"mountpoint {arg}: {err.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise HelperError(f"mountpoint {arg} is not a directory")
+    real = os.path.realpath(absolute)
+    if fusemount.mounted_fstype(real) == fusemount.FSTYPE:
+        raise HelperError(f"{real} is already an ext4box mount (see ext4box list)")
+    return real
+
+
+def _log_decision(
+    user: str | None, uid: int, image: OpenedImage, mountpoint: str, decision: Decision
+) -> None:
+    log.info(
+        "mount_decision",
+        allowed=decision.allowed,
+        user=user,
+        uid=uid,
+        image=image.path,
+        image_size=image.size,
+        block_device=image.is_block_device,
+        sha256=decision.sha256,
+        mode=image.mode,
+        mountpoint=mountpoint,
+        flags=list(decision.mount_flags) if decision.allowed else [],
+        rule=decision.rule,
+        rule_file=decision.file,
+        reason=decision.reason,
+    )
+
+
+def _ensure_stdio() -> None:
+    # With fd 0-2 closed, an image or socket fd could land on them and be
+    # written to by accident (or be replaced by a child's dup2).
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+
+
+# -- umount ---------------------------------------------------------------------
+
+
+def umount(mountpoint_arg: str) -> str:
+    """Unmount, stop the server, forget the record; returns what was unmounted."""
+    absolute = os.path.normpath(os.path.abspath(mountpoint_arg))
+    # realpath would stat a dead mount (ENOTCONN); it tolerates that, and
+    # records hold resolved paths, so try both spellings.
+    candidates = {absolute, os.path.realpath(absolute)}
+    record = next((r for r in state.load_all() if r.mountpoint in candidates), None)
+    path = record.mountpoint if record else absolute
+    entry = fusemount.mounted_entry(path)
+    mounted = entry is not None and entry.fstype == fusemount.FSTYPE
+    if record is None and not mounted:
+        raise HelperError(f"{mountpoint_arg} is not an ext4box mount (see ext4box list)")
+    if entry is not None and mounted:
+        fusemount.unmount(path)
+        if os.geteuid() == 0:
+            fusemount.abort_connection(entry.device)
+    if record is not None:
+        podman = container.find_podman()
+        # Unmounting normally ends the FUSE session: the server exits and
+        # --rm removes it. If a copy of the mount in another mount namespace
+        # keeps the session alive, SIGTERM makes the server stop serving.
+        if not container.wait_gone(podman, record.name, GONE_TIMEOUT):
+            container.remove(podman, record.name)
+        state.forget(record)
+        log.info("unmounted", container=record.name, mountpoint=path, image=record.image)
+    return path
+
+
+# -- list -----------------------------------------------------------------------
+
+
+def list_mounts() -> list[dict[str, object]]:
+    records = state.load_all()
+    if not records:
+        return []
+    try:
+        statuses = container.running_containers(container.find_podman())
+    except HelperError:
+        statuses = {}
+    rows = []
+    for record in records:
+        rows.append(
+            {
+                "image": record.image,
+                "mountpoint": record.mountpoint,
+                "mode": record.mode,
+                "container": record.name,
+                "container_id": record.container_id,
+                "since": record.since,
+                "pid": record.pid,
+                "status": _status(record, statuses.get(record.name)),
+            }
+        )
+    return rows
+
+
+def _status(record: state.MountRecord, container_state: str | None) -> str:
+    if fusemount.mounted_fstype(record.mountpoint) != fusemount.FSTYPE:
+        return "not mounted"
+    try:
+        os.stat(record.mountpoint)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            return "server gone"
+        return f"error: {err.strerror}"
+    if container_state is None:
+        return "server gone"
+    return "serving" if container_state == "running" else container_state
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    header = ("IMAGE", "MOUNTPOINT", "MODE", "CONTAINER", "SINCE", "STATUS")
+    keys = ("image", "mountpoint", "mode", "container", "since", "status")
+    table = [header] + [tuple(str(row[key]) for key in keys) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    )
+
+
+def format_json(rows: list[dict[str, object]]) -> str:
+    return json.dumps(rows, indent=1)
