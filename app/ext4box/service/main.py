@@ -2,6 +2,7 @@
 
     ext4box service [--handoff-fd N | --handoff-socket PATH] [--allow-privileged]
     ext4box service --self-report [--allow-privileged]
+    ext4box service --self-test [--allow-privileged]
     ext4box service --version
 
 Start-up order, each step before the next may begin:
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import socket
 import sys
 import time
@@ -30,6 +32,7 @@ EXIT_USAGE = 2
 EXIT_SANDBOX = 3
 EXIT_HANDOFF = 4
 EXIT_SERVE = 5
+EXIT_SELFTEST = 1  # --self-test: a forbidden operation succeeded
 
 # podman run --preserve-fds=1 places the helper's socket at fd 3.
 DEFAULT_HANDOFF_FD = 3
@@ -42,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument(
         "--self-report", action="store_true", help="print the sandbox report as JSON and exit"
+    )
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="attempt operations the sandbox must deny (both stages), report JSON, exit 1 if"
+        " any succeeded",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--handoff-fd", type=int, default=None, metavar="N")
@@ -75,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.self_report:
         print(json.dumps(_report_dict(report, weaknesses, refused=False)))
         return EXIT_OK
+    if args.self_test:
+        from ext4box.service import selftest
+
+        results, ok = selftest.run()
+        results["sandbox"] = _report_dict(report, weaknesses, refused=False)
+        print(json.dumps(results))
+        return EXIT_OK if ok else EXIT_SELFTEST
     _log("sandbox", **report.as_dict(), weaknesses=list(weaknesses))
     return _serve_handoff(args)
 
@@ -115,11 +131,35 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             protocol.send_ready(sock)
             _log("ready", seconds=round(time.monotonic() - started, 3))
 
+        writable = request.mode is protocol.Mode.RW
+        # Imported here: --version/--self-report must work without cffi.
+        from ext4box.service import libseccomp, lockdown
+
+        def confine() -> None:
+            # Stage 2: from here on only the fds already held are usable.
+            status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                lockdown.lock_down(writable=writable)
+                state = _seccomp_state(status_fd)  # read through the held fd
+            finally:
+                os.close(status_fd)
+            _log("stage2", seconds=round(time.monotonic() - started, 3), **state)
+
         try:
-            return serve(received, ready)
+            lockdown.prepare()
+            return serve(received, ready, confine=confine)
+        except libseccomp.SeccompError as exc:
+            received.close()
+            reason = f"cannot install the stage-2 seccomp filter: {exc}"
+            protocol.reply_error(sock, errno.EPERM, reason)
+            print(f"ext4box service: {reason}", file=sys.stderr)
+            return EXIT_SANDBOX
         except Exception as exc:  # report any start-up failure to the helper
-            protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, str(exc))
-            raise
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, reason)
+            _log("serve_failed", reason=reason)
+            print(f"ext4box service: {reason}", file=sys.stderr)
+            return EXIT_SERVE
 
 
 def _handoff_socket(args: argparse.Namespace) -> socket.socket:
@@ -142,15 +182,16 @@ def _handoff_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
-ServeFn = Callable[[protocol.ReceivedMount, Callable[[], None]], int]
+ServeFn = Callable[..., int]
 
 
 def _find_server() -> ServeFn | None:
     """The FUSE server is another layer; it may not be built yet.
 
-    Contract: serve_fds(received, ready) mounts nothing (the helper did),
-    runs the session on received.fuse_fd / received.image_fd, calls ready()
-    once the session is initialised, returns an exit code at unmount.
+    Contract: serve_fds(received, ready, confine=...) mounts nothing (the
+    helper did), calls confine() (stage 2) before parsing the image, runs the
+    session on received.fuse_fd / received.image_fd, calls ready() once the
+    session is initialised, returns an exit code at unmount.
     """
     try:
         from ext4box.fuse.serve import serve_fds  # type: ignore[import-not-found]
@@ -167,6 +208,17 @@ def _report_dict(
     out["refused"] = refused
     out["version"] = __version__
     return out
+
+
+def _seccomp_state(status_fd: int) -> dict[str, object]:
+    """Seccomp fields of /proc/self/status, read through an fd opened earlier."""
+    text = os.pread(status_fd, sandbox.MAX_STATUS_BYTES, 0).decode("ascii", "replace")
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Seccomp", "Seccomp_filters"):
+            fields[key.lower()] = int(value.strip() or 0)
+    return fields
 
 
 def _log(event: str, **fields: object) -> None:

@@ -1,0 +1,110 @@
+"""Stage 2 of the sandbox: after the hand-off, only the fds held stay usable.
+
+The OCI profile (seccomp/ext4box.json, stage 1) applies from container start
+and must let Python start, read its modules and receive the fds. Once the
+fds are received and verified, and before a single byte of the image is
+parsed, the service stacks this tighter filter on top (filters only ever add
+restrictions). It is an allowlist of what the FUSE server measurably does
+(seccomp/measure.sh, "stage 2" section of seccomp/README.md); everything else
+fails with EPERM. In particular:
+
+- no path is ever resolved again: open/openat/openat2/creat, exec*, every
+  *at/path call (mkdir, unlink, rename, link, chmod, truncate, statfs...) are
+  denied, so the image cannot lead the process to any file it does not hold;
+- no new sockets or pipes (socket, socketpair, pipe2, accept, connect, bind);
+- no new processes: clone only with CLONE_THREAD and no namespace flag
+  (clone3 answers ENOSYS so glibc falls back to clone, whose flags a filter
+  can see); no mount, ptrace, bpf, keyctl, unshare, setns, io_uring,
+  userfaultfd, perf_event_open, memfd_create, pidfd_getfd, ...
+
+Callers must have imported every module and dlopen()ed every library they
+will use before calling lock_down(): afterwards Python can open no file.
+trio's run loop must already be running (its wakeup socketpair and epoll fd
+are created when it starts).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ext4box.service import libseccomp
+from ext4box.service.libseccomp import ACT_ALLOW, ArgCmp, Rule, act_errno
+
+# Flags of clone(2) that create namespaces; CLONE_THREAD marks a thread.
+CLONE_THREAD = 0x00010000
+CLONE_NAMESPACES = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+PR_SET_NAME = 15
+PR_GET_NAME = 16
+FIONBIO = 0x5421
+FIOCLEX = 0x5451
+FIONCLEX = 0x5450
+
+# Syscalls on descriptors the process already holds, memory, threads, time
+# and signals. Measured (seccomp/measure.sh) plus the close relatives a libc
+# may pick instead (e.g. epoll_pwait for epoll_wait).
+READ_ONLY_SYSCALLS = (
+    # I/O on held fds: /dev/fuse, the image, the hand-off socket, trio's
+    # wakeup socketpair and epoll fd, stderr.
+    "read", "readv", "pread64", "preadv", "preadv2", "write", "writev",
+    "lseek", "close", "fstat", "newfstatat", "statx", "fcntl", "fstatfs",
+    "sendmsg", "sendto", "recvmsg", "recvfrom", "getsockopt", "getsockname",
+    "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll",
+    "select", "pselect6",
+    # memory
+    "mmap", "munmap", "mprotect", "madvise", "mremap", "brk",
+    # threads (trio's worker threads for large reads) and their locks
+    "futex", "set_robust_list", "get_robust_list", "rseq", "sched_yield",
+    "sched_getaffinity", "membarrier",
+    # signals (trio's signal receiver, SIGTERM from catatonit)
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
+    # identity, time, randomness
+    "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid",
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday",
+    "getrandom",
+    "exit", "exit_group",
+)  # fmt: skip
+
+# Added for read-write mounts: writes and flushes on the held image fd.
+WRITE_SYSCALLS = ("pwrite64", "pwritev", "pwritev2", "fsync", "fdatasync", "fallocate")
+
+
+def rules(*, writable: bool) -> list[Rule]:
+    names = READ_ONLY_SYSCALLS + (WRITE_SYSCALLS if writable else ())
+    out = [Rule(name, ACT_ALLOW) for name in names]
+    pid = os.getpid()
+    out += [
+        # A thread, never a process, never a namespace.
+        Rule(
+            "clone",
+            ACT_ALLOW,
+            (ArgCmp(0, libseccomp.CMP_MASKED_EQ, CLONE_THREAD | CLONE_NAMESPACES, CLONE_THREAD),),
+        ),
+        # glibc tries clone3 first and falls back to clone on ENOSYS.
+        Rule("clone3", act_errno(errno.ENOSYS)),
+        # Signals only to our own threads (pthread_kill, trio's wakeups).
+        Rule("tgkill", ACT_ALLOW, (ArgCmp(0, libseccomp.CMP_EQ, pid),)),
+        # Worker threads name themselves (trio: pthread_setname_np on self).
+        Rule("prctl", ACT_ALLOW, (ArgCmp(0, libseccomp.CMP_EQ, PR_SET_NAME),)),
+        Rule("prctl", ACT_ALLOW, (ArgCmp(0, libseccomp.CMP_EQ, PR_GET_NAME),)),
+        # socket.setblocking() and os.set_inheritable() on held fds.
+        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIONBIO),)),
+        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIOCLEX),)),
+        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIONCLEX),)),
+    ]
+    return out
+
+
+def prepare() -> None:
+    """Load what lock_down() itself needs while files can still be opened."""
+    libseccomp.load_library()
+    libseccomp.resolve("read")
+
+
+def lock_down(*, writable: bool = False) -> None:
+    """Install the stage-2 filter on every thread of this process.
+
+    Raises libseccomp.SeccompError if it cannot be installed: the caller must
+    then refuse to serve (untrusted bytes are parsed only under this filter).
+    """
+    libseccomp.install(act_errno(errno.EPERM), rules(writable=writable), all_threads=True)
