@@ -62,6 +62,7 @@ class DirectoryReader:
         max_ino: int,
         inline_body: bytes | None = None,
         large_dir: bool = False,
+        hole_end: Callable[[int], int] | None = None,
     ) -> None:
         self.ino = ino
         self.size = size
@@ -77,6 +78,9 @@ class DirectoryReader:
         self.max_ino = max_ino
         self.inline_body = inline_body
         self.large_dir = large_dir
+        # Given a hole at a logical block, the first block after it: lets a scan
+        # jump a hole of millions of blocks (a crafted i_size) in one step.
+        self._hole_end = hole_end
 
     # ---- shape -----------------------------------------------------------
 
@@ -138,14 +142,24 @@ class DirectoryReader:
         return self._search_blocks(name, range(self.nblocks))
 
     def _search_blocks(self, name: bytes, lblks: range) -> DirEntry | None:
-        for lblk in lblks:
-            block = self._read_block(lblk)
-            if block is None:
-                continue  # the kernel skips holes in linear directories
+        for lblk, block in self._blocks(lblks.start, lblks.stop):
             for rec in self._block_records(lblk, block):
                 if rec.inode != 0 and rec.name == name:
                     return rec.entry()
         return None
+
+    def _blocks(self, lblk: int, stop: int) -> Iterator[tuple[int, bytes]]:
+        """(lblk, block) for the mapped blocks in [lblk, stop); the kernel skips holes
+        in linear directories, and so do we, a whole hole at a time."""
+        while lblk < stop:
+            block = self._read_block(lblk)
+            if block is not None:
+                yield lblk, block
+                lblk += 1
+            elif self._hole_end is None:
+                lblk += 1
+            else:
+                lblk = max(lblk + 1, self._hole_end(lblk))
 
     def _lookup_indexed(self, name: bytes) -> tuple[bool, DirEntry | None]:
         """(True, result) if the index answered; (False, None) if it is unusable."""
@@ -202,10 +216,7 @@ class DirectoryReader:
             yield from self._iterate_inline(cookie)
             return
         bs = self.block_size
-        for lblk in range(cookie // bs, self.nblocks):
-            block = self._read_block(lblk)
-            if block is None:
-                continue
+        for lblk, block in self._blocks(cookie // bs, self.nblocks):
             base = lblk * bs
             skip_before = cookie - base  # records starting before the cookie were returned
             for rec in self._block_records(lblk, block):
