@@ -260,3 +260,12 @@ def test_random_operation_sequences(tmp_path: Path, ops: list, seed: int, varian
             case.finish()
         finally:
             case.close()
+
+
+def test_one_run_across_the_direct_pointers_end(case: BlockMapCase) -> None:
+    # Regression: a run starting in the direct pointers and ending past block 12
+    # once spilled data pointers into i_block words 12..14, the indirect roots.
+    case.truncate(5)
+    case.insert(5, 20, None)  # blocks 5..24: direct 5..11, then the single tree
+    case.check_mapping()
+    case.finish()

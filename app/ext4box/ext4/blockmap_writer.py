@@ -125,7 +125,10 @@ class BlockMapWriter:
             done = 0
             while done < length:  # each pass fills at least one pointer
                 pointers, owner, index = self._pointer_slot(lblk + done, pblk + done)
-                count = min(length - done, len(pointers) - index)
+                # In the root only the direct pointers hold data: words 12..14
+                # are the indirect roots.
+                end = DIRECT_BLOCKS if owner == _ROOT else len(pointers)
+                count = min(length - done, end - index)
                 if any(pointers[index:index + count]):
                     raise ValueError(f"inode {self.ino}: [{lblk}, {lblk + length}) "
                                      "is not a hole")

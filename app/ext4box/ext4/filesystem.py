@@ -29,13 +29,12 @@ from ext4box.ext4.errors import (
     NotASymlink,
     NotExt4,
     NotFound,
-    ReadOnly,
     Unsupported,
     block_where,
     inode_where,
 )
 from ext4box.ext4.extents import ExtentMapper
-from ext4box.ext4.group_desc import GroupTable, gdt_block_count
+from ext4box.ext4.group_desc import GroupDesc, GroupTable, gdt_block_count
 from ext4box.ext4.inline_data import inline_bytes
 from ext4box.ext4.inode import FL_EA_INODE, I_BLOCK_SIZE, ROOT_INO, Inode
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
@@ -46,6 +45,7 @@ log = structlog.get_logger("ext4box.ext4")
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 INLINE_DATA_XATTR = b"system.data"
 MAX_SYMLINK = 4096
+_DIR_HOLE_WINDOW = 1 << 16  # blocks mapped at once to find the end of a directory hole
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -128,8 +128,6 @@ class Filesystem:
     def open(
         cls, dev: BlockDevice, *, readonly: bool = True, caches: CacheSizes | None = None
     ) -> Filesystem:
-        if not readonly:
-            raise ReadOnly("read-write mounts are not supported yet")
         if dev.size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
             raise NotExt4(f"device of {dev.size} bytes is too small for ext4")
         sb = Superblock.parse(dev.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
@@ -150,7 +148,13 @@ class Filesystem:
                 "journal_needs_recovery",
                 detail="serving the last checkpointed state; journal replay is not implemented",
             )
-        fs = cls(dev, sb, caches or CacheSizes())
+        if readonly:
+            fs = cls(dev, sb, caches or CacheSizes())
+        else:
+            # The read-write facade builds on this class, hence the late import.
+            from ext4box.ext4.writable import WritableFilesystem
+
+            fs = WritableFilesystem.open_rw(dev, sb, caches or CacheSizes())
         for group, reason in fs.groups.bad.items():
             log.error("corrupt", what="group descriptor", where=f"group {group}", why=reason)
         fs.inode(ROOT_INO)  # fail at mount, not at first lookup, if the root is bad
@@ -208,8 +212,10 @@ class Filesystem:
             huge_file=self._huge_file,
             block_size=sb.block_size,
         )
-        if inode.links_count == 0 and inode.mode == 0:
-            raise Corrupt("inode", inode_where(ino), "deleted or never-used inode referenced")
+        if inode.links_count == 0:
+            # As the kernel's iget: a name (or pointer) leading to an inode no
+            # name holds is a dangling reference to a deleted inode.
+            raise Corrupt("inode", inode_where(ino), "deleted inode (links_count 0) referenced")
         self._inodes.put(ino, inode)
         return inode
 
@@ -298,11 +304,23 @@ class Filesystem:
         if inode.has_inline_data:
             inline_body = inode.i_block + (self._xattr_value(inode, INLINE_DATA_XATTR) or b"")
 
+        nblocks = -(-inode.size // self.block_size)
+        if nblocks > sb.blocks_count:
+            # More blocks than the filesystem has: only holes or blocks mapped
+            # twice could fill it, and scanning it would take unbounded time.
+            raise Corrupt("directory", inode_where(ino),
+                          f"size {inode.size} exceeds the filesystem's {sb.blocks_count} blocks")
+
         def read_lblk(lblk: int) -> bytes | None:
             (run,) = self.map_blocks(inode, lblk, 1)
             if run.pblk is None or run.unwritten:
                 return None
             return self.read_meta_block(run.pblk)
+
+        def hole_end(lblk: int) -> int:
+            # Map a bounded window: a hole longer than it costs one call per window.
+            window = min(_DIR_HOLE_WINDOW, max(1, nblocks - lblk))
+            return self.map_blocks(inode, lblk, window)[0].end
 
         reader = DirectoryReader(
             ino=ino,
@@ -318,6 +336,7 @@ class Filesystem:
             max_ino=sb.inodes_count,
             inline_body=inline_body,
             large_dir=sb.has_incompat(F.INCOMPAT_LARGEDIR),
+            hole_end=None if inline_body is not None else hole_end,
         )
         self._dirs.put(ino, reader)
         return reader
@@ -385,6 +404,12 @@ class Filesystem:
         ea = self.inode(ea_ino)
         if not ea.flags & FL_EA_INODE:
             raise Corrupt("xattr value inode", inode_where(ea_ino), "EA_INODE flag not set")
+        if not ea.is_reg or ea.has_inline_data:
+            # The value lives in the EA inode's blocks. An inline EA inode would
+            # keep its body in an xattr that may point at another EA inode, and
+            # two of them pointing at each other recurse without end (fuzzer find).
+            raise Corrupt("xattr value inode", inode_where(ea_ino),
+                          "EA inode is not a block-mapped regular file")
         if ea.size != size:
             raise Corrupt(
                 "xattr value inode", inode_where(ea_ino), f"size {ea.size} != entry size {size}"
@@ -419,7 +444,7 @@ class Filesystem:
         # superblock totals are only updated lazily) and keep back the
         # clusters ext4 reserves for delayed allocation.
         cluster_ratio = sb.cluster_size // sb.block_size
-        good = [d for d in self.groups.descs if d.group not in self.groups.bad]
+        good = self._group_descs()
         free = sum(d.free_blocks_count for d in good) * cluster_ratio
         free_inodes = sum(d.free_inodes_count for d in good)
         reserved = sb.r_blocks_count + self._delalloc_reserve_blocks()
@@ -431,6 +456,10 @@ class Filesystem:
             files=sb.inodes_count,
             files_free=free_inodes,
         )
+
+    def _group_descs(self) -> list[GroupDesc]:
+        """The usable group descriptors (a read-write mount has its own, current, copies)."""
+        return [d for d in self.groups.descs if d.group not in self.groups.bad]
 
     def _delalloc_reserve_blocks(self) -> int:
         sb = self.sb

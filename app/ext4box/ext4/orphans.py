@@ -1,0 +1,100 @@
+"""The orphan list: inodes that lost their last name while still open.
+
+The classic on-disk list: the superblock's s_last_orphan names the first
+inode and each listed inode's i_dtime names the next (0 ends the list). An
+unlinked-but-open inode is put on the list at unlink and taken off when its
+last handle closes and it is freed; a crash in between leaves it listed, and
+the next read-write mount (ours, the kernel's) or e2fsck frees it.
+
+The kernel uses this list only with a journal, yet its mount-time cleanup
+and e2fsck process it on any filesystem, so we keep it on every image. With
+the orphan_file feature the kernel prefers that file, but falls back to this
+list when the file is full; the list is therefore valid there too (a
+non-empty orphan file refuses the rw mount instead, see mount_state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ext4box.ext4.errors import Corrupt, inode_where
+from ext4box.ext4.inode import Inode
+
+if TYPE_CHECKING:
+    from ext4box.ext4.writable import WritableFilesystem
+
+log = structlog.get_logger("ext4box.ext4")
+
+
+def _head(fs: WritableFilesystem) -> int:
+    return int(fs.writer.superblock().fields["last_orphan"])
+
+
+def add(fs: WritableFilesystem, inode: Inode) -> Inode:
+    """Put `inode` (links 0, still open) at the head of the list; returns it to store."""
+    fs.open_orphans.add(inode.ino)
+    head = _head(fs)
+    fs.writer.update_superblock(last_orphan=inode.ino)
+    return dataclasses.replace(inode, dtime=head)
+
+
+def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
+    """Take `ino` out of the chain by pointing its predecessor at `next_ino`."""
+    current = _head(fs)
+    if current == ino:
+        fs.writer.update_superblock(last_orphan=next_ino)
+        return
+    seen: set[int] = set()
+    while current and current not in seen and len(seen) <= fs.sb.inodes_count:
+        seen.add(current)
+        listed = fs.table.read(current)
+        if listed.dtime == ino:
+            fs.store(dataclasses.replace(listed, dtime=next_ino))
+            return
+        current = listed.dtime
+    log.warning("orphan_not_listed", where=inode_where(ino))
+
+
+def release(fs: WritableFilesystem, ino: int) -> None:
+    """The last handle of an unlinked inode closed: unlist it and free it."""
+    inode = fs.table.read(ino)
+    if ino not in fs.open_orphans or inode.links_count:
+        fs.open_orphans.discard(ino)
+        return
+    _unlist(fs, ino, inode.dtime)
+    fs.evict(dataclasses.replace(inode, dtime=0))
+
+
+def process_at_mount(fs: WritableFilesystem) -> int:
+    """Free (links 0) or truncate to i_size (still linked) every listed inode, as the
+    kernel's orphan cleanup does at mount; returns how many were processed."""
+    sb = fs.sb
+    current = _head(fs)
+    seen: set[int] = set()
+    while current:
+        where = inode_where(current)
+        if current in seen:
+            raise Corrupt("orphan list", where, "the list loops")
+        if not sb.first_ino <= current <= sb.inodes_count:
+            raise Corrupt("orphan list", where, "not a usable inode number")
+        seen.add(current)
+        inode = fs.table.read(current)
+        following = inode.dtime
+        if inode.mode == 0:
+            raise Corrupt("orphan list", where, "listed inode was never used")
+        inode = dataclasses.replace(inode, dtime=0)
+        if inode.links_count == 0:
+            fs.open_orphans.add(current)  # let evict's store keep it readable meanwhile
+            fs.evict(inode)
+        else:
+            if inode.is_reg:
+                inode = fs.truncate_blocks(inode, -(-inode.size // fs.block_size))
+            fs.store(inode)
+        current = following
+    if seen:
+        fs.writer.update_superblock(last_orphan=0)
+        log.info("orphans_processed", count=len(seen))
+    return len(seen)

@@ -1,0 +1,345 @@
+"""The read-write facade: one ext4 filesystem the FUSE and iomap layers can change.
+
+`Filesystem.open(dev, readonly=False)` returns a `WritableFilesystem`. Every
+read method of `Filesystem` keeps working and sees uncommitted changes:
+metadata blocks are read through the MetadataWriter, inodes through the
+InodeTable (which follows the writer's group descriptors), and the inode,
+mapper and directory caches are refreshed by every write that changes them.
+
+The operations themselves live in small modules beside this one:
+`namespace_ops` (create/mkdir/symlink/link/unlink/rmdir/rename),
+`file_data` (write_begin/write_end/write_inline/truncate), `attr_ops`
+(setattr, xattrs), `orphans` (the s_last_orphan list) and `mount_state`
+(rw mount checks, superblock state). This class holds the write stack and
+the few primitives they share (store an inode, edit its block tree, free it).
+
+Every public mutating method is all-or-nothing: when it raises (NoSpace,
+Exists, ...) nothing it changed is left behind. An allocation that fails
+while frees are pending (they become reusable only once the metadata that
+dropped them is on the device) commits and retries once, as the kernel
+retries after forcing a journal commit.
+
+Deviations from / additions to the contract in docs/design.md:
+- `rename`: when it replaces a target whose last link goes away, the facade
+  asks `fs.is_open(ino)` (a callable the FUSE layer may set; default: never
+  open) whether to keep the inode on the orphan list instead of freeing it.
+- `write_begin` is all-or-nothing: NoSpace maps nothing (no short mapping);
+  an inline-data inode is converted to blocks first. Unwritten extents in
+  the range are converted to written and reported with `new=True` (the
+  executor must zero-fill what the request does not cover, as for holes).
+- `write_inline` also accepts an empty blockless regular file when the
+  filesystem has inline_data (it becomes inline, as the kernel's first write
+  to a new file does) and returns False without changes when the data does
+  not fit such a file or the inode is not inline.
+- `rmdir` frees the directory at once (there is no still_open for it).
+- `close()` frees unlinked inodes still held open (nobody can use them after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+import structlog
+
+from ext4box.blockdev import BlockDevice
+from ext4box.ext4 import attr_ops, file_data, mount_state, namespace_ops, orphans
+from ext4box.ext4 import features as F
+from ext4box.ext4.alloc import BlockAllocator, InodeAllocator
+from ext4box.ext4.blockmap import BlockMapMapper
+from ext4box.ext4.blockmap_writer import BlockMapWriter
+from ext4box.ext4.errors import Corrupt, NoSpace, inode_where
+from ext4box.ext4.extent_writer import ExtentTreeWriter
+from ext4box.ext4.extents import ExtentMapper
+from ext4box.ext4.file_data import WriteRun
+from ext4box.ext4.filesystem import CacheSizes, Filesystem
+from ext4box.ext4.group_desc import GroupDesc, group_first_block
+from ext4box.ext4.inode import Inode
+from ext4box.ext4.inode_table import InodeTable
+from ext4box.ext4.metawriter import MetadataWriter
+from ext4box.ext4.superblock import Superblock
+from ext4box.ext4.xattr import parse_xattr_block
+from ext4box.ext4.xattr_writer import BlockAction, XattrUpdate, apply_block_update, xattr_state
+
+log = structlog.get_logger("ext4box.ext4")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+TreeWriter = ExtentTreeWriter | BlockMapWriter
+__all__ = ["TreeWriter", "WritableFilesystem", "WriteRun"]
+
+
+def _mutation(method: Callable[P, R]) -> Callable[P, R]:
+    """Serialise a mutating call and retry it once after a commit when it ran out
+    of space while frees were pending (they are reusable only after a commit)."""
+
+    @wraps(method)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        fs = args[0]
+        assert isinstance(fs, WritableFilesystem)
+        with fs.lock:
+            try:
+                return method(*args, **kwargs)
+            except NoSpace:
+                if not fs.writer.dirty:
+                    raise
+            fs.writer.commit()
+            return method(*args, **kwargs)
+
+    return run
+
+
+class WritableFilesystem(Filesystem):
+    def __init__(self, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> None:
+        self._rw: MetadataWriter | None = None  # read_meta_block runs in the base __init__
+        super().__init__(dev, sb, caches)
+        self.readonly = False
+        self.writer = MetadataWriter(dev, self.meta, sb, self.groups)
+        self._rw = self.writer
+        self.lock = self.writer.lock
+        self.table = InodeTable(self.writer)
+        self.blocks = BlockAllocator(self.writer)
+        self.inodes = InodeAllocator(self.writer, self.blocks, self.table)
+        self.mount_sb = sb  # the superblock as found at mount (for the clean unmount)
+        # Unlinked inodes still open: readable until release_orphan frees them.
+        self.open_orphans: set[int] = set()
+        # Set by the FUSE layer: whether an inode has open handles (see rename).
+        self.is_open: Callable[[int], bool] = lambda ino: False
+        self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
+        self.closed = False
+
+    @classmethod
+    def open_rw(cls, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> WritableFilesystem:
+        """Check the image may be written, open it and record the mount (mount_state)."""
+        mount_state.check_rw_mount(sb, dev)
+        fs = cls(dev, sb, caches)
+        mount_state.begin_rw_mount(fs)
+        return fs
+
+    # ---- read side, through the writer ----------------------------------
+
+    def read_meta_block(self, pblk: int) -> bytes:
+        writer = self._rw
+        if writer is None:
+            return super().read_meta_block(pblk)
+        if pblk <= 0 or pblk >= self.sb.blocks_count:
+            raise Corrupt("block pointer", f"block {pblk}", "outside the filesystem")
+        return writer.read(pblk)
+
+    def inode(self, ino: int) -> Inode:
+        cached = self._inodes.get(ino)
+        if cached is not None:
+            return cached
+        inode = self.table.read(ino)
+        if inode.links_count == 0 and ino not in self.open_orphans:
+            raise Corrupt("inode", inode_where(ino), "deleted inode (links_count 0) referenced")
+        self._inodes.put(ino, inode)
+        return inode
+
+    def _group_descs(self) -> list[GroupDesc]:
+        return [self.writer.group_desc(g) for g in range(self.writer.group_count)]
+
+    # ---- primitives the operation modules share -------------------------
+
+    @staticmethod
+    def now_ns() -> int:
+        return time.time_ns()
+
+    def store(self, inode: Inode) -> Inode:
+        """Write an inode (checksummed) and refresh the caches that derive from it."""
+        stored = self.table.write(inode)
+        ino = inode.ino
+        self._mappers.pop(ino)
+        self._dirs.pop(ino)
+        if stored.links_count or ino in self.open_orphans:
+            self._inodes.put(ino, stored)
+        else:
+            self._inodes.pop(ino)
+        return stored
+
+    def group_goal(self, ino: int) -> int:
+        """Where blocks for inode `ino` should go when nothing better is known."""
+        group = (ino - 1) // self.sb.inodes_per_group
+        return group_first_block(self.sb, min(group, self.writer.group_count - 1))
+
+    def alloc_meta_block(self, goal: int) -> int:
+        return self.blocks.alloc_block(goal)
+
+    def free_block(self, pblk: int) -> None:
+        self.blocks.free(pblk, 1)
+
+    def has_block_tree(self, inode: Inode) -> bool:
+        """Whether i_block holds an extent root or block map (not a fast symlink,
+        device number, inline body)."""
+        if inode.has_inline_data:
+            return False
+        if inode.is_symlink:
+            return not self._is_fast_symlink(inode)
+        return inode.is_reg or inode.is_dir or inode.uses_extents
+
+    def tree_writer(self, inode: Inode) -> TreeWriter:
+        if inode.uses_extents:
+            return ExtentTreeWriter(
+                ino=inode.ino, i_block=inode.i_block, block_size=self.block_size,
+                csum_seed=inode.csum_seed, read_meta=self.writer.read,
+                write_meta=self.writer.write, alloc_block=self.alloc_meta_block,
+                free_block=self.free_block, check_run=self.check_run)
+        return BlockMapWriter(
+            ino=inode.ino, i_block=inode.i_block, block_size=self.block_size,
+            read_meta=self.writer.read, write_meta=self.writer.write,
+            alloc_block=self.alloc_meta_block, free_block=self.free_block,
+            check_run=self.check_run)
+
+    def mapper_for(self, inode: Inode) -> ExtentMapper | BlockMapMapper:
+        """A fresh (uncached) mapper of `inode` as it is now, for code in the middle of
+        changing it."""
+        if inode.uses_extents:
+            return ExtentMapper(ino=inode.ino, i_block=inode.i_block,
+                                read_block=self.read_meta_block, block_size=self.block_size,
+                                csum_seed=inode.csum_seed, check_run=self.check_run)
+        return BlockMapMapper(ino=inode.ino, i_block=inode.i_block,
+                              read_block=self.read_meta_block, block_size=self.block_size,
+                              check_run=self.check_run)
+
+    def sectors(self, blocks: int) -> int:
+        return blocks * (self.block_size // 512)
+
+    def with_tree(self, inode: Inode, tree: TreeWriter, data_blocks_delta: int = 0) -> Inode:
+        """`inode` with the tree writer's new root and i_blocks adjusted for the tree
+        blocks it allocated/freed and `data_blocks_delta` data blocks."""
+        blocks = inode.blocks_512 + self.sectors(tree.tree_blocks_delta + data_blocks_delta)
+        if blocks < 0:
+            raise Corrupt("inode", inode_where(inode.ino), "i_blocks would become negative")
+        return dataclasses.replace(inode, i_block=tree.i_block, blocks_512=blocks)
+
+    def truncate_blocks(self, inode: Inode, first_lblk: int) -> Inode:
+        """Unmap and free every block from `first_lblk` on (data and tree blocks)."""
+        if not self.has_block_tree(inode):
+            return inode
+        tree = self.tree_writer(inode)
+        freed = tree.truncate(first_lblk)
+        count = 0
+        for pblk, length in freed:
+            self.blocks.free(pblk, length)
+            count += length
+        return self.with_tree(inode, tree, -count)
+
+    def drop_xattr_block(self, inode: Inode) -> Inode:
+        """Release the inode's xattr block (free it, or drop our reference to a shared one)."""
+        if not inode.file_acl:
+            return inode
+        state = xattr_state(
+            inode, read_meta=self.writer.read, block_size=self.block_size,
+            csum_seed=self.sb.csum_seed, goal=self.group_goal(inode.ino),
+            cluster_size=self.sb.cluster_size)
+        parse_xattr_block(self.writer.read(inode.file_acl), blkno=inode.file_acl,
+                          ino=inode.ino, csum_seed=self.sb.csum_seed)
+        action = BlockAction.FREE if state.block_refcount <= 1 else BlockAction.DETACH
+        update = XattrUpdate(changed=True, ibody=None, ibody_entries=state.ibody_entries,
+                             block_action=action, block_entries=())
+        outcome = apply_block_update(
+            update, state, read_meta=self.writer.read, write_meta=self.writer.write,
+            alloc_block=self.alloc_meta_block, free_block=self.free_block)
+        return dataclasses.replace(inode, file_acl=outcome.file_acl,
+                                   blocks_512=max(inode.blocks_512 + outcome.blocks_512_delta, 0))
+
+    def evict(self, inode: Inode) -> None:
+        """Free an inode no name holds any more: its blocks, xattr block and number."""
+        ino = inode.ino
+        inode = self.truncate_blocks(inode, 0)
+        inode = self.drop_xattr_block(inode)
+        now = self.now_ns()
+        self.open_orphans.discard(ino)
+        inode = dataclasses.replace(
+            inode, links_count=0, size=0, dtime=(now // 1_000_000_000) & 0xFFFFFFFF,
+            ctime_ns=now, mtime_ns=now)
+        self.store(inode)
+        self.inodes.free(ino, inode.is_dir)
+
+    # ---- namespace -------------------------------------------------------
+
+    @_mutation
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+               rdev: int = 0) -> Inode:
+        return namespace_ops.create(self, parent, name, mode, uid, gid, rdev)
+
+    @_mutation
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return namespace_ops.mkdir(self, parent, name, mode, uid, gid)
+
+    @_mutation
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        return namespace_ops.symlink(self, parent, name, target, uid, gid)
+
+    @_mutation
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        return namespace_ops.link(self, ino, new_parent, new_name)
+
+    @_mutation
+    def unlink(self, parent: int, name: bytes, *, still_open: bool) -> Inode:
+        return namespace_ops.unlink(self, parent, name, still_open=still_open)
+
+    @_mutation
+    def rmdir(self, parent: int, name: bytes) -> None:
+        namespace_ops.rmdir(self, parent, name)
+
+    @_mutation
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        namespace_ops.rename(self, old_parent, old_name, new_parent, new_name, flags)
+
+    # ---- attributes ------------------------------------------------------
+
+    @_mutation
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+        return attr_ops.setattr(self, ino, mode=mode, uid=uid, gid=gid, size=size,
+                                atime_ns=atime_ns, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
+
+    @_mutation
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Inode:
+        return attr_ops.setxattr(self, ino, name, value, flags)
+
+    @_mutation
+    def removexattr(self, ino: int, name: bytes) -> Inode:
+        return attr_ops.removexattr(self, ino, name)
+
+    @_mutation
+    def release_orphan(self, ino: int) -> None:
+        """Last close of an unlinked inode: take it off the orphan list and free it."""
+        orphans.release(self, ino)
+
+    # ---- data ------------------------------------------------------------
+
+    @_mutation
+    def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:
+        ino = inode if isinstance(inode, int) else inode.ino
+        return file_data.write_begin(self, ino, lblk, count)
+
+    @_mutation
+    def write_end(self, ino: int, end_pos: int, *, now_ns: int | None = None) -> Inode:
+        return file_data.write_end(self, ino, end_pos, now_ns=now_ns)
+
+    @_mutation
+    def write_inline(self, ino: int, pos: int, data: bytes) -> bool:
+        return file_data.write_inline(self, ino, pos, data)
+
+    # ---- durability --------------------------------------------------------
+
+    def commit(self, durable: bool = False) -> None:
+        with self.lock:
+            self.writer.commit(durable=durable)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        with self.lock:
+            for ino in sorted(self.open_orphans):
+                orphans.release(self, ino)
+            mount_state.end_rw_mount(self)
+            self.closed = True
+        super().close()

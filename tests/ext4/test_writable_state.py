@@ -1,0 +1,286 @@
+"""The read-write facade's filesystem-wide state: orphans, ENOSPC, link limits, mounting.
+
+Oracles: e2fsck -fn, dumpe2fs, debugfs and kernel mounts of the images we wrote.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_writable_ops import (
+    VARIANTS,
+    Ours,
+    assert_clean,
+    e2fsck,
+    expect,
+    make_image,
+    need_kernel,
+    pattern,
+    write_file,
+)
+
+from ext4box.blockdev import BlockDevice
+from ext4box.ext4.errors import NoSpace, ReadOnly, Unsupported
+from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.inode import ROOT_INO
+from support.kernel import kernel_mount
+
+pytestmark = pytest.mark.kernel
+
+
+def dumpe2fs_header(image: Path) -> dict[str, str]:
+    text = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in
+                                                 text.splitlines()) if v}
+
+
+def debugfs_w(image: Path, request: str) -> None:
+    subprocess.run(["debugfs", "-w", "-R", request, str(image)], capture_output=True,
+                   check=True)
+
+
+# ---- orphans -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["ext4-1k-csum", "ext2-1k"])
+def test_unlinked_open_file_lives_until_release(tmp_path: Path, variant: str) -> None:
+    need_kernel()
+    image = make_image(tmp_path / "o.img", VARIANTS[variant])
+    ours = Ours(image)
+    fs = ours.fs
+    ours.create("open")
+    ours.write("open", 0, pattern(1, 20_000))
+    ino = ours.resolve("open")
+    free_before = fs.statfs().blocks_free
+    fs.unlink(ROOT_INO, b"open", still_open=True)
+    # Still readable and writable through its inode number, on the orphan list.
+    assert fs.inode(ino).links_count == 0
+    write_file(fs, ours.dev, ino, 20_000, b"more")
+    assert fs.read_bytes(fs.inode(ino), 0, 20_004) == pattern(1, 20_000) + b"more"
+    assert int(fs.writer.superblock().fields["last_orphan"]) == ino
+    fs.release_orphan(ino)
+    assert int(fs.writer.superblock().fields["last_orphan"]) == 0
+    fs.commit()
+    assert fs.statfs().blocks_free > free_before
+    ours.close()
+    assert_clean(image)
+
+
+def test_orphan_list_left_by_a_crash(tmp_path: Path) -> None:
+    """Unlink while open, commit, no close (a crash): the image carries the orphan list.
+
+    e2fsck -n does not process an orphan list (it never writes), so it reports the
+    listed inode as "deleted inode has zero dtime" plus bitmap differences and
+    exits 4; e2fsck -p clears it, and so does the next read-write open (ours, or
+    the kernel's)."""
+    need_kernel()
+    image = make_image(tmp_path / "c.img", VARIANTS["ext4-1k-csum"])
+    ours = Ours(image)
+    for name in ("one", "two", "kept"):
+        ours.create(name)
+        ours.write(name, 0, pattern(len(name), 5000))
+    inos = [ours.resolve(n) for n in ("one", "two")]
+    for name in (b"one", b"two"):
+        ours.fs.unlink(ROOT_INO, name, still_open=True)
+    ours.fs.commit(durable=True)
+    ours.dev.close()  # the process dies here: no release, no close
+
+    header = dumpe2fs_header(image)
+    assert header["First orphan inode"] == str(inos[1])
+    assert header["Filesystem state"] == "not clean"
+    check = e2fsck(image)
+    assert check.returncode == 4
+    # The list's tail (dtime 0 = end of list) is what -n flags; the head (dtime =
+    # next orphan) and both inodes' bitmap bits are reported too.
+    assert f"Deleted inode {inos[0]} has zero dtime" in check.stdout
+    assert "Inodes that were part of a corrupted orphan linked list found" in check.stdout
+
+    preened = tmp_path / "preened.img"
+    shutil.copyfile(image, preened)
+    result = subprocess.run(["e2fsck", "-fp", str(preened)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 1 and "Clearing orphaned inode" in result.stdout
+
+    by_kernel = tmp_path / "kernel.img"
+    shutil.copyfile(image, by_kernel)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with kernel_mount(by_kernel, mnt, readonly=False):
+        pass
+    assert_clean(by_kernel)
+
+    again = Ours(image)  # our rw open processes the list
+    assert again.read("kept") == pattern(4, 5000)
+    again.close()
+    assert "First orphan inode" not in dumpe2fs_header(image)
+    assert_clean(image)
+
+
+# ---- ENOSPC ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["ext4-1k-csum", "ext2-1k"])
+def test_fill_the_filesystem(tmp_path: Path, variant: str) -> None:
+    need_kernel()
+    image = make_image(tmp_path / "full.img", VARIANTS[variant], size_mb=4)
+    ours = Ours(image)
+    fs = ours.fs
+    written: dict[str, bytes] = {}
+    errors = 0
+    for i in range(2000):
+        name = f"f{i:04d}"
+        body = pattern(i, 7000 + 300 * (i % 7))
+        try:
+            ours.create(name)
+            ours.write(name, 0, body)
+            written[name] = body
+        except NoSpace:
+            errors += 1
+            if errors > 20:
+                break
+        # Anything else (Corrupt, ValueError...) fails the test here.
+    assert errors > 20 and len(written) > 50
+    for name in list(written)[::13]:
+        assert ours.read(name) == written[name]
+    # Use up what is left one block at a time: the first failure is ENOSPC and so is
+    # every later attempt.
+    offset = 1 << 20
+    for _ in range(500):
+        try:
+            ours.write("f0000", offset, b"x")
+        except NoSpace:
+            break
+        offset += 2 * fs.block_size  # holes between: every write is a new extent
+    else:
+        raise AssertionError("the filesystem never filled")
+    for _ in range(3):
+        expect(errno.ENOSPC, lambda: ours.write("f0000", offset, b"x"))
+        expect(errno.ENOSPC, lambda: ours.write("f0002", 1 << 22, b"y"))
+    written["f0000"] = ours.read("f0000")
+    # xattr blocks take the last blocks; then setxattr fails with ENOSPC too.
+    xattr_errors = 0
+    for name in list(written)[1:40]:
+        try:
+            fs.setxattr(ours.resolve(name), b"user.x", bytes(900))
+        except NoSpace:
+            xattr_errors += 1
+    assert xattr_errors
+    for name in list(written)[: len(written) // 2]:
+        ours.unlink(name)
+        del written[name]
+    ours.create("after")
+    ours.write("after", 0, pattern(99, 200_000))  # needs the freed space
+    written["after"] = pattern(99, 200_000)
+    ours.close()
+    assert_clean(image)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with kernel_mount(image, mnt) as root:
+        for name, body in list(written.items())[::5]:
+            assert (root / name).read_bytes() == body
+
+
+# ---- link limits ------------------------------------------------------------------------
+
+
+def test_link_limits(tmp_path: Path) -> None:
+    """65000 links for a file; subdirectories of a non-indexed directory; dir_nlink lets an
+    indexed directory go on with links_count 1. Counts are forced with debugfs (making
+    65000 real names would take minutes) and put back before e2fsck."""
+    need_kernel()
+    image = make_image(tmp_path / "l.img", VARIANTS["ext4-1k-csum"])
+    ours = Ours(image)
+    ours.create("file")
+    ours.mkdir("plain")
+    ours.mkdir("indexed")
+    for i in range(200):  # past one block: the directory becomes an htree
+        ours.create(f"indexed/name-{i:04d}")
+    inos = {n: ours.resolve(n) for n in ("file", "plain", "indexed")}
+    ours.close()
+    for name in inos:
+        debugfs_w(image, f"sif {name} links_count 65000")
+    ours = Ours(image)
+    fs = ours.fs
+    expect(errno.EMLINK, lambda: fs.link(inos["file"], ROOT_INO, b"one-more"))
+    expect(errno.EMLINK, lambda: fs.mkdir(inos["plain"], b"sub", 0o755, 0, 0))
+    fs.mkdir(inos["indexed"], b"sub", 0o755, 0, 0)
+    assert fs.inode(inos["indexed"]).links_count == 1  # dir_nlink: no longer counted
+    ours.close()
+    debugfs_w(image, "sif file links_count 1")
+    debugfs_w(image, "sif plain links_count 2")
+    debugfs_w(image, "sif indexed links_count 3")
+    assert_clean(image)
+
+
+# ---- mounting ------------------------------------------------------------------------------
+
+
+def test_mount_records_state(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "s.img", VARIANTS["ext4-4k-nocsum-32bit"])
+    before = dumpe2fs_header(image)
+    dev = BlockDevice.open(str(image), writable=True)
+    fs = Filesystem.open(dev, readonly=False)
+    during = dumpe2fs_header(image)
+    assert during["Filesystem state"] == "not clean"
+    assert int(during["Mount count"]) == int(before["Mount count"]) + 1
+    stat = fs.statfs()
+    fs.close()
+    dev.close()
+    after = dumpe2fs_header(image)
+    assert after["Filesystem state"] == "clean"
+    assert int(after["Free blocks"]) == stat.blocks_free
+    assert_clean(image)
+
+
+def _refused(image: Path, expected: type[Exception], words: str, *, ro_ok: bool = True) -> None:
+    dev = BlockDevice.open(str(image), writable=True)
+    try:
+        with pytest.raises(expected) as info:
+            Filesystem.open(dev, readonly=False)
+        assert re.search(words, str(info.value)), str(info.value)
+        if ro_ok:
+            Filesystem.open(dev, readonly=True).close()  # read-only stays possible
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected", "words"),
+    [
+        ("ssv state 3", ReadOnly, "errors flag"),
+        ("feature needs_recovery", ReadOnly, "needs recovery"),
+        ("ssv feature_ro_compat 0x80000001", ReadOnly, "unknown_0x80000000"),
+        ("feature quota", ReadOnly, "quota"),
+    ],
+)
+def test_refuses_read_write(tmp_path: Path, setup: str, expected: type[Exception],
+                            words: str) -> None:
+    image = make_image(tmp_path / "r.img", VARIANTS["ext4-1k-csum"])
+    debugfs_w(image, setup)
+    _refused(image, expected, words)
+
+
+def test_refuses_mmp_and_bigalloc(tmp_path: Path) -> None:
+    mmp = make_image(tmp_path / "mmp.img", ["-t", "ext4", "-b", "4096", "-O", "mmp"])
+    _refused(mmp, ReadOnly, "multi-mount protection")
+    big = make_image(tmp_path / "big.img", ["-t", "ext4", "-b", "1024", "-O", "bigalloc",
+                                             "-C", "4096"])
+    # (The read side itself rejects this bigalloc image's descriptors: reported.)
+    _refused(big, Unsupported, "bigalloc", ro_ok=False)
+
+
+def test_readonly_device_is_erofs(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "ro.img", VARIANTS["ext4-1k-csum"])
+    dev = BlockDevice.open(str(image), writable=False)
+    try:
+        expect(errno.EROFS, lambda: Filesystem.open(dev, readonly=False))
+    finally:
+        dev.close()
+    assert os.path.getsize(image) == 24 << 20
