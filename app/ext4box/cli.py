@@ -42,22 +42,25 @@ class CliError(Exception):
 
 
 @contextlib.contextmanager
-def open_image(path: str) -> Iterator[tuple[Filesystem, IOMapEngine]]:
-    """(Filesystem, IOMapEngine) over an image opened read-only, closed on exit."""
+def open_image(path: str, *, writable: bool = False) -> Iterator[tuple[Filesystem, IOMapEngine]]:
+    """(Filesystem, IOMapEngine) over an image, read-only unless `writable`, closed on exit.
+
+    Closing a writable filesystem commits and marks the image clean.
+    """
     from ext4box.blockdev import BlockDevice
     from ext4box.ext4.errors import Corrupt, Ext4Error, NotExt4, Unsupported
     from ext4box.ext4.filesystem import Filesystem
     from ext4box.iomap.engine import IOMapEngine
 
     try:
-        dev = BlockDevice.open(path)
+        dev = BlockDevice.open(path, writable=writable)
     except OSError as err:
         raise CliError(f"cannot open image {path}: {err.strerror}") from None
     except ValueError as err:  # neither a regular file nor a block device
         raise CliError(f"cannot use image {path}: {err}") from None
     try:
         try:
-            fs = Filesystem.open(dev, readonly=True)
+            fs = Filesystem.open(dev, readonly=not writable)
         except NotExt4 as err:
             raise CliError(f"{path}: not an ext2/3/4 filesystem: {err}") from None
         except Corrupt as err:
@@ -415,7 +418,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             debug=args.debug,
         )
         check_mountpoint(args.mountpoint)
-        with open_image(args.image) as (fs, engine):
+        with open_image(args.image, writable="rw" in options) as (fs, engine):
             serve(Ext4Operations(fs, engine), MountConfig(args.mountpoint, options))
     except MountSetupError as err:
         raise CliError(str(err)) from None
@@ -512,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: ro, noexec, allow_other, noatime (always nosuid,nodev)",
+        help="mount options: ro (default), rw, noexec, allow_other, noatime (always nosuid,nodev)",
     )
     serve.add_argument("--debug", action="store_true", help="debug logs and libfuse tracing")
     serve.set_defaults(handler=cmd_serve, default_level="info")

@@ -21,6 +21,13 @@ BAD_BLOCKS_INO = 1
 # attributes for a long time.
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
+# Read-write: every change arrives through this kernel mount, and the FUSE
+# kernel module invalidates what a request it sent can have changed (the
+# parent after create/unlink, both inodes after link/rename, attributes after
+# write/setattr/setxattr). A few changes happen behind its back (suid/sgid
+# cleared on write, times set by the server's clock), so keep the windows short.
+RW_ENTRY_TIMEOUT = 1.0
+RW_ATTR_TIMEOUT = 1.0
 
 # ext4 directory entry file types → S_IFMT bits.
 _FTYPE_TO_S_IFMT = {
@@ -53,13 +60,17 @@ def check_child_ino(ino: int, dir_ino: int, name: bytes) -> None:
         )
 
 
-def entry_attributes(inode: Inode, block_size: int) -> pyfuse3.EntryAttributes:
-    """Attributes of a facade Inode, exact to the nanosecond and the 512-byte block."""
+def entry_attributes(
+    inode: Inode, block_size: int, *, timeouts: tuple[float, float] = (ENTRY_TIMEOUT, ATTR_TIMEOUT)
+) -> pyfuse3.EntryAttributes:
+    """Attributes of a facade Inode, exact to the nanosecond and the 512-byte block.
+
+    `timeouts` is (entry, attribute) validity in seconds.
+    """
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = inode.ino
     attr.generation = inode.generation
-    attr.entry_timeout = ENTRY_TIMEOUT
-    attr.attr_timeout = ATTR_TIMEOUT
+    attr.entry_timeout, attr.attr_timeout = timeouts
     attr.st_mode = inode.mode
     attr.st_nlink = inode.links_count
     attr.st_uid = inode.uid

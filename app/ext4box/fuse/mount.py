@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -23,13 +23,15 @@ log = get_logger("ext4box.fuse")
 
 # Always on: the image's owner decides nothing about setuid files or device
 # nodes on this machine; the kernel checks permissions from the inode modes.
+# ("ro" is the default; `-o rw` replaces it.)
 FORCED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions"})
 # User options passed through to libfuse as given.
 PASSTHROUGH_OPTIONS = frozenset({"noexec", "allow_other", "noatime", "nodiratime"})
 # Accepted and implied by FORCED_OPTIONS (or simply the default).
 IMPLIED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "exec"})
+# ext4's default commit interval: changes are made durable at least this often.
+COMMIT_INTERVAL_S = 5.0
 REFUSED_OPTIONS = {
-    "rw": "read-write not supported yet",
     "suid": "option 'suid' is not allowed: mounts are always nosuid",
     "dev": "option 'dev' is not allowed: mounts are always nodev",
 }
@@ -67,7 +69,11 @@ def fuse_options(
     for opt in user_options:
         if opt in REFUSED_OPTIONS:
             raise MountSetupError(REFUSED_OPTIONS[opt])
-        if opt in PASSTHROUGH_OPTIONS:
+        if opt in ("ro", "rw"):
+            # The last of ro/rw wins, as with mount(8).
+            options.discard("ro" if opt == "rw" else "rw")
+            options.add(opt)
+        elif opt in PASSTHROUGH_OPTIONS:
             options.add(opt)
         elif opt in IMPLIED_OPTIONS:
             exec_requested |= opt == "exec"
@@ -110,18 +116,35 @@ def serve(ops: Ext4Operations, config: MountConfig) -> None:
         raise MountSetupError(f"cannot mount on {config.mountpoint}: {err}") from None
     log.info("mounted", mountpoint=config.mountpoint, options=",".join(sorted(config.fuse_options)))
     try:
-        trio.run(_serve_until_unmounted)
+        trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None)
     finally:
         # Unmounts if we stop for a signal; a no-op after an external umount.
         pyfuse3.close(unmount=True)
     log.info("unmounted", mountpoint=config.mountpoint)
 
 
-async def _serve_until_unmounted() -> None:
+async def serve_until_unmounted(commit: Callable[[], None] | None = None) -> None:
+    """Run pyfuse3's loop until the kernel unmounts or SIGINT/SIGTERM/SIGHUP arrives.
+
+    `commit` (read-write mounts) runs every COMMIT_INTERVAL_S in the loop,
+    between requests. Shared with ext4box.fuse.serve (the appliance's fd
+    hand-off path).
+    """
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        if commit is not None:
+            nursery.start_soon(_commit_periodically, commit)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _commit_periodically(commit: Callable[[], None]) -> None:
+    while True:
+        await trio.sleep(COMMIT_INTERVAL_S)
+        try:
+            commit()
+        except Exception as err:  # a failed commit must not stop the server
+            log.error("commit failed", exc_info=err)
 
 
 async def _terminate_on_signal() -> None:

@@ -67,10 +67,6 @@ def serve_fds(
     """
     request = received.request
     try:
-        if request.mode is not Mode.RO:
-            raise ServeRefused(
-                "read-write mounts are not supported by this server yet", errno.EROFS
-            )
         unknown = sorted(set(request.options) - KNOWN_OPTIONS)
         if unknown:
             raise ServeRefused(f"unknown mount option(s): {','.join(unknown)}", errno.EINVAL)
@@ -87,7 +83,8 @@ async def _serve(
     try:
         if confine is not None:
             confine()
-        dev = BlockDevice(received.image_fd, writable=False)
+        # The helper opened the image fd O_RDWR only for a read-write grant.
+        dev = BlockDevice(received.image_fd, writable=received.request.mode is Mode.RW)
     except BaseException:
         received.close()
         raise
@@ -103,7 +100,7 @@ async def _serve(
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
     try:
-        return Filesystem.open(dev, readonly=True)
+        return Filesystem.open(dev, readonly=not dev.writable)
     except Ext4Error as exc:
         _close_quietly(fuse_fd)
         raise ServeRefused(f"cannot serve the image: {exc}", exc.errno) from None
@@ -118,7 +115,8 @@ async def _run_session(
     mountpoint = f"/dev/fd/{fuse_fd}"
     try:
         # Options are the helper's, applied at mount(2); none is needed here.
-        pyfuse3.init(Ext4Operations(fs, engine), mountpoint, set())
+        ops = Ext4Operations(fs, engine)
+        pyfuse3.init(ops, mountpoint, set())
     except RuntimeError as exc:
         _close_quietly(fuse_fd)
         reason = f"cannot start the FUSE session on {mountpoint}: {exc}"
@@ -126,7 +124,9 @@ async def _run_session(
     try:
         log.info("session", fuse_fd=fuse_fd, block_size=fs.block_size)
         ready()
-        await serve_until_unmounted()
+        # Read-write: commit every few seconds; fs.close() (the caller's) marks
+        # the image clean after the kernel unmounts or a signal stops us.
+        await serve_until_unmounted(ops.commit_tick if ops.writable else None)
     finally:
         # Never unmount: this process may not (and must not) name a path.
         # fuse_session_destroy closes the fuse fd.

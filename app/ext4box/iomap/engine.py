@@ -11,6 +11,7 @@ on-disk layout.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,27 @@ class MappingSource(Protocol):
     def map_blocks(self, inode: MappedInode, lblk: int, count: int) -> list[BlockRun]: ...
 
     def inline_data(self, inode: MappedInode) -> bytes: ...
+
+
+class WriteRunLike(Protocol):
+    """One run answered by `write_begin` (ext4/writable.py's WriteRun fits)."""
+
+    lblk: int
+    length: int
+    pblk: int | None
+    new: bool  # allocated (or converted from unwritten) by this call: contents are garbage
+
+
+class WritableSource(MappingSource, Protocol):
+    """The read-write side of the contract (the WritableFilesystem fits)."""
+
+    def inode(self, ino: int) -> MappedInode: ...
+
+    def write_begin(self, inode: MappedInode, lblk: int, count: int) -> Sequence[WriteRunLike]: ...
+
+    def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
+
+    def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +116,20 @@ class IOMapEngine:
     # -- mapping ---------------------------------------------------------------
 
     def begin(self, inode: MappedInode, pos: int, length: int, write: bool = False) -> list[IOMap]:
-        """Byte-granular mappings that exactly tile [pos, pos + length)."""
-        if write:
-            raise ReadOnly("the iomap write path is not implemented yet")
+        """Byte-granular mappings that exactly tile [pos, pos + length).
+
+        With `write=True` every block of the range is allocated first (through
+        the filesystem's `write_begin`): the answer holds only MAPPED and NEW
+        ranges (or one INLINE range), never a hole.
+        """
         if pos < 0 or length < 0:
             raise ValueError("negative position or length")
         if length == 0:
             return []
         if inode.has_inline_data:
             return [IOMap(IOMapKind.INLINE, pos, length)]
+        if write:
+            return self._begin_write(inode, pos, length)
         block_size = self.block_size
         first = pos // block_size
         end_block = -(-(pos + length) // block_size)
@@ -264,6 +291,181 @@ class IOMapEngine:
             # A short vectored read: keep only the buffers still unfilled.
             views = _drop_prefix(views, done)
             addr += done
+
+    # -- writing ---------------------------------------------------------------
+
+    def _writable_source(self) -> WritableSource:
+        source = self.source
+        if not hasattr(source, "write_begin"):
+            raise ReadOnly("the filesystem is mounted read-only")
+        return source  # type: ignore[return-value]
+
+    def _begin_write(self, inode: MappedInode, pos: int, length: int) -> list[IOMap]:
+        block_size = self.block_size
+        first = pos // block_size
+        end_block = -(-(pos + length) // block_size)
+        end = pos + length
+        maps: list[IOMap] = []
+        for lblk, run_len, pblk, new in self._write_runs(inode, first, end_block):
+            start = max(lblk * block_size, pos)
+            stop = min((lblk + run_len) * block_size, end)
+            kind = IOMapKind.NEW if new else IOMapKind.MAPPED
+            addr = pblk * block_size + (start - lblk * block_size)
+            previous = maps[-1] if maps else None
+            if (
+                previous is not None
+                and previous.kind is kind
+                and previous.addr is not None
+                and previous.addr + previous.length == addr
+            ):
+                maps[-1] = IOMap(
+                    kind, previous.offset, previous.length + stop - start, previous.addr
+                )
+            else:
+                maps.append(IOMap(kind, start, stop - start, addr))
+        return maps
+
+    def _write_runs(
+        self, inode: MappedInode, first: int, end: int
+    ) -> list[tuple[int, int, int, bool]]:
+        """(lblk, length, pblk, new) tiling [first, end), every block allocated.
+
+        An overwrite of blocks already known to be written is answered from
+        the mapping cache; anything else goes to `write_begin`, which may
+        allocate or convert, so the cached runs of the inode are dropped.
+        """
+        cache = self.cache
+        with cache.lock:
+            found, gaps = cache.runs_for(inode.ino).covering(first, end)
+        if not gaps and all(r.pblk is not None and not r.unwritten for r in found):
+            return [(r.lblk, r.length, r.pblk, False) for r in found]  # type: ignore[misc]
+        runs = self._writable_source().write_begin(inode, first, end - first)
+        self.cache.invalidate(inode.ino)
+        result: list[tuple[int, int, int, bool]] = []
+        cursor = first
+        for run in runs:
+            if run.lblk != cursor or run.length <= 0 or run.pblk is None:
+                raise Corrupt(
+                    "write mapping",
+                    inode_where(inode.ino),
+                    f"write_begin runs do not tile blocks {first}..{end} with allocated "
+                    f"blocks at {cursor}",
+                )
+            result.append((run.lblk, run.length, run.pblk, bool(run.new)))
+            cursor = run.lblk + run.length
+        if cursor != end:
+            raise Corrupt(
+                "write mapping", inode_where(inode.ino), f"write_begin runs end at {cursor}"
+            )
+        return result
+
+    def write(self, inode: MappedInode, pos: int, data: bytes, *, now_ns: int) -> MappedInode:
+        """Write `data` at `pos`: allocate, write the data, then `write_end` (ioend).
+
+        Data reaches the device (the image's page cache) before the metadata
+        that points at it can be committed: `write_end` only changes buffered
+        metadata, and commits happen after this returns. Newly allocated
+        blocks are written whole, zeros where the request does not reach, so
+        no stale block contents ever become readable. Returns the updated
+        inode (i_size, times).
+        """
+        source = self._writable_source()
+        if pos < 0:
+            raise ValueError("negative position")
+        length = len(data)
+        if length == 0:
+            return inode
+        ino = inode.ino
+        if inode.has_inline_data or _empty_and_blockless(inode):
+            # An inline file, or an empty one that may become inline (the
+            # filesystem decides: False means "use blocks").
+            if source.write_inline(ino, pos, data):
+                return source.write_end(ino, pos + length, now_ns=now_ns)
+            # Converted to extents (or never inline): start from the current inode.
+            self.cache.invalidate(ino)
+            inode = source.inode(ino)
+            if inode.has_inline_data:
+                raise Corrupt(
+                    "inode", inode_where(ino), "write_inline refused but kept inline data"
+                )
+        self.zero_tail(inode, pos)
+        maps = self.begin(inode, pos, length, write=True)
+        self._write_maps(ino, pos, memoryview(data), maps)
+        return source.write_end(ino, pos + length, now_ns=now_ns)
+
+    def zero_tail(self, inode: MappedInode, new_end: int) -> None:
+        """Before i_size grows to cover `new_end`: zero the old last block past EOF.
+
+        Bytes beyond i_size in the last block must read as zeros once the
+        file grows over them (a write past EOF, or truncate up); whatever an
+        earlier writer left there must not reappear.
+        """
+        size = inode.size
+        block_size = self.block_size
+        if new_end <= size or size % block_size == 0 or inode.has_inline_data:
+            return
+        stop = min(new_end, (size // block_size + 1) * block_size)
+        for mapping in self.begin(inode, size, stop - size):
+            if mapping.kind is IOMapKind.MAPPED and mapping.addr is not None:
+                self._device_writev(
+                    ino=inode.ino, addr=mapping.addr, views=[memoryview(bytes(mapping.length))]
+                )
+
+    def _write_maps(self, ino: int, pos: int, data: memoryview, maps: list[IOMap]) -> None:
+        """Coalesce device-adjacent ranges into vectored writes and issue them."""
+        block_size = self.block_size
+        seg_addr = -1
+        seg_end = -1
+        views: list[memoryview] = []
+        for mapping in maps:
+            if mapping.kind not in (IOMapKind.MAPPED, IOMapKind.NEW) or mapping.addr is None:
+                raise Corrupt(
+                    "write mapping", inode_where(ino), f"unallocated {mapping.kind.value}"
+                )
+            parts: list[memoryview] = []
+            addr = mapping.addr
+            if mapping.kind is IOMapKind.NEW:
+                head = mapping.offset % block_size
+                if head:
+                    parts.append(memoryview(bytes(head)))
+                    addr -= head
+            body = data[mapping.offset - pos : mapping.end - pos]
+            parts.append(body)
+            if mapping.kind is IOMapKind.NEW:
+                tail = -mapping.end % block_size
+                if tail:
+                    parts.append(memoryview(bytes(tail)))
+            length = sum(len(p) for p in parts)
+            if views and addr == seg_end and len(views) + len(parts) <= _IOV_MAX:
+                views.extend(parts)
+            else:
+                if views:
+                    self._device_writev(ino, seg_addr, views)
+                seg_addr = addr
+                views = parts
+            seg_end = addr + length
+        if views:
+            self._device_writev(ino, seg_addr, views)
+
+    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> None:
+        dev = self.dev
+        if not dev.writable:
+            raise ReadOnly("the device is opened read-only")
+        total = sum(len(v) for v in views)
+        try:
+            dev.check_range(addr, total)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(ino), str(err)) from None
+        while views:
+            done = os.pwritev(dev.fd, views, addr)
+            if done <= 0:
+                raise OSError(f"short write at device byte {addr}")
+            views = _drop_prefix(views, done)
+            addr += done
+
+
+def _empty_and_blockless(inode: MappedInode) -> bool:
+    return inode.size == 0 and getattr(inode, "blocks_512", None) == 0
 
 
 def _drop_prefix(views: list[memoryview], count: int) -> list[memoryview]:

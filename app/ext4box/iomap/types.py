@@ -15,6 +15,10 @@ class IOMapKind(enum.Enum):
     MAPPED = "mapped"  # data lives at `addr` on the device
     UNWRITTEN = "unwritten"  # allocated at `addr` but not yet written: reads as zeros
     INLINE = "inline"  # data lives inside the inode (no device address)
+    # Write mappings only: blocks allocated (or converted from unwritten) by
+    # this write. Their old contents are garbage, so the writer must fill
+    # every byte of the blocks, zeroing what the request does not cover.
+    NEW = "new"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +26,7 @@ class IOMap:
     """A byte range of a file and where it lives.
 
     `offset`/`length` are file byte positions; `addr` is the device byte address
-    of `offset` for MAPPED/UNWRITTEN and None for HOLE/INLINE.
+    of `offset` for MAPPED/UNWRITTEN/NEW and None for HOLE/INLINE.
     """
 
     kind: IOMapKind
