@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs fuse2fs fio attr acl strace
 STAMP := $(VENV)/.installed
 
-.PHONY: deps demo test lint bench clean
+.PHONY: deps demo test lint bench fuzz clean
 
 deps: $(STAMP)
 
@@ -30,6 +30,11 @@ lint: deps
 
 bench: deps
 	$(PY) bench/run.py
+
+# Coverage-guided fuzzing of the read path (tests/fuzz/README.md); FUZZ_SECONDS=N to bound it.
+fuzz: deps
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	nice -n 10 $(PY) tests/fuzz/atheris_harness.py --seconds $${FUZZ_SECONDS:-1800} --workdir $${FUZZ_DIR:-/tmp/ext4box-fuzz}
 
 clean:
 	rm -rf $(VENV) build *.egg-info app/*.egg-info

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -56,8 +57,18 @@ class Measurement:
     unit: str
 
 
-def drop_caches() -> None:
-    os.sync()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def drop_caches(*dirty_paths: Path) -> None:
+    # syncfs of the filesystems we wrote, not sync(2): a global sync would also
+    # wait on every other (possibly stuck) filesystem of the machine.
+    for path in dirty_paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _libc.syncfs(fd)
+        finally:
+            os.close(fd)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
@@ -151,7 +162,7 @@ BENCHMARKS: dict[str, Callable[[Path, Sizes], tuple[float, str]]] = {
 def measure(system: str, name: str, image: Path, work: Path, sizes: Sizes) -> Measurement:
     mountpoint = work / f"mnt-{system}"
     with mounted(system, image, mountpoint) as mnt:
-        drop_caches()
+        drop_caches(image.parent)
         start = time.perf_counter()
         amount, unit = BENCHMARKS[name](mnt, sizes)
         seconds = time.perf_counter() - start

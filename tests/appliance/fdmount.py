@@ -32,15 +32,15 @@ SERVICE_MODULE = [sys.executable, "-m", "ext4box.service.main"]
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def fuse_mount(image: Path, mountpoint: Path) -> int:
-    """Open /dev/fuse and mount it read-only on `mountpoint`; returns the fd."""
+def fuse_mount(image: Path, mountpoint: Path, *, readonly: bool = True) -> int:
+    """Open /dev/fuse and mount it (read-only by default) on `mountpoint`; returns the fd."""
     fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     data = f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other"
     rc = _libc.mount(
         str(image).encode(),
         str(mountpoint).encode(),
         b"fuse.ext4box",
-        MS_RDONLY | MS_NOSUID | MS_NODEV,
+        (MS_RDONLY if readonly else 0) | MS_NOSUID | MS_NODEV,
         data.encode(),
     )
     if rc != 0:
@@ -111,6 +111,7 @@ def served_by_handoff(
     options: tuple[str, ...] = ("nosuid", "nodev"),
     timeout: float = 60,
     env: dict[str, str] | None = None,
+    mode: Mode = Mode.RO,
 ) -> Iterator[Served]:
     """Start the service, HELLO, mount, MOUNT with the fds, wait for READY;
     at exit umount and reap the service (the body may then look at its exit).
@@ -126,11 +127,12 @@ def served_by_handoff(
     mounted = False
     try:
         hello(helper_end, timeout)
-        fuse_fd = fuse_mount(image, mountpoint)
+        fuse_fd = fuse_mount(image, mountpoint, readonly=mode is Mode.RO)
         mounted = True
-        image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        access = os.O_RDONLY if mode is Mode.RO else os.O_RDWR
+        image_fd = os.open(image, access | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            request = MountRequest(Mode.RO, ImageKind.REGULAR, os.fstat(image_fd).st_size, options)
+            request = MountRequest(mode, ImageKind.REGULAR, os.fstat(image_fd).st_size, options)
             send_mount(helper_end, fuse_fd, image_fd, request)
         finally:
             os.close(image_fd)

@@ -8,7 +8,6 @@ The oracle is the kernel's own ext4 mount of the same image.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import subprocess
@@ -123,12 +122,26 @@ def _refused(
     return refused.value, proc.returncode, err
 
 
-def test_read_write_request_is_refused(tmp_path: Path) -> None:
+@pytest.mark.skipif(why_no_kernel_mounts() is not None, reason=str(why_no_kernel_mounts()))
+def test_read_write_handoff_serves_writes_under_stage2(tmp_path: Path) -> None:
     image = mkfs(make_tree(tmp_path), tmp_path / "img.ext4")
-    request = MountRequest(Mode.RW, ImageKind.REGULAR, image.stat().st_size)
-    refusal, code, err = _refused(tmp_path, image, request, os.O_RDWR)
-    assert refusal.errno == errno.EROFS and "read-write" in refusal.reason
-    assert code == 5, err
+    payload = os.urandom(300 * 1024 + 7)
+    with served_by_handoff(image, tmp_path / "mnt", SERVICE, mode=Mode.RW) as served:
+        root = served.mountpoint
+        (root / "new").mkdir()
+        (root / "new" / "data.bin").write_bytes(payload)
+        (root / "dir" / "hello.txt").unlink()
+        os.rename(root / "big.bin", root / "new" / "big.bin")
+    err = served.proc.stderr.read()
+    assert served.proc.returncode == 0, err
+    events = [line for line in err.splitlines() if '"event": "stage2"' in line]
+    assert events and '"seccomp": 2' in events[0], err
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    with kernel_mount(image, tmp_path / "kernel") as kernel_root:
+        assert (kernel_root / "new" / "data.bin").read_bytes() == payload
+        assert not (kernel_root / "dir" / "hello.txt").exists()
+        assert (kernel_root / "new" / "big.bin").stat().st_size == 2 * 1024 * 1024 + 5
 
 
 def test_image_that_is_not_ext4_is_refused(tmp_path: Path) -> None:

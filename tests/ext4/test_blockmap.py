@@ -37,6 +37,7 @@ from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt
 from ext4box.ext4.extents import append_merged
+from support.fileops import syncfs
 
 EXTENTS_FL = 0x80000
 
@@ -104,7 +105,7 @@ def kernel_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     path = make_image(tmp_path_factory.mktemp(request.param) / "bm.img", size_mb, *mkfs_args)
     with loop_mount(path) as mnt:
         _populate(mnt, bs)
-        os.sync()
+        syncfs(mnt)
         hashes = {name: sparse_file_digest(mnt / name, bs) for name in FILES}
         sizes = {name: (mnt / name).stat().st_size for name in FILES}
     return BuiltImage(path, path.read_bytes(), fs_info(path), hashes, sizes)

@@ -43,6 +43,7 @@ from ext4box.ext4.extents import (
     extent_tail_checksum,
     parse_extent_node,
 )
+from support.fileops import syncfs
 
 EXTENTS_FL = 0x80000
 
@@ -124,7 +125,7 @@ def kernel_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                       16 if bs == 1024 else 40, "-b", str(bs), "-O", "^inline_data")
     with loop_mount(path) as mnt:
         _populate(mnt, bs)
-        os.sync()
+        syncfs(mnt)
         hashes = {name: sha256_file(mnt / name) for name in FILES}
         sizes = {name: (mnt / name).stat().st_size for name in FILES}
     return BuiltImage(path, path.read_bytes(), fs_info(path), hashes, sizes)
@@ -340,7 +341,7 @@ def deep_1k(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     path = make_image(tmp_path_factory.mktemp("corrupt") / "c.img", 8, "-b", "1024")
     with loop_mount(path) as mnt:
         _write_blocks(mnt / "deep", 1024, [1 + 2 * i for i in range(400)])
-        os.sync()
+        syncfs(mnt)
         size = (mnt / "deep").stat().st_size
     image = BuiltImage(path, path.read_bytes(), fs_info(path), {}, {"deep": size})
     assert _mapper(image, "deep").depth == 2

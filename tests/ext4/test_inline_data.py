@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +59,9 @@ def inline_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
             (mnt / name).write_bytes(body)
         # Shrunk after being written longer: the tail of i_block may keep old bytes.
         (mnt / "shrunk").write_bytes(b"x" * 100)
-        os.truncate(mnt / "shrunk", 30)
-        os.sync()
+        # Through a write fd: path truncate(2) of inline files trips a 6.18 ext4 bug.
+        with open(mnt / "shrunk", "r+b") as shrunk:
+            shrunk.truncate(30)
         bodies["shrunk"] = (mnt / "shrunk").read_bytes()
     return BuiltImage(path, fs_info(path), bodies)
 

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from iomap_support import BLOCK, Extent, KernelImage, Opened, open_image
 
-from conftest import BLOCK, Extent, KernelImage, Opened, open_image
 from ext4box.ext4.errors import ReadOnly
 from ext4box.iomap.types import IOMap, IOMapKind
 

@@ -26,7 +26,9 @@ are created when it starts).
 from __future__ import annotations
 
 import errno
+import importlib
 import os
+import pkgutil
 
 from ext4box.service import libseccomp
 from ext4box.service.libseccomp import ACT_ALLOW, ArgCmp, Rule, act_errno
@@ -95,10 +97,20 @@ def rules(*, writable: bool) -> list[Rule]:
     return out
 
 
+# Packages whose code runs after lock_down(): every module is imported up
+# front, so a late `import` inside a function (the read-write facade, say)
+# cannot fail once open() is denied.
+_SERVING_PACKAGES = ("ext4box.ext4", "ext4box.iomap", "ext4box.fuse")
+
+
 def prepare() -> None:
-    """Load what lock_down() itself needs while files can still be opened."""
+    """Load what lock_down() and the server need while files can still be opened."""
     libseccomp.load_library()
     libseccomp.resolve("read")
+    for package_name in _SERVING_PACKAGES:
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__, package_name + "."):
+            importlib.import_module(module.name)
 
 
 def lock_down(*, writable: bool = False) -> None:
