@@ -61,6 +61,7 @@ from .htree import (
     HtreeIndex,
     build_dx_node,
     build_dx_root,
+    child_index,
     dx_node_limit,
     dx_root_limit,
     parse_dx_node,
@@ -169,18 +170,6 @@ class _Found:
     lblk: int  # -1 for the i_block area of an inline directory, -2 for its system.data area
     records: list[DirRecord]
     index: int
-
-
-def _child_at(entries: list[DxEntry], hash_: int) -> int:
-    """Index of the last entry whose hash is <= hash_ (entry 0 covers from 0)."""
-    lo, hi = 1, len(entries) - 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if entries[mid].hash > hash_:
-            hi = mid - 1
-        else:
-            lo = mid + 1
-    return lo - 1
 
 
 def _room(record: DirRecord) -> int:
@@ -538,7 +527,7 @@ class DirectoryWriter:
         parent_ino = DIR_RECORD.unpack_from(block0, DOT_REC_LEN)[0]
         hash_ = 0 if name is None else self._hash(root, name)
         entries = list(root.entries)
-        frames = [_Frame(0, root.limit, entries, _child_at(entries, hash_), root.tail_reserved)]
+        frames = [_Frame(0, root.limit, entries, child_index(entries, hash_), root.tail_reserved)]
         for _ in range(root.indirect_levels):
             child = frames[-1].entries[frames[-1].at].block
             self._check_child(child, frames, "dx_node")
@@ -550,7 +539,7 @@ class DirectoryWriter:
                 csum_seed=self._tail_seed,
             )
             entries = list(node.entries)
-            frames.append(_Frame(child, node.limit, entries, _child_at(entries, hash_),
+            frames.append(_Frame(child, node.limit, entries, child_index(entries, hash_),
                                  node.tail_reserved))
         leaf = frames[-1].entries[frames[-1].at].block
         self._check_child(leaf, frames, "dx leaf pointer")

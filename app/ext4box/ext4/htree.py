@@ -17,7 +17,7 @@ leaf continues a run of equal hashes").
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import checksum
@@ -260,7 +260,7 @@ def build_dx_node(node: DxNode, *, block_size: int, csum_seed: int | None) -> by
     )
 
 
-def _child_index(entries: tuple[DxEntry, ...], hash_: int) -> int:
+def child_index(entries: Sequence[DxEntry], hash_: int) -> int:
     """Index of the last entry whose hash is <= hash_ (entry 0 covers from 0)."""
     lo, hi = 1, len(entries) - 1
     while lo <= hi:
@@ -340,7 +340,7 @@ class HtreeIndex:
         frames: list[tuple[int, tuple[DxEntry, ...], int]] = []
         entries, lblk = self.root.entries, 0
         for level in range(self.root.indirect_levels + 1):
-            at = _child_index(entries, major)
+            at = child_index(entries, major)
             frames.append((lblk, entries, at))
             child = entries[at].block
             if level < self.root.indirect_levels:
