@@ -1,11 +1,14 @@
 """ext4box vs the kernel vs fuse2fs on one freshly built image.
 
-    python bench/run.py [--size-mb N] [--quick] [--repeat N]
+    python bench/run.py [--size-mb N] [--quick] [--repeat N] [--workloads read,write]
 
 Needs root (loop mounts, drop_caches). Every measurement starts from a fresh
-mount with dropped caches, so no system profits from an earlier run. Prints a
-table (absolute figures and time ratios against the kernel) and writes the
-results as JSON under bench/results/.
+mount with dropped caches, so no system profits from an earlier run. Read
+workloads share one read-only image; every write workload runs on a fresh copy
+of one read-write image (rw loop mount, `ext4box serve -o rw`, fuse2fs rw), and
+ends by flushing (fsync/syncfs, never sync(2)) so its time includes getting the
+data to the image. Prints a table (absolute figures and time ratios against
+the kernel) and writes the results as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ SYSTEMS = ("kernel", "ext4box", "fuse2fs")
 SEQ_FILE = "seq.bin"
 STAT_TREE = "stat-tree"
 SOURCE_TREE = "src-tree"
+RANDOM_WRITE_FILE = "random-write.bin"  # preallocated in the write image
+SOURCE_TAR = "src-tree.tar"  # next to the images, outside every mount
 _MIB = 1 << 20
 _RANDOM_READ = 4096
 
@@ -46,6 +51,8 @@ class Sizes:
     stat_files: int
     source_files: int
     random_reads: int
+    random_write_mb: int
+    random_writes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,17 @@ class Measurement:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the one filesystem holding `path` (never sync(2): see drop_caches)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def drop_caches(*dirty_paths: Path) -> None:
@@ -84,10 +102,14 @@ def build_tree(root: Path, sizes: Sizes) -> None:
         d = root / STAT_TREE / f"d{i // per_dir:03d}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"file-{i:05d}").write_bytes(b"x" * (i % 97))
-    # A source-like tree: nested packages of text files, mostly 1-30 KiB.
+    build_source_tree(root / SOURCE_TREE, sizes, rng)
+
+
+def build_source_tree(root: Path, sizes: Sizes, rng: random.Random) -> None:
+    """A source-like tree: nested packages of text files, mostly 1-30 KiB."""
     words = [b"def", b"return", b"self", b"import", b"value", b"class", b"if", b"for", b"in"]
     for i in range(sizes.source_files):
-        d = root / SOURCE_TREE / f"pkg{i % 7}" / f"mod{i % 23}" / f"sub{i % 5}"
+        d = root / f"pkg{i % 7}" / f"mod{i % 23}" / f"sub{i % 5}"
         d.mkdir(parents=True, exist_ok=True)
         size = int(min(200_000, rng.lognormvariate(8.5, 1.0)))
         line = b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
@@ -101,14 +123,42 @@ def build_image(tree: Path, image: Path) -> None:
                     "-d", str(tree), str(image), f"{size_mb}M"], check=True)
 
 
+def build_write_image(work: Path, sizes: Sizes) -> Path:
+    """The image every write workload starts from (each on its own copy): empty but
+    for a preallocated file the random writes overwrite; plus the tar to unpack."""
+    rng = random.Random(5)
+    tree = work / "write-tree"
+    tree.mkdir()
+    with (tree / RANDOM_WRITE_FILE).open("wb") as f:
+        for _ in range(sizes.random_write_mb):
+            f.write(rng.randbytes(_MIB))
+    source = work / "tar-tree"
+    build_source_tree(source / SOURCE_TREE, sizes, rng)
+    subprocess.run(["tar", "-cf", str(work / SOURCE_TAR), "-C", str(source), SOURCE_TREE],
+                   check=True)
+    shutil.rmtree(source)
+    tar_mb = (work / SOURCE_TAR).stat().st_size // _MIB
+    size_mb = int((sizes.seq_mb + sizes.random_write_mb + tar_mb) * 1.5) + 192
+    image = work / "write.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", "4096", "-N", "60000",
+                    "-d", str(tree), str(image), f"{size_mb}M"], check=True)
+    shutil.rmtree(tree)
+    return image
+
+
 @contextlib.contextmanager
-def mounted(system: str, image: Path, mountpoint: Path) -> Iterator[Path]:
+def mounted(system: str, image: Path, mountpoint: Path, *, writable: bool = False
+            ) -> Iterator[Path]:
     if system == "kernel":
-        with kernel_mount(image, mountpoint) as mnt:
+        with kernel_mount(image, mountpoint, readonly=not writable) as mnt:
             yield mnt
         return
-    argv = ext4box_argv(image, mountpoint) if system == "ext4box" else fuse2fs_argv(
-        image, mountpoint)
+    if system == "ext4box":
+        argv = ext4box_argv(image, mountpoint, "rw" if writable else "ro")
+    else:
+        argv = fuse2fs_argv(image, mountpoint)
+        if writable:
+            argv[argv.index("ro,fakeroot")] = "rw,fakeroot"
     with served(image, mountpoint, argv) as handle:
         yield handle.mountpoint
 
@@ -151,11 +201,74 @@ def find_cat(mnt: Path, sizes: Sizes) -> tuple[float, str]:
     return sizes.source_files, "files/s"
 
 
+def sequential_write(mnt: Path, sizes: Sizes) -> tuple[float, str]:
+    block = random.Random(8).randbytes(_MIB)
+    fd = os.open(mnt / "seq-write.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for _ in range(sizes.seq_mb):
+            if os.write(fd, block) != _MIB:
+                raise RuntimeError("short write")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sizes.seq_mb, "MB/s"
+
+
+def random_write(mnt: Path, sizes: Sizes) -> tuple[float, str]:
+    rng = random.Random(9)
+    block = rng.randbytes(_RANDOM_READ)
+    blocks = sizes.random_write_mb * _MIB // _RANDOM_READ
+    fd = os.open(mnt / RANDOM_WRITE_FILE, os.O_WRONLY)
+    try:
+        for _ in range(sizes.random_writes):
+            offset = rng.randrange(blocks) * _RANDOM_READ
+            if os.pwrite(fd, block, offset) != _RANDOM_READ:
+                raise RuntimeError(f"short write at {offset}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sizes.random_writes, "writes/s"
+
+
+def create_unlink(mnt: Path, sizes: Sizes) -> tuple[float, str]:
+    """Create small files in 100 directories, flush, unlink them all, flush."""
+    root = mnt / "churn"
+    root.mkdir()
+    per_dir = max(1, sizes.stat_files // 100)
+    paths = [root / f"d{i // per_dir:03d}" / f"file-{i:05d}" for i in range(sizes.stat_files)]
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"x" * (len(path.name) * 7))
+        finally:
+            os.close(fd)
+    syncfs(mnt)
+    for path in paths:
+        os.unlink(path)
+    syncfs(mnt)
+    return sizes.stat_files, "files/s"
+
+
+def untar(mnt: Path, sizes: Sizes) -> tuple[float, str]:
+    tar = mnt.parent / SOURCE_TAR
+    subprocess.run(["tar", "-xf", str(tar), "-C", str(mnt)], check=True)
+    syncfs(mnt)
+    return sizes.source_files, "files/s"
+
+
 BENCHMARKS: dict[str, Callable[[Path, Sizes], tuple[float, str]]] = {
     "seq read 1MiB (cold)": sequential_read,
     "random read 4KiB (cold)": random_read,
     "ls -lR 20k-file tree": ls_lr,
     "find + cat source tree": find_cat,
+}
+# Each runs on its own fresh copy of the write image, mounted read-write.
+WRITE_BENCHMARKS: dict[str, Callable[[Path, Sizes], tuple[float, str]]] = {
+    "seq write 1MiB + fsync": sequential_write,
+    "random write 4KiB + fsync": random_write,
+    "create+unlink small files": create_unlink,
+    "untar source tree": untar,
 }
 
 
@@ -169,13 +282,39 @@ def measure(system: str, name: str, image: Path, work: Path, sizes: Sizes) -> Me
     return Measurement(system, name, seconds, amount / seconds, unit)
 
 
+def measure_write(system: str, name: str, base_image: Path, work: Path,
+                  sizes: Sizes) -> Measurement:
+    """One write workload on a fresh copy of the write image; the unmount (and with it
+    anything a server still holds) is outside the timed part, the workload's own
+    fsync/syncfs inside it."""
+    image = work / f"write-{system}.img"
+    subprocess.run(["cp", "--sparse=always", str(base_image), str(image)], check=True)
+    try:
+        mountpoint = work / f"mnt-{system}"
+        with mounted(system, image, mountpoint, writable=True) as mnt:
+            drop_caches(image.parent)
+            start = time.perf_counter()
+            amount, unit = WRITE_BENCHMARKS[name](mnt, sizes)
+            seconds = time.perf_counter() - start
+        check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
+                               check=False)
+        if check.returncode != 0:
+            print(f"  WARNING: e2fsck -fn after {name} on {system}: exit {check.returncode}\n"
+                  f"{check.stdout[-2000:]}", file=sys.stderr, flush=True)
+    finally:
+        image.unlink(missing_ok=True)
+    return Measurement(system, name, seconds, amount / seconds, unit)
+
+
 def print_table(results: list[Measurement]) -> None:
     by_key = {(m.system, m.benchmark): m for m in results}
     width = 30
     header = f"{'benchmark':<25}" + "".join(f"{s:>{width}}" for s in SYSTEMS)
     print(header)
     print("-" * len(header))
-    for name in BENCHMARKS:
+    for name in (*BENCHMARKS, *WRITE_BENCHMARKS):
+        if not any(m.benchmark == name for m in results):
+            continue
         kernel = by_key.get(("kernel", name))
         cells = []
         for system in SYSTEMS:
@@ -198,14 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is kept")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--workloads", default="read,write",
+                        help="comma-separated subset of read,write")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (loop mounts, drop_caches)", file=sys.stderr)
         return 1
     if args.quick:
-        sizes = Sizes(min(args.size_mb, 64), 2_000, 500, 500)
+        sizes = Sizes(min(args.size_mb, 64), 2_000, 500, 500, 16, 500)
     else:
-        sizes = Sizes(args.size_mb, 20_000, 3_000, 2_000)
+        sizes = Sizes(args.size_mb, 20_000, 3_000, 2_000, 64, 2_000)
     systems = [s for s in args.systems.split(",") if s]
     for system in systems:
         if system not in SYSTEMS:
@@ -214,21 +355,39 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: fuse2fs not installed, skipping it", file=sys.stderr)
         systems.remove("fuse2fs")
 
+    workloads = {w for w in args.workloads.split(",") if w}
+    if not workloads <= {"read", "write"}:
+        parser.error(f"unknown workloads {sorted(workloads - {'read', 'write'})}")
+
     with tempfile.TemporaryDirectory(prefix="ext4box-bench-") as tmp:
         work = Path(tmp)
-        print(f"building image ({sizes.seq_mb} MiB file, {sizes.stat_files} small files, "
-              f"{sizes.source_files} source files)...", flush=True)
-        build_tree(work / "tree", sizes)
-        image = work / "bench.img"
-        build_image(work / "tree", image)
-        shutil.rmtree(work / "tree")
         results: list[Measurement] = []
-        for name in BENCHMARKS:
-            for system in systems:
-                runs = [measure(system, name, image, work, sizes) for _ in range(args.repeat)]
-                best = min(runs, key=lambda m: m.seconds)
-                print(f"  {name:<26} {system:<8} {best.seconds:8.3f}s", flush=True)
-                results.append(best)
+        if "read" in workloads:
+            print(f"building image ({sizes.seq_mb} MiB file, {sizes.stat_files} small files, "
+                  f"{sizes.source_files} source files)...", flush=True)
+            build_tree(work / "tree", sizes)
+            image = work / "bench.img"
+            build_image(work / "tree", image)
+            shutil.rmtree(work / "tree")
+            for name in BENCHMARKS:
+                for system in systems:
+                    runs = [measure(system, name, image, work, sizes)
+                            for _ in range(args.repeat)]
+                    best = min(runs, key=lambda m: m.seconds)
+                    print(f"  {name:<26} {system:<8} {best.seconds:8.3f}s", flush=True)
+                    results.append(best)
+            image.unlink()
+        if "write" in workloads:
+            print(f"building write image ({sizes.random_write_mb} MiB file to overwrite, "
+                  f"tar of {sizes.source_files} source files)...", flush=True)
+            write_image = build_write_image(work, sizes)
+            for name in WRITE_BENCHMARKS:
+                for system in systems:
+                    runs = [measure_write(system, name, write_image, work, sizes)
+                            for _ in range(args.repeat)]
+                    best = min(runs, key=lambda m: m.seconds)
+                    print(f"  {name:<26} {system:<8} {best.seconds:8.3f}s", flush=True)
+                    results.append(best)
 
     print()
     print_table(results)

@@ -3,7 +3,9 @@
 ctime follows the kernel: any change sets it to now unless the caller gives
 one; a size change also sets mtime (ext4_setattr touches both only when the
 size really changes). chmod of an inode with an access ACL rewrites the ACL's
-owner/group-or-mask/other entries to match, as posix_acl_chmod does.
+owner/group-or-mask/other entries to match, as posix_acl_chmod does. A new
+inode in a directory with a default ACL inherits it (`inherit_acls`), as
+posix_acl_create + ext4_init_acl do.
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ import struct
 from typing import TYPE_CHECKING
 
 from ext4box.ext4 import features as F
-from ext4box.ext4.acl import ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, ACL_USER_OBJ, acl_disk_to_xattr
-from ext4box.ext4.errors import inode_where
+from ext4box.ext4.acl import (
+    ACL_GROUP,
+    ACL_GROUP_OBJ,
+    ACL_MASK,
+    ACL_OTHER,
+    ACL_USER,
+    ACL_USER_OBJ,
+    acl_disk_to_xattr,
+)
+from ext4box.ext4.errors import Corrupt, NoData, inode_where
 from ext4box.ext4.file_data import truncate
 from ext4box.ext4.inode import Inode
 from ext4box.ext4.xattr_writer import (
     ACL_ACCESS,
+    ACL_DEFAULT,
     XattrState,
     XattrUpdate,
     apply_block_update,
@@ -98,6 +109,72 @@ def _chmod_acl(fs: WritableFilesystem, inode: Inode, mode: int, now: int) -> Ino
     update = set_xattr(state, ACL_ACCESS, bytes(value))
     changed = _apply(fs, inode, state, update, now)
     return dataclasses.replace(changed, mode=inode.mode)  # the caller sets the mode
+
+
+def _create_masq(default: bytes, mode: int, where: str) -> tuple[bytes, int, bool]:
+    """posix_acl_create_masq: the access ACL a new inode of `mode` gets from its
+    directory's default ACL (xattr form), the mode that ACL leaves, and whether
+    the ACL says more than the mode (else the kernel stores none)."""
+    acl = bytearray(default)
+    group_obj = mask = None
+    extended = False
+    for offset in range(_ACL_HEADER.size, len(acl), _ACL_ENTRY.size):
+        tag, perm, ident = _ACL_ENTRY.unpack_from(acl, offset)
+        perm &= 0o7
+        if tag == ACL_USER_OBJ:
+            perm &= (mode >> 6) & 0o7
+            mode &= (perm << 6) | ~0o700
+        elif tag == ACL_OTHER:
+            perm &= mode & 0o7
+            mode &= perm | ~0o007
+        elif tag == ACL_GROUP_OBJ:
+            group_obj = offset
+        elif tag == ACL_MASK:
+            mask = offset
+            extended = True
+        elif tag in (ACL_USER, ACL_GROUP):
+            extended = True
+        _ACL_ENTRY.pack_into(acl, offset, tag, perm, ident)
+    # The group class bits: the mask's when there is one, else the owning group's.
+    group_class = mask if mask is not None else group_obj
+    if group_class is None:
+        raise Corrupt("default ACL", where, "no group or mask entry")
+    tag, perm, ident = _ACL_ENTRY.unpack_from(acl, group_class)
+    perm &= (mode >> 3) & 0o7
+    mode &= (perm << 3) | ~0o070
+    _ACL_ENTRY.pack_into(acl, group_class, tag, perm, ident)
+    return bytes(acl), mode, extended
+
+
+def inherit_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
+    """A new inode (not yet stored) in directory `parent`, with the ACLs and mode it
+    inherits from the directory's default ACL (posix_acl_create, ext4_init_acl):
+    the access ACL is the default masked by the create mode, and the mode bits
+    follow it; a new directory also inherits the default ACL itself. Symlinks
+    and inodes of a directory without a default ACL are returned unchanged.
+
+    The create mode comes from the FUSE layer: the kernel has already applied
+    the umask unless the connection asked it not to (FUSE_DONT_MASK)."""
+    if inode.is_symlink:
+        return inode
+    try:
+        default = fs.getxattr(parent.ino, ACL_DEFAULT)
+    except NoData:
+        return inode
+    access, mode, extended = _create_masq(default, inode.mode, inode_where(parent.ino))
+    now = inode.ctime_ns
+    # The kernel stores the default ACL first, then the access ACL.
+    if inode.is_dir:
+        state = _state(fs, inode)
+        inode = _apply(fs, inode, state, set_xattr(state, ACL_DEFAULT, default), now)
+    if extended:
+        state = _state(fs, inode)
+        try:
+            inode = _apply(fs, inode, state, set_xattr(state, ACL_ACCESS, access), now)
+        except BaseException:
+            fs.drop_xattr_block(inode)  # the block the default ACL may have taken
+            raise
+    return dataclasses.replace(inode, mode=mode)
 
 
 def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | None,

@@ -17,8 +17,8 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
+from ext4box.ext4 import attr_ops, orphans
 from ext4box.ext4 import features as F
-from ext4box.ext4 import orphans
 from ext4box.ext4.dir_access import (
     LINK_MAX,
     DirHandle,
@@ -50,7 +50,7 @@ from ext4box.ext4.inline_writer import (
     max_inline_size,
 )
 from ext4box.ext4.inode import FL_EXTENTS, FL_INLINE_DATA, ROOT_INO, Inode
-from ext4box.ext4.xattr import XattrEntry
+from ext4box.ext4.xattr import XattrEntry, parse_ibody_xattrs
 
 if TYPE_CHECKING:
     from ext4box.ext4.writable import WritableFilesystem
@@ -131,6 +131,22 @@ def _parent_for_new(fs: WritableFilesystem, parent: int, name: bytes) -> DirHand
     return handle
 
 
+def _with_inherited_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
+    """The new inode with its directory's default ACL applied; on failure its number is
+    given back (nothing else was taken yet)."""
+    try:
+        return attr_ops.inherit_acls(fs, parent, inode)
+    except BaseException:
+        fs.inodes.free(inode.ino, inode.is_dir)
+        raise
+
+
+def _discard_new(fs: WritableFilesystem, inode: Inode) -> None:
+    """Undo a new inode that never got a name: its xattr block, then its number."""
+    fs.drop_xattr_block(inode)
+    fs.inodes.free(inode.ino, inode.is_dir)
+
+
 def _add_or_undo(handle: DirHandle, name: bytes, ino: int, ftype: int, undo) -> None:
     """Add the name; on failure keep what the directory became (it stays well formed,
     maybe a block larger), run `undo` and re-raise."""
@@ -154,10 +170,11 @@ def create(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int
     handle = _parent_for_new(fs, parent, name)
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=False)
-    _add_or_undo(handle, name, ino, file_type(mode), lambda: fs.inodes.free(ino, False))
     inode = _new_inode(fs, handle.inode, ino, mode, uid, gid, now)
     if fmt in (stat.S_IFCHR, stat.S_IFBLK):
         inode = dataclasses.replace(inode, i_block=_rdev_i_block(rdev))
+    inode = _with_inherited_acls(fs, handle.inode, inode)
+    _add_or_undo(handle, name, ino, file_type(mode), lambda: _discard_new(fs, inode))
     stored = fs.store(inode)
     handle.finish(now)
     return stored
@@ -166,12 +183,14 @@ def create(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int
 def _inline_dir_body(fs: WritableFilesystem, inode: Inode, parent: int) -> Inode | None:
     """A new directory stored inline (inline_data), or None if the inode has no room."""
     area = inode.ibody_xattr_area
-    state = InlineState(ino=inode.ino, i_block=inode.i_block, size=0, ibody_entries=(),
-                        ibody_size=len(area))
+    # In-inode attributes already there (inherited ACLs) stay; system.data needs room too.
+    entries = list(parse_ibody_xattrs(area, ino=inode.ino)) if area else []
+    state = InlineState(ino=inode.ino, i_block=inode.i_block, size=0,
+                        ibody_entries=tuple(entries), ibody_size=len(area))
     if max_inline_size(state) < INLINE_IBLOCK_SIZE:
         return None
     flags = (inode.flags & ~FL_EXTENTS) | FL_INLINE_DATA
-    return _with_ibody(inode, [XattrEntry(SYSTEM_DATA_NAME, b"")],
+    return _with_ibody(inode, [*entries, XattrEntry(SYSTEM_DATA_NAME, b"")],
                        i_block=new_inline_dir_body(parent), size=INLINE_IBLOCK_SIZE, flags=flags)
 
 
@@ -185,7 +204,8 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=True)
     inode = _new_inode(fs, handle.inode, ino, stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
-    inode = dataclasses.replace(inode, links_count=2)
+    inode = _with_inherited_acls(fs, handle.inode, dataclasses.replace(inode, links_count=2))
+    with_acls = inode
     inline = None
     if sb.has_incompat(F.INCOMPAT_INLINE_DATA):
         inline = _inline_dir_body(fs, inode, parent)
@@ -194,7 +214,7 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
     def undo() -> None:
         for pblk in taken:
             fs.free_block(pblk)
-        fs.inodes.free(ino, True)
+        _discard_new(fs, with_acls)
 
     if inline is not None:
         inode = inline
@@ -202,7 +222,7 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
         try:
             pblk = fs.alloc_meta_block(fs.group_goal(ino))
         except BaseException:
-            fs.inodes.free(ino, True)
+            _discard_new(fs, with_acls)
             raise
         taken.append(pblk)
         tree = fs.tree_writer(inode)
@@ -307,8 +327,11 @@ def unlink(fs: WritableFilesystem, parent: int, name: bytes, *, still_open: bool
     entry = handle.writer.lookup(name)
     if entry is None or name in (b".", b".."):
         raise NotFound(f"{name!r} not in directory inode {parent}")
-    if fs.inode(entry.inode).is_dir:
+    target = fs.inode(entry.inode)
+    if target.is_dir:
         raise IsADirectory(f"{name!r} is a directory")
+    if target.links_count <= 1 and not still_open:
+        orphans.check_evictable(fs, target)
     handle.writer.remove(name)
     now = fs.now_ns()
     handle.finish(now)
@@ -333,6 +356,7 @@ def rmdir(fs: WritableFilesystem, parent: int, name: bytes) -> None:
         raise NotADirectory(f"{name!r} is not a directory")
     if not _empty_dir(fs, entry.inode):
         raise NotEmpty(f"directory {name!r} is not empty")
+    orphans.check_evictable(fs, fs.inode(entry.inode))
     handle.writer.remove(name)
     now = fs.now_ns()
     handle.finish(now, links=dec_dir_links(handle.inode.links_count))
@@ -414,6 +438,8 @@ def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent:
             raise IsADirectory(f"{new_name!r} is a directory")
         if dst.is_dir and not _empty_dir(fs, dst.ino):
             raise NotEmpty(f"directory {new_name!r} is not empty")
+        if dst.is_dir or (dst.links_count <= 1 and not fs.is_open(dst.ino)):
+            orphans.check_evictable(fs, dst)
     if src.is_dir and not same_dir and dst is None and dir_link_max(
             dst_dir.inode.links_count, dst_dir.is_dx, dir_nlink):
         raise TooManyLinks(f"directory inode {new_parent} has too many links")
