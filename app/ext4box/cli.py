@@ -446,7 +446,17 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from ext4box.helper import commands
     from ext4box.helper.errors import HelperError
+    from ext4box.helper.external import Endpoint
 
+    endpoint = None
+    if args.handoff_listen or args.handoff_connect:
+        endpoint = Endpoint(
+            path=args.handoff_listen or args.handoff_connect,
+            listen=bool(args.handoff_listen),
+            server_uid=args.server_uid,
+        )
+    elif args.foreground or args.server_uid is not None:
+        raise CliError("--foreground and --server-uid need --handoff-listen or --handoff-connect")
     try:
         result = commands.mount(
             args.image,
@@ -454,14 +464,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
             mode=args.mode,
             policy_dir=args.policy,
             timeout=args.timeout,
+            endpoint=endpoint,
         )
     except HelperError as err:
         raise CliError(err.line) from None
     record = result.record
+    server = f"server {record.container_id}" if endpoint else f"container {record.name}"
     print(
-        f"mounted {record.image} on {record.mountpoint} ({record.mode}, container"
-        f" {record.name}, ready in {result.ready_seconds:.2f} s)"
+        f"mounted {record.image} on {record.mountpoint} ({record.mode}, {server},"
+        f" ready in {result.ready_seconds:.2f} s)",
+        flush=True,
     )
+    if args.foreground:
+        why = commands.serve_until_stopped(result)
+        print(f"unmounted {record.mountpoint} ({why})", flush=True)
+    elif result.channel is not None:
+        result.channel.close()
     return EXIT_OK
 
 
@@ -564,6 +582,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS", help="wait for the server"
+    )
+    # Deployments (compose/, docs in README "Deployments"): a server someone else runs.
+    meet = mount.add_mutually_exclusive_group()
+    meet.add_argument("--handoff-listen", metavar="SOCKET",
+                      help="listen on SOCKET for an already running server instead of"
+                      " starting a container")  # fmt: skip
+    meet.add_argument(
+        "--handoff-connect",
+        metavar="SOCKET",
+        help="connect to a server listening on SOCKET (systemd socket unit)",
+    )
+    mount.add_argument(
+        "--server-uid",
+        type=int,
+        metavar="UID",
+        help="with --handoff-listen: the uid the server must connect as",
+    )
+    mount.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay until SIGTERM/SIGINT or the server exits, then unmount",
     )
     # info: the policy decision is always logged (JSON when stderr is not a terminal).
     mount.set_defaults(handler=cmd_mount, mode="ro", default_level="info")

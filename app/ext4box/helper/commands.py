@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ext4box.helper import container, fusemount, handoff, state
+from ext4box.helper import container, external, fusemount, handoff, state
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.log import get_logger
@@ -51,6 +51,9 @@ GONE_TIMEOUT = 1.5  # how long umount waits for the server to exit by itself
 class MountResult:
     record: state.MountRecord
     ready_seconds: float  # container start to READY
+    # With an external server (compose, Kubernetes, systemd): the hand-off
+    # socket, still open, so `--foreground` can watch it for the server's exit.
+    channel: socket.socket | None = None
 
 
 # -- mount ----------------------------------------------------------------------
@@ -63,7 +66,9 @@ def mount(
     mode: str = "ro",
     policy_dir: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    endpoint: external.Endpoint | None = None,
 ) -> MountResult:
+    """Mount through a server container we start, or (endpoint) one already running."""
     _ensure_stdio()
     who = identity_of_uid(os.getuid(), os.getgid())
     policy = _load_policy(policy_dir)
@@ -89,11 +94,126 @@ def mount(
         if not decision.allowed:
             raise HelperError(decision.reason)
         check_features(image, decision.refused_features, decision.rule)
+        if endpoint is not None:
+            return _mount_external(endpoint, image, mountpoint, decision, timeout)
         podman = container.find_podman()
         container.check_image(podman)
         return _mount_and_serve(podman, image, mountpoint, decision, timeout)
     finally:
         image.close()
+
+
+def _mount_spec(image: OpenedImage, mountpoint: str, decision: Decision) -> fusemount.MountSpec:
+    flags = decision.mount_flags
+    return fusemount.MountSpec(
+        mountpoint=mountpoint,
+        source=image.path,
+        mode=image.mode,
+        noexec="noexec" in flags,
+        allow_other="allow_other" in flags,
+        uid=os.getuid(),
+        gid=os.getgid(),
+    )
+
+
+def _mount_request(image: OpenedImage, decision: Decision) -> MountRequest:
+    return MountRequest(
+        Mode.RO if image.mode == "ro" else Mode.RW,
+        ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
+        image.size,
+        tuple(decision.mount_flags),
+    )
+
+
+def _mount_external(
+    endpoint: external.Endpoint,
+    image: OpenedImage,
+    mountpoint: str,
+    decision: Decision,
+    timeout: float,
+) -> MountResult:
+    """Meet the server at endpoint first, then mount: no server, nothing to undo."""
+    started = time.monotonic()
+    sock, peer = external.open_channel(endpoint, timeout)
+    name = f"ext4box-{secrets.token_hex(6)}"
+    try:
+        fuse_fd = fusemount.mount(_mount_spec(image, mountpoint, decision))
+        try:
+            handoff.hand_off(sock, fuse_fd, image.fd, _mount_request(image, decision),
+                             timeout=timeout)  # fmt: skip
+            handoff.wait_ready(sock, timeout=timeout)
+        except (PeerRefused, HandoffError) as failed:
+            with contextlib.suppress(HelperError, OSError):
+                fusemount.unmount(mountpoint)
+            what = "refused" if isinstance(failed, PeerRefused) else "failed"
+            raise HelperError(f"the server at {endpoint.path} {what}: {failed.reason}") from None
+        except BaseException:
+            with contextlib.suppress(HelperError, OSError):
+                fusemount.unmount(mountpoint)
+            raise
+        finally:
+            os.close(fuse_fd)
+    except BaseException:
+        sock.close()
+        raise
+    ready = time.monotonic() - started
+    record = state.MountRecord(
+        name=name,
+        image=image.path,
+        mountpoint=mountpoint,
+        mode=image.mode,
+        container_id=endpoint.describe(),
+        since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        pid=peer.pid or None,
+        uid=os.getuid(),
+        flags=tuple(decision.mount_flags),
+        rule=decision.rule,
+        sha256=decision.sha256,
+    )
+    state.save(record)
+    log.info("mounted", server=endpoint.describe(), image=image.path, mountpoint=mountpoint,
+             mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
+    return MountResult(record, ready, sock)
+
+
+def serve_until_stopped(result: MountResult) -> str:
+    """`ext4box mount --foreground`: hold the mount until SIGTERM/SIGINT or the server exits.
+
+    Then unmount (an unmount propagates to every peer of the mount, e.g. the
+    host side of a compose or Kubernetes shared volume) and forget the record.
+    Returns why it stopped.
+    """
+    import select
+    import signal
+
+    class _Stop(Exception):
+        pass
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    channel = result.channel
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    why = "server exited"
+    try:
+        while channel is not None:
+            readable, _, _ = select.select([channel], [], [], 1.0)
+            if readable:
+                with contextlib.suppress(OSError):
+                    if channel.recv(64):
+                        continue  # the protocol sends nothing after READY; ignore it
+                break
+    except _Stop as stop:
+        why = str(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if channel is not None:
+            channel.close()
+    with contextlib.suppress(HelperError):
+        umount(result.record.mountpoint)
+    log.info("stopped", reason=why, mountpoint=result.record.mountpoint)
+    return why
 
 
 def _mount_and_serve(
@@ -289,7 +409,12 @@ def umount(mountpoint_arg: str) -> str:
         fusemount.unmount(path)
         if os.geteuid() == 0:
             fusemount.abort_connection(entry.device)
-    if record is not None:
+    if record is not None and external.is_external(record.container_id):
+        # A server we did not start: unmounting ends its session; its
+        # orchestrator (compose, kubelet, systemd) reaps it.
+        state.forget(record)
+        log.info("unmounted", server=record.container_id, mountpoint=path, image=record.image)
+    elif record is not None:
         podman = container.find_podman()
         # Unmounting normally ends the FUSE session: the server exits and
         # --rm removes it. If a copy of the mount in another mount namespace
@@ -330,6 +455,8 @@ def list_mounts() -> list[dict[str, object]]:
 
 
 def _status(record: state.MountRecord, container_state: str | None) -> str:
+    if external.is_external(record.container_id):
+        container_state = "running"  # not ours to inspect: the mount says it all
     if fusemount.mounted_fstype(record.mountpoint) != fusemount.FSTYPE:
         return "not mounted"
     try:

@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         help="serve even when capabilities, no_new_privs, seccomp or netns are missing",
     )
     parser.add_argument("--timeout", type=float, default=protocol.DEFAULT_TIMEOUT)
+    parser.add_argument(
+        "--connect-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --handoff-socket: keep retrying while nobody listens there yet (compose and"
+        " Kubernetes start the server and the helper in no particular order)",
+    )
     return parser
 
 
@@ -164,14 +172,20 @@ def _serve_handoff(args: argparse.Namespace) -> int:
 
 def _handoff_socket(args: argparse.Namespace) -> socket.socket:
     if args.handoff_socket is not None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            sock.settimeout(args.timeout)
-            sock.connect(args.handoff_socket)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        deadline = time.monotonic() + max(0.0, args.connect_wait)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(args.timeout)
+                sock.connect(args.handoff_socket)
+                return sock
+            except OSError as exc:
+                sock.close()
+                # Not there yet / not listening yet: the helper may start after us.
+                waiting = exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
+                if not waiting or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.1)
     fd = DEFAULT_HANDOFF_FD if args.handoff_fd is None else args.handoff_fd
     sock = socket.socket(fileno=fd)
     try:
