@@ -70,7 +70,7 @@ def open_image(path: str, *, writable: bool = False) -> Iterator[tuple[Filesyste
         except Ext4Error as err:
             raise CliError(f"{path}: {err}") from None
         try:
-            yield fs, IOMapEngine(fs, dev)
+            yield fs, IOMapEngine(fs, fs.dev)
         finally:
             fs.close()
     finally:

@@ -255,7 +255,6 @@ def _refused(image: Path, expected: type[Exception], words: str, *, ro_ok: bool 
     ("setup", "expected", "words"),
     [
         ("ssv state 3", ReadOnly, "errors flag"),
-        ("feature needs_recovery", ReadOnly, "needs recovery"),
         ("ssv feature_ro_compat 0x80000001", ReadOnly, "unknown_0x80000000"),
         ("feature quota", ReadOnly, "quota"),
     ],

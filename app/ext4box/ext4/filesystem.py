@@ -29,6 +29,7 @@ from ext4box.ext4.errors import (
     NotASymlink,
     NotExt4,
     NotFound,
+    ReadOnly,
     Unsupported,
     block_where,
     inode_where,
@@ -144,10 +145,7 @@ class Filesystem:
                 f"({dev.size} bytes): truncated image?",
             )
         if sb.has_incompat(F.INCOMPAT_RECOVER):
-            log.warning(
-                "journal_needs_recovery",
-                detail="serving the last checkpointed state; journal replay is not implemented",
-            )
+            dev, sb = _recover_journal(dev, sb, readonly=readonly)
         if readonly:
             fs = cls(dev, sb, caches or CacheSizes())
         else:
@@ -478,6 +476,44 @@ class Filesystem:
         gdt = gdt_block_count(sb) + int(sb.reserved_gdt_blocks)
         backups = sum(1 for g in range(sb.group_count) if sb.group_has_super(g))
         return sb.first_data_block + backups * (1 + gdt) + sb.group_count * (2 + itable)
+
+
+def _recover_journal(
+    dev: BlockDevice, sb: Superblock, *, readonly: bool
+) -> tuple[BlockDevice, Superblock]:
+    """needs_recovery: replay the journal in memory (read-only: the device and
+    superblock to serve) or onto the device (read-write: the superblock after)."""
+    from ext4box.ext4 import mount_state
+    from ext4box.ext4.journal.overlay import OverlayDevice
+    from ext4box.ext4.journal.recovery import plan_recovery, replay_onto_device
+
+    if not sb.has_compat(F.COMPAT_HAS_JOURNAL):
+        if not readonly:
+            raise ReadOnly("refusing a read-write mount: needs_recovery is set but the "
+                           "filesystem has no journal; run e2fsck first")
+        log.warning("needs_recovery_without_journal", detail="serving the device as it is")
+        return dev, sb
+    if not readonly:
+        # Refuse before writing anything if the mount would be refused anyway.
+        mount_state.check_rw_mount(sb, dev, recovering=True)
+    # The journal is read as it is on the device, before any replay.
+    journal_fs = Filesystem(dev, sb, CacheSizes(metadata_blocks=64, inodes=4, mappers=1,
+                                                directories=1))
+    blocks, plan = plan_recovery(journal_fs)
+    if readonly:
+        if plan.fast_commit_pending:
+            log.warning("journal_fast_commit_not_replayed",
+                        detail="the journal holds fast commits after the last full commit; "
+                        "serving the full commits only")
+        overlay = OverlayDevice(dev, sb.block_size, plan.copies)
+        log.info("journal_replayed_in_memory", transactions=plan.transactions,
+                 blocks=overlay.overlaid_blocks)
+        return overlay, Superblock.parse(overlay.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
+    if plan.fast_commit_pending:
+        raise ReadOnly("refusing a read-write mount: the journal holds fast-commit blocks, "
+                       "whose replay is not implemented; mount read-only (full commits are "
+                       "replayed in memory) or let the kernel or e2fsck recover it")
+    return dev, replay_onto_device(dev, blocks, plan, sb.block_size)
 
 
 def _listed(name: bytes) -> bool:

@@ -2,7 +2,8 @@
 
 Refused read-write (read-only stays possible) as the kernel refuses or as
 writing without the missing machinery would damage the image:
-- a journal that needs recovery (we do not replay it yet), an external journal;
+- a journal that still needs recovery (Filesystem.open replays it before
+  checking, see ext4/journal/recovery.py), an external journal;
 - the errors flag (the image wants e2fsck first);
 - RO_COMPAT features we do not write correctly (unknown bits, quota files we
   would not update, readonly, bigalloc, snapshots, replica, shared blocks);
@@ -59,10 +60,11 @@ _MMP_SEQ_CLEAN = 0xFF4D4D50
 _MMP_HEAD = struct.Struct("<II")
 
 
-def rw_refusal(sb: Superblock, dev: BlockDevice) -> str | None:
-    """Why `sb` must not be mounted read-write, or None."""
-    if sb.has_incompat(F.INCOMPAT_RECOVER):
-        return "the journal needs recovery (replay is not implemented); mount read-only"
+def rw_refusal(sb: Superblock, dev: BlockDevice, *, recovering: bool = False) -> str | None:
+    """Why `sb` must not be mounted read-write, or None. `recovering`: the caller is
+    about to replay the journal, so needs_recovery itself is no reason."""
+    if sb.has_incompat(F.INCOMPAT_RECOVER) and not recovering:
+        return "the journal needs recovery; open it through Filesystem.open, which replays it"
     if sb.has_incompat(F.INCOMPAT_JOURNAL_DEV):
         return "an external journal device"
     if int(sb.fields["state"]) & STATE_ERROR:
@@ -90,13 +92,13 @@ def _mmp_state(sb: Superblock, dev: BlockDevice) -> str:
     return "the MMP protocol is not implemented"
 
 
-def check_rw_mount(sb: Superblock, dev: BlockDevice) -> None:
+def check_rw_mount(sb: Superblock, dev: BlockDevice, *, recovering: bool = False) -> None:
     """Raise ReadOnly (EROFS) or Unsupported when the image may only be read."""
     if not dev.writable:
         raise ReadOnly("the device is open read-only")
     if sb.has_ro_compat(F.RO_COMPAT_BIGALLOC):
         raise Unsupported("bigalloc", detail="writing clustered allocation is not implemented")
-    reason = rw_refusal(sb, dev)
+    reason = rw_refusal(sb, dev, recovering=recovering)
     if reason is not None:
         raise ReadOnly(f"refusing a read-write mount: {reason}")
     if not int(sb.fields["state"]) & STATE_VALID:

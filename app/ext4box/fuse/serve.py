@@ -91,7 +91,7 @@ async def _serve(
     try:
         fs = _open_filesystem(dev, received.fuse_fd)
         try:
-            await _run_session(fs, IOMapEngine(fs, dev), received.fuse_fd, ready)
+            await _run_session(fs, IOMapEngine(fs, fs.dev), received.fuse_fd, ready)
         finally:
             fs.close()
     finally:

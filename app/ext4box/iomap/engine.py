@@ -285,7 +285,7 @@ class IOMapEngine:
         except DeviceRangeError as err:
             raise Corrupt("data run", inode_where(ino), str(err)) from None
         while views:
-            done = os.preadv(self.dev.fd, views, addr)
+            done = self.dev.preadv(views, addr)  # an overlay device serves replayed blocks
             if done <= 0:
                 raise Corrupt("data run", inode_where(ino), f"device ends inside {addr}+{total}")
             # A short vectored read: keep only the buffers still unfilled.
