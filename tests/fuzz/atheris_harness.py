@@ -12,6 +12,11 @@ or a hang does not stop the run: it is recorded once per distinct signature
 input and the traceback, and fuzzing goes on. WORKDIR/stats.json holds the
 exec count and the longest operation seen. Reproduce a crash with
 `--replay WORKDIR/crashes/<sig>.bin`.
+
+`--rw` fuzzes read-write sessions instead (rw_driver): inputs are
+`rw_driver.encode_rw` byte strings (edits, then write operations), run by
+`rw_driver.run_session`; a write outside what the session owns (oracle 4)
+is recorded as a crash like an exception.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import sys
 import time
 import traceback
@@ -32,18 +38,27 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["ext4box"]):
     import ext4box.ext4.filesystem
+    import ext4box.ext4.writable
     import ext4box.fuse.attrs
     import ext4box.iomap.engine  # noqa: F401
 
 from fuzz.driver import OperationHang, exercise, quiet_logs  # noqa: E402
 from fuzz.program import Program, Seed, load_seeds, materialise  # noqa: E402
 from fuzz.regions import Mutation  # noqa: E402
+from fuzz.rw_driver import RwOp, decode_rw, encode_rw, run_session, seed_facts  # noqa: E402
 from fuzz.seeds import build_seed_images  # noqa: E402
 
 
+class WriteViolation(Exception):
+    """Oracle 4 of a rw session failed: something outside the session's blocks was written."""
+
+
 class Harness:
-    def __init__(self, seeds: list[Seed], workdir: Path, op_timeout: float) -> None:
+    def __init__(self, seeds: list[Seed], workdir: Path, op_timeout: float,
+                 rw: bool = False) -> None:
         self.seeds = seeds
+        self.rw = rw
+        self.facts = [seed_facts(seed.image) for seed in seeds] if rw else []
         self.crash_dir = workdir / "crashes"
         self.crash_dir.mkdir(parents=True, exist_ok=True)
         self.stats_path = workdir / "stats.json"
@@ -57,10 +72,8 @@ class Harness:
 
     def __call__(self, data: bytes) -> None:
         self.execs += 1
-        program = Program.decode(data)
-        image = materialise(self.seeds, program)
         try:
-            report = exercise(image, op_timeout=self.op_timeout)
+            report = run_one(self, data)
         except (Exception, OperationHang) as err:
             self._record(data, err)
         else:
@@ -77,6 +90,8 @@ class Harness:
         place = f"{Path(inner[-1].filename).name}:{inner[-1].name}" if inner else "?"
         if isinstance(err, OperationHang):
             place = str(err).split(" ran longer")[0].split(" ")[0]  # the operation kind
+        elif isinstance(err, WriteViolation):
+            place = str(err).split("|")[0]
         signature = f"{type(err).__name__}@{place}"
         key = hashlib.sha1(signature.encode()).hexdigest()[:12]
         if key in self.signatures:
@@ -97,8 +112,45 @@ class Harness:
         }, indent=1))
 
 
+def run_one(harness: Harness, data: bytes) -> object:
+    """One input through the read driver, or (--rw) through a rw session."""
+    if not harness.rw:
+        image = materialise(harness.seeds, Program.decode(data))
+        return exercise(image, op_timeout=harness.op_timeout)
+    program, ops = decode_rw(data)
+    index = program.seed % len(harness.seeds)
+    report, _ = run_session(materialise(harness.seeds, program), harness.facts[index], ops,
+                            op_timeout=harness.op_timeout)
+    if report.violations:
+        kind = re.sub(r"\d+", "N", report.violations[0])  # one signature per kind of write
+        raise WriteViolation(f"{kind}|{report.violations}")
+    return report
+
+
 def program_text(data: bytes) -> str:
+    if RW_MODE:
+        return repr(decode_rw(data))
     return repr(Program.decode(data))
+
+
+RW_MODE = False
+
+
+def write_rw_seed_corpus(corpus: Path, seeds: list[Seed]) -> None:
+    """Per seed image: an undamaged session of every operation kind, then one edit of
+    each region followed by a few operations."""
+    corpus.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(6)
+    for index, seed in enumerate(seeds):
+        ops = tuple(RwOp(kind, rng.randrange(3), rng.randrange(8), rng.getrandbits(16))
+                    for kind in range(12))
+        (corpus / f"rw-seed-{index}").write_bytes(encode_rw(Program(index, False, ()), ops))
+        for region in range(len(seed.regions)):
+            mutation = Mutation(region, rng.randrange(1 << 16), region % 9, rng.getrandbits(64))
+            program = Program(index, bool(region & 1), (mutation,))
+            ops = tuple(RwOp(rng.randrange(12), rng.randrange(3), rng.randrange(8),
+                             rng.getrandbits(16)) for _ in range(6))
+            (corpus / f"rw-seed-{index}-{region}").write_bytes(encode_rw(program, ops))
 
 
 def write_seed_corpus(corpus: Path, seeds: list[Seed]) -> None:
@@ -120,19 +172,25 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ext4box-fuzz"))
     parser.add_argument("--op-timeout", type=float, default=5.0)
     parser.add_argument("--replay", type=Path, help="run one input and show the outcome")
+    parser.add_argument("--rw", action="store_true", help="fuzz read-write sessions")
     args, libfuzzer_args = parser.parse_known_args()
+    global RW_MODE
+    RW_MODE = args.rw
     quiet_logs()
     seeds = load_seeds(build_seed_images(args.workdir / "seeds"))
-    harness = Harness(seeds, args.workdir, args.op_timeout)
+    harness = Harness(seeds, args.workdir, args.op_timeout, rw=args.rw)
     if args.replay:
         data = args.replay.read_bytes()
         print(program_text(data))
-        print(exercise(materialise(seeds, Program.decode(data)), op_timeout=args.op_timeout))
+        print(run_one(harness, data))
         return
-    corpus = args.workdir / "corpus"
-    write_seed_corpus(corpus, seeds)
+    corpus = args.workdir / ("corpus-rw" if args.rw else "corpus")
+    (write_rw_seed_corpus if args.rw else write_seed_corpus)(corpus, seeds)
+    # rw inputs: 1 + 2 + 13 x 16 edit bytes, then 24 five-byte operations.
+    max_len = 1 + 2 + 13 * 16 + 5 * 24 if args.rw else 210
     argv = [sys.argv[0], *libfuzzer_args, f"-max_total_time={args.seconds}",
-            "-max_len=210", "-len_control=0", "-timeout=60", "-rss_limit_mb=3072", str(corpus)]
+            f"-max_len={max_len}", "-len_control=0", "-timeout=60", "-rss_limit_mb=3072",
+            str(corpus)]
     try:
         atheris.Setup(argv, harness)
         atheris.Fuzz()

@@ -274,6 +274,17 @@ class BlockAllocator:
         """Free [pblk, pblk + count) at the next commit, after the metadata that
         dropped the blocks is written. Freeing a free block, a block already
         pending, or group metadata is Corrupt (checked now, so the release can't fail)."""
+        with self._lock:
+            pieces = self.check_free(pblk, count)
+            for group, offset, length in pieces:
+                pending = self._pending.setdefault(group, bytearray(self.sb.block_size))
+                B.set_range(pending, offset, length)
+                self._pending_count += length
+                self.writer.defer(self._releaser(group, offset, length))
+
+    def check_free(self, pblk: int, count: int) -> list[tuple[int, int, int]]:
+        """Raise Corrupt if `free(pblk, count)` would; returns the (group, offset, length)
+        pieces. Callers that must not fail half-way check everything they will free first."""
         sb = self.sb
         if count < 1 or pblk < sb.first_data_block or pblk + count > sb.blocks_count:
             raise Corrupt("block free", f"block {pblk}", f"run of {count} outside the filesystem")
@@ -289,11 +300,7 @@ class BlockAllocator:
                 left -= length
             for group, offset, length in pieces:
                 self._check_free(group, offset, length)
-            for group, offset, length in pieces:
-                pending = self._pending.setdefault(group, bytearray(sb.block_size))
-                B.set_range(pending, offset, length)
-                self._pending_count += length
-                self.writer.defer(self._releaser(group, offset, length))
+        return pieces
 
     def _check_free(self, group: int, offset: int, length: int) -> None:
         where = f"block {group_first_block(self.sb, group) + offset} ({group_where(group)})"
@@ -533,9 +540,8 @@ class InodeAllocator:
 
     # ---- freeing -------------------------------------------------------
 
-    def free(self, ino: int, was_dir: bool) -> None:
-        """Free inode `ino` at the next commit (after its directory entry removal
-        and its cleared on-disk inode are written)."""
+    def check_free(self, ino: int) -> tuple[int, int]:
+        """Raise Corrupt if `free(ino)` would; returns (group, index in group)."""
         sb = self.sb
         if ino < sb.first_ino or ino > sb.inodes_count:
             raise Corrupt("inode free", inode_where(ino), "reserved or outside the inode table")
@@ -546,6 +552,14 @@ class InodeAllocator:
             bitmap = self.bitmap(group)
             if B.range_is_clear(bitmap, index, 1):
                 raise Corrupt("inode free", inode_where(ino), "inode is not allocated")
+        return group, index
+
+    def free(self, ino: int, was_dir: bool) -> None:
+        """Free inode `ino` at the next commit (after its directory entry removal
+        and its cleared on-disk inode are written)."""
+        sb = self.sb
+        with self._lock:
+            group, index = self.check_free(ino)
             self._pending.add(ino)
 
             def release() -> None:

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 from ext4box.ext4 import features as F
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.dir_writer import DirectoryWriter
-from ext4box.ext4.errors import NoSpace, NotADirectory, NotFound, Unsupported, inode_where
+from ext4box.ext4.errors import (
+    Corrupt,
+    NoSpace,
+    NotADirectory,
+    NotFound,
+    Unsupported,
+    inode_where,
+)
 from ext4box.ext4.extents import LBLK_LIMIT, ExtentMapper
 from ext4box.ext4.inline_data import INLINE_IBLOCK_SIZE, SYSTEM_DATA_NAME
 from ext4box.ext4.inline_writer import InlineState, empty_extent_root, max_inline_size
@@ -92,6 +99,10 @@ class DirHandle:
     def _new_block(self, lblk: int, goal: int) -> int:
         """Allocate a block and map it at `lblk` (the tree must have a hole there)."""
         fs = self.fs
+        (run,) = fs.mapper_for(self.inode).map(lblk, 1)
+        if run.pblk is not None:  # i_size says the directory ends before a mapped block
+            raise Corrupt("directory", inode_where(self.inode.ino),
+                          f"block {lblk} past i_size {self.inode.size} is already mapped")
         pblk = fs.alloc_meta_block(goal)
         tree = fs.tree_writer(self.inode)
         try:

@@ -31,11 +31,14 @@ superblock fields; readers of group geometry in a read-write mount must ask
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ext4box.blockdev import BlockDevice, DeviceRangeError, MetadataCache
+from ext4box.ext4 import features as F
 from ext4box.ext4.errors import Corrupt, ReadOnly, block_where, group_where
 from ext4box.ext4.group_desc import (
     GroupDesc,
@@ -43,6 +46,7 @@ from ext4box.ext4.group_desc import (
     descriptor_block,
     encode_group_desc,
     gdt_block_count,
+    group_first_block,
 )
 from ext4box.ext4.superblock import (
     SUPERBLOCK_OFFSET,
@@ -94,6 +98,10 @@ class MetadataWriter:
         # Blocks only the writer itself may write: boot block, superblock, primary GDT.
         self._protected_end = sb.first_data_block + 1 + gdt_block_count(sb)
         self._gdt_blocks = {descriptor_block(sb, index) for index in range(gdt_block_count(sb))}
+        # Blocks nobody may write: every superblock/GDT/reserved-GDT copy (sorted runs).
+        self._fixed = _fixed_metadata_runs(sb)
+        self._fixed_starts = [start for start, _ in self._fixed]
+        self._check_descriptor_layout(groups.descs)
 
     # ---- blocks ----------------------------------------------------------
 
@@ -117,7 +125,7 @@ class MetadataWriter:
         """Buffer a whole-block update. `bitmap=True` for allocation bitmaps, which
         are written before the other metadata at commit."""
         self._check_block(pblk)
-        if pblk < self._protected_end or pblk in self._gdt_blocks:
+        if pblk < self._protected_end or pblk in self._gdt_blocks or self._overlaps_fixed(pblk, 1):
             raise Corrupt("metadata write", block_where(pblk), "would overwrite superblock or GDT")
         if len(data) != self.block_size:
             raise ValueError(f"block {pblk}: {len(data)} bytes, block size {self.block_size}")
@@ -134,6 +142,42 @@ class MetadataWriter:
     def _check_block(self, pblk: int) -> None:
         if pblk < 0 or pblk >= self.sb.blocks_count:
             raise Corrupt("metadata block", block_where(pblk), "outside the filesystem")
+
+    def _overlaps_fixed(self, start: int, length: int) -> bool:
+        index = bisect.bisect_right(self._fixed_starts, start + length - 1) - 1
+        return index >= 0 and self._fixed[index][1] > start
+
+    def _check_descriptor_layout(self, descs: list[GroupDesc]) -> None:
+        """Refuse to write when a group's bitmaps or inode table sit on a superblock or
+        GDT copy (or the reserved GDT blocks) or on another group's metadata, or
+        (without flex_bg) outside their group: initialising or updating them would
+        overwrite what is there (the kernel's ext4_check_descriptors refuses such
+        a mount, except the overlap between groups, which costs us one sort)."""
+        sb = self.sb
+        itable_blocks = -(-sb.inodes_per_group * sb.inode_size // sb.block_size)
+        flex_bg = sb.has_incompat(F.INCOMPAT_FLEX_BG)
+        placed: list[tuple[int, int, str, int]] = []
+        for desc in descs:
+            # Without flex_bg a group's own metadata lies inside the group.
+            low = sb.first_data_block if flex_bg else group_first_block(sb, desc.group)
+            high = sb.blocks_count if flex_bg else low + sb.blocks_per_group
+            for what, start, length in (("block bitmap", desc.block_bitmap, 1),
+                                        ("inode bitmap", desc.inode_bitmap, 1),
+                                        ("inode table", desc.inode_table, itable_blocks)):
+                if self._overlaps_fixed(start, length):
+                    raise Corrupt("group descriptor", group_where(desc.group),
+                                  f"{what} at block {start} overlaps a superblock or GDT copy")
+                if start < low or start + length > high:
+                    raise Corrupt("group descriptor", group_where(desc.group),
+                                  f"{what} at block {start} outside the group")
+                placed.append((start, start + length, what, desc.group))
+        # Two groups' bitmaps on one block, or a bitmap inside an inode table: writing
+        # one would overwrite the other.
+        placed.sort()
+        for (_, end, what, group), (start, _, other, other_group) in itertools.pairwise(placed):
+            if start < end:
+                raise Corrupt("group descriptor", group_where(other_group),
+                              f"{other} at block {start} overlaps the {what} of group {group}")
 
     # ---- group descriptors and superblock ---------------------------------
 
@@ -250,3 +294,22 @@ class MetadataWriter:
             self.cache.invalidate(pblk)
         self._sb_dirty = False
         return True
+
+
+def _fixed_metadata_runs(sb: Superblock) -> list[tuple[int, int]]:
+    """Sorted, merged [start, end) block runs of every superblock, GDT and reserved GDT
+    copy (block 0 included), as the allocator lays out each group's fixed metadata."""
+    # Imported here: the allocators import this module.
+    from ext4box.ext4.alloc import group_metadata_runs
+
+    runs = [(0, sb.first_data_block + 1)]
+    for group, pieces in group_metadata_runs(sb, []).items():
+        first = group_first_block(sb, group)
+        runs.extend((first + offset, first + offset + length) for offset, length in pieces)
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(runs):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

@@ -22,6 +22,7 @@ import structlog
 
 from ext4box.ext4.errors import Corrupt, inode_where
 from ext4box.ext4.inode import Inode
+from ext4box.ext4.xattr import parse_xattr_block
 
 if TYPE_CHECKING:
     from ext4box.ext4.writable import WritableFilesystem
@@ -58,12 +59,33 @@ def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
     log.warning("orphan_not_listed", where=inode_where(ino))
 
 
+def check_evictable(fs: WritableFilesystem, inode: Inode) -> None:
+    """Raise Corrupt now, before any name changes, if freeing `inode` would fail half-way
+    (a block bitmap failing its checks, a block or the inode not allocated, a bad tree or
+    xattr block): the operation is then refused whole instead of leaving a name removed
+    and the inode neither linked nor freed."""
+    if fs.has_block_tree(inode):
+        mapper = fs.mapper_for(inode)
+        for pblk in mapper.tree_blocks():
+            fs.blocks.check_free(pblk, 1)
+        for run in mapper.extents():
+            if run.pblk is not None:
+                fs.blocks.check_free(run.pblk, run.length)
+    if inode.file_acl:
+        parse_xattr_block(fs.writer.read(inode.file_acl), blkno=inode.file_acl, ino=inode.ino,
+                          csum_seed=fs.sb.csum_seed)
+        fs.blocks.check_free(inode.file_acl, 1)
+    fs.inodes.check_free(inode.ino)
+
+
 def release(fs: WritableFilesystem, ino: int) -> None:
-    """The last handle of an unlinked inode closed: unlist it and free it."""
+    """The last handle of an unlinked inode closed: unlist it and free it (or, when it
+    cannot be freed, raise Corrupt with it still listed, for e2fsck or the next mount)."""
     inode = fs.table.read(ino)
     if ino not in fs.open_orphans or inode.links_count:
         fs.open_orphans.discard(ino)
         return
+    check_evictable(fs, inode)
     _unlist(fs, ino, inode.dtime)
     fs.evict(dataclasses.replace(inode, dtime=0))
 

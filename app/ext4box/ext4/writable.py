@@ -51,7 +51,7 @@ from ext4box.ext4 import features as F
 from ext4box.ext4.alloc import BlockAllocator, InodeAllocator
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.blockmap_writer import BlockMapWriter
-from ext4box.ext4.errors import Corrupt, NoSpace, inode_where
+from ext4box.ext4.errors import Corrupt, Ext4Error, NoSpace, inode_where
 from ext4box.ext4.extent_writer import ExtentTreeWriter
 from ext4box.ext4.extents import ExtentMapper
 from ext4box.ext4.file_data import WriteRun
@@ -339,7 +339,12 @@ class WritableFilesystem(Filesystem):
             return
         with self.lock:
             for ino in sorted(self.open_orphans):
-                orphans.release(self, ino)
+                try:
+                    orphans.release(self, ino)
+                except Ext4Error as err:
+                    # Still on the on-disk orphan list: e2fsck or the next mount frees it.
+                    self.open_orphans.discard(ino)
+                    log.error("orphan_not_freed", where=inode_where(ino), why=str(err))
             mount_state.end_rw_mount(self)
             self.closed = True
         super().close()
