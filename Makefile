@@ -31,10 +31,10 @@ lint: deps
 bench: deps
 	$(PY) bench/run.py
 
-# Coverage-guided fuzzing of the read path (tests/fuzz/README.md); FUZZ_SECONDS=N to bound it.
+# Coverage-guided fuzzing (tests/fuzz/README.md): FUZZ_SECONDS=N bounds it, FUZZ_RW=1 fuzzes rw sessions.
 fuzz: deps
 	$(PY) -m pip install --quiet -e '.[fuzz]'
-	nice -n 10 $(PY) tests/fuzz/atheris_harness.py --seconds $${FUZZ_SECONDS:-1800} --workdir $${FUZZ_DIR:-/tmp/ext4box-fuzz}
+	nice -n 10 $(PY) tests/fuzz/atheris_harness.py --seconds $${FUZZ_SECONDS:-1800} --workdir $${FUZZ_DIR:-/tmp/ext4box-fuzz} $${FUZZ_RW:+--rw}
 
 clean:
 	rm -rf $(VENV) build *.egg-info app/*.egg-info
