@@ -223,22 +223,8 @@ def _mount_and_serve(
     decision: Decision,
     timeout: float,
 ) -> MountResult:
-    flags = decision.mount_flags
-    spec = fusemount.MountSpec(
-        mountpoint=mountpoint,
-        source=image.path,
-        mode=image.mode,
-        noexec="noexec" in flags,
-        allow_other="allow_other" in flags,
-        uid=os.getuid(),
-        gid=os.getgid(),
-    )
-    request = MountRequest(
-        Mode.RO if image.mode == "ro" else Mode.RW,
-        ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
-        image.size,
-        tuple(flags),
-    )
+    spec = _mount_spec(image, mountpoint, decision)
+    request = _mount_request(image, decision)
     name = f"ext4box-{secrets.token_hex(6)}"
     log_file = state.log_path(name)
     labels = {container.LABEL: "1", "org.ext4box.image": image.path}
@@ -276,7 +262,7 @@ def _mount_and_serve(
         since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         pid=container.container_pid(podman, name),
         uid=os.getuid(),
-        flags=tuple(flags),
+        flags=tuple(decision.mount_flags),
         rule=decision.rule,
         sha256=decision.sha256,
     )
