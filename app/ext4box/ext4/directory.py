@@ -44,7 +44,8 @@ MAX_SMALL_DIR_SIZE = 1 << 32
 
 class DirectoryReader:
     """Read access to one directory's entries. Holds no parsed state that can go stale
-    except the inputs it was built with; build a new one after the directory changes."""
+    except the inputs it was built with and the parsed dx_root; build a new one after
+    the directory changes."""
 
     def __init__(
         self,
@@ -81,6 +82,9 @@ class DirectoryReader:
         # Given a hole at a logical block, the first block after it: lets a scan
         # jump a hole of millions of blocks (a crafted i_size) in one step.
         self._hole_end = hole_end
+        # The parsed dx_root, kept while this reader lives (a reader is dropped when
+        # its directory changes). dx_nodes and leaves are still read per lookup.
+        self._index: HtreeIndex | None = None
 
     # ---- shape -----------------------------------------------------------
 
@@ -164,16 +168,21 @@ class DirectoryReader:
     def _lookup_indexed(self, name: bytes) -> tuple[bool, DirEntry | None]:
         """(True, result) if the index answered; (False, None) if it is unusable."""
         try:
-            index = HtreeIndex(
-                ino=self.ino,
-                block_size=self.block_size,
-                nblocks=self.nblocks,
-                read_lblk=self._read_block,
-                csum_seed=self.csum_seed,
-                hash_seed=self.hash_seed,
-                unsigned_hash=self.unsigned_hash,
-                large_dir=self.large_dir,
-            )
+            index = self._index
+            if index is None:
+                index = HtreeIndex(
+                    ino=self.ino,
+                    block_size=self.block_size,
+                    nblocks=self.nblocks,
+                    read_lblk=self._read_block,
+                    csum_seed=self.csum_seed,
+                    hash_seed=self.hash_seed,
+                    unsigned_hash=self.unsigned_hash,
+                    large_dir=self.large_dir,
+                )
+                # Only a root that parsed is kept: a damaged one is re-read (and
+                # its fallback logged) by every lookup, as before.
+                self._index = index
             leaves = index.leaf_blocks(name)
         except Corrupt as err:
             self._log_fallback(err)

@@ -37,15 +37,18 @@ from ext4box.ext4.errors import (
 from ext4box.ext4.extents import ExtentMapper
 from ext4box.ext4.group_desc import GroupDesc, GroupTable, gdt_block_count
 from ext4box.ext4.inline_data import inline_bytes
-from ext4box.ext4.inode import FL_EA_INODE, I_BLOCK_SIZE, ROOT_INO, Inode
+from ext4box.ext4.inode import FL_EA_INODE, GOOD_OLD_INODE_SIZE, I_BLOCK_SIZE, ROOT_INO, Inode
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
-from ext4box.ext4.xattr import XattrEntry, parse_ibody_xattrs, parse_xattr_block
+from ext4box.ext4.xattr import XATTR_MAGIC, XattrEntry, parse_ibody_xattrs, parse_xattr_block
 
 log = structlog.get_logger("ext4box.ext4")
 
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 INLINE_DATA_XATTR = b"system.data"
 MAX_SYMLINK = 4096
+_IBODY_XATTR_MAGIC = XATTR_MAGIC.to_bytes(4, "little")  # starts a non-empty in-inode area
+# Larger xattr sets (EA inode values reach 64 KiB) are parsed per call, not kept.
+_XATTR_CACHE_MAX_BYTES = 4096
 _DIR_HOLE_WINDOW = 1 << 16  # blocks mapped at once to find the end of a directory hole
 
 K = TypeVar("K")
@@ -117,6 +120,13 @@ class Filesystem:
         self._inodes: _Lru[int, Inode] = _Lru(caches.inodes)
         self._mappers: _Lru[int, ExtentMapper | BlockMapMapper] = _Lru(caches.mappers)
         self._dirs: _Lru[int, DirectoryReader] = _Lru(caches.directories)
+        # Parsed xattrs per inode, with the Inode they were parsed from: an entry
+        # is used only while that very Inode object is the one asked about, so a
+        # store of a changed inode (rw) makes it stale even before it is popped.
+        # Bounded in count and, per entry, in value bytes (_XATTR_CACHE_MAX_BYTES).
+        self._xattr_lists: _Lru[int, tuple[Inode, tuple[XattrEntry, ...]]] = _Lru(
+            max(1, caches.inodes // 4)
+        )
         self._huge_file = sb.has_ro_compat(F.RO_COMPAT_HUGE_FILE)
         # Blocks no file may map: the boot block, superblock and primary GDT.
         self._reserved_end = (
@@ -380,7 +390,21 @@ class Filesystem:
 
     # ---- extended attributes -------------------------------------------
 
-    def _xattrs(self, inode: Inode) -> list[XattrEntry]:
+    def _xattrs(self, inode: Inode) -> tuple[XattrEntry, ...]:
+        if not inode.file_acl:
+            start = GOOD_OLD_INODE_SIZE + inode.extra_isize
+            if inode.raw[start : start + 4] != _IBODY_XATTR_MAGIC:
+                # Nothing to parse (most files): cheaper than a cache round trip.
+                return ()
+        cached = self._xattr_lists.get(inode.ino)
+        if cached is not None and cached[0] is inode:
+            return cached[1]
+        entries = self._parse_xattrs(inode)
+        if sum(len(e.value) for e in entries) <= _XATTR_CACHE_MAX_BYTES:
+            self._xattr_lists.put(inode.ino, (inode, entries))
+        return entries
+
+    def _parse_xattrs(self, inode: Inode) -> tuple[XattrEntry, ...]:
         entries = list(
             parse_ibody_xattrs(
                 inode.ibody_xattr_area, ino=inode.ino, read_ea_inode=self._read_ea_inode
@@ -396,7 +420,7 @@ class Filesystem:
                 read_ea_inode=self._read_ea_inode,
             )
             entries.extend(parsed.entries)
-        return entries
+        return tuple(entries)
 
     def _read_ea_inode(self, ea_ino: int, size: int) -> bytes:
         ea = self.inode(ea_ino)

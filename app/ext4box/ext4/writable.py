@@ -154,6 +154,9 @@ class WritableFilesystem(Filesystem):
         ino = inode.ino
         self._mappers.pop(ino)
         self._dirs.pop(ino)
+        # In-inode xattrs live in the inode; its xattr block (file_acl) is only
+        # changed by a write that stores the inode too (shared blocks: refcount only).
+        self._xattr_lists.pop(ino)
         if stored.links_count or ino in self.open_orphans:
             self._inodes.put(ino, stored)
         else:
