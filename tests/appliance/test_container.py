@@ -15,7 +15,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -28,6 +27,7 @@ from appliance.conftest import IMAGE_BYTES
 from ext4box.helper import handoff
 from ext4box.service import protocol
 from ext4box.service.protocol import ImageKind, Mode, MountRequest, PeerRefused
+from support.server_image import server_image
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -88,29 +88,7 @@ def podman(*args: str, user: pwd.struct_passwd | None = None, check: bool = True
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    if os.getuid() != 0:
-        pytest.skip("building the base rootfs needs root (debootstrap)")
-    deps = subprocess.run(
-        ["bash", str(REPO / "scripts/install-deps.sh"), "podman", "runc", "uidmap", "catatonit"],
-        capture_output=True,
-        text=True,
-    )
-    if deps.returncode != 0 or not shutil.which("podman"):
-        reason = f"podman cannot be installed: {deps.stderr.strip()[-300:]}"
-        print(reason)
-        pytest.skip(reason)
-    start = time.monotonic()
-    build = subprocess.run(
-        ["bash", str(REPO / "scripts/build-image.sh")],
-        capture_output=True,
-        text=True,
-        timeout=800,
-        env={**os.environ, "EXT4BOX_PYTHON": sys.executable},
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    ref = build.stdout.strip().splitlines()[-1]
-    print(f"\nbuilt {ref} in {time.monotonic() - start:.1f} s")
-    return ref
+    return server_image()
 
 
 def run_service(image: str, *args: str, user=None, **kw):

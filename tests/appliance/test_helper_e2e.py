@@ -37,6 +37,7 @@ from appliance.helper_support import (
     runtime_dir,
 )
 from support.kernel import kernel_mount
+from support.server_image import server_image as build_server_image
 
 pytestmark = [
     pytest.mark.timeout(900),
@@ -113,24 +114,7 @@ def podman(*args: str, user=None, check: bool = True) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def server_image() -> str:
-    deps = subprocess.run(
-        ["bash", str(REPO / "scripts/install-deps.sh"), "podman", "runc", "uidmap", "catatonit"],
-        capture_output=True,
-        text=True,
-    )
-    if deps.returncode != 0 or not shutil.which("podman"):
-        reason = f"podman cannot be installed: {deps.stderr.strip()[-300:]}"
-        print(reason)
-        pytest.skip(reason)
-    build = subprocess.run(
-        ["bash", str(REPO / "scripts/build-image.sh")],
-        capture_output=True,
-        text=True,
-        timeout=800,
-        env={**os.environ, "EXT4BOX_PYTHON": sys.executable},
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    return build.stdout.strip().splitlines()[-1]
+    return build_server_image()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from support.server_image import server_image as build_server_image
+
 REPO = Path(__file__).resolve().parents[2]
 HELLO = "hello from a deployment\n"
 
@@ -51,18 +53,7 @@ def fuse_mounted(path: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def server_image() -> str:
-    if os.geteuid() != 0:
-        pytest.skip("the deployment tests run rootful podman and mount: root only")
-    deps = run("bash", str(REPO / "scripts/install-deps.sh"), "podman", "runc", "uidmap",
-               "catatonit")  # fmt: skip
-    if deps.returncode != 0 or not shutil.which("podman"):
-        reason = f"podman is unavailable: {deps.stderr.strip()[-300:]}"
-        print(reason)
-        pytest.skip(reason)
-    build = run("bash", str(REPO / "scripts/build-image.sh"), timeout=800,
-                env={"EXT4BOX_PYTHON": sys.executable})  # fmt: skip
-    assert build.returncode == 0, build.stderr[-3000:]
-    return build.stdout.strip().splitlines()[-1]
+    return build_server_image()
 
 
 @dataclass(frozen=True, slots=True)
