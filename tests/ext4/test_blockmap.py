@@ -34,9 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext4box.ext4.blockmap import BlockMapMapper
-from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.blockrun import BlockRun, append_merged
 from ext4box.ext4.errors import Corrupt
-from ext4box.ext4.extents import append_merged
 from support.fileops import syncfs
 
 EXTENTS_FL = 0x80000

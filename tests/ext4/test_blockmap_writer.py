@@ -22,9 +22,8 @@ from test_extent_writer import ImageHarness, block_content, e2fsck_clean
 
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.blockmap_writer import BlockMapWriter
-from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.blockrun import BlockRun, append_merged
 from ext4box.ext4.errors import NoSpace, Unsupported
-from ext4box.ext4.extents import append_merged
 from support.kernel import kernel_mount
 
 pytestmark = pytest.mark.usefixtures("need_kernel_mounts")

@@ -15,9 +15,9 @@ import struct
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 
-from .blockrun import BlockRun, RunChecker
+from .blockrun import BlockRun, RunChecker, append_merged
 from .errors import Corrupt, block_where
-from .extents import I_BLOCK_SIZE, LBLK_LIMIT, append_merged
+from .extents import I_BLOCK_SIZE, LBLK_LIMIT
 
 DIRECT_BLOCKS = 12
 INDIRECT_LEVELS = 3  # single, double, triple

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .blockmap import DIRECT_BLOCKS, INDIRECT_LEVELS, POINTER_SIZE
-from .blockrun import RunChecker
+from .blockrun import RunChecker, append_physical_run
 from .errors import Corrupt, Unsupported, block_where, inode_where
 from .extents import I_BLOCK_SIZE, LBLK_LIMIT
 
@@ -55,13 +55,6 @@ class _Tree:
     height: int
     first: int  # first logical block the tree maps
     span: int  # logical blocks it can map
-
-
-def _append_run(runs: list[tuple[int, int]], pblk: int, count: int) -> None:
-    if runs and runs[-1][0] + runs[-1][1] == pblk:
-        runs[-1] = (runs[-1][0], runs[-1][1] + count)
-    else:
-        runs.append((pblk, count))
 
 
 class BlockMapWriter:
@@ -263,7 +256,7 @@ class BlockMapWriter:
             pblk = pointers[index]
             if pblk:
                 self._check_run(pblk, 1)
-                _append_run(freed, pblk, 1)
+                append_physical_run(freed, pblk, 1)
                 pointers[index] = 0
                 changed = True
         if changed:

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 
-from .blockrun import RunChecker
+from .blockrun import RunChecker, append_physical_run
 from .errors import Corrupt, NoSpace, block_where, inode_where
 from .extents import (
     I_BLOCK_SIZE,
@@ -90,14 +90,6 @@ def _mergeable(left: Extent, right: Extent) -> bool:
     return (left.end == right.lblk and left.unwritten == right.unwritten
             and left.pblk + left.length == right.pblk
             and left.length + right.length <= max_extent_length(left.unwritten))
-
-
-def _append_run(runs: list[tuple[int, int]], pblk: int, count: int) -> None:
-    """Add a freed run, merging it with the previous one when physically contiguous."""
-    if runs and runs[-1][0] + runs[-1][1] == pblk:
-        runs[-1] = (runs[-1][0], runs[-1][1] + count)
-    else:
-        runs.append((pblk, count))
 
 
 class ExtentTreeWriter:
@@ -179,7 +171,7 @@ class ExtentTreeWriter:
         def remove(extent: Extent, lo: int, hi: int) -> list[Extent]:
             start = max(extent.lblk, lo)
             stop = min(extent.end, hi)
-            _append_run(freed, extent.pblk + (start - extent.lblk), stop - start)
+            append_physical_run(freed, extent.pblk + (start - extent.lblk), stop - start)
             kept = []
             if extent.lblk < start:
                 kept.append(Extent(extent.lblk, start - extent.lblk, extent.pblk,

@@ -25,7 +25,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .blockrun import BlockRun, RunChecker
+from .blockrun import BlockRun, RunChecker, append_merged
 from .checksum import crc32c_raw
 from .errors import Corrupt, block_where, inode_where
 
@@ -226,22 +226,6 @@ def _parse_leaf(body: memoryview, where: str, first: int, limit: int,
         extents.append(Extent(lblk, length, pblk, unwritten))
         lowest = lblk + length
     return tuple(extents)
-
-
-def append_merged(runs: list[BlockRun], run: BlockRun) -> None:
-    """Append `run`, merging it into the last run when both are one contiguous piece."""
-    if runs:
-        last = runs[-1]
-        if last.end == run.lblk and last.unwritten == run.unwritten:
-            if last.pblk is None and run.pblk is None:
-                runs[-1] = BlockRun(last.lblk, last.length + run.length, None, last.unwritten)
-                return
-            if (last.pblk is not None and run.pblk is not None
-                    and last.pblk + last.length == run.pblk):
-                runs[-1] = BlockRun(last.lblk, last.length + run.length, last.pblk,
-                                    last.unwritten)
-                return
-    runs.append(run)
 
 
 class ExtentMapper:
