@@ -42,19 +42,21 @@ from .dir_block import (
 )
 from .dir_htree_writer import DOT_REC_LEN, HtreeWriter, find_slot, insert_record
 from .directory import DirectoryReader
-from .errors import Corrupt, Exists, Ext4Error, NameTooLong, NoSpace, NotFound, block_where
+from .errors import (
+    Corrupt,
+    Exists,
+    InvalidName,
+    NameTooLong,
+    NoSpace,
+    NotFound,
+    block_where,
+)
 
 INLINE_IBLOCK_SIZE = 60
 INLINE_PARENT_SIZE = 4  # an inline directory's i_block starts with the parent's inode number
 # Without large_dir a directory stays below 2 GiB (i_size_high is not used for dirs).
 MAX_SMALL_DIR_SIZE = 1 << 31
 _U32 = struct.Struct("<I")
-
-
-class InvalidName(Ext4Error):
-    """An empty name, or one containing '/' or NUL (EINVAL)."""
-
-    errno = 22
 
 
 def validate_name(name: bytes) -> None:

@@ -105,6 +105,12 @@ class NotEmpty(Ext4Error):
     errno = errno.ENOTEMPTY
 
 
+class InvalidName(Ext4Error):
+    """An empty name, or one containing '/' or NUL."""
+
+    errno = errno.EINVAL
+
+
 class NameTooLong(Ext4Error):
     errno = errno.ENAMETOOLONG
 
