@@ -322,6 +322,7 @@ class BlockAllocator:
                 self._store(group, bitmap, length)
                 B.clear_range(self._pending[group], offset, length)
                 self._pending_count -= length
+                self.writer.block_released(group_first_block(self.sb, group) + offset, length)
 
         return release
 

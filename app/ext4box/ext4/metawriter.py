@@ -20,9 +20,14 @@ by two files:
    bitmaps and descriptors they dirtied are written;
 5. the superblock (free counts, state, times), then fsync if durable.
 
-With a jbd2 journal (issue 5) one commit becomes one transaction: the
-blocks gathered by `_take_phase` are logged together and checkpointed in
-the same order, and the releases run after the commit record.
+With a jbd2 journal attached (`attach_journal`), one commit is one
+transaction instead: the releases run first, and every block the commit
+changes (bitmaps, descriptor blocks, other metadata, the superblock's block)
+is logged and committed together (journal/writer.py: data and log blocks
+flushed before the commit block), then written in place. Atomicity replaces
+the ordering above, and a freed block is still reusable only after the
+transaction that freed it has committed. A commit too large for the log
+falls back to the ordered writes above, after emptying the log.
 
 The writer also owns the mutable copies of the group descriptors and the
 superblock fields; readers of group geometry in a read-write mount must ask
@@ -37,6 +42,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+
 from ext4box.blockdev import BlockDevice, DeviceRangeError, MetadataCache
 from ext4box.ext4 import features as F
 from ext4box.ext4.errors import Corrupt, ReadOnly, block_where, group_where
@@ -48,6 +55,7 @@ from ext4box.ext4.group_desc import (
     gdt_block_count,
     group_first_block,
 )
+from ext4box.ext4.journal.writer import JournalWriter
 from ext4box.ext4.superblock import (
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
@@ -56,6 +64,7 @@ from ext4box.ext4.superblock import (
 )
 
 Release = Callable[[], None]
+log = structlog.get_logger("ext4box.ext4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,7 @@ class MetadataWriter:
         self._sb_changes: dict[str, int | bytes] = {}
         self._sb_dirty = False
         self._releases: list[Release] = []
+        self._journal: JournalWriter | None = None
         # One lock for the writer and everything that changes metadata through it
         # (the allocators share it): commit runs releases that take allocator
         # state, so two locks would be a lock-order inversion.
@@ -127,6 +137,9 @@ class MetadataWriter:
         self._check_block(pblk)
         if pblk < self._protected_end or pblk in self._gdt_blocks or self._overlaps_fixed(pblk, 1):
             raise Corrupt("metadata write", block_where(pblk), "would overwrite superblock or GDT")
+        journal = self._journal
+        if journal is not None and journal.blocks.holds_device_block(pblk):
+            raise Corrupt("metadata write", block_where(pblk), "would overwrite the journal")
         if len(data) != self.block_size:
             raise ValueError(f"block {pblk}: {len(data)} bytes, block size {self.block_size}")
         with self._lock:
@@ -174,6 +187,8 @@ class MetadataWriter:
         # Two groups' bitmaps on one block, or a bitmap inside an inode table: writing
         # one would overwrite the other.
         placed.sort()
+        self._group_meta = [(start, end) for start, end, _, _ in placed]
+        self._group_meta_starts = [start for start, _ in self._group_meta]
         for (_, end, what, group), (start, _, other, other_group) in itertools.pairwise(placed):
             if start < end:
                 raise Corrupt("group descriptor", group_where(other_group),
@@ -216,6 +231,65 @@ class MetadataWriter:
         with self._lock:
             self._releases.append(release)
 
+    def block_released(self, pblk: int, count: int) -> None:
+        """A release (run by commit) freed [pblk, pblk + count): a journal revokes
+        older logged copies of those blocks."""
+        if self._journal is not None:
+            self._journal.block_released(pblk, count)
+
+    # ---- the journal ----------------------------------------------------------
+
+    def attach_journal(self, journal: JournalWriter) -> None:
+        """Commit through `journal` from now on (everything before is committed)."""
+        with self._lock:
+            if self.dirty:
+                raise ValueError("attach the journal to a clean writer")
+            self._check_journal_placement(journal)
+            journal.start()
+            self._journal = journal
+
+    def _check_journal_placement(self, journal: JournalWriter) -> None:
+        """The log is written block by block: refuse a journal inode whose blocks
+        lie on a superblock/GDT copy or on a group's bitmaps or inode table."""
+        for start, length in journal.blocks.device_runs:
+            where = f"journal inode {journal.blocks.ino}"
+            if start < self.sb.first_data_block or start + length > self.sb.blocks_count:
+                raise Corrupt("journal", where, f"blocks {start}+{length} outside the filesystem")
+            if self._overlaps_fixed(start, length):
+                raise Corrupt("journal", where,
+                              f"blocks {start}+{length} overlap a superblock or GDT copy")
+            index = bisect.bisect_right(self._group_meta_starts, start + length - 1) - 1
+            # Group metadata runs do not overlap each other (checked above), so the
+            # nearest one starting before the journal run's end is the only candidate.
+            if index >= 0 and self._group_meta[index][1] > start:
+                raise Corrupt("journal", where,
+                              f"blocks {start}+{length} overlap a bitmap or inode table")
+
+    def detach_journal(self) -> None:
+        """Commit what is buffered, empty the log and go back to ordered writes."""
+        with self._lock:
+            journal = self._journal
+            if journal is None:
+                return
+            self.commit(durable=True)
+            journal.close()
+            self._journal = None
+
+    @property
+    def journaled(self) -> bool:
+        return self._journal is not None
+
+    @property
+    def wants_commit(self) -> bool:
+        """Whether enough is buffered that the next transaction should commit now
+        (a quarter of the log, as jbd2 bounds a transaction)."""
+        journal = self._journal
+        if journal is None:
+            return False
+        with self._lock:
+            pending = len(self._blocks) + len(self._bitmaps) + len(self._dirty_groups)
+        return pending >= journal.soft_limit
+
     @property
     def dirty(self) -> bool:
         with self._lock:
@@ -230,8 +304,18 @@ class MetadataWriter:
     # ---- commit -----------------------------------------------------------
 
     def commit(self, *, durable: bool = False) -> CommitStats:
-        """Write everything buffered, in crash-safe order; fsync when `durable`."""
+        """Write everything buffered, in crash-safe order; fsync when `durable`
+        (a journaled commit is always durable, as jbd2's)."""
         with self._lock:
+            journal = self._journal
+            if journal is not None:
+                if self._fits_in_log(journal):
+                    return self._commit_journaled(journal)
+                log.warning("transaction_exceeds_journal", blocks=self._pending_bound(),
+                            detail="written in place with ordered writes instead")
+                # Nothing older may be replayed over what is written in place now.
+                journal.reclaim()
+                durable = True
             bitmaps = self._write_all(self._bitmaps)
             descriptors = self._write_descriptors()
             if durable and (bitmaps or descriptors):
@@ -252,6 +336,72 @@ class MetadataWriter:
                 self.dev.flush()
             return CommitStats(bitmaps, descriptors, metadata, len(releases), wrote_sb)
 
+    def _pending_bound(self) -> int:
+        """At most how many blocks a commit of what is buffered changes (releases
+        each touch one group's bitmap and its descriptor block)."""
+        releases = min(len(self._releases), len(self._descs))
+        gdt = min(len(self._dirty_groups) + releases, len(self._gdt_blocks))
+        return len(self._bitmaps) + len(self._blocks) + gdt + releases + 1
+
+    def _fits_in_log(self, journal: JournalWriter) -> bool:
+        return journal.fits(self._pending_bound(), journal.revoke_bound)
+
+    def _commit_journaled(self, journal: JournalWriter) -> CommitStats:
+        releases = self._releases
+        self._releases = []
+        for release in releases:
+            release()
+        copies: dict[int, bytes] = dict(self._bitmaps)
+        copies.update(self._blocks)
+        descriptors = self._descriptor_images()
+        copies.update(descriptors)
+        wrote_sb = self._sb_dirty
+        if wrote_sb:
+            pblk, image = self._superblock_image()
+            copies[pblk] = image
+        if not copies and not journal.pending_revokes:
+            return CommitStats(0, 0, 0, len(releases), False)
+        journal.log_transaction(copies)
+        # The checkpoint: in place, unflushed (the log holds the transaction until
+        # the journal reclaims its space, which flushes first).
+        bs = self.block_size
+        for pblk in sorted(copies):
+            self.dev.pwrite(pblk * bs, copies[pblk])
+            self.cache.invalidate(pblk)
+        stats = CommitStats(len(self._bitmaps), len(descriptors), len(self._blocks),
+                            len(releases), wrote_sb)
+        self._bitmaps.clear()
+        self._blocks.clear()
+        self._dirty_groups.clear()
+        self._sb_dirty = False
+        return stats
+
+    def _descriptor_images(self) -> dict[int, bytes]:
+        """The group descriptor blocks holding every dirty group, re-encoded."""
+        sb = self.sb
+        size = sb.desc_size
+        by_block: dict[int, list[int]] = {}
+        for group in self._dirty_groups:
+            by_block.setdefault(group // self._descs_per_block, []).append(group)
+        images = {}
+        for index, groups in by_block.items():
+            pblk = descriptor_block(sb, index)
+            block = bytearray(self.read(pblk))
+            for group in groups:
+                slot = (group % self._descs_per_block) * size
+                base = bytes(block[slot : slot + size])
+                block[slot : slot + size] = encode_group_desc(self._descs[group], sb, base)
+            images[pblk] = bytes(block)
+        return images
+
+    def _superblock_image(self) -> tuple[int, bytes]:
+        """The block holding the primary superblock, with the superblock re-encoded."""
+        pblk = SUPERBLOCK_OFFSET // self.block_size
+        block = bytearray(self.dev.pread(pblk * self.block_size, self.block_size))
+        start = SUPERBLOCK_OFFSET - pblk * self.block_size
+        block[start : start + SUPERBLOCK_SIZE] = encode_superblock(self.sb, self._sb_changes)
+        return pblk, bytes(block)
+
     def _write_all(self, pending: dict[int, bytes]) -> int:
         # In block order (sequential I/O); a block leaves the buffer only once written,
         # so a failed write can be retried by the next commit.
@@ -266,22 +416,12 @@ class MetadataWriter:
     def _write_descriptors(self) -> int:
         if not self._dirty_groups:
             return 0
-        sb = self.sb
-        size = sb.desc_size
-        by_block: dict[int, list[int]] = {}
-        for group in self._dirty_groups:
-            by_block.setdefault(group // self._descs_per_block, []).append(group)
-        for index in sorted(by_block):
-            pblk = descriptor_block(sb, index)
-            block = bytearray(self.read(pblk))
-            for group in by_block[index]:
-                slot = (group % self._descs_per_block) * size
-                base = bytes(block[slot : slot + size])
-                block[slot : slot + size] = encode_group_desc(self._descs[group], sb, base)
-            self.dev.pwrite(pblk * self.block_size, block)
+        images = self._descriptor_images()
+        for pblk in sorted(images):
+            self.dev.pwrite(pblk * self.block_size, images[pblk])
             self.cache.invalidate(pblk)
         self._dirty_groups.clear()
-        return len(by_block)
+        return len(images)
 
     def _write_superblock(self) -> bool:
         if not self._sb_dirty:

@@ -11,9 +11,12 @@ writing without the missing machinery would damage the image:
   sequence other than "clean" means another node or e2fsck has it);
 - orphan_file with inodes recorded in it (processing it is not implemented).
 
-A rw mount marks the superblock not clean and counts the mount, as the kernel
-does without a journal, frees what the orphan list holds, and a clean close
-writes the state back.
+A rw mount counts the mount and frees what the orphan list holds. Without a
+journal it marks the superblock not clean until a clean close writes the
+state back, as the kernel does. With one (has_journal), as the kernel does
+too, the state stays clean and needs_recovery is set instead: every commit
+from then on is a jbd2 transaction (journal/writer.py), and a clean close
+empties the log and clears needs_recovery.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ext4box.blockdev import BlockDevice
 from ext4box.ext4 import features as F
 from ext4box.ext4 import orphans
 from ext4box.ext4.errors import ReadOnly, Unsupported
+from ext4box.ext4.journal.recovery import open_journal
+from ext4box.ext4.journal.writer import JournalWriter
 from ext4box.ext4.superblock import (
     STATE_ERROR,
     STATE_VALID,
@@ -110,19 +115,43 @@ def _now() -> int:
 
 
 def begin_rw_mount(fs: WritableFilesystem) -> None:
-    """Record the mount in the superblock and free what the orphan list holds."""
+    """Record the mount in the superblock, start the journal and free what the
+    orphan list holds."""
     with fs.lock:
-        fs.writer.update_superblock(**mount_changes(fs.mount_sb, _now()))
-        # The superblock (state "not clean") is on the device before anything else.
+        sb = fs.mount_sb
+        changes = mount_changes(sb, _now())
+        journal = _journal_writer(fs)
+        if journal is not None:
+            changes["state"] = int(sb.fields["state"])
+            changes["feature_incompat"] = int(sb.fields["feature_incompat"]) | F.INCOMPAT_RECOVER
+        fs.writer.update_superblock(**changes)
+        # The superblock (not clean, or needs_recovery) is on the device before anything else.
         fs.writer.commit(durable=True)
+        if journal is not None:
+            fs.writer.attach_journal(journal)
         orphans.process_at_mount(fs)
         fs.writer.commit(durable=True)
+
+
+def _journal_writer(fs: WritableFilesystem) -> JournalWriter | None:
+    """The writer of the image's internal journal (its log empty: recovery ran
+    before), or None without has_journal."""
+    sb = fs.mount_sb
+    if not sb.has_compat(F.COMPAT_HAS_JOURNAL):
+        return None
+    blocks, jsb = open_journal(fs)
+    return JournalWriter(fs.dev, blocks, jsb, metadata_csum=sb.has_ro_compat(
+        F.RO_COMPAT_METADATA_CSUM), fs_64bit=sb.has_incompat(F.INCOMPAT_64BIT))
 
 
 def end_rw_mount(fs: WritableFilesystem) -> None:
     """Write everything and mark the filesystem clean again (if it was at mount)."""
     fs.writer.commit(durable=True)
+    # Everything checkpointed and the log empty before needs_recovery goes.
+    fs.writer.detach_journal()
     changes = clean_unmount_changes(fs.writer.superblock(), _now())
+    changes["feature_incompat"] = (int(fs.writer.superblock().fields["feature_incompat"])
+                                   & ~F.INCOMPAT_RECOVER)
     mount_state = int(fs.mount_sb.fields["state"])
     if not mount_state & STATE_VALID:
         changes["state"] = int(changes["state"]) & ~STATE_VALID  # it was not clean before us

@@ -72,9 +72,11 @@ TreeWriter = ExtentTreeWriter | BlockMapWriter
 __all__ = ["TreeWriter", "WritableFilesystem", "WriteRun"]
 
 
-def _mutation(method: Callable[P, R]) -> Callable[P, R]:
+def _serialised(method: Callable[P, R], *, commit_point: bool) -> Callable[P, R]:
     """Serialise a mutating call and retry it once after a commit when it ran out
-    of space while frees were pending (they are reusable only after a commit)."""
+    of space while frees were pending (they are reusable only after a commit).
+    At a `commit_point` (the call leaves the filesystem consistent), commit when
+    the journal asks for it (a quarter of the log is dirty)."""
 
     @wraps(method)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -82,14 +84,27 @@ def _mutation(method: Callable[P, R]) -> Callable[P, R]:
         assert isinstance(fs, WritableFilesystem)
         with fs.lock:
             try:
-                return method(*args, **kwargs)
+                result = method(*args, **kwargs)
             except NoSpace:
                 if not fs.writer.dirty:
                     raise
-            fs.writer.commit()
-            return method(*args, **kwargs)
+                fs.writer.commit()
+                result = method(*args, **kwargs)
+            if commit_point and fs.writer.wants_commit:
+                fs.writer.commit()
+            return result
 
     return run
+
+
+def _mutation(method: Callable[P, R]) -> Callable[P, R]:
+    return _serialised(method, commit_point=True)
+
+
+def _mutation_before_data(method: Callable[P, R]) -> Callable[P, R]:
+    """For write_begin: its blocks get their data only after it returns, and a
+    commit must not make pointers to them durable before that (ordered mode)."""
+    return _serialised(method, commit_point=False)
 
 
 class WritableFilesystem(Filesystem):
@@ -318,7 +333,7 @@ class WritableFilesystem(Filesystem):
 
     # ---- data ------------------------------------------------------------
 
-    @_mutation
+    @_mutation_before_data
     def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:
         ino = inode if isinstance(inode, int) else inode.ino
         return file_data.write_begin(self, ino, lblk, count)

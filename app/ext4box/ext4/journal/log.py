@@ -36,6 +36,11 @@ class JournalBlocks:
         # Device blocks holding the journal, sorted: replay must never write into them.
         self._device_runs = sorted((r.pblk or 0, r.length) for r in runs)
 
+    @property
+    def device_runs(self) -> list[tuple[int, int]]:
+        """(first device block, length) of every run of the journal, sorted."""
+        return list(self._device_runs)
+
     def device_block(self, index: int) -> int:
         if not 0 <= index < self.count:
             raise Corrupt("journal", f"journal block {index}",

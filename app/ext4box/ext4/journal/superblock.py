@@ -42,6 +42,8 @@ _LAYOUT = struct.Struct(">III IIIII i III 16s IIII B3x II")
 _SEQUENCE_OFFSET = 0x18
 _START_OFFSET = 0x1C
 _ERRNO_OFFSET = 0x20
+_COMPAT_OFFSET = 0x24  # compat, then incompat
+_CHECKSUM_TYPE_OFFSET = 0x50
 _CHECKSUM = struct.Struct(">I")
 _CHECKSUM_OFFSET = 0xFC
 _WHERE = "journal block 0"
@@ -186,6 +188,21 @@ class JournalSuperblock:
         struct.pack_into(">I", raw, _START_OFFSET, 0)
         if self.csum_v2or3:
             _CHECKSUM.pack_into(raw, _CHECKSUM_OFFSET, superblock_checksum(raw))
+        return bytes(raw)
+
+    def encode_log_state(self, *, sequence: int, start: int, compat: int | None = None,
+                         incompat: int | None = None) -> bytes:
+        """These superblock bytes with the log's first transaction and block (0 = log
+        empty) and, when given, new feature words (the checksum type follows them)."""
+        raw = bytearray(self.raw)
+        struct.pack_into(">I", raw, _SEQUENCE_OFFSET, sequence & 0xFFFFFFFF)
+        struct.pack_into(">I", raw, _START_OFFSET, start)
+        compat = self.compat if compat is None else compat
+        incompat = self.incompat if incompat is None else incompat
+        struct.pack_into(">II", raw, _COMPAT_OFFSET, compat, incompat)
+        csum = incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3)
+        raw[_CHECKSUM_TYPE_OFFSET] = CHECKSUM_TYPE_CRC32C if csum else 0
+        _CHECKSUM.pack_into(raw, _CHECKSUM_OFFSET, superblock_checksum(raw) if csum else 0)
         return bytes(raw)
 
 
