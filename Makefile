@@ -28,8 +28,11 @@ test: deps
 lint: deps
 	$(VENV)/bin/ruff check app tests bench
 
+# The full harness (root; ~3 min, +1 the first time: the 1M-file image): figures to
+# bench/results/, table and chart to docs/performance.md. BENCH_ARGS=--quick: a smoke run.
 bench: deps
-	$(PY) bench/run.py
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Coverage-guided fuzzing (tests/fuzz/README.md): FUZZ_SECONDS=N bounds it, FUZZ_RW=1 fuzzes rw sessions.
 fuzz: deps

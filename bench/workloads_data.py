@@ -1,0 +1,92 @@
+"""Data workloads, all driven by fio: streaming 1 MiB and random 4 KiB, buffered and direct.
+
+Reads run on the shared read image mounted read-only, after a cache drop (the
+warm re-read follows the cold read on the same mount without one). Every write
+workload runs on its own sparse copy of the write image mounted read-write;
+its figure includes the final fsync, and the copy is checked with e2fsck -fn
+after the unmount.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import MIB, Context, Result, RunFn, Runner, drop_caches, mounted
+from fio import FioFigure, direct_io_refusal, run_fio
+from images import RANDOM_WRITE_FILE, SEQ_FILE, fresh_copy, fsck_warning
+
+
+def _result(key: str, system: str, figure: FioFigure, note: str | None = None) -> Result:
+    return Result(key, system, figure.rate, figure.unit, figure.seconds, figure.error, note)
+
+
+def _refused(key: str, system: str, unit: str, why: str) -> Result:
+    return Result(key, system, None, unit, error=why)
+
+
+def seq_read(system: str, ctx: Context) -> list[Result]:
+    """Cold streaming read, then the same read again with the page cache warm."""
+    size = ctx.sizes.seq_mb * MIB
+    with mounted(system, ctx.read_image, ctx.mountpoint(system)) as mnt:
+        drop_caches()
+        cold = run_fio(mnt / SEQ_FILE, rw="read", bs=MIB, size=size)
+        warm = run_fio(mnt / SEQ_FILE, rw="read", bs=MIB, size=size)
+    return [_result("seq-read-cold", system, cold), _result("seq-read-warm", system, warm)]
+
+
+def _read_job(key: str, *, rw: str, bs: int, direct: bool) -> RunFn:
+    def run(system: str, ctx: Context) -> list[Result]:
+        size = ctx.sizes.seq_mb * MIB
+        io_size = ctx.sizes.random_ios * bs if rw == "randread" else None
+        unit = "MB/s" if bs == MIB else "IOPS"
+        with mounted(system, ctx.read_image, ctx.mountpoint(system)) as mnt:
+            if direct and (why := direct_io_refusal(mnt / SEQ_FILE, write=False)):
+                return [_refused(key, system, unit, why)]
+            drop_caches()
+            figure = run_fio(mnt / SEQ_FILE, rw=rw, bs=bs, size=size, direct=direct,
+                             io_size=io_size)
+        return [_result(key, system, figure)]
+    return run
+
+
+def _write_job(key: str, *, rw: str, bs: int, direct: bool) -> RunFn:
+    def run(system: str, ctx: Context) -> list[Result]:
+        unit = "MB/s" if bs == MIB else "IOPS"
+        image = fresh_copy(ctx.write_image, ctx.work / f"write-{system}.img")
+        try:
+            with mounted(system, image, ctx.mountpoint(system), writable=True) as mnt:
+                if rw == "randwrite":  # overwrite the preallocated file
+                    target: Path = mnt / RANDOM_WRITE_FILE
+                    size = ctx.sizes.random_write_mb * MIB
+                    io_size: int | None = ctx.sizes.random_ios * bs
+                else:  # a new file
+                    target = mnt / "seq-write.bin"
+                    size = ctx.sizes.seq_mb * MIB
+                    io_size = None
+                if direct and (why := direct_io_refusal(mnt / "probe-direct", write=True)):
+                    return [_refused(key, system, unit, why)]
+                drop_caches()
+                figure = run_fio(target, rw=rw, bs=bs, size=size, direct=direct,
+                                 io_size=io_size, end_fsync=True)
+            note = fsck_warning(image)
+        finally:
+            image.unlink(missing_ok=True)
+        return [_result(key, system, figure, note)]
+    return run
+
+
+RUNNERS = (
+    Runner("seq-read", ("seq-read-cold", "seq-read-warm"), "read", seq_read),
+    Runner("seq-read-direct", ("seq-read-direct",), "read",
+           _read_job("seq-read-direct", rw="read", bs=MIB, direct=True)),
+    Runner("rand-read-cold", ("rand-read-cold",), "read",
+           _read_job("rand-read-cold", rw="randread", bs=4096, direct=False)),
+    Runner("rand-read-direct", ("rand-read-direct",), "read",
+           _read_job("rand-read-direct", rw="randread", bs=4096, direct=True)),
+    Runner("seq-write", ("seq-write",), "write",
+           _write_job("seq-write", rw="write", bs=MIB, direct=False)),
+    Runner("seq-write-direct", ("seq-write-direct",), "write",
+           _write_job("seq-write-direct", rw="write", bs=MIB, direct=True)),
+    Runner("rand-write", ("rand-write",), "write",
+           _write_job("rand-write", rw="randwrite", bs=4096, direct=False)),
+)
