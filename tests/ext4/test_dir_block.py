@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import stat
 import struct
 from pathlib import Path
@@ -11,11 +12,17 @@ from dirs_support import debugfs_ls_modes, kernel_dirs_image, mkfs, need_tools, 
 
 from ext4box.ext4.dir_block import (
     DIR_TAIL_SIZE,
+    DirRecord,
+    ParsedBlockCache,
     build_dir_block,
     dir_block_csum,
+    dir_rec_len,
     parse_dir_block,
     parse_dir_records,
+    splice_dir_block,
 )
+from ext4box.ext4.dir_htree_writer import find_slot, insert_record
+from ext4box.ext4.dir_writer import _delete
 from ext4box.ext4.errors import Corrupt
 
 _MODE_TO_FT = {
@@ -160,3 +167,51 @@ def test_missing_tail_is_corrupt(small_dir) -> None:  # type: ignore[no-untyped-
     block[-5] = 0  # the tail's 0xDE marker
     with pytest.raises(Corrupt, match="no checksum tail"):
         _parse(reader, bytes(block))
+
+
+@pytest.mark.parametrize(("block_size", "csum_seed"), [(4096, 77), (1024, None), (65536, 5)])
+def test_cache_and_splice_agree_with_a_full_parse_and_build(block_size: int,
+                                                            csum_seed: int | None) -> None:
+    """After every first-fit insert and merge-delete (the writer's edits): the splice
+    of the changed records gives the bytes of a full build, the records a writer
+    remembers are exactly what parsing those bytes gives, and a parse through the
+    cache answers the same as parse_dir_records."""
+    rng = random.Random(block_size)
+    area = block_size - (DIR_TAIL_SIZE if csum_seed is not None else 0)
+    records = [DirRecord(0, 2, 12, b".", 2), DirRecord(12, 2, area - 12, b"..", 2)]
+    cache = ParsedBlockCache(4, has_filetype=True, max_ino=1 << 20, block_size=block_size)
+    cache.remember(build_dir_block(records, block_size=block_size, csum_seed=csum_seed),
+                   records, ino=9, lblk=0, csum_seed=csum_seed)
+    names: list[bytes] = []
+    spliced = 0
+    for _ in range(1500):
+        if names and (rng.random() < 0.4 or len(names) > 120):
+            name = names.pop(rng.randrange(len(names)))
+            at = next(i for i, r in enumerate(records) if r.inode and r.name == name)
+            changed = _delete(records, at)
+        else:
+            name = bytes(rng.choice(b"abcdefgh") for _ in range(rng.randint(1, 40)))
+            new = DirRecord(0, rng.randrange(11, 1 << 20), dir_rec_len(len(name)), name, 1)
+            at = find_slot(records, new.rec_len)
+            if name in names or at is None:
+                continue
+            changed = insert_record(records, at, new)
+            names.append(name)
+        old = cache.peek(9, 0, csum_seed)
+        assert old is not None and old.canonical
+        full = build_dir_block(changed, block_size=block_size, csum_seed=csum_seed)
+        fast = splice_dir_block(old, changed, block_size=block_size, csum_seed=csum_seed)
+        spliced += fast is not None
+        assert fast in (None, full)
+        parsed = parse_dir_records(full, ino=9, lblk=0, has_filetype=True, csum_seed=csum_seed,
+                                   max_ino=1 << 20, block_size=block_size)
+        assert parsed == changed
+        cache.remember(full, changed, ino=9, lblk=0, csum_seed=csum_seed)
+        copy = bytes(bytearray(full))  # equal bytes, another object: a hit all the same
+        assert list(cache.parse(copy, ino=9, lblk=0, csum_seed=csum_seed).records) == parsed
+        records = changed
+    assert spliced > 1000
+    # Other bytes under the same key are parsed afresh, never answered from the entry.
+    other = build_dir_block([*records[:1], records[1]._replace(rec_len=area - 12, inode=3)],
+                            block_size=block_size, csum_seed=csum_seed)
+    assert cache.parse(other, ino=9, lblk=0, csum_seed=csum_seed).records[1].inode == 3

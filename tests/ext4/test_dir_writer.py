@@ -35,7 +35,12 @@ from dirs_support import (
 )
 
 from ext4box.ext4 import checksum
-from ext4box.ext4.dir_block import EXT4_FT_DIR, EXT4_FT_REG_FILE, parse_dir_records
+from ext4box.ext4.dir_block import (
+    EXT4_FT_DIR,
+    EXT4_FT_REG_FILE,
+    ParsedBlockCache,
+    parse_dir_records,
+)
 from ext4box.ext4.dir_hash import dx_hash
 from ext4box.ext4.dir_writer import (
     DirectoryWriter,
@@ -44,7 +49,7 @@ from ext4box.ext4.dir_writer import (
     new_inline_dir_body,
     validate_name,
 )
-from ext4box.ext4.errors import Exists, NameTooLong, NotFound
+from ext4box.ext4.errors import Corrupt, Exists, NameTooLong, NotFound
 from ext4box.ext4.htree import parse_dx_root
 from support.kernel import kernel_mount
 
@@ -490,6 +495,59 @@ def test_colliding_hashes_continue_across_leaves(tmp_path: Path) -> None:
     assert shared | 1 in {e.hash for e in root.entries}
     for name in pair:
         assert target.writer.lookup(name) is not None
+    target.sync_flags()
+    image.fix_links()
+    fsck_clean(image.path)
+    kernel_check(image, {"target": expected})
+
+
+def test_parsed_block_cache_matches_the_blocks(tmp_path: Path) -> None:
+    """With a shared ParsedBlockCache the writer gives the same results, and every
+    parse it remembered after a write is exactly what parsing the written block gives."""
+    count = 500
+    image = build_image(tmp_path, block_size=4096, features="metadata_csum", pool=count)
+    target = DirHandle(image, "/target")
+    sb = super_info(image.path)
+    cache = ParsedBlockCache(64, has_filetype="filetype" in sb.features,
+                             max_ino=sb.inodes_count, block_size=sb.block_size)
+    target.writer = DirectoryWriter(
+        ino=target.ino, size=target.writer.size, block_size=sb.block_size,
+        read_lblk=target.read_lblk, write_lblk=target.write_lblk,
+        append_block=target.append_block, indexed=False, has_filetype="filetype" in sb.features,
+        csum_seed=checksum.inode_csum_seed(sb.fs_csum_seed, target.ino,
+                                           inode_info(image.path, "/target").generation),
+        hash_seed=sb.hash_seed, default_hash_version=sb.default_hash,
+        unsigned_hash=sb.unsigned_hash, max_ino=sb.inodes_count,
+        large_dir="large_dir" in sb.features, dir_index_enabled=True, metadata_csum=True,
+        parsed=cache)
+    pool_names = sorted(image.pool)
+    names = [f"name-{i:05d}".encode() for i in range(count)]
+    expected: dict[bytes, int] = {}
+    link_into(image, target, names, pool_names, expected)
+    assert target.writer.indexed
+    for name in names[::4]:
+        entry = target.writer.remove(name)
+        assert entry.inode == expected.pop(name)
+        image.links[entry.inode] -= 1
+    for name in names:
+        entry = target.writer.lookup(name)
+        assert (entry.inode if entry else None) == expected.get(name)
+    seed = checksum.inode_csum_seed(sb.fs_csum_seed, target.ino,
+                                    inode_info(image.path, "/target").generation)
+    misses = 0
+    for lblk in range(target.writer.nblocks):
+        block = target.read_lblk(lblk)
+        assert block is not None
+        try:
+            fresh = parse_dir_records(block, ino=target.ino, lblk=lblk, has_filetype=True,
+                                      csum_seed=seed, max_ino=sb.inodes_count,
+                                      block_size=sb.block_size)
+        except Corrupt:
+            continue  # the dx_root and dx nodes are not record blocks
+        # A miss stores this very bytes object; a hit returns the one parsed or written before.
+        misses += cache.parse(block, ino=target.ino, lblk=lblk, csum_seed=seed).block is block
+        assert list(cache.parse(block, ino=target.ino, lblk=lblk, csum_seed=seed).records) == fresh
+    assert misses == 0
     target.sync_flags()
     image.fix_links()
     fsck_clean(image.path)

@@ -185,24 +185,27 @@ def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | No
     before = inode
     if size is not None and size != inode.size:
         inode = truncate(fs, inode, size, now)
+    # One dataclasses.replace for all fields: each costs as much as a small request.
+    changes: dict[str, int] = {}
     if mode is not None:
         new_mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
         if new_mode != inode.mode and not inode.is_symlink:
             inode = _chmod_acl(fs, inode, new_mode, now)
-        inode = dataclasses.replace(inode, mode=new_mode)
+        changes["mode"] = new_mode
     if uid is not None:
-        inode = dataclasses.replace(inode, uid=uid)
+        changes["uid"] = uid
     if gid is not None:
-        inode = dataclasses.replace(inode, gid=gid)
+        changes["gid"] = gid
     if atime_ns is not None:
-        inode = dataclasses.replace(inode, atime_ns=atime_ns)
+        changes["atime_ns"] = atime_ns
     if mtime_ns is not None:
-        inode = dataclasses.replace(inode, mtime_ns=mtime_ns)
+        changes["mtime_ns"] = mtime_ns
     # Like notify_change, any attribute change stamps ctime (even one to the same value).
     asked = (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
     if all(value is None for value in asked):
         return inode
-    inode = dataclasses.replace(inode, ctime_ns=now if ctime_ns is None else ctime_ns)
+    changes["ctime_ns"] = now if ctime_ns is None else ctime_ns
+    inode = dataclasses.replace(inode, **changes)
     if inode == before:
         return inode
     return fs.store(inode)

@@ -81,8 +81,9 @@ def _room(record: DirRecord) -> int:
 
 def find_slot(records: list[DirRecord], need: int) -> int | None:
     """First record with room for `need` bytes: the kernel's first fit."""
-    for i, record in enumerate(records):
-        if _room(record) >= need:
+    # _room inlined: this scans every record of a block on each insert.
+    for i, (_, inode, rec_len, name, _) in enumerate(records):
+        if (rec_len if inode == 0 else rec_len - ((len(name) + 11) & ~3)) >= need:
             return i
     return None
 
@@ -91,12 +92,12 @@ def insert_record(records: list[DirRecord], at: int, new: DirRecord) -> list[Dir
     """Put `new` into records[at]: reuse it if free, else split off its slack."""
     record = records[at]
     if record.inode == 0:
-        placed = [replace(new, offset=record.offset, rec_len=record.rec_len)]
+        placed = [new._replace(offset=record.offset, rec_len=record.rec_len)]
     else:
         used = dir_rec_len(len(record.name))
         placed = [
-            replace(record, rec_len=used),
-            replace(new, offset=record.offset + used, rec_len=record.rec_len - used),
+            record._replace(rec_len=used),
+            new._replace(offset=record.offset + used, rec_len=record.rec_len - used),
         ]
     return [*records[:at], *placed, *records[at + 1 :]]
 
@@ -107,13 +108,13 @@ def packed_records(live: list[DirRecord], area: int) -> list[DirRecord]:
     offset = 0
     for record in live:
         length = dir_rec_len(len(record.name))
-        out.append(replace(record, offset=offset, rec_len=length))
+        out.append(record._replace(offset=offset, rec_len=length))
         offset += length
     if offset > area:
         raise ValueError(f"{offset} bytes of records do not fit a {area}-byte area")
     if not out:
         return [DirRecord(0, 0, area, b"", 0)]
-    out[-1] = replace(out[-1], rec_len=area - out[-1].offset)
+    out[-1] = out[-1]._replace(rec_len=area - out[-1].offset)
     return out
 
 
@@ -196,8 +197,8 @@ class HtreeWriter:
             raise Corrupt("directory block", where, f"'.' points at inode {block0[0].inode}")
         # Everything after ".." moves, keeping its layout; the last record stretches.
         start = block0[2].offset
-        moved = [replace(r, offset=r.offset - start) for r in block0[2:]]
-        moved[-1] = replace(moved[-1], rec_len=self._area - moved[-1].offset)
+        moved = [r._replace(offset=r.offset - start) for r in block0[2:]]
+        moved[-1] = moved[-1]._replace(rec_len=self._area - moved[-1].offset)
         leaf = self._append()
         root = DxRoot(
             hash_version=self.default_hash_version,

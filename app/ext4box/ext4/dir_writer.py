@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from .dir_block import (
@@ -35,10 +35,12 @@ from .dir_block import (
     MAX_NAME_LEN,
     DirEntry,
     DirRecord,
+    ParsedBlockCache,
     build_dir_block,
     dir_rec_len,
     pack_dir_record,
     parse_dir_records,
+    splice_dir_block,
 )
 from .dir_htree_writer import DOT_REC_LEN, HtreeWriter, find_slot, insert_record
 from .directory import DirectoryReader
@@ -132,7 +134,7 @@ def _delete(records: list[DirRecord], at: int) -> list[DirRecord]:
     if at == 0:
         return [DirRecord(record.offset, 0, record.rec_len, b"", 0), *records[1:]]
     previous = records[at - 1]
-    merged = replace(previous, rec_len=previous.rec_len + record.rec_len)
+    merged = previous._replace(rec_len=previous.rec_len + record.rec_len)
     return [*records[: at - 1], merged, *records[at + 1 :]]
 
 
@@ -177,6 +179,7 @@ class DirectoryWriter:
         dir_index_enabled: bool,
         metadata_csum: bool,
         inline: InlineDirStore | None = None,
+        parsed: ParsedBlockCache | None = None,
     ) -> None:
         if metadata_csum and csum_seed is None:
             raise ValueError("metadata_csum needs the directory inode's checksum seed")
@@ -198,6 +201,14 @@ class DirectoryWriter:
         self.dir_index_enabled = dir_index_enabled
         self.metadata_csum = metadata_csum
         self._inline = inline
+        # Shared block parses (see ParsedBlockCache), when built for these parameters.
+        self._parsed = (
+            parsed
+            if parsed is not None
+            and (parsed.has_filetype, parsed.max_ino, parsed.block_size)
+            == (has_filetype, max_ino, block_size)
+            else None
+        )
         self._area = block_size - (DIR_TAIL_SIZE if metadata_csum else 0)
         self._htree = HtreeWriter(
             ino=ino,
@@ -282,7 +293,7 @@ class DirectoryWriter:
             raise NotFound(f"{name!r} not in directory inode {self.ino}")
         old = found.records[found.index]
         records = list(found.records)
-        records[found.index] = replace(old, inode=ino, file_type=ftype)
+        records[found.index] = old._replace(inode=ino, file_type=ftype)
         self._store(found.lblk, records)
         return old.entry()
 
@@ -311,8 +322,13 @@ class DirectoryWriter:
         return block
 
     def _records(self, lblk: int, block: bytes | None = None) -> list[DirRecord]:
+        if block is None:
+            block = self._read(lblk)
+        if self._parsed is not None:
+            parsed = self._parsed.parse(block, ino=self.ino, lblk=lblk, csum_seed=self._tail_seed)
+            return list(parsed.records)
         return parse_dir_records(
-            self._read(lblk) if block is None else block,
+            block,
             ino=self.ino,
             lblk=lblk,
             has_filetype=self.has_filetype,
@@ -322,8 +338,20 @@ class DirectoryWriter:
         )
 
     def _write_records(self, lblk: int, records: list[DirRecord]) -> None:
-        data = build_dir_block(records, block_size=self.block_size, csum_seed=self._tail_seed)
+        data = None
+        if self._parsed is not None:
+            # Most writes change one or two records of a block we wrote before:
+            # repack only those (same bytes as a full build, see splice_dir_block).
+            old = self._parsed.peek(self.ino, lblk, self._tail_seed)
+            if old is not None and old.canonical and old.block == self._read_lblk(lblk):
+                data = splice_dir_block(
+                    old, records, block_size=self.block_size, csum_seed=self._tail_seed
+                )
+        if data is None:
+            data = build_dir_block(records, block_size=self.block_size, csum_seed=self._tail_seed)
         self._write_lblk(lblk, data)
+        if self._parsed is not None:
+            self._parsed.remember(data, records, ino=self.ino, lblk=lblk, csum_seed=self._tail_seed)
 
     def _store(self, lblk: int, records: list[DirRecord]) -> None:
         """Write records back where _locate found them (a block or an inline area)."""
@@ -362,6 +390,7 @@ class DirectoryWriter:
             max_ino=self.max_ino,
             inline_body=body,
             large_dir=self.large_dir,
+            parsed=self._parsed,
         )
 
     # ---- finding a name ---------------------------------------------------------
@@ -376,6 +405,15 @@ class DirectoryWriter:
         else:
             lblks = range(self.nblocks)
         for lblk in lblks:
+            if self._parsed is not None:
+                block = self._read(lblk)
+                parsed = self._parsed.parse(
+                    block, ino=self.ino, lblk=lblk, csum_seed=self._tail_seed
+                )
+                at = parsed.find(name)
+                if at is not None:
+                    return _Found(lblk, list(parsed.records), at)
+                continue
             records = self._records(lblk)
             for i, record in enumerate(records):
                 if record.inode != 0 and record.name == name:
@@ -416,7 +454,7 @@ class DirectoryWriter:
         if len(records) < 2 or records[1].name != b".." or records[1].inode == 0:
             raise Corrupt("directory block", block_where(0, self.ino), "no '..' record")
         old_record = records[1]
-        records[1] = replace(old_record, inode=ino, file_type=ftype)
+        records[1] = old_record._replace(inode=ino, file_type=ftype)
         self._write_records(0, records)
         return old_record.entry()
 
@@ -495,9 +533,9 @@ class DirectoryWriter:
         offset = 2 * DOT_REC_LEN
         for _, area in self._inline_areas(body):
             for record in self._inline_records(area):
-                records.append(replace(record, offset=offset + record.offset))
+                records.append(record._replace(offset=offset + record.offset))
             offset += len(area)
-        records[-1] = replace(records[-1], rec_len=self._area - records[-1].offset)
+        records[-1] = records[-1]._replace(rec_len=self._area - records[-1].offset)
         first_block = build_dir_block(records, block_size=self.block_size,
                                       csum_seed=self._tail_seed)
         self._inline.convert_to_blocks(first_block)

@@ -19,10 +19,10 @@ i_block and records in the remaining 56 bytes and in the system.data value;
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from ..log import get_logger
-from .dir_block import DirEntry, DirRecord, parse_dir_records
+from .dir_block import DirEntry, DirRecord, ParsedBlockCache, parse_dir_records
 from .errors import Corrupt, block_where, inode_where
 from .htree import HtreeIndex, is_dx_node_block
 
@@ -64,6 +64,7 @@ class DirectoryReader:
         inline_body: bytes | None = None,
         large_dir: bool = False,
         hole_end: Callable[[int], int] | None = None,
+        parsed: ParsedBlockCache | None = None,
     ) -> None:
         self.ino = ino
         self.size = size
@@ -85,6 +86,15 @@ class DirectoryReader:
         # The parsed dx_root, kept while this reader lives (a reader is dropped when
         # its directory changes). dx_nodes and leaves are still read per lookup.
         self._index: HtreeIndex | None = None
+        # Shared parses of whole blocks; used only when it was built for the same
+        # filesystem parameters (filetype, inode count, block size) as this reader.
+        self._parsed = (
+            parsed
+            if parsed is not None
+            and (parsed.has_filetype, parsed.max_ino, parsed.block_size)
+            == (has_filetype, max_ino, block_size)
+            else None
+        )
 
     # ---- shape -----------------------------------------------------------
 
@@ -104,7 +114,7 @@ class DirectoryReader:
             )
         return block
 
-    def _block_records(self, lblk: int, block: bytes) -> list[DirRecord]:
+    def _block_records(self, lblk: int, block: bytes) -> Sequence[DirRecord]:
         """Records of one block of this directory, skipping index-only blocks."""
         if self.indexed:
             if lblk == 0 and _frames_dx_root(block, self.block_size):
@@ -115,7 +125,9 @@ class DirectoryReader:
                 return []
         return self._parse(lblk, block, csum_seed=self.csum_seed)
 
-    def _parse(self, lblk: int, area: bytes, *, csum_seed: int | None) -> list[DirRecord]:
+    def _parse(self, lblk: int, area: bytes, *, csum_seed: int | None) -> Sequence[DirRecord]:
+        if self._parsed is not None and len(area) == self.block_size:
+            return self._parsed.parse(area, ino=self.ino, lblk=lblk, csum_seed=csum_seed).records
         return parse_dir_records(
             area,
             ino=self.ino,
@@ -125,6 +137,17 @@ class DirectoryReader:
             max_ino=self.max_ino,
             block_size=self.block_size,
         )
+
+    def _find(self, lblk: int, block: bytes, name: bytes) -> DirEntry | None:
+        """The live entry `name` in a (leaf or linear) block parsed with its checksum."""
+        if self._parsed is not None:
+            parsed = self._parsed.parse(block, ino=self.ino, lblk=lblk, csum_seed=self.csum_seed)
+            at = parsed.find(name)
+            return None if at is None else parsed.records[at].entry()
+        for rec in self._parse(lblk, block, csum_seed=self.csum_seed):
+            if rec.inode != 0 and rec.name == name:
+                return rec.entry()
+        return None
 
     # ---- lookup ----------------------------------------------------------
 
@@ -147,6 +170,12 @@ class DirectoryReader:
 
     def _search_blocks(self, name: bytes, lblks: range) -> DirEntry | None:
         for lblk, block in self._blocks(lblks.start, lblks.stop):
+            if not self.indexed:
+                entry = self._find(lblk, block, name)
+                if entry is not None:
+                    return entry
+                continue
+            # A linear scan of an indexed directory: skip what only the index uses.
             for rec in self._block_records(lblk, block):
                 if rec.inode != 0 and rec.name == name:
                     return rec.entry()
@@ -200,10 +229,9 @@ class DirectoryReader:
                 return False, None
             if lblk is None or block is None:
                 return True, None
-            leaf = self._parse(lblk, block, csum_seed=self.csum_seed)
-            for rec in leaf:
-                if rec.inode != 0 and rec.name == name:
-                    return True, rec.entry()
+            entry = self._find(lblk, block, name)
+            if entry is not None:
+                return True, entry
         raise Corrupt("dx index", inode_where(self.ino), "leaf walk did not end")
 
     def _log_fallback(self, err: Corrupt) -> None:

@@ -21,6 +21,7 @@ from ext4box.ext4 import features as F
 from ext4box.ext4.acl import acl_disk_to_xattr
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.dir_block import ParsedBlockCache
 from ext4box.ext4.directory import DirectoryReader
 from ext4box.ext4.errors import (
     Corrupt,
@@ -107,6 +108,10 @@ class CacheSizes:
     inodes: int = 16384
     mappers: int = 1024
     directories: int = 1024
+    # Parsed directory blocks (records + a name index: ~48 KiB of Python objects
+    # for a 4 KiB block of 200 names, so ~12 MiB at most), counted in 4 KiB
+    # blocks whatever the block size (a 64 KiB-block image keeps 16).
+    dir_blocks: int = 256
 
 
 class Filesystem:
@@ -120,6 +125,12 @@ class Filesystem:
         self._inodes: _Lru[int, Inode] = _Lru(caches.inodes)
         self._mappers: _Lru[int, ExtentMapper | BlockMapMapper] = _Lru(caches.mappers)
         self._dirs: _Lru[int, DirectoryReader] = _Lru(caches.directories)
+        self.dir_blocks = ParsedBlockCache(
+            max(1, caches.dir_blocks * 4096 // sb.block_size),
+            has_filetype=sb.has_incompat(F.INCOMPAT_FILETYPE),
+            max_ino=sb.inodes_count,
+            block_size=sb.block_size,
+        )
         # Parsed xattrs per inode, with the Inode they were parsed from: an entry
         # is used only while that very Inode object is the one asked about, so a
         # store of a changed inode (rw) makes it stale even before it is popped.
@@ -345,6 +356,7 @@ class Filesystem:
             inline_body=inline_body,
             large_dir=sb.has_incompat(F.INCOMPAT_LARGEDIR),
             hole_end=None if inline_body is not None else hole_end,
+            parsed=self.dir_blocks,
         )
         self._dirs.put(ino, reader)
         return reader

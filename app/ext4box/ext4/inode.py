@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
@@ -289,6 +290,25 @@ _EXTRA_TIME_MAX = _S32_MAX + (3 << 32)
 NS = 1_000_000_000
 
 
+_OSD2_IDS = struct.Struct("<HHHH")  # blocks_high, file_acl_high, uid_high, gid_high
+# The optional fields after offset 128 as (absolute offset, Struct), for writing.
+_EXTRA_PACKERS = {
+    name: (GOOD_OLD_INODE_SIZE + offset, struct.Struct(fmt))
+    for name, (offset, fmt) in _EXTRA_FIELDS.items()
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _extra_present(extra_isize: int) -> frozenset[str]:
+    """The optional fields an i_extra_isize covers (each must end inside it).
+    Cached: an image uses one or two sizes, and every inode write asks."""
+    return frozenset(
+        name
+        for name, (offset, fmt) in _EXTRA_FIELDS.items()
+        if offset + struct.calcsize(fmt) <= extra_isize
+    )
+
+
 def encode_inode(
     inode: Inode, *, fs_csum_seed: int | None, huge_file: bool, block_size: int
 ) -> bytes:
@@ -297,83 +317,70 @@ def encode_inode(
     in-inode xattrs) survive unchanged; then the checksum, if metadata_csum.
 
     Change fields with `dataclasses.replace(inode, size=..., mtime_ns=...)`;
-    the Inode stays frozen.
+    the Inode stays frozen. (Every inode store runs this: layouts are
+    precompiled and error texts built only when raised.)
     """
     raw = bytearray(inode.raw)
-    where = inode_where(inode.ino)
+    ino = inode.ino
     if len(raw) < GOOD_OLD_INODE_SIZE or len(inode.i_block) != I_BLOCK_SIZE:
-        raise ValueError(f"{where}: raw of {len(raw)} bytes or i_block of {len(inode.i_block)}")
+        raise ValueError(
+            f"{inode_where(ino)}: raw of {len(raw)} bytes or i_block of {len(inode.i_block)}"
+        )
     extra_isize = inode.extra_isize
     if len(raw) > GOOD_OLD_INODE_SIZE:
         if extra_isize & 3 or GOOD_OLD_INODE_SIZE + extra_isize > len(raw):
-            raise ValueError(f"{where}: extra_isize {extra_isize} invalid")
+            raise ValueError(f"{inode_where(ino)}: extra_isize {extra_isize} invalid")
         _U16.pack_into(raw, GOOD_OLD_INODE_SIZE, extra_isize)
     else:
         extra_isize = 0
-
-    def has_extra(name: str) -> bool:
-        offset, fmt = _EXTRA_FIELDS[name]
-        return offset + struct.calcsize(fmt) <= extra_isize
+    present = _extra_present(extra_isize)
 
     def put_extra(name: str, value: int) -> None:
-        offset, fmt = _EXTRA_FIELDS[name]
-        struct.pack_into(fmt, raw, GOOD_OLD_INODE_SIZE + offset, value)
+        offset, packer = _EXTRA_PACKERS[name]
+        packer.pack_into(raw, offset, value)
 
-    if not 0 <= inode.size < 1 << 63:
-        raise ValueError(f"{where}: size {inode.size} out of range")
-    if not 0 <= inode.uid < 1 << 32 or not 0 <= inode.gid < 1 << 32:
-        raise ValueError(f"{where}: uid/gid out of range")
-    if not 0 <= inode.file_acl < 1 << 48:
-        raise ValueError(f"{where}: file_acl {inode.file_acl} out of range")
+    size, uid, gid, file_acl = inode.size, inode.uid, inode.gid, inode.file_acl
+    if not 0 <= size < 1 << 63:
+        raise ValueError(f"{inode_where(ino)}: size {size} out of range")
+    if not 0 <= uid < 1 << 32 or not 0 <= gid < 1 << 32:
+        raise ValueError(f"{inode_where(ino)}: uid/gid out of range")
+    if not 0 <= file_acl < 1 << 48:
+        raise ValueError(f"{inode_where(ino)}: file_acl {file_acl} out of range")
 
-    flags = inode.flags
     blocks_lo, blocks_hi, flags = _encode_blocks(
-        inode.blocks_512, flags, huge_file, block_size, where
+        inode.blocks_512, inode.flags, huge_file, block_size, ino
     )
 
-    _MODE_UID.pack_into(raw, 0x00, inode.mode & 0xFFFF, inode.uid & 0xFFFF, inode.size & 0xFFFFFFFF)
-    times = {}
-    for name, value in (
-        ("atime", inode.atime_ns),
-        ("ctime", inode.ctime_ns),
-        ("mtime", inode.mtime_ns),
-    ):
-        seconds, extra = _encode_time(value, has_extra(f"{name}_extra"))
-        times[name] = seconds
-        if extra is not None:
-            put_extra(f"{name}_extra", extra)
-    _TIMES.pack_into(raw, 0x08, times["atime"], times["ctime"], times["mtime"], inode.dtime)
+    _MODE_UID.pack_into(raw, 0x00, inode.mode & 0xFFFF, uid & 0xFFFF, size & 0xFFFFFFFF)
+    atime, atime_extra = _encode_time(inode.atime_ns, "atime_extra" in present)
+    ctime, ctime_extra = _encode_time(inode.ctime_ns, "ctime_extra" in present)
+    mtime, mtime_extra = _encode_time(inode.mtime_ns, "mtime_extra" in present)
+    if ctime_extra is not None:
+        put_extra("ctime_extra", ctime_extra)
+    if mtime_extra is not None:
+        put_extra("mtime_extra", mtime_extra)
+    if atime_extra is not None:
+        put_extra("atime_extra", atime_extra)
+    _TIMES.pack_into(raw, 0x08, atime, ctime, mtime, inode.dtime)
     _GID_LINKS_BLOCKS_FLAGS.pack_into(
-        raw, 0x18, inode.gid & 0xFFFF, inode.links_count, blocks_lo, flags
+        raw, 0x18, gid & 0xFFFF, inode.links_count, blocks_lo, flags
     )
     raw[_I_BLOCK_OFFSET : _I_BLOCK_OFFSET + I_BLOCK_SIZE] = inode.i_block
-    _GEN_ACL_SIZEHI.pack_into(
-        raw, 0x64, inode.generation, inode.file_acl & 0xFFFFFFFF, inode.size >> 32
-    )
+    _GEN_ACL_SIZEHI.pack_into(raw, 0x64, inode.generation, file_acl & 0xFFFFFFFF, size >> 32)
     # osd2: blocks_high, file_acl_high, uid_high, gid_high; checksum_lo and
     # the reserved word are left for the checksum step / as read.
-    struct.pack_into(
-        "<HHHH",
-        raw,
-        _OSD2_OFFSET,
-        blocks_hi,
-        inode.file_acl >> 32,
-        inode.uid >> 16,
-        inode.gid >> 16,
-    )
-    if has_extra("crtime"):
-        seconds, extra = _encode_time(inode.crtime_ns, has_extra("crtime_extra"))
+    _OSD2_IDS.pack_into(raw, _OSD2_OFFSET, blocks_hi, file_acl >> 32, uid >> 16, gid >> 16)
+    if "crtime" in present:
+        seconds, extra = _encode_time(inode.crtime_ns, "crtime_extra" in present)
         put_extra("crtime", seconds)
         if extra is not None:
             put_extra("crtime_extra", extra)
-    if has_extra("projid"):
+    if "projid" in present:
         put_extra("projid", inode.projid)
 
     if fs_csum_seed is not None:
-        has_hi = has_extra("checksum_hi")
-        crc = inode_checksum(
-            bytes(raw), inode_csum_seed(fs_csum_seed, inode.ino, inode.generation), has_hi
-        )
+        has_hi = "checksum_hi" in present
+        crc = inode_checksum(raw, inode_csum_seed(fs_csum_seed, ino, inode.generation), has_hi)
         _U16.pack_into(raw, _CHECKSUM_LO_OFFSET, crc & 0xFFFF)
         if has_hi:
             _U16.pack_into(raw, _CHECKSUM_HI_OFFSET, crc >> 16)
@@ -395,21 +402,21 @@ def _encode_time(time_ns: int, with_extra: bool) -> tuple[int, int | None]:
 
 
 def _encode_blocks(
-    blocks_512: int, flags: int, huge_file: bool, block_size: int, where: str
+    blocks_512: int, flags: int, huge_file: bool, block_size: int, ino: int
 ) -> tuple[int, int, int]:
     """i_blocks as (lo, hi, flags): 512-byte units while they fit in 48 bits,
     filesystem blocks with HUGE_FILE set only beyond that (huge_file feature)."""
     if blocks_512 < 0:
-        raise ValueError(f"{where}: negative block count")
+        raise ValueError(f"{inode_where(ino)}: negative block count")
     if blocks_512 < 1 << 32:
         return blocks_512, 0, flags & ~FL_HUGE_FILE
     if not huge_file:
-        raise ValueError(f"{where}: {blocks_512} sectors need the huge_file feature")
+        raise ValueError(f"{inode_where(ino)}: {blocks_512} sectors need the huge_file feature")
     if blocks_512 < 1 << 48:
         return blocks_512 & 0xFFFFFFFF, blocks_512 >> 32, flags & ~FL_HUGE_FILE
     units = blocks_512 // (block_size // 512)
     if units >= 1 << 48:
-        raise ValueError(f"{where}: {blocks_512} sectors exceed the huge_file limit")
+        raise ValueError(f"{inode_where(ino)}: {blocks_512} sectors exceed the huge_file limit")
     return units & 0xFFFFFFFF, units >> 32, flags | FL_HUGE_FILE
 
 

@@ -21,12 +21,17 @@ BAD_BLOCKS_INO = 1
 # attributes for a long time.
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
-# Read-write: every change arrives through this kernel mount, and the FUSE
-# kernel module invalidates what a request it sent can have changed (the
-# parent after create/unlink, both inodes after link/rename, attributes after
-# write/setattr/setxattr). A few changes happen behind its back (suid/sgid
-# cleared on write, times set by the server's clock), so keep the windows short.
-RW_ENTRY_TIMEOUT = 1.0
+# Read-write: every change arrives through this kernel mount. Names change
+# only by requests the kernel itself sends (create, mkdir, link, unlink,
+# rmdir, rename), and it updates its dentries from their answers, so a name
+# stays valid as long as on a read-only mount: a short entry timeout only
+# made the kernel look up again every name older than it (e.g. before each
+# unlink). Attributes: the FUSE kernel module invalidates what a request it
+# sent can have changed (the parent after create/unlink, both inodes after
+# link/rename, attributes after write/setattr/setxattr), but a few changes
+# happen behind its back (suid/sgid cleared on write, times set by the
+# server's clock), so keep that window short.
+RW_ENTRY_TIMEOUT = ENTRY_TIMEOUT
 RW_ATTR_TIMEOUT = 1.0
 
 # ext4 directory entry file types → S_IFMT bits.
