@@ -10,8 +10,8 @@ Inputs are `program.Program`s (seed image + metadata edits), run through
 or a hang does not stop the run: it is recorded once per distinct signature
 (exception type + innermost ext4box frame) under WORKDIR/crashes/ with the
 input and the traceback, and fuzzing goes on. WORKDIR/stats.json holds the
-exec count and the longest operation seen. Reproduce a crash with
-`--replay WORKDIR/crashes/<sig>.bin`.
+exec count and the longest operation seen (its input in WORKDIR/longest.bin).
+Reproduce a crash with `--replay WORKDIR/crashes/<sig>.bin`.
 
 `--rw` fuzzes read-write sessions instead (rw_driver): inputs are
 `rw_driver.encode_rw` byte strings (edits, then write operations), run by
@@ -79,6 +79,8 @@ class Harness:
         else:
             if report.longest_s > self.longest:
                 self.longest, self.longest_op = report.longest_s, report.longest_op
+                # The input behind the slowest request, to replay and profile it.
+                (self.crash_dir.parent / "longest.bin").write_bytes(data)
         now = time.monotonic()
         if now - self.last_stats > 10:
             self.last_stats = now
@@ -190,7 +192,8 @@ def main() -> None:
     max_len = 1 + 2 + 13 * 16 + 5 * 24 if args.rw else 210
     argv = [sys.argv[0], *libfuzzer_args, f"-max_total_time={args.seconds}",
             f"-max_len={max_len}", "-len_control=0", "-timeout=60", "-rss_limit_mb=3072",
-            str(corpus)]
+            # crash-/slow-unit files go beside the corpus, not into the working directory
+            f"-artifact_prefix={args.workdir}/", str(corpus)]
     try:
         atheris.Setup(argv, harness)
         atheris.Fuzz()

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from fuzz.journal_walk import journal_device_blocks
 from fuzz.regions import Mutation, Region, apply_mutations, metadata_regions, reseal
 
 _RECORD = struct.Struct("<HHBQ")
@@ -51,6 +52,7 @@ class Seed:
     image: bytes
     block_size: int
     regions: list[Region]
+    journal: tuple[int, ...] = ()  # device block of each journal block (for resealing)
 
 
 def load_seeds(paths: dict[str, Path]) -> list[Seed]:
@@ -58,7 +60,8 @@ def load_seeds(paths: dict[str, Path]) -> list[Seed]:
     for name, path in sorted(paths.items()):
         image = path.read_bytes()
         block_size = 1024 << int.from_bytes(image[1024 + 24 : 1024 + 28], "little")
-        seeds.append(Seed(name, image, block_size, metadata_regions(image)))
+        seeds.append(Seed(name, image, block_size, metadata_regions(image),
+                          journal_device_blocks(image)))
     return seeds
 
 
@@ -68,5 +71,5 @@ def materialise(seeds: list[Seed], program: Program) -> bytearray:
     image = bytearray(seed.image)
     touched = apply_mutations(image, seed.regions, list(program.mutations), seed.block_size)
     if program.reseal:
-        reseal(image, touched)
+        reseal(image, touched, seed.journal, seed.block_size)
     return image

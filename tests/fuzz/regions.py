@@ -2,11 +2,19 @@
 
 `metadata_regions` walks a clean image with our own parsers and lists every
 structure the read side parses (superblock, group descriptors, inodes, extent
-and indirect blocks, directory and htree blocks, xattr blocks) as a byte range
-with its kind. A `Mutation` edits bytes inside one region; `reseal` then
-recomputes that structure's checksum with the engine's own checksum functions,
-so a mutation of a metadata_csum image can get past the checksum gate and
-reach the parsing logic behind it.
+and indirect blocks, directory and htree blocks, xattr blocks, the inodes and
+tree blocks of EA inodes, the journal inode, the journal superblock and every
+descriptor, commit and revoke block of a log that needs recovery, and the
+logged copies) as a byte range with its kind. On an image whose journal needs
+recovery the structures are located in the replayed view; those the journal
+holds a newer copy of are listed a second time, inside that logged copy,
+which is where an edit changes what recovery serves.
+
+A `Mutation` edits bytes inside one region; `reseal` then recomputes that
+structure's checksum with the engine's own checksum functions (and, when the
+journal is checksummed and an edit touched it, every checksum of the log:
+journal_walk.reseal_journal), so a mutation of a metadata_csum image can get
+past the checksum gate and reach the parsing logic behind it.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from ext4box.ext4.group_desc import CHECKSUM_OFFSET as GD_CHECKSUM_OFFSET
 from ext4box.ext4.group_desc import descriptor_block, descriptor_checksum
 from ext4box.ext4.htree import DX_NODE_ENTRIES_OFFSET, DX_ROOT_ENTRIES_OFFSET, dx_csum
 from ext4box.ext4.inode import inode_checksum
+from ext4box.ext4.journal.overlay import OverlayDevice
+from ext4box.ext4.journal.superblock import BLOCK_COMMIT, BLOCK_DESCRIPTOR, SUPERBLOCK_BYTES
 from ext4box.ext4.superblock import CHECKSUM_OFFSET as SB_CHECKSUM_OFFSET
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.ext4.xattr import xattr_block_checksum
+from fuzz.journal_walk import journal_device_blocks, journal_superblock, reseal_journal, walk_log
 
 SUPERBLOCK = "superblock"
 GROUP_DESC = "group_desc"
@@ -37,6 +48,13 @@ EXTENT_BLOCK = "extent_block"
 INDIRECT_BLOCK = "indirect_block"
 DIR_BLOCK = "dir_block"
 XATTR_BLOCK = "xattr_block"
+EA_INODE = "ea_inode"  # the inode record of an xattr value inode
+JOURNAL_SB = "journal_sb"
+JOURNAL_DESCRIPTOR = "journal_descriptor"
+JOURNAL_COMMIT = "journal_commit"
+JOURNAL_REVOKE = "journal_revoke"
+JOURNAL_LOGGED = "journal_logged"  # a logged copy (index: the block it replays onto)
+JOURNAL_KINDS = (JOURNAL_SB, JOURNAL_DESCRIPTOR, JOURNAL_COMMIT, JOURNAL_REVOKE, JOURNAL_LOGGED)
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -87,9 +105,81 @@ def metadata_regions(image: bytes) -> list[Region]:
     try:
         os.write(fd, image)
         fs = Filesystem.open(BlockDevice(fd))
-        return _regions(fs)
+        regions = _regions(fs)
+        regions += _ea_inode_regions(fs)
+        regions += _journal_regions(fs, image)
+        if isinstance(fs.dev, OverlayDevice):
+            regions += _in_logged_copies(fs.dev, regions, fs.block_size)
+        return regions
     finally:
         os.close(fd)
+
+
+def _inode_region(fs: Filesystem, kind: str, ino: int) -> Region:
+    sb = fs.sb
+    group, slot = divmod(ino - 1, sb.inodes_per_group)
+    offset = fs.groups[group].inode_table * fs.block_size + slot * sb.inode_size
+    return Region(kind, offset, sb.inode_size, ino=ino)
+
+
+def _tree_regions(fs: Filesystem, ino: int) -> list[Region]:
+    inode = fs.inode(ino)
+    mapper = fs._mapper(inode)
+    kind = EXTENT_BLOCK if isinstance(mapper, ExtentMapper) else INDIRECT_BLOCK
+    assert isinstance(mapper, ExtentMapper | BlockMapMapper)
+    return [Region(kind, pblk * fs.block_size, fs.block_size, ino, pblk)
+            for pblk in mapper.tree_blocks()]
+
+
+def _ea_inode_regions(fs: Filesystem) -> list[Region]:
+    """The inode records (and tree blocks) of the inodes holding xattr values."""
+    regions: list[Region] = []
+    seen: set[int] = set()
+    for ino in _walk_inodes(fs):
+        for entry in fs._xattrs(fs.inode(ino)):
+            if entry.value_inum and entry.value_inum not in seen:
+                seen.add(entry.value_inum)
+                regions.append(_inode_region(fs, EA_INODE, entry.value_inum))
+                regions += _tree_regions(fs, entry.value_inum)
+    return regions
+
+
+def _journal_regions(fs: Filesystem, image: bytes) -> list[Region]:
+    """The journal inode, its superblock and, when it needs recovery, every block of the
+    log: header blocks by type, logged copies by the block they replay onto."""
+    journal_ino = int(fs.sb.fields["journal_inum"])
+    journal = journal_device_blocks(image)
+    if not journal_ino or not journal:
+        return []
+    bs = fs.block_size
+    regions = [_inode_region(fs, INODE, journal_ino), *_tree_regions(fs, journal_ino),
+               Region(JOURNAL_SB, journal[0] * bs, SUPERBLOCK_BYTES, journal_ino)]
+    jsb = journal_superblock(image, journal, bs)
+    if jsb is None:
+        return regions
+    kinds = {BLOCK_DESCRIPTOR: JOURNAL_DESCRIPTOR, BLOCK_COMMIT: JOURNAL_COMMIT}
+    for entry in walk_log(image, journal, jsb):
+        offset = journal[entry.position] * bs
+        regions.append(Region(kinds.get(entry.kind, JOURNAL_REVOKE), offset, bs, journal_ino,
+                              entry.position))
+        for tag, position in zip(entry.tags, entry.logged, strict=True):
+            regions.append(Region(JOURNAL_LOGGED, journal[position] * bs, bs, journal_ino,
+                                  tag.target))
+    return regions
+
+
+def _in_logged_copies(overlay: OverlayDevice, regions: list[Region], bs: int) -> list[Region]:
+    """The structures recovery serves from a logged copy, located inside that copy."""
+    moved = []
+    for region in regions:
+        block = region.offset // bs
+        copy = overlay.copy_of(block)
+        if copy is None or region.kind in JOURNAL_KINDS or (
+                region.offset + region.length > (block + 1) * bs):
+            continue
+        offset = copy.device_block * bs + region.offset % bs
+        moved.append(Region(region.kind, offset, region.length, region.ino, region.index))
+    return moved
 
 
 def _regions(fs: Filesystem) -> list[Region]:
@@ -182,8 +272,19 @@ def _apply_one(image: bytearray, region: Region, m: Mutation, values: tuple[int,
         image[offset : offset + 8] = (m.value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
 
 
-def reseal(image: bytearray, touched: list[Region]) -> None:
-    """Recompute the checksums of the touched structures, if the image has them."""
+def reseal(image: bytearray, touched: list[Region], journal: tuple[int, ...] = (),
+           block_size: int = 0) -> None:
+    """Recompute the checksums of the touched structures, if the image has them; with
+    `journal` (the seed's journal blocks), those of the log when an edit reached it."""
+    _reseal_structures(image, touched)
+    if journal:
+        bs = block_size
+        in_journal = {pblk * bs for pblk in journal}
+        if any(r.kind in JOURNAL_KINDS or r.offset // bs * bs in in_journal for r in touched):
+            reseal_journal(image, journal, bs)
+
+
+def _reseal_structures(image: bytearray, touched: list[Region]) -> None:
     try:
         sb_raw = bytes(image[SUPERBLOCK_OFFSET : SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE])
         ro_compat = _U32.unpack_from(sb_raw, 0x64)[0]
@@ -195,6 +296,12 @@ def reseal(image: bytearray, touched: list[Region]) -> None:
     except (Ext4Error, struct.error):
         return  # a superblock we cannot parse: nothing else can be sealed
     for region in touched:
+        if region.kind == SUPERBLOCK and region.offset != SUPERBLOCK_OFFSET:
+            # A logged copy of the superblock: sealed like the primary.
+            if ro_compat & F.RO_COMPAT_METADATA_CSUM:
+                end = region.offset + SB_CHECKSUM_OFFSET
+                _U32.pack_into(image, end, crc32c_raw(0xFFFFFFFF, image[region.offset:end]))
+            continue
         if region.kind == GROUP_DESC:
             raw = bytes(image[region.offset : region.offset + region.length])
             want = descriptor_checksum(sb, region.index, raw)
@@ -202,7 +309,7 @@ def reseal(image: bytearray, touched: list[Region]) -> None:
                 _U16.pack_into(image, region.offset + GD_CHECKSUM_OFFSET, want & 0xFFFF)
         if sb.csum_seed is None:
             continue
-        if region.kind == INODE:
+        if region.kind in (INODE, EA_INODE):
             _reseal_inode(image, region, sb.csum_seed)
         elif region.kind == XATTR_BLOCK:
             block = bytes(image[region.offset : region.offset + region.length])

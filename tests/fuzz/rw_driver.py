@@ -18,14 +18,22 @@ executor's pwritev alike) and reports as a violation any change
 - to a backup superblock / GDT / reserved GDT block, or the primary reserved
   GDT blocks (the writer only ever updates the primary superblock and GDT);
 - to a block that, in the undamaged seed, belongs to a "bystander" file the
-  session never names (data, tree and xattr blocks; the journal unless the
-  image asks for recovery), unless the session reached that inode anyway (a
-  damaged name resolved to it, or the engine changed its inode record, e.g.
-  freeing it as an orphan), or the damaged image gives that block to an
+  session never names (data, tree and xattr blocks), unless the session
+  reached that inode anyway (a damaged name resolved to it, or the engine
+  changed its inode record, e.g. freeing it as an orphan; the journal inode
+  counts as reached: replay and journaled writes use it), or the damaged
+  image gives that block to an
   inode the session did reach (two owners of a block is damage the engine is
   allowed to follow), or a group descriptor of the damaged image names it as
   a bitmap or inode table (on an image without checksums nothing tells such a
   descriptor from a real one).
+When the image needs recovery, the rw open replays the journal onto the
+device first, as e2fsck and the kernel do, and a replay writes wherever the
+journal says: the blocks any descriptor tag in the (damaged) journal names
+and the blocks of the (damaged) journal inode are then excused from the
+boot-block, backup and bystander rules, never from the device and
+s_blocks_count bounds (journal_walk.tag_targets: a superset computed without
+the recovery code's scan).
 Every device pwrite is also recorded and checked against the device size.
 """
 
@@ -46,6 +54,7 @@ from ext4box.ext4.inode import Inode
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.iomap.engine import IOMapEngine
 from fuzz.driver import OP_TIMEOUT_S, Report, _Session, _Timer
+from fuzz.journal_walk import journal_device_blocks, tag_targets
 from fuzz.program import MAX_MUTATIONS, Program
 
 ROOT_INO = 2
@@ -260,14 +269,32 @@ def run_session(image: bytes | bytearray, facts: SeedFacts, ops: tuple[RwOp, ...
 
 
 def _declared(image: bytes) -> tuple[int, int]:
-    """s_blocks_count, and the journal inode when the journal needs recovery (the rw
-    open replays it: writing the journal is then its job), else 0."""
+    """s_blocks_count, and the journal inode if the image has a journal (0 if not): the
+    rw open replays it when it needs recovery, and journaled writes go through it, so
+    writing the journal is the session's job."""
     try:
         sb = Superblock.parse(image[SUPERBLOCK_OFFSET:SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE])
     except Ext4Error:
         return 0, 0
-    recovering = sb.has_incompat(F.INCOMPAT_RECOVER)
-    return sb.blocks_count, int(sb.fields["journal_inum"]) if recovering else 0
+    journaled = sb.has_compat(F.COMPAT_HAS_JOURNAL)
+    return sb.blocks_count, int(sb.fields["journal_inum"]) if journaled else 0
+
+
+def _recovering(image: bytes) -> bool:
+    try:
+        sb = Superblock.parse(image[SUPERBLOCK_OFFSET:SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE])
+    except Ext4Error:
+        return False
+    return sb.has_incompat(F.INCOMPAT_RECOVER)
+
+
+def replay_may_write(image: bytes, block_size: int) -> set[int]:
+    """Blocks a replay of this image's journal may write (none unless it needs recovery):
+    every block a descriptor names, and the journal's own blocks (its superblock)."""
+    if not _recovering(image):
+        return set()
+    journal = journal_device_blocks(image)
+    return tag_targets(image, journal, block_size) | set(journal)
 
 
 def check_writes(before: bytes, after: bytes, facts: SeedFacts, report: RwReport) -> None:
@@ -276,28 +303,30 @@ def check_writes(before: bytes, after: bytes, facts: SeedFacts, report: RwReport
         return
     bs = facts.block_size
     out = report.violations
-    if before[:SUPERBLOCK_OFFSET] != after[:SUPERBLOCK_OFFSET]:
+    replayed = replay_may_write(before, bs)
+    if before[:SUPERBLOCK_OFFSET] != after[:SUPERBLOCK_OFFSET] and 0 not in replayed:
         out.append("boot block (bytes 0-1023) written")
     sb_end = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
-    if bs > sb_end and before[sb_end:bs] != after[sb_end:bs]:
+    if bs > sb_end and before[sb_end:bs] != after[sb_end:bs] and 0 not in replayed:
         out.append(f"block 0 bytes {sb_end}-{bs - 1} (past the superblock) written")
     changed = [b for b in range(1, len(before) // bs)
                if before[b * bs:(b + 1) * bs] != after[b * bs:(b + 1) * bs]]
-    declared, replayed_journal = _declared(before)
+    declared, journal_ino = _declared(before)
     for pblk in changed:
         if pblk >= declared:
             out.append(f"block {pblk} written, past s_blocks_count {declared}")
-        if pblk in facts.never_written:
+        if pblk in facts.never_written and pblk not in replayed:
             out.append(f"block {pblk} (backup superblock/GDT or reserved GDT) written")
-    spared = set(report.reached) | {replayed_journal}
+    reached = set(report.reached) | ({journal_ino} if journal_ino else set())
+    spared = set(reached)
     for ino, (offset, size) in facts.inode_offsets.items():
         if before[offset:offset + size] != after[offset:offset + size]:
             spared.add(ino)  # the engine changed it: an orphan freed at mount, ...
     victims = {pblk: ino for ino, blocks in facts.bystanders.items() if ino not in spared
                for pblk in blocks}
-    hits = [pblk for pblk in changed if pblk in victims]
+    hits = [pblk for pblk in changed if pblk in victims and pblk not in replayed]
     if hits:
-        claimed = _claims_of_reached(before, report.reached)
+        claimed = _claims_of_reached(before, reached)
         for pblk in hits:
             if pblk not in claimed:
                 out.append(f"block {pblk} of bystander inode {victims[pblk]} written")

@@ -5,6 +5,9 @@ materialise, yet holds every metadata shape the read side parses: an extent
 tree with an index block (or indirect blocks on ext2), an htree directory,
 fast and slow symlinks, in-inode and block xattrs, an ACL, a hard link,
 inline files and directories on the inline variant, and several groups.
+Two more seeds carry a journal that needs recovery (seed_journal.py: with and
+without journal checksums, 64-bit and 32-bit tags), one xattr values in EA
+inodes written by the kernel (seed_ea_inode.py).
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from fuzz.seed_ea_inode import SeedUnavailable, add_ea_inode_values
+from fuzz.seed_journal import add_pending_journal
 
 _SEED = 6_2024
 # Fixed UUID and hash seed: the same directory layout, hashes and checksums on
@@ -26,6 +33,7 @@ class SeedSpec:
     name: str
     mkfs_args: tuple[str, ...]
     size: str = "3M"
+    finish: str = ""  # "journal", "journal-csum" (a pending journal) or "ea-inode"
 
 
 SEED_SPECS: tuple[SeedSpec, ...] = (
@@ -38,6 +46,20 @@ SEED_SPECS: tuple[SeedSpec, ...] = (
     # Indirect block maps (double indirect for the 300 KiB file).
     SeedSpec("ext2-1k", ("-t", "ext2", "-b", "1024", "-g", "1024", "-N", "192")),
 )
+JOURNAL_SEED_SPECS: tuple[SeedSpec, ...] = (
+    # Journal checksums v3 and 64-bit tags over a metadata_csum filesystem.
+    SeedSpec("journal-csum-1k", ("-t", "ext4", "-b", "1024", "-g", "1024", "-N", "192"),
+             size="4M", finish="journal-csum"),
+    # No checksums anywhere, 32-bit tags: every journal edit reaches recovery.
+    SeedSpec("journal-nocsum-1k", ("-t", "ext4", "-b", "1024", "-O", "^metadata_csum,^64bit",
+                                   "-g", "1024", "-N", "192"), size="4M", finish="journal"),
+)
+EA_INODE_SEED_SPECS: tuple[SeedSpec, ...] = (
+    SeedSpec("ea-inode-1k", ("-t", "ext4", "-b", "1024", "-O", "ea_inode", "-g", "1024",
+                             "-N", "192"), size="4M", finish="ea-inode"),
+)
+ALL_SEED_SPECS = SEED_SPECS + JOURNAL_SEED_SPECS + EA_INODE_SEED_SPECS
+UNAVAILABLE: dict[str, str] = {}  # seed name -> why it could not be built here
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -83,20 +105,33 @@ def build_seed_image(spec: SeedSpec, tree: Path, image: Path) -> Path:
     done = subprocess.run(["e2fsck", "-fyD", str(image)], capture_output=True, check=False)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"e2fsck -fyD {image}: {done.returncode}\n{done.stdout!r}")
+    if spec.finish.startswith("journal"):
+        add_pending_journal(image, checksums=spec.finish == "journal-csum",
+                            workdir=image.parent)
+    elif spec.finish == "ea-inode":
+        add_ea_inode_values(image, image.parent)
     return image
 
 
-def build_seed_images(workdir: Path) -> dict[str, Path]:
-    """Every seed image, built once into `workdir` (reused when already there)."""
+def build_seed_images(workdir: Path,
+                      specs: tuple[SeedSpec, ...] = ALL_SEED_SPECS) -> dict[str, Path]:
+    """Every seed image, built once into `workdir` (reused when already there). A seed
+    this machine cannot build is left out, its reason in UNAVAILABLE (and on stderr)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tree = workdir / "tree"
     if not tree.exists():
         build_seed_tree(tree)
     images = {}
-    for spec in SEED_SPECS:
+    for spec in specs:
         image = workdir / f"{spec.name}.img"
         if not image.exists():
-            build_seed_image(spec, tree, image.with_suffix(".tmp"))
+            try:
+                build_seed_image(spec, tree, image.with_suffix(".tmp"))
+            except SeedUnavailable as why:
+                UNAVAILABLE[spec.name] = str(why)
+                print(f"seed {spec.name} left out: {why}", file=sys.stderr)
+                image.with_suffix(".tmp").unlink(missing_ok=True)
+                continue
             image.with_suffix(".tmp").rename(image)
         images[spec.name] = image
     return images

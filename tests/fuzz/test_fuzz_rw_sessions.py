@@ -14,13 +14,22 @@ executor (rw_driver). Oracles:
 5. when the engine detected damage (a Corrupt answer), the session did not
    make the image worse: `e2fsck -fn` of the result reports no problem class
    that `e2fsck -fn` of the mutated input did not (names and numbers are
-   stripped from its messages to get classes). Skipped when e2fsck reads the
+   stripped from its messages to get classes; an orphan the session had to
+   leave on the list, its blocks unfreeable, brings the classes e2fsck -n
+   reports for any pending orphan, which are then allowed). Skipped when e2fsck reads the
    input through its backup descriptors (it then judges a different image than
    the engine did), and the superblock's total free counts are not compared:
    like the kernel, the engine recomputes them from the group descriptors, so a
    damaged descriptor count reappears there.
 
-EXT4BOX_FUZZ_RW_EXAMPLES (default 800, about 25 s) scales the run.
+On the journal seeds the rw open first replays the journal onto the device;
+oracle 5 then compares against the same image replayed by a session without
+operations, so what the journal itself brings (a damaged logged copy) is not
+blamed on the operations.
+
+EXT4BOX_FUZZ_RW_EXAMPLES (base seeds, default 800, about 25 s) and
+EXT4BOX_FUZZ_RW_JOURNAL_EXAMPLES (journal and EA-inode seeds, default 400)
+scale the run.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4 import features as F
+from ext4box.ext4.errors import Corrupt, Ext4Error
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from fuzz.driver import OP_TIMEOUT_S, quiet_logs
@@ -66,9 +76,18 @@ from fuzz.rw_driver import (
     seed_facts,
 )
 from fuzz.seeds import build_seed_images
-from fuzz.test_fuzz_mutations import memory_cap, programs
+from fuzz.test_fuzz_mutations import (
+    BASE_SEEDS,
+    EA_SEEDS,
+    JOURNAL_SEEDS,
+    memory_cap,
+    note_longest,
+    programs,
+    seed_indexes,
+)
 
 EXAMPLES = int(os.environ.get("EXT4BOX_FUZZ_RW_EXAMPLES", "800"))
+JOURNAL_EXAMPLES = int(os.environ.get("EXT4BOX_FUZZ_RW_JOURNAL_EXAMPLES", "400"))
 SEED_CSUM, SEED_INLINE, SEED_EXT2 = "ext4-csum-1k", "ext4-inline-nocsum-4k", "ext2-1k"
 
 # Every kind of operation once or more, on names that exist in the seed tree.
@@ -133,6 +152,18 @@ def problem_classes(output: str) -> set[str]:
     return classes
 
 
+# An unlinked-but-open file whose blocks could not be freed (damaged bitmaps) stays on
+# the orphan list for e2fsck, as the kernel leaves it; e2fsck -n, which does not process
+# that list, reports it with these classes (the last orphan's dtime is the list's end, 0).
+_LEFT_ORPHAN_CLASSES = ("Deleted inode N has zero dtime", "Inode bitmap differences:",
+                        "Block bitmap differences:")
+
+
+def _orphans_left(image: bytes) -> bool:
+    sb = superblock_or_none(image)
+    return sb is not None and int(sb.fields["last_orphan"]) != 0
+
+
 def run_checked(image: bytearray, facts: SeedFacts, ops: tuple[RwOp, ...],
                 scratch: Path) -> tuple[RwReport, bytes]:
     """One session under oracles 1-5; any escaping exception fails the caller."""
@@ -144,18 +175,32 @@ def run_checked(image: bytearray, facts: SeedFacts, ops: tuple[RwOp, ...],
         tracemalloc.stop()
     assert peak < memory_cap(len(image)), f"peak {peak} bytes traced for a {len(image)}-byte image"
     assert report.longest_s < OP_TIMEOUT_S, report
+    note_longest(report)
     assert not report.violations, report
     if report.opened and "Corrupt" in report.errnos and after != image:
-        _, before_text = fsck(bytes(image), scratch)
+        baseline = bytes(image)
+        if superblock_or_none(baseline) is not None and superblock(baseline).has_incompat(
+                F.INCOMPAT_RECOVER):
+            baseline = run_session(image, facts, (), op_timeout=OP_TIMEOUT_S)[1]
+        _, before_text = fsck(baseline, scratch)
         if "trying backup blocks" not in before_text:
             _, after_text = fsck(after, scratch)
             new = problem_classes(after_text) - problem_classes(before_text)
+            if _orphans_left(after) and not _orphans_left(baseline):
+                new = {c for c in new if not c.startswith(_LEFT_ORPHAN_CLASSES)}
             assert not new, f"the session added e2fsck problems {new}\n{after_text}"
     return report, after
 
 
 def superblock(image: bytes) -> Superblock:
     return Superblock.parse(image[SUPERBLOCK_OFFSET:SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE])
+
+
+def superblock_or_none(image: bytes) -> Superblock | None:
+    try:
+        return superblock(image)
+    except Ext4Error:
+        return None
 
 
 def test_undamaged_sessions_are_clean(seeds: list[Seed], facts: list[SeedFacts],
@@ -172,14 +217,17 @@ def test_undamaged_sessions_are_clean(seeds: list[Seed], facts: list[SeedFacts],
         assert code == 0, f"{seed.name}: e2fsck -fn exit {code}\n{text}"
 
 
-def test_mutated_rw_sessions(seeds: list[Seed], facts: list[SeedFacts], scratch: Path) -> None:
+def _fuzz_rw(seeds: list[Seed], facts: list[SeedFacts], scratch: Path,
+             names: tuple[str, ...], examples: int) -> None:
+    seed_indexes(seeds, names)  # skip (with the reason) before hypothesis starts
+
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,  # the per-operation timer bounds time
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
     )
-    @given(programs(seeds), st.lists(st.builds(
+    @given(programs(seeds, names), st.lists(st.builds(
         RwOp, st.integers(0, len(KIND_NAMES) - 1), st.integers(0, 2), st.integers(0, 7),
         st.integers(0, 0xFFFF)), min_size=1, max_size=16))
     def check(program: Program, ops: list[RwOp]) -> None:
@@ -187,6 +235,17 @@ def test_mutated_rw_sessions(seeds: list[Seed], facts: list[SeedFacts], scratch:
                     scratch)
 
     check()
+
+
+def test_mutated_rw_sessions(seeds: list[Seed], facts: list[SeedFacts], scratch: Path) -> None:
+    _fuzz_rw(seeds, facts, scratch, BASE_SEEDS, EXAMPLES)
+
+
+def test_mutated_rw_sessions_replaying_journals(seeds: list[Seed], facts: list[SeedFacts],
+                                                scratch: Path) -> None:
+    """Damaged journals replayed onto the device by the rw open, then operations; and the
+    EA-inode seed (its xattrs cannot be rewritten yet: refused, never half done)."""
+    _fuzz_rw(seeds, facts, scratch, JOURNAL_SEEDS + EA_SEEDS, JOURNAL_EXAMPLES)
 
 
 # ---- fixed reproducers of what the fuzzer found ----------------------------------------
@@ -308,3 +367,59 @@ def test_directory_size_short_of_its_blocks(seeds: list[Seed], facts: list[SeedF
     report, _ = run_checked(materialise(seeds, program), facts[index],
                             (RwOp(CREATE, 0, 5, 0),), scratch)
     assert report.errnos == {"Corrupt": 1}, report
+
+
+def test_bitmap_marking_a_live_inode_free_is_refused(seeds: list[Seed], facts: list[SeedFacts],
+                                                     scratch: Path) -> None:
+    """Found by the fuzzer (oracle 5): group 0's inode bitmap pointer moved 256 blocks
+    on (no checksums) to a block marking in-use inodes free. Creating a file handed out
+    inode 11 a second time and turned lost+found into a regular file; now the create
+    is Corrupt ("marks inode 11 free, but it has links") and nothing is made worse."""
+    index = seed_index(seeds, SEED_INLINE)
+    seed = seeds[index]
+    # op 0 at offset 5: byte 1 of bg_inode_bitmap_lo set to 1 (+256 blocks).
+    program = Program(index, False, (Mutation(_region(seed, "group_desc", index=0), 5, 0, 1),))
+    report, _ = run_checked(materialise(seeds, program), facts[index],
+                            (RwOp(CREATE, 0, 5, 0), RwOp(WRITE, 0, 5, 1)), scratch)
+    assert report.errnos.get("Corrupt", 0) >= 1, report
+
+
+def test_replayed_directory_size_beyond_the_filesystem(seeds: list[Seed],
+                                                       facts: list[SeedFacts],
+                                                       scratch: Path) -> None:
+    """Found by atheris (--rw): the journal's logged copy of the root inode says i_size
+    ~4 GiB; after the rw replay, a create scanned the directory block by block until
+    the time bound. Now the directory is Corrupt for writers as it is for readers."""
+    index = seed_index(seeds, "journal-nocsum-1k")
+    seed = seeds[index]
+    # The root inode's second region is its logged copy (what the replay writes).
+    root = [i for i, r in enumerate(seed.regions) if r.kind == "inode" and r.ino == 2][-1]
+    assert seed.regions[root].offset // seed.block_size in seed.journal
+    program = Program(index, False, (Mutation(root, 4, 2, 0xFFFFFC00),))  # i_size_lo
+    report, _ = run_checked(materialise(seeds, program), facts[index],
+                            (RwOp(CREATE, 0, 5, 0), RwOp(MKDIR, 0, 6, 0)), scratch)
+    assert report.errnos == {"Corrupt": 2}, report
+
+
+def test_orphan_left_with_both_bitmaps_damaged(seeds: list[Seed], facts: list[SeedFacts],
+                                              scratch: Path) -> None:
+    """Found by the fuzzer (oracle 5, a false alarm): both bitmap checksums of group 0
+    zeroed and re-sealed; an unlinked-but-open file cannot be freed and stays on the
+    orphan list, which e2fsck -n reports as a deleted inode with zero dtime and bitmap
+    differences. That is the pending orphan, not damage done by the session."""
+    index = seed_index(seeds, SEED_CSUM)
+    seed = seeds[index]
+    # op 2 at offset 24: bg_block_bitmap_csum_lo and bg_inode_bitmap_csum_lo set to 0.
+    program = Program(index, True, (Mutation(_region(seed, "group_desc", index=0), 24, 2, 0),))
+    report, after = run_checked(materialise(seeds, program), facts[index],
+                                (RwOp(WRITE, 0, 0, 2), RwOp(UNLINK, 0, 1, 1)), scratch)
+    assert "Corrupt" in report.errnos, report
+    assert _orphans_left(after)
+
+
+def test_report_longest_operation() -> None:
+    """Not a check: prints the slowest operation of the fuzz tests run so far in this
+    session, read and rw (run with -s to see it)."""
+    from fuzz.test_fuzz_mutations import LONGEST
+
+    print(f"\nlongest fuzzed operation so far: {LONGEST[0][0]:.3f}s ({LONGEST[0][1]})")

@@ -2,9 +2,12 @@
 
 One image holds every attack of crafted.MAIN_ATTACKS (each on its own victim
 file or directory), a second one the group-descriptor and inline-data
-attacks, a third the superblock attack that must refuse the mount. Each test
-checks the exact errno the user sees, that the request answered within
-REQUEST_BOUND_S, and that an undamaged file still reads correctly after it.
+attacks, a third the superblock attack that must refuse the mount, a fourth
+the EA-inode attacks (crafted_ea_inode.py, with a bound on the server's
+memory). Each test checks the exact errno the user sees, that the request
+answered within REQUEST_BOUND_S (hostile/requests.py), and that an undamaged
+file still reads correctly after it. The journal attacks are in
+test_hostile_journal.py.
 """
 
 from __future__ import annotations
@@ -14,47 +17,16 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from hostile import crafted
+from hostile import crafted, crafted_ea_inode
+from hostile.requests import LONGEST, LONGEST_REFUSAL, expect_errno, record_refusal, timed
 from support.serve import ServedMount, ext4box_argv, served
 
-T = TypeVar("T")
 pytestmark = [pytest.mark.fuse]
-
-REQUEST_BOUND_S = 5.0
-LONGEST: list[tuple[float, str]] = [(0.0, "")]  # the slowest request seen, for the report
-
-_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hostile-request")
-
-
-def timed(what: str, action: Callable[[], T]) -> T:
-    """Run one filesystem request; fail the test if it takes longer than the bound.
-
-    The request runs in a worker so a hang fails the test instead of freezing it.
-    """
-    start = time.monotonic()
-    future = _pool.submit(action)
-    try:
-        return future.result(timeout=REQUEST_BOUND_S)
-    except FutureTimeout:
-        pytest.fail(f"{what} did not return within {REQUEST_BOUND_S}s")
-    finally:
-        elapsed = time.monotonic() - start
-        LONGEST[0] = max(LONGEST[0], (elapsed, what))
-
-
-def expect_errno(code: int, what: str, action: Callable[[], object]) -> None:
-    with pytest.raises(OSError) as info:
-        timed(what, action)
-    got = info.value.errno or 0
-    assert got == code, f"{what}: expected {errno.errorcode[code]}, got {errno.errorcode.get(got)}"
 
 
 def still_served(handle: ServedMount) -> None:
@@ -264,7 +236,7 @@ def test_huge_inode_count_refuses_to_serve(group_image: Path, tmp_path: Path) ->
     start = time.monotonic()
     result = subprocess.run(ext4box_argv(image, mountpoint), capture_output=True, text=True,
                             timeout=60, check=False)
-    LONGEST[0] = max(LONGEST[0], (time.monotonic() - start, "refused serve"))
+    record_refusal(time.monotonic() - start, "refused serve")
     if os.path.ismount(mountpoint):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
         pytest.fail("ext4box served an image whose inode count contradicts its groups")
@@ -273,6 +245,44 @@ def test_huge_inode_count_refuses_to_serve(group_image: Path, tmp_path: Path) ->
     assert len(lines) == 1 and "inode" in lines[0], result.stderr
 
 
+# ---- EA inodes (fourth image) ---------------------------------------------------
+
+SERVER_MEMORY_BOUND = 256 << 20  # peak RSS of the server process after the requests
+
+
+def peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) * 1024
+
+
+def test_ea_inode_values_of_16_mib_are_read_once_and_bounded(
+    tmp_path: Path, need_tools: None
+) -> None:
+    """48 entries of one xattr block name a 16 MiB EA inode: listed, and read once (the
+    server's peak RSS stays bounded, where it reached 800 MB); entries naming two such
+    inodes exceed the per-area budget: EUCLEAN. The file bodies are not affected."""
+    crafted_ea_inode.build_ea_tree(tmp_path / "tree")
+    image = tmp_path / "ea.img"
+    crafted_ea_inode.build_ea_image(image, tmp_path / "tree")
+    crafted_ea_inode.ea_inodes_of_16_mib(image)
+    with served(image, tmp_path / "mnt") as handle:
+        shared = handle.mountpoint / crafted_ea_inode.SHARED_VICTIM
+        names = timed("listxattr shared", lambda: os.listxattr(shared))
+        assert sorted(names) == [crafted_ea_inode.entry_name(i)
+                                 for i in range(crafted_ea_inode.ENTRIES)]
+        # Larger than any getxattr buffer (64 KiB): E2BIG, as the VFS answers.
+        expect_errno(errno.E2BIG, "getxattr of a 16 MiB value",
+                     lambda: os.getxattr(shared, crafted_ea_inode.entry_name(7)))
+        distinct = handle.mountpoint / crafted_ea_inode.DISTINCT_VICTIM
+        expect_errno(errno.EUCLEAN, "listxattr past the budget", lambda: os.listxattr(distinct))
+        for path in (shared, distinct):
+            assert timed(f"read {path.name}", path.read_bytes) == b"ea victim\n"
+        still_served(handle)
+        assert peak_rss(handle.process.pid) < SERVER_MEMORY_BOUND
+
+
 def test_report_longest_request() -> None:
     """Not a check: prints the slowest request of this module (run with -s to see it)."""
-    print(f"\nlongest hostile request: {LONGEST[0][0]:.3f}s ({LONGEST[0][1]})")
+    print(f"\nlongest hostile request: {LONGEST[0][0]:.3f}s ({LONGEST[0][1]}); longest "
+          f"refused serve: {LONGEST_REFUSAL[0][0]:.3f}s ({LONGEST_REFUSAL[0][1]})")

@@ -38,6 +38,11 @@ from ext4box.ext4.errors import Corrupt, Ext4Error, Unsupported, block_where, in
 XATTR_MAGIC = 0xEA020000
 # The kernel's upper bound on one value (EXT4_XATTR_SIZE_MAX); VFS allows 64 KiB.
 XATTR_VALUE_MAX = 1 << 24
+# What one area's values may make us read from EA inodes. Every entry of a block may
+# name a 16 MiB EA inode: read one by one, a 1 KiB block of 48 such entries made a
+# listxattr allocate 800 MB (a 64 KiB block, tens of GB). Values are read once per EA
+# inode and size, and all of them together must stay under this bound.
+EA_VALUES_MAX = 1 << 24
 ROOT_INO = 2
 
 _MAGIC = struct.Struct("<I")
@@ -234,12 +239,22 @@ def _resolve(
     """Check each value's place and turn raw entries into named attributes."""
     end = len(area)
     result: list[XattrEntry] = []
+    ea_values: dict[tuple[int, int], bytes] = {}  # (EA inode, size) -> value, read once
+    ea_total = 0
     for entry in raw:
         at = f"entry at offset {entry.offset}"
         if entry.value_size > XATTR_VALUE_MAX:
             raise Corrupt(what, where, f"{at}: value size {entry.value_size} too large")
         if entry.value_inum:
-            value = _read_ea_inode_value(entry, what, where, ino, read_ea_inode)
+            key = (entry.value_inum, entry.value_size)
+            value = ea_values.get(key)
+            if value is None:
+                ea_total += entry.value_size
+                if ea_total > EA_VALUES_MAX:
+                    raise Corrupt(what, where, f"{at}: values in EA inodes add up to more "
+                                  f"than {EA_VALUES_MAX} bytes")
+                value = _read_ea_inode_value(entry, what, where, ino, read_ea_inode)
+                ea_values[key] = value
         elif entry.value_size == 0:
             value = b""
         else:

@@ -20,7 +20,9 @@ CHECKSUM_TYPE_CRC32 = 1
 CHECKSUM_SIZE_CRC32 = 4
 _BODY = struct.Struct(">BB2xI28xQI")  # type, size, chksum[0], (chksum[1..7]), sec, nsec
 _BODY_OFFSET = 12
-_CHECKSUM_OFFSET = 16
+CHECKSUM_OFFSET = 16
+TIME = struct.Struct(">QI")  # commit_sec, commit_nsec
+TIME_OFFSET = 0x30
 _MASK32 = 0xFFFFFFFF
 # crc32_be is the bit-reflection of the reflected crc32 zlib computes: reverse
 # the bits of every input byte and of the register on the way in and out.
@@ -47,16 +49,20 @@ class CommitBlock:
         return self.checksum_type == 0 and self.checksum_size == 0 and self.checksum == 0
 
 
+def commit_checksum(block: bytes | bytearray, jsb: JournalSuperblock) -> int:
+    """The v2/v3 checksum a commit block should carry in chksum[0]."""
+    view = memoryview(block)
+    crc = crc32c_raw(jsb.csum_seed, view[:CHECKSUM_OFFSET])
+    crc = crc32c_raw(crc, b"\0\0\0\0")
+    return crc32c_raw(crc, view[CHECKSUM_OFFSET + 4 : jsb.block_size])
+
+
 def commit_checksum_ok(block: bytes, jsb: JournalSuperblock) -> bool:
     """The v2/v3 commit block checksum (True without checksums)."""
     if not jsb.csum_v2or3:
         return True
-    (stored,) = struct.unpack_from(">I", block, _CHECKSUM_OFFSET)
-    view = memoryview(block)
-    crc = crc32c_raw(jsb.csum_seed, view[:_CHECKSUM_OFFSET])
-    crc = crc32c_raw(crc, b"\0\0\0\0")
-    crc = crc32c_raw(crc, view[_CHECKSUM_OFFSET + 4 : jsb.block_size])
-    return stored == crc
+    (stored,) = struct.unpack_from(">I", block, CHECKSUM_OFFSET)
+    return stored == commit_checksum(block, jsb)
 
 
 def _reverse32(value: int) -> int:

@@ -33,6 +33,7 @@ class BlockTag:
     target: int  # filesystem block the logged copy belongs to
     flags: int
     checksum: int  # 32 bits (v3), 16 bits (v2), 0 without checksums
+    offset: int = 0  # of the tag inside its descriptor block
 
     @property
     def escaped(self) -> bool:
@@ -59,7 +60,7 @@ def parse_tags(block: bytes, jsb: JournalSuperblock) -> tuple[BlockTag, ...]:
             (checksum,) = _BE16.unpack_from(block, offset + 4)
         else:
             checksum = 0
-        tags.append(BlockTag(low | high << 32, flags, checksum))
+        tags.append(BlockTag(low | high << 32, flags, checksum, offset))
         offset += tag_bytes
         if not flags & FLAG_SAME_UUID:
             offset += _UUID_BYTES
@@ -68,22 +69,33 @@ def parse_tags(block: bytes, jsb: JournalSuperblock) -> tuple[BlockTag, ...]:
     return tuple(tags)
 
 
+def tail_checksum(block: bytes | bytearray, jsb: JournalSuperblock) -> int:
+    """The v2/v3 tail checksum a descriptor or revoke block should carry."""
+    tail = jsb.block_size - 4
+    crc = crc32c_raw(jsb.csum_seed, memoryview(block)[:tail])
+    return crc32c_raw(crc, b"\0\0\0\0")
+
+
 def tail_checksum_ok(block: bytes, jsb: JournalSuperblock) -> bool:
     """The v2/v3 tail checksum of a descriptor or revoke block (True without checksums)."""
     if not jsb.csum_v2or3:
         return True
-    tail = jsb.block_size - 4
-    (stored,) = _BE32.unpack_from(block, tail)
-    crc = crc32c_raw(jsb.csum_seed, memoryview(block)[:tail])
-    return stored == crc32c_raw(crc, b"\0\0\0\0")
+    (stored,) = _BE32.unpack_from(block, jsb.block_size - 4)
+    return stored == tail_checksum(block, jsb)
+
+
+def data_checksum(jsb: JournalSuperblock, sequence: int, data: bytes | bytearray) -> int:
+    """The 32-bit checksum of a logged block as stored (escaped) in transaction `sequence`;
+    a csum v2 tag keeps its low 16 bits."""
+    crc = crc32c_raw(jsb.csum_seed, _BE32.pack(sequence & 0xFFFFFFFF))
+    return crc32c_raw(crc, data)
 
 
 def data_checksum_ok(tag: BlockTag, jsb: JournalSuperblock, sequence: int, data: bytes) -> bool:
     """Whether a logged block matches its tag's checksum (v2: low 16 bits; True without)."""
     if not jsb.csum_v2or3:
         return True
-    crc = crc32c_raw(jsb.csum_seed, _BE32.pack(sequence & 0xFFFFFFFF))
-    crc = crc32c_raw(crc, data)
+    crc = data_checksum(jsb, sequence, data)
     if jsb.csum_v3:
         return tag.checksum == crc
     return tag.checksum == crc & 0xFFFF

@@ -35,6 +35,13 @@ class JournalBlocks:
         self.count = runs[-1].end if runs else 0
         # Device blocks holding the journal, sorted: replay must never write into them.
         self._device_runs = sorted((r.pblk or 0, r.length) for r in runs)
+        for (start, length), (following, _) in zip(self._device_runs, self._device_runs[1:],
+                                                   strict=False):
+            if start + length > following:
+                # Two journal blocks on one device block: writing one log position
+                # would overwrite another.
+                raise Corrupt("journal inode", f"inode {ino}",
+                              f"maps two journal blocks to device block {following}")
 
     @property
     def device_runs(self) -> list[tuple[int, int]]:
@@ -53,8 +60,12 @@ class JournalBlocks:
         return self._read(self.device_block(index))
 
     def holds_device_block(self, pblk: int) -> bool:
-        i = bisect.bisect_right(self._device_runs, (pblk, 1 << 64)) - 1
-        return i >= 0 and pblk < self._device_runs[i][0] + self._device_runs[i][1]
+        return self.overlaps(pblk, 1)
+
+    def overlaps(self, start: int, length: int) -> bool:
+        """Whether any of the device blocks [start, start + length) holds journal blocks."""
+        i = bisect.bisect_right(self._device_runs, (start + length - 1, 1 << 64)) - 1
+        return i >= 0 and start < self._device_runs[i][0] + self._device_runs[i][1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,10 @@ class OverlayDevice(BlockDevice):
     def overlaid_blocks(self) -> int:
         return len(self._targets)
 
+    def copy_of(self, block: int) -> ReplayCopy | None:
+        """Where the journal's copy of filesystem block `block` is, or None."""
+        return self._copies.get(block)
+
     def replayed_block(self, block: int) -> bytes | None:
         """The journal's copy of filesystem block `block`, or None."""
         copy = self._copies.get(block)

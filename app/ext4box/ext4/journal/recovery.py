@@ -10,6 +10,12 @@ for every filesystem block, the newest logged copy not revoked by the same or
 a later transaction; every copy is checked (target inside the filesystem and
 outside the journal, data checksum) before anything is written or served.
 
+Before any pass the journal itself is checked as the kernel checks it: a
+reserved, regular, live inode whose blocks overlap no superblock/GDT copy,
+bitmap or inode table. After them, a logged copy of the superblock must be a
+superblock this device can mount (block size unchanged, no more blocks than
+the device, supported features), since it becomes the one served.
+
 The result is a plan; `replay_onto_device` writes it (read-write mount) and
 `overlay.OverlayDevice` serves it without writing (read-only mount).
 """
@@ -25,7 +31,13 @@ import structlog
 
 from ext4box.blockdev import BlockDevice
 from ext4box.ext4 import features as F
-from ext4box.ext4.errors import Corrupt, Unsupported, inode_where
+from ext4box.ext4.errors import Corrupt, Ext4Error, Unsupported, inode_where
+from ext4box.ext4.group_desc import (
+    GroupTable,
+    descriptor_block,
+    gdt_block_count,
+    group_first_block,
+)
 from ext4box.ext4.journal.commit import CommitBlock, commit_checksum_ok, crc32_be
 from ext4box.ext4.journal.descriptor import (
     data_checksum_ok,
@@ -101,18 +113,87 @@ def open_journal(fs: Filesystem) -> tuple[JournalBlocks, JournalSuperblock]:
             detail="the journal is on a separate device (s_journal_dev/s_journal_uuid); "
             "only journals inside the filesystem (a journal inode) are supported",
         )
+    where = inode_where(journal_ino)
+    if not 0 < journal_ino < sb.first_ino:
+        # As the kernel's special-inode lookup: an ordinary inode (a user's file) as the
+        # journal would have replay and journaled writes overwrite that file.
+        raise Corrupt("journal inode", where, f"not a reserved inode (first inode "
+                      f"{sb.first_ino})")
     inode = fs.inode(journal_ino)
+    if not inode.is_reg or inode.links_count == 0:
+        raise Corrupt("journal inode", where, "not a regular file in use")
     nblocks = inode.size // fs.block_size
     if nblocks < 2:
-        raise Corrupt("journal inode", inode_where(journal_ino), f"size {inode.size} too small")
+        raise Corrupt("journal inode", where, f"size {inode.size} too small")
     if nblocks > sb.blocks_count:
-        raise Corrupt("journal inode", inode_where(journal_ino),
-                      f"{nblocks} blocks exceed the filesystem")
+        raise Corrupt("journal inode", where, f"{nblocks} blocks exceed the filesystem")
     runs = fs.map_blocks(inode, 0, nblocks)
     bs = fs.block_size
     blocks = JournalBlocks(runs, lambda pblk: fs.dev.pread(pblk * bs, bs), journal_ino)
+    _check_outside_fixed_metadata(blocks, fs.sb, fs.groups)
     jsb = JournalSuperblock.parse(blocks.read(0), fs_block_size=bs, journal_blocks=nblocks)
     return blocks, jsb
+
+
+def _fixed_metadata(sb: Superblock, groups: GroupTable) -> Iterator[tuple[str, int, int]]:
+    """(what, first block, length) of every superblock/GDT copy, bitmap and inode table."""
+    meta_bg = sb.has_incompat(F.INCOMPAT_META_BG)
+    gdt = 0 if meta_bg else gdt_block_count(sb) + int(sb.reserved_gdt_blocks)
+    for group in range(sb.group_count):
+        if sb.group_has_super(group):
+            first = group_first_block(sb, group) if group else 0
+            length = group_first_block(sb, group) - first + 1 + gdt
+            yield f"the superblock/GDT copy of group {group}", first, length
+    if meta_bg:
+        for index in range(gdt_block_count(sb)):
+            yield "a group descriptor block", descriptor_block(sb, index), 1
+    itable_blocks = -(-sb.inodes_per_group * sb.inode_size // sb.block_size)
+    for desc in groups.descs:
+        if desc.group in groups.bad:
+            continue  # an unusable group: its descriptor's numbers mean nothing
+        yield f"the block bitmap of group {desc.group}", desc.block_bitmap, 1
+        yield f"the inode bitmap of group {desc.group}", desc.inode_bitmap, 1
+        yield f"the inode table of group {desc.group}", desc.inode_table, itable_blocks
+
+
+def _check_outside_fixed_metadata(blocks: JournalBlocks, sb: Superblock,
+                                  groups: GroupTable) -> None:
+    """The kernel refuses a journal inode whose blocks overlap the filesystem's fixed
+    metadata (its system zone check); replaying from it, or logging into it, would read
+    and overwrite inodes, bitmaps or descriptors."""
+    for what, first, length in _fixed_metadata(sb, groups):
+        if blocks.overlaps(first, length):
+            raise Corrupt("journal inode", inode_where(blocks.ino),
+                          f"its blocks overlap {what} (blocks {first}..{first + length - 1})")
+
+
+def _check_replayed_superblock(blocks: JournalBlocks, plan: RecoveryPlan, sb: Superblock,
+                               device_size: int) -> None:
+    """A logged copy of the superblock becomes the superblock the mount serves: refuse
+    one that could not be mounted before anything is replayed."""
+    target = SUPERBLOCK_OFFSET // sb.block_size
+    copy = plan.copies.get(target)
+    if copy is None:
+        return
+    data = blocks.read(copy.log_block)
+    if copy.escaped:
+        data = unescape(data)
+    at = SUPERBLOCK_OFFSET % sb.block_size
+    where = f"journal block {copy.log_block}"
+    try:
+        replayed = Superblock.parse(data[at : at + SUPERBLOCK_SIZE])
+    except Ext4Error as err:
+        raise Corrupt("journal", where, f"the logged superblock is not valid: {err}") from err
+    problem = None
+    if replayed.block_size != sb.block_size:
+        problem = f"changes the block size to {replayed.block_size}"
+    elif replayed.blocks_count * replayed.block_size > device_size:
+        problem = (f"claims {replayed.blocks_count} blocks, more than the device's "
+                   f"{device_size // sb.block_size}")
+    elif replayed.incompat_unsupported():
+        problem = "uses " + ", ".join(replayed.incompat_unsupported())
+    if problem is not None:
+        raise Corrupt("journal", where, f"the logged superblock {problem}")
 
 
 # ---- the three passes ---------------------------------------------------------
@@ -259,6 +340,7 @@ def plan_recovery(fs: Filesystem) -> tuple[JournalBlocks, RecoveryPlan]:
     scanned = scan(blocks, jsb)
     revoked = collect_revokes(blocks, jsb, scanned.end_sequence)
     plan = plan_replay(blocks, jsb, scanned, revoked, fs.sb.blocks_count)
+    _check_replayed_superblock(blocks, plan, fs.sb, fs.dev.size)
     pending = _fast_commit_pending(blocks, jsb, scanned.end_sequence)
     if pending:
         plan = RecoveryPlan(jsb, plan.end_sequence, plan.failed_commit, plan.copies,
