@@ -16,7 +16,7 @@ import pytest
 from test_writable_ops import VARIANTS, expect
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import NoSpace, ReadOnly, Unsupported
+from ext4box.ext4.errors import Ext4Error, NoSpace, ReadOnly, Unsupported
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.inode import ROOT_INO
 from support.facade import Ours, assert_clean, make_image, need_kernel, pattern, write_file
@@ -61,6 +61,47 @@ def test_unlinked_open_file_lives_until_release(tmp_path: Path, variant: str) ->
     fs.commit()
     assert fs.statfs().blocks_free > free_before
     ours.close()
+    assert_clean(image)
+
+
+@pytest.mark.parametrize("variant", ["ext4-1k-csum", "ext2-1k"])
+def test_statfs_counts_frees_at_once_as_the_kernel(tmp_path: Path, variant: str) -> None:
+    """The kernel's statfs shows an unlinked file's blocks and inode free before its
+    transaction commits (only their reuse waits); ours must too."""
+    need_kernel()
+    image = make_image(tmp_path / "k.img", VARIANTS[variant])
+    kernel_image = tmp_path / "kernel.img"
+    shutil.copyfile(image, kernel_image)
+    data = pattern(2, 300_000)
+
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with kernel_mount(kernel_image, mnt, readonly=False) as root:
+        fd = os.open(root / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        before = os.statvfs(root)
+        os.unlink(root / "f")
+        after = os.statvfs(root)
+    kernel_delta = (after.f_bfree - before.f_bfree, after.f_ffree - before.f_ffree)
+
+    ours = Ours(image)
+    ours.create("f")
+    ours.write("f", 0, data)
+    ours.fs.commit(durable=True)
+    mine_before = ours.fs.statfs()
+    ours.unlink("f")
+    mine_after = ours.fs.statfs()
+    ours.fs.commit(durable=True)
+    committed = ours.fs.statfs()
+    ours.close()
+    ours_delta = (mine_after.blocks_free - mine_before.blocks_free,
+                  mine_after.files_free - mine_before.files_free)
+    assert kernel_delta[0] > 0
+    assert ours_delta == kernel_delta
+    assert (committed.blocks_free, committed.files_free) == (mine_after.blocks_free,
+                                                             mine_after.files_free)
     assert_clean(image)
 
 
@@ -110,6 +151,45 @@ def test_orphan_list_left_by_a_crash(tmp_path: Path) -> None:
     again.close()
     assert "First orphan inode" not in dumpe2fs_header(image)
     assert_clean(image)
+
+
+@pytest.mark.parametrize("bad_next", ["timestamp", "loop", "free-inode"])
+def test_orphan_list_that_stops_making_sense_is_dropped(tmp_path: Path, bad_next: str) -> None:
+    """Without a journal a crash can leave the list's last inode with a deletion
+    time where the next orphan's number belongs. As the kernel does, the cleanup
+    processes what it can, drops the rest of the list, and the mount goes on."""
+    need_kernel()
+    image = make_image(tmp_path / "n.img", VARIANTS["ext2-1k"])
+    ours = Ours(image)
+    for name in ("a", "b", "kept", "spare"):
+        ours.create(name)
+        ours.write(name, 0, pattern(len(name), 3000))
+    a, b, spare = (ours.resolve(n) for n in ("a", "b", "spare"))
+    for name in (b"a", b"b"):
+        ours.fs.unlink(ROOT_INO, name, still_open=True)  # list: b -> a
+    ours.fs.commit(durable=True)
+    ours.dev.close()  # a crash
+    if bad_next == "timestamp":
+        debugfs_w(image, f"sif <{a}> dtime 1796189659")
+    elif bad_next == "loop":
+        debugfs_w(image, f"sif <{a}> dtime {b}")
+    else:
+        debugfs_w(image, f"freei <{spare}>")
+        debugfs_w(image, f"sif <{a}> dtime {spare}")
+    kernel_copy = tmp_path / "kernel.img"
+    shutil.copyfile(image, kernel_copy)
+
+    again = Ours(image)
+    assert again.read("kept") == pattern(4, 3000)
+    again.close()
+    assert "First orphan inode" not in dumpe2fs_header(image)
+    if bad_next != "free-inode":
+        assert_clean(image)  # both listed inodes were freed before the list went bad
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with kernel_mount(kernel_copy, mnt, readonly=False):
+        pass
+    assert "First orphan inode" not in dumpe2fs_header(kernel_copy)
 
 
 # ---- ENOSPC ---------------------------------------------------------------------------
@@ -274,3 +354,64 @@ def test_readonly_device_is_erofs(tmp_path: Path) -> None:
     finally:
         dev.close()
     assert os.path.getsize(image) == 24 << 20
+
+
+def test_block_map_limit_is_efbig_as_the_kernel(tmp_path: Path) -> None:
+    """Past what an ext2 block map addresses (about 16 GiB with 1 KiB blocks), the
+    kernel answers EFBIG, not ENOSPC, for a write and for a truncate."""
+    need_kernel()
+    image = make_image(tmp_path / "b.img", VARIANTS["ext2-1k"])
+    kernel_image = tmp_path / "kernel.img"
+    shutil.copyfile(image, kernel_image)
+    far = 20 << 30
+
+    def errno_of(call) -> int:
+        try:
+            call()
+        except OSError as err:
+            return err.errno
+        except Ext4Error as err:
+            return err.errno
+        return 0
+
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with kernel_mount(kernel_image, mnt, readonly=False) as root:
+        fd = os.open(root / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            kernel = (errno_of(lambda: os.pwrite(fd, b"x", far)),
+                      errno_of(lambda: os.ftruncate(fd, far)))
+        finally:
+            os.close(fd)
+    ours = Ours(image)
+    ours.create("f")
+    ino = ours.resolve("f")
+    mine = (errno_of(lambda: write_file(ours.fs, ours.dev, ino, far, b"x")),
+            errno_of(lambda: ours.fs.setattr(ino, size=far)))
+    ours.close()
+    assert kernel == (errno.EFBIG, errno.EFBIG)
+    assert mine == kernel
+    assert_clean(image)
+
+
+@pytest.mark.parametrize("variant", ["ext4-1k-csum", "ext3-4k"])
+def test_aborted_write_leaves_no_blocks_behind(tmp_path: Path, variant: str) -> None:
+    """The data of a write could not reach the device (say the host disk is full):
+    the blocks write_begin allocated are unmapped and freed again, so no block
+    with an earlier owner's contents becomes part of the file."""
+    image = make_image(tmp_path / "a.img", VARIANTS[variant])
+    ours = Ours(image)
+    fs = ours.fs
+    ours.create("f")
+    ours.write("f", 0, pattern(4, 3 * fs.block_size))
+    ino = ours.resolve("f")
+    fs.commit(durable=True)
+    free_before = fs.statfs().blocks_free
+    runs = fs.write_begin(ino, 10, 40)  # a hole far past the data: all new
+    assert all(run.new for run in runs) and sum(run.length for run in runs) == 40
+    fs.write_abort(ino, [(run.lblk, run.length) for run in runs if run.new])
+    assert fs.statfs().blocks_free == free_before
+    assert fs.read_bytes(fs.inode(ino), 0, 3 * fs.block_size) == pattern(4, 3 * fs.block_size)
+    assert all(run.pblk is None for run in fs.map_blocks(fs.inode(ino), 10, 40))
+    ours.close()
+    assert_clean(image)

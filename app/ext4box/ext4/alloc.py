@@ -15,6 +15,7 @@ allocate over an inode table.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Iterator
 
 from ext4box.ext4 import bitmap as B
@@ -31,6 +32,8 @@ from ext4box.ext4.group_desc import (
 from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
 from ext4box.ext4.superblock import Superblock
+
+_LINKS_COUNT = struct.Struct("<H")  # i_links_count, at 0x1A of an inode
 
 ROOT_INO = 2
 
@@ -268,19 +271,57 @@ class BlockAllocator:
         """One block for tree/directory/xattr metadata (the writers' callback shape)."""
         return self.alloc(goal, 1)[0]
 
+    # ---- recovery: set bits directly -------------------------------------
+
+    def mark(self, pblk: int, count: int, *, used: bool) -> int:
+        """Set (used) or clear the bits of [pblk, pblk + count) now, not at a commit, and
+        count only the bits that changed, as the kernel's ext4_mb_mark_bb does during
+        fast-commit replay. Clearing group metadata is Corrupt. Returns the bits changed."""
+        sb = self.sb
+        if count < 1 or pblk < sb.first_data_block or pblk + count > sb.blocks_count:
+            raise Corrupt("block bitmap", f"block {pblk}", f"run of {count} outside the filesystem")
+        changed = 0
+        with self._lock:
+            start, left = pblk, count
+            while left:
+                group = (start - sb.first_data_block) // sb.blocks_per_group
+                offset = start - group_first_block(sb, group)
+                nbits = blocks_in_group(sb, group)
+                length = min(left, nbits - offset)
+                if not used:
+                    for meta_offset, meta_length in self.metadata_runs(group):
+                        if offset < meta_offset + meta_length and meta_offset < offset + length:
+                            raise Corrupt("block bitmap", f"block {start} ({group_where(group)})",
+                                          "freeing a run that overlaps group metadata")
+                bitmap = self.bitmap(group)
+                before = B.count_zeros(bitmap, nbits)
+                if used:
+                    B.set_range(bitmap, offset, length, nbits)
+                else:
+                    B.clear_range(bitmap, offset, length, nbits)
+                delta = B.count_zeros(bitmap, nbits) - before
+                if delta:
+                    self._store(group, bitmap, delta)
+                changed += abs(delta)
+                start += length
+                left -= length
+        return changed
+
     # ---- freeing -------------------------------------------------------
 
-    def free(self, pblk: int, count: int) -> None:
+    def free(self, pblk: int, count: int, *, metadata: bool = False) -> None:
         """Free [pblk, pblk + count) at the next commit, after the metadata that
         dropped the blocks is written. Freeing a free block, a block already
-        pending, or group metadata is Corrupt (checked now, so the release can't fail)."""
+        pending, or group metadata is Corrupt (checked now, so the release can't fail).
+        `metadata`: the blocks held metadata (tree, directory, symlink, xattr
+        blocks), whose buffered updates the commit forgets."""
         with self._lock:
             pieces = self.check_free(pblk, count)
             for group, offset, length in pieces:
                 pending = self._pending.setdefault(group, bytearray(self.sb.block_size))
                 B.set_range(pending, offset, length)
                 self._pending_count += length
-                self.writer.defer(self._releaser(group, offset, length))
+                self.writer.defer(self._releaser(group, offset, length, metadata))
 
     def check_free(self, pblk: int, count: int) -> list[tuple[int, int, int]]:
         """Raise Corrupt if `free(pblk, count)` would; returns the (group, offset, length)
@@ -314,7 +355,7 @@ class BlockAllocator:
             if offset < meta_offset + meta_length and meta_offset < offset + length:
                 raise Corrupt("block free", where, "run overlaps group metadata")
 
-    def _releaser(self, group: int, offset: int, length: int):  # -> Release
+    def _releaser(self, group: int, offset: int, length: int, metadata: bool):  # -> Release
         def release() -> None:
             with self._lock:
                 bitmap = self.bitmap(group)
@@ -322,7 +363,8 @@ class BlockAllocator:
                 self._store(group, bitmap, length)
                 B.clear_range(self._pending[group], offset, length)
                 self._pending_count -= length
-                self.writer.block_released(group_first_block(self.sb, group) + offset, length)
+                self.writer.block_released(group_first_block(self.sb, group) + offset, length,
+                                           forget=metadata)
 
         return release
 
@@ -513,6 +555,13 @@ class InodeAllocator:
             return None
         ino = group * ipg + index + 1
         desc = self.writer.group_desc(group)
+        initialised = not self._csum or (
+            index < ipg - desc.itable_unused and desc.flags & BG_INODE_ZEROED)
+        if initialised and _LINKS_COUNT.unpack_from(self.table.read_raw(ino), 0x1A)[0]:
+            # The bitmap marks a live inode free (a moved or stale bitmap): handing it
+            # out again would overwrite a file (the kernel's "doubly allocated?").
+            raise Corrupt("inode bitmap", group_where(group),
+                          f"marks inode {ino} free, but it has links")
         if self._csum:
             if desc.flags & BG_BLOCK_UNINIT:
                 # e2fsck rejects a group whose inode bitmap is in use while its
@@ -539,6 +588,40 @@ class InodeAllocator:
         self._store(group, bitmap, desc, -1)
         return ino
 
+    # ---- recovery: set a bit directly ------------------------------------
+
+    def mark_used(self, ino: int, is_dir: bool) -> bool:
+        """Mark inode `ino` in use (its bitmap bit, the group's counts, INODE_UNINIT and
+        itable_unused), as the kernel's ext4_mark_inode_used does for fast-commit replay.
+        Slots brought under the used mark of a never-zeroed table are zeroed first, so
+        write the inode after this. False if it was already in use."""
+        sb = self.sb
+        if ino < 1 or ino > sb.inodes_count:
+            raise Corrupt("inode number", inode_where(ino), f"outside 1..{sb.inodes_count}")
+        ipg = sb.inodes_per_group
+        group, index = divmod(ino - 1, ipg)
+        with self._lock:
+            bitmap = self.bitmap(group)
+            if not B.range_is_clear(bitmap, index, 1):
+                return False
+            desc = self.writer.group_desc(group)
+            if self._csum:
+                if desc.flags & BG_BLOCK_UNINIT:
+                    self.blocks.initialise_group(group)
+                    desc = self.writer.group_desc(group)
+                used_end = 0 if desc.flags & BG_INODE_UNINIT else ipg - desc.itable_unused
+                if not desc.flags & BG_INODE_ZEROED:
+                    for slot in range(used_end, index + 1):
+                        self.table.zero(group * ipg + slot + 1)
+                desc = dataclasses.replace(
+                    desc, flags=desc.flags & ~BG_INODE_UNINIT,
+                    itable_unused=min(desc.itable_unused if used_end else ipg, ipg - (index + 1)))
+            if is_dir:
+                desc = dataclasses.replace(desc, used_dirs_count=desc.used_dirs_count + 1)
+            B.set_range(bitmap, index, 1, ipg)
+            self._store(group, bitmap, desc, -1)
+        return True
+
     # ---- freeing -------------------------------------------------------
 
     def check_free(self, ino: int) -> tuple[int, int]:
@@ -554,6 +637,10 @@ class InodeAllocator:
             if B.range_is_clear(bitmap, index, 1):
                 raise Corrupt("inode free", inode_where(ino), "inode is not allocated")
         return group, index
+
+    @property
+    def pending_free_inodes(self) -> int:
+        return len(self._pending)
 
     def free(self, ino: int, was_dir: bool) -> None:
         """Free inode `ino` at the next commit (after its directory entry removal

@@ -97,6 +97,12 @@ class NoSpace(Ext4Error):
     errno = errno.ENOSPC
 
 
+class FileTooBig(Ext4Error):
+    """Past the largest size the inode's block map (or the filesystem) can address."""
+
+    errno = errno.EFBIG
+
+
 class Exists(Ext4Error):
     errno = errno.EEXIST
 

@@ -20,6 +20,7 @@ from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import (
     Corrupt,
     Ext4Error,
+    FileTooBig,
     IsADirectory,
     NoSpace,
     Unsupported,
@@ -82,7 +83,7 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
     if inode.has_inline_data:
         inode = convert_inline(fs, inode)
     if not inode.uses_extents and lblk + count > _blockmap_limit(fs):
-        raise NoSpace(f"block {lblk + count - 1} beyond what a block map addresses")
+        raise FileTooBig(f"block {lblk + count - 1} beyond what a block map addresses")
     runs = fs.mapper_for(inode).map(lblk, count)
     holes = sum(r.length for r in runs if r.pblk is None)
     if not holes and not any(r.unwritten for r in runs):
@@ -146,6 +147,23 @@ def _undo(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, i
         if pblk not in kept:
             fs.blocks.free(pblk, got)
     return sum(got for _, pblk, got in pieces if pblk in kept)
+
+
+def write_abort(fs: WritableFilesystem, ino: int, ranges: list[tuple[int, int]]) -> None:
+    """The data for the (lblk, length) `ranges` that write_begin reported new could
+    not be written: unmap and free their blocks, which hold whatever an earlier
+    owner left there. (The kernel's ext4 likewise truncates the blocks a failed
+    write allocated.)"""
+    if not ranges:
+        return
+    inode = fs.inode(ino)
+    tree = fs.tree_writer(inode)
+    freed = 0
+    for lblk, length in ranges:
+        for pblk, count in tree.punch(lblk, length):
+            fs.blocks.free(pblk, count)
+            freed += count
+    fs.store(fs.with_tree(inode, tree, -freed))
 
 
 def _write_runs(runs: list[BlockRun], pieces: list[tuple[int, int, int]]) -> list[WriteRun]:
@@ -288,7 +306,7 @@ def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode
             return dataclasses.replace(_apply_layout(inode, plan), mtime_ns=now, ctime_ns=now)
         inode = convert_inline(fs, inode)
     if not inode.uses_extents and -(-size // fs.block_size) > _blockmap_limit(fs):
-        raise NoSpace(f"size {size} beyond what a block map addresses")  # the kernel: EFBIG
+        raise FileTooBig(f"size {size} beyond what a block map addresses")
     if size < inode.size:
         _zero_tail(fs, inode, size)
         inode = fs.truncate_blocks(inode, -(-size // fs.block_size))

@@ -473,14 +473,19 @@ class Filesystem:
     # ---- whole filesystem ----------------------------------------------
 
     def statfs(self) -> StatFs:
+        return self._statfs()
+
+    def _statfs(self, *, pending_blocks: int = 0, pending_inodes: int = 0) -> StatFs:
+        """`pending_*`: freed objects a read-write mount releases at its next commit;
+        the kernel counts them free at once (only their reuse waits for the commit)."""
         sb = self.sb
         # Like the kernel, count free space from the group descriptors (the
         # superblock totals are only updated lazily) and keep back the
         # clusters ext4 reserves for delayed allocation.
         cluster_ratio = sb.cluster_size // sb.block_size
         good = self._group_descs()
-        free = sum(d.free_blocks_count for d in good) * cluster_ratio
-        free_inodes = sum(d.free_inodes_count for d in good)
+        free = sum(d.free_blocks_count for d in good) * cluster_ratio + pending_blocks
+        free_inodes = sum(d.free_inodes_count for d in good) + pending_inodes
         reserved = sb.r_blocks_count + self._delalloc_reserve_blocks()
         return StatFs(
             block_size=sb.block_size,
@@ -520,6 +525,7 @@ def _recover_journal(
     """needs_recovery: replay the journal in memory (read-only: the device and
     superblock to serve) or onto the device (read-write: the superblock after)."""
     from ext4box.ext4 import mount_state
+    from ext4box.ext4.journal import fast_commit_recovery
     from ext4box.ext4.journal.overlay import OverlayDevice
     from ext4box.ext4.journal.recovery import plan_recovery, replay_onto_device
 
@@ -536,19 +542,18 @@ def _recover_journal(
     journal_fs = Filesystem(dev, sb, CacheSizes(metadata_blocks=64, inodes=4, mappers=1,
                                                 directories=1))
     blocks, plan = plan_recovery(journal_fs)
+    overlay = OverlayDevice(dev, sb.block_size, plan.copies)
+    # Fast commits follow the full ones: replayed onto an in-memory copy of the
+    # full-commit view (nothing is written yet).
+    replayed = fast_commit_recovery.replay(blocks, plan, overlay, readonly=readonly)
     if readonly:
-        if plan.fast_commit_pending:
-            log.warning("journal_fast_commit_not_replayed",
-                        detail="the journal holds fast commits after the last full commit; "
-                        "serving the full commits only")
-        overlay = OverlayDevice(dev, sb.block_size, plan.copies)
+        view = overlay if replayed is None else replayed
         log.info("journal_replayed_in_memory", transactions=plan.transactions,
-                 blocks=overlay.overlaid_blocks)
-        return overlay, Superblock.parse(overlay.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
-    if plan.fast_commit_pending:
-        raise ReadOnly("refusing a read-write mount: the journal holds fast-commit blocks, "
-                       "whose replay is not implemented; mount read-only (full commits are "
-                       "replayed in memory) or let the kernel or e2fsck recover it")
+                 blocks=overlay.overlaid_blocks,
+                 fast_commit_blocks=0 if replayed is None else len(replayed.dirty_blocks()))
+        return view, Superblock.parse(view.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
+    if replayed is not None:
+        plan = fast_commit_recovery.write_replayed(dev, overlay, replayed, plan)
     return dev, replay_onto_device(dev, blocks, plan, sb.block_size)
 
 

@@ -231,9 +231,22 @@ class MetadataWriter:
         with self._lock:
             self._releases.append(release)
 
-    def block_released(self, pblk: int, count: int) -> None:
-        """A release (run by commit) freed [pblk, pblk + count): a journal revokes
-        older logged copies of those blocks."""
+    def block_released(self, pblk: int, count: int, *, forget: bool) -> None:
+        """A release (run by commit) freed [pblk, pblk + count). With `forget` (the
+        blocks held metadata) a buffered update of them is dropped, neither logged
+        nor written in place, as the kernel forgets a freed metadata buffer: a logged
+        copy would be replayed over whatever the block holds once it is reused, say
+        file data. (Freed file data is not forgotten: in a damaged image the same
+        block may also be another structure's, whose update must not be lost.) A
+        journal revokes older logged copies either way."""
+        blocks = self._blocks
+        if forget and blocks:
+            if count <= len(blocks):
+                for block in range(pblk, pblk + count):
+                    blocks.pop(block, None)
+            else:
+                for block in [b for b in blocks if pblk <= b < pblk + count]:
+                    del blocks[block]
         if self._journal is not None:
             self._journal.block_released(pblk, count)
 
@@ -320,7 +333,13 @@ class MetadataWriter:
             descriptors = self._write_descriptors()
             if durable and (bitmaps or descriptors):
                 self.dev.flush()
-            metadata = self._write_all(self._blocks)
+            # Inodes before the directory entries and tree blocks that name or
+            # follow them: a crash in between must not leave an entry naming an
+            # inode slot that still holds a deleted inode's old block pointers.
+            metadata = self._write_all(self._blocks, only=self._inode_table_blocks())
+            if durable and metadata:
+                self.dev.flush()
+            metadata += self._write_all(self._blocks)
             releases = self._releases
             self._releases = []
             if releases:
@@ -402,11 +421,21 @@ class MetadataWriter:
         block[start : start + SUPERBLOCK_SIZE] = encode_superblock(self.sb, self._sb_changes)
         return pblk, bytes(block)
 
-    def _write_all(self, pending: dict[int, bytes]) -> int:
+    def _inode_table_blocks(self) -> set[int]:
+        """The buffered blocks that lie in inode tables."""
+        found = set()
+        for pblk in self._blocks:
+            index = bisect.bisect_right(self._group_meta_starts, pblk) - 1
+            # Bitmaps are buffered apart, so a group metadata run here is an inode table.
+            if index >= 0 and pblk < self._group_meta[index][1]:
+                found.add(pblk)
+        return found
+
+    def _write_all(self, pending: dict[int, bytes], only: set[int] | None = None) -> int:
         # In block order (sequential I/O); a block leaves the buffer only once written,
         # so a failed write can be retried by the next commit.
         count = 0
-        for pblk in sorted(pending):
+        for pblk in sorted(pending if only is None else only):
             self.dev.pwrite(pblk * self.block_size, pending[pblk])
             del pending[pblk]
             self.cache.invalidate(pblk)

@@ -92,21 +92,24 @@ def release(fs: WritableFilesystem, ino: int) -> None:
 
 def process_at_mount(fs: WritableFilesystem) -> int:
     """Free (links 0) or truncate to i_size (still linked) every listed inode, as the
-    kernel's orphan cleanup does at mount; returns how many were processed."""
-    sb = fs.sb
+    kernel's orphan cleanup does at mount; returns how many were processed.
+
+    A list that stops making sense (a number outside the inode table, an inode
+    never used or not allocated, a loop) ends the cleanup there and the list is
+    dropped, as the kernel drops it; what it still held is e2fsck's to find.
+    A crash without a journal can leave such a list: an evicted inode's dtime
+    (the deletion time) written before the superblock that unlinked it."""
     current = _head(fs)
     seen: set[int] = set()
     while current:
-        where = inode_where(current)
-        if current in seen:
-            raise Corrupt("orphan list", where, "the list loops")
-        if not sb.first_ino <= current <= sb.inodes_count:
-            raise Corrupt("orphan list", where, "not a usable inode number")
+        why = _unusable_orphan(fs, current, seen)
+        if why is not None:
+            log.warning("orphan_list_dropped", where=inode_where(current), why=why,
+                        processed=len(seen))
+            break
         seen.add(current)
         inode = fs.table.read(current)
         following = inode.dtime
-        if inode.mode == 0:
-            raise Corrupt("orphan list", where, "listed inode was never used")
         inode = dataclasses.replace(inode, dtime=0)
         if inode.links_count == 0:
             fs.open_orphans.add(current)  # let evict's store keep it readable meanwhile
@@ -116,7 +119,22 @@ def process_at_mount(fs: WritableFilesystem) -> int:
                 inode = fs.truncate_blocks(inode, -(-inode.size // fs.block_size))
             fs.store(inode)
         current = following
-    if seen:
+    if current or seen:
         fs.writer.update_superblock(last_orphan=0)
+    if seen:
         log.info("orphans_processed", count=len(seen))
     return len(seen)
+
+
+def _unusable_orphan(fs: WritableFilesystem, ino: int, seen: set[int]) -> str | None:
+    if ino in seen:
+        return "the list loops"
+    if not fs.sb.first_ino <= ino <= fs.sb.inodes_count:
+        return "not a usable inode number"
+    try:
+        fs.inodes.check_free(ino)  # allocated and not already being freed
+    except Corrupt as err:
+        return err.why
+    if fs.table.read(ino).mode == 0:
+        return "listed inode was never used"
+    return None

@@ -55,7 +55,7 @@ from ext4box.ext4.errors import Corrupt, Ext4Error, NoSpace, inode_where
 from ext4box.ext4.extent_writer import ExtentTreeWriter
 from ext4box.ext4.extents import ExtentMapper
 from ext4box.ext4.file_data import WriteRun
-from ext4box.ext4.filesystem import CacheSizes, Filesystem
+from ext4box.ext4.filesystem import CacheSizes, Filesystem, StatFs
 from ext4box.ext4.group_desc import GroupDesc, group_first_block
 from ext4box.ext4.inode import Inode
 from ext4box.ext4.inode_table import InodeTable
@@ -154,6 +154,11 @@ class WritableFilesystem(Filesystem):
         self._inodes.put(ino, inode)
         return inode
 
+    def statfs(self) -> StatFs:
+        with self.lock:
+            return self._statfs(pending_blocks=self.blocks.pending_free_blocks,
+                                pending_inodes=self.inodes.pending_free_inodes)
+
     def _group_descs(self) -> list[GroupDesc]:
         return [self.writer.group_desc(g) for g in range(self.writer.group_count)]
 
@@ -187,7 +192,8 @@ class WritableFilesystem(Filesystem):
         return self.blocks.alloc_block(goal)
 
     def free_block(self, pblk: int) -> None:
-        self.blocks.free(pblk, 1)
+        """Free one metadata block (tree, directory, xattr: the writers' callback)."""
+        self.blocks.free(pblk, 1, metadata=True)
 
     def has_block_tree(self, inode: Inode) -> bool:
         """Whether i_block holds an extent root or block map (not a fast symlink,
@@ -239,9 +245,11 @@ class WritableFilesystem(Filesystem):
             return inode
         tree = self.tree_writer(inode)
         freed = tree.truncate(first_lblk)
+        # A directory's or symlink's blocks are metadata (buffered, maybe logged).
+        metadata = inode.is_dir or inode.is_symlink
         count = 0
         for pblk, length in freed:
-            self.blocks.free(pblk, length)
+            self.blocks.free(pblk, length, metadata=metadata)
             count += length
         return self.with_tree(inode, tree, -count)
 
@@ -337,6 +345,10 @@ class WritableFilesystem(Filesystem):
     def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:
         ino = inode if isinstance(inode, int) else inode.ino
         return file_data.write_begin(self, ino, lblk, count)
+
+    @_mutation
+    def write_abort(self, ino: int, ranges: list[tuple[int, int]]) -> None:
+        file_data.write_abort(self, ino, ranges)
 
     @_mutation
     def write_end(self, ino: int, end_pos: int, *, now_ns: int | None = None) -> Inode:

@@ -24,6 +24,7 @@ R = TypeVar("R")
 
 # Expected answers, not incidents: logged at debug only.
 _QUIET = (NotFound, NoData)
+_DEVICE_ERRNOS_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 def to_fuse_error(err: BaseException, op: str) -> pyfuse3.FUSEError:
@@ -43,6 +44,12 @@ def to_fuse_error(err: BaseException, op: str) -> pyfuse3.FUSEError:
         else:
             log.info("request failed", op=op, error=str(err), errno=err.errno)
         return pyfuse3.FUSEError(err.errno)
+    if isinstance(err, OSError) and err.errno is not None:
+        # The device (image file) refused I/O. A full host disk is worth telling the
+        # user as such; anything else is an I/O error of the device.
+        log.error("device_io_failed", op=op, errno=errno.errorcode.get(err.errno, err.errno),
+                  error=err.strerror)
+        return pyfuse3.FUSEError(err.errno if err.errno in _DEVICE_ERRNOS_PASSED else errno.EIO)
     log.error("unexpected error", op=op, exc_info=err)
     return pyfuse3.FUSEError(errno.EIO)
 

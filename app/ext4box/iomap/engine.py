@@ -15,11 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
 from ext4box.blockdev import BlockDevice, DeviceRangeError
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap.cache import MappingCache
 from ext4box.iomap.types import IOMap, IOMapKind
+
+log = structlog.get_logger("ext4box.iomap")
 
 # Beyond a cache miss, map this many bytes ahead so a sequential reader walks
 # the mapping tree once per window rather than once per request.
@@ -64,6 +68,8 @@ class WritableSource(MappingSource, Protocol):
     def write_begin(self, inode: MappedInode, lblk: int, count: int) -> Sequence[WriteRunLike]: ...
 
     def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
+
+    def write_abort(self, ino: int, ranges: list[tuple[int, int]]) -> None: ...
 
     def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
 
@@ -337,6 +343,12 @@ class IOMapEngine:
         cache = self.cache
         with cache.lock:
             found, gaps = cache.runs_for(inode.ino).covering(first, end)
+        if gaps and end <= -(-inode.size // self.block_size):
+            # An overwrite inside i_size the cache does not know yet: map it as
+            # a read would (mapping ahead, so the next random overwrites of the
+            # file hit the cache). write_begin on written blocks only maps them.
+            self._writable_source()  # a read-only filesystem refuses, as write_begin would
+            found, gaps = self._runs(inode, first, end), []
         if not gaps and all(r.pblk is not None and not r.unwritten for r in found):
             return [(r.lblk, r.length, r.pblk, False) for r in found]  # type: ignore[misc]
         runs = self._writable_source().write_begin(inode, first, end - first)
@@ -390,8 +402,28 @@ class IOMapEngine:
                 )
         self.zero_tail(inode, pos)
         maps = self.begin(inode, pos, length, write=True)
-        self._write_maps(ino, pos, memoryview(data), maps)
+        try:
+            self._write_maps(ino, pos, memoryview(data), maps)
+        except BaseException:
+            # The new blocks may hold an earlier owner's data: they must not stay
+            # mapped (the device refused the write, e.g. the host disk is full).
+            self.cache.invalidate(ino)
+            try:
+                source.write_abort(ino, self._new_block_ranges(maps))
+            except Exception as err:  # the write's own error is the one to report
+                log.error("write_abort_failed", ino=ino, error=str(err))
+            raise
         return source.write_end(ino, pos + length, now_ns=now_ns)
+
+    def _new_block_ranges(self, maps: list[IOMap]) -> list[tuple[int, int]]:
+        """(lblk, length) of the blocks behind the NEW mappings."""
+        block_size = self.block_size
+        ranges: list[tuple[int, int]] = []
+        for mapping in maps:
+            if mapping.kind is IOMapKind.NEW:
+                first = mapping.offset // block_size
+                ranges.append((first, -(-mapping.end // block_size) - first))
+        return ranges
 
     def zero_tail(self, inode: MappedInode, new_end: int) -> None:
         """Before i_size grows to cover `new_end`: zero the old last block past EOF.

@@ -1,0 +1,95 @@
+"""The disk under the image fills up while ext4box writes to it.
+
+The image is a sparse file on a small tmpfs that is then nearly filled: a
+write whose blocks land in the image file's holes fails in the host. The
+writer must get ENOSPC (not a dead server, not EIO), everything fsynced
+before stays intact, no block of a deleted file shows up in the file whose
+write failed, and once the host has room again the unmount completes and
+leaves an e2fsck-clean image the kernel reads back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from rw_support import assert_fsck_clean, kernel_view, rw_mount, skip_unless_possible
+
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
+
+OLD_BYTE = 0xEE  # the content of a deleted file: must never reappear
+CHUNK = 256 * 1024
+
+
+def _fill(path: Path, leave: int) -> None:
+    """Grow `path` until its filesystem has about `leave` bytes free."""
+    with path.open("wb") as filler:
+        while True:
+            st = os.statvfs(path)
+            room = st.f_bavail * st.f_frsize - leave
+            if room <= 0:
+                break
+            filler.write(b"\xff" * min(room, 1 << 20))
+            filler.flush()
+
+
+def _write_until_error(path: Path, total: int) -> tuple[int, int | None]:
+    """Write a pattern in CHUNK pieces, then fsync; (bytes written, errno or None)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    written = 0
+    try:
+        while written < total:
+            written += os.write(fd, bytes([0x5A]) * CHUNK)
+        os.fsync(fd)
+    except OSError as err:
+        return written, err.errno
+    finally:
+        os.close(fd)
+    return written, None
+
+
+def test_full_host_disk_is_enospc_and_loses_nothing(tmp_path: Path) -> None:
+    skip_unless_possible()
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(host)], check=True)
+    try:
+        image = host / "disk.img"
+        with image.open("wb") as f:
+            f.truncate(96 << 20)  # sparse: larger than the host filesystem
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(image)], check=True,
+                       capture_output=True)
+        mnt = tmp_path / "mnt"
+        with rw_mount(image, mnt) as served:
+            root = served.mountpoint
+            (root / "old").write_bytes(bytes([OLD_BYTE]) * (4 << 20))
+            keep = bytes(range(256)) * 1024
+            fd = os.open(root / "keep", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, keep)
+            os.fsync(fd)
+            os.close(fd)
+            os.unlink(root / "old")
+            dfd = os.open(root, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+
+            filler = host / "filler"
+            _fill(filler, leave=2 << 20)
+            written, error = _write_until_error(root / "big", 64 << 20)
+            assert error == errno.ENOSPC, (written, error)
+            # The server is still there and everything fsynced before is intact.
+            assert (root / "keep").read_bytes() == keep
+            big = (root / "big").read_bytes()
+            assert bytes([OLD_BYTE]) not in big
+            filler.unlink()  # the host has room again: the unmount can commit
+        assert_fsck_clean(image)
+        with kernel_view(image, tmp_path / "kmnt") as kroot:
+            assert (kroot / "keep").read_bytes() == keep
+            big = (kroot / "big").read_bytes()
+            assert bytes([OLD_BYTE]) not in big
+            assert set(big) <= {0x5A, 0}
+    finally:
+        subprocess.run(["umount", str(host)], check=False)
