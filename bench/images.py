@@ -46,9 +46,11 @@ def build_source_tree(root: Path, count: int, rng: random.Random) -> None:
         (d / f"file{i:05d}.py").write_bytes((line * (size // len(line) + 1))[:size])
 
 
-def _mkfs(tree: Path, image: Path, size_mb: int, inodes: int) -> None:
+def _mkfs(tree: Path, image: Path, size_mb: int, inodes: int,
+          features: str | None = None) -> None:
+    extra = ["-O", features] if features else []
     subprocess.run(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", "4096", "-N", str(inodes),
-                    "-d", str(tree), str(image), f"{size_mb}M"], check=True)
+                    *extra, "-d", str(tree), str(image), f"{size_mb}M"], check=True)
 
 
 def build_read_image(work: Path, sizes: Sizes) -> Path:
@@ -69,8 +71,10 @@ def build_read_image(work: Path, sizes: Sizes) -> Path:
     return image
 
 
-def build_write_image(work: Path, sizes: Sizes) -> Path:
-    """Empty but for the file random writes overwrite; also leaves the tar to unpack."""
+def build_write_image(work: Path, sizes: Sizes, features: str | None = None,
+                      name: str = "write.img") -> Path:
+    """Empty but for the file random writes overwrite; also leaves the tar to unpack.
+    `features`: an mkfs -O list (e.g. "^has_journal")."""
     rng = random.Random(5)
     tree = work / "write-tree"
     tree.mkdir()
@@ -81,9 +85,9 @@ def build_write_image(work: Path, sizes: Sizes) -> Path:
                    check=True)
     shutil.rmtree(source)
     tar_mb = (work / SOURCE_TAR).stat().st_size // MIB
-    image = work / "write.img"
+    image = work / name
     _mkfs(tree, image, int((sizes.seq_mb + sizes.random_write_mb + tar_mb) * 1.5) + 192,
-          sizes.meta_files + sizes.source_files + 10_000)
+          sizes.meta_files + sizes.source_files + 10_000, features)
     shutil.rmtree(tree)
     return image
 
