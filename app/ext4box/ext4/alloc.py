@@ -269,7 +269,9 @@ class BlockAllocator:
 
     def alloc_block(self, goal: int) -> int:
         """One block for tree/directory/xattr metadata (the writers' callback shape)."""
-        return self.alloc(goal, 1)[0]
+        pblk = self.alloc(goal, 1)[0]
+        self.writer.note_new_metadata(pblk)
+        return pblk
 
     # ---- recovery: set bits directly -------------------------------------
 

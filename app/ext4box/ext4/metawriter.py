@@ -100,6 +100,8 @@ class MetadataWriter:
         self._sb_dirty = False
         self._releases: list[Release] = []
         self._journal: JournalWriter | None = None
+        # Metadata blocks allocated since the last commit (ordered writes put them first).
+        self._new_blocks: set[int] = set()
         # One lock for the writer and everything that changes metadata through it
         # (the allocators share it): commit runs releases that take allocator
         # state, so two locks would be a lock-order inversion.
@@ -231,6 +233,11 @@ class MetadataWriter:
         with self._lock:
             self._releases.append(release)
 
+    def note_new_metadata(self, pblk: int) -> None:
+        """`pblk` was just allocated for metadata: nothing on the device points at it yet."""
+        with self._lock:
+            self._new_blocks.add(pblk)
+
     def block_released(self, pblk: int, count: int, *, forget: bool) -> None:
         """A release (run by commit) freed [pblk, pblk + count). With `forget` (the
         blocks held metadata) a buffered update of them is dropped, neither logged
@@ -333,13 +340,18 @@ class MetadataWriter:
             descriptors = self._write_descriptors()
             if durable and (bitmaps or descriptors):
                 self.dev.flush()
-            # Inodes before the directory entries and tree blocks that name or
-            # follow them: a crash in between must not leave an entry naming an
-            # inode slot that still holds a deleted inode's old block pointers.
-            metadata = self._write_all(self._blocks, only=self._inode_table_blocks())
+            # New blocks first (nothing points at them yet: a directory split's new
+            # leaf holds its entries before the old leaf loses them), then inodes
+            # before the entries and tree blocks that name or follow them (an entry
+            # must not name a slot still holding a deleted inode's block pointers),
+            # then everything else.
+            new = self._new_blocks & self._blocks.keys()
+            metadata = self._write_all(self._blocks, only=new)
+            metadata += self._write_all(self._blocks, only=self._inode_table_blocks())
             if durable and metadata:
                 self.dev.flush()
             metadata += self._write_all(self._blocks)
+            self._new_blocks.clear()
             releases = self._releases
             self._releases = []
             if releases:
@@ -389,6 +401,7 @@ class MetadataWriter:
             self.cache.invalidate(pblk)
         stats = CommitStats(len(self._bitmaps), len(descriptors), len(self._blocks),
                             len(releases), wrote_sb)
+        self._new_blocks.clear()
         self._bitmaps.clear()
         self._blocks.clear()
         self._dirty_groups.clear()
