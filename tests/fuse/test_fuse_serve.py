@@ -6,9 +6,12 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
+
+from ext4box.bdi import READ_AHEAD_KB
 
 STAT_FIELDS = (
     "st_mode",
@@ -199,3 +202,18 @@ def test_special_files(mounts: tuple[Path, Path]) -> None:
     # nodev: opening a device node on the mount is refused.
     with pytest.raises(PermissionError):
         os.open(fuse / "blockdev", os.O_RDONLY)
+
+
+def test_read_ahead_is_raised_after_init(mounts: tuple[Path, Path]) -> None:
+    """FUSE caps a mount's read-ahead at 128 KiB; the server (as root) raises it
+    once its FUSE_INIT reply has been processed, so streaming reads arrive as
+    large requests (ext4box.bdi)."""
+    fuse, _ = mounts
+    if os.geteuid() != 0:
+        pytest.skip("only root may change a mount's read-ahead")
+    dev = os.stat(fuse).st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    deadline = time.monotonic() + 5
+    while setting.read_text().strip() != str(READ_AHEAD_KB) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert setting.read_text().strip() == str(READ_AHEAD_KB)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from ext4box.bdi import set_read_ahead
 from ext4box.fuse.ops import Ext4Operations
 from ext4box.log import get_logger
 
@@ -115,27 +116,51 @@ def serve(ops: Ext4Operations, config: MountConfig) -> None:
         # libfuse has already printed its own reason on stderr.
         raise MountSetupError(f"cannot mount on {config.mountpoint}: {err}") from None
     log.info("mounted", mountpoint=config.mountpoint, options=",".join(sorted(config.fuse_options)))
+    tune = None
+    if not config.mountpoint.startswith(_FD_MOUNTPOINT_PREFIX) and os.geteuid() == 0:
+        mountpoint = config.mountpoint
+
+        def tune() -> bool:
+            return set_read_ahead(mountpoint)
     try:
-        trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None)
+        trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None, tune)
     finally:
         # Unmounts if we stop for a signal; a no-op after an external umount.
         pyfuse3.close(unmount=True)
     log.info("unmounted", mountpoint=config.mountpoint)
 
 
-async def serve_until_unmounted(commit: Callable[[], None] | None = None) -> None:
+async def serve_until_unmounted(commit: Callable[[], None] | None = None,
+                                 tune: Callable[[], bool] | None = None) -> None:
     """Run pyfuse3's loop until the kernel unmounts or SIGINT/SIGTERM/SIGHUP arrives.
 
     `commit` (read-write mounts) runs every COMMIT_INTERVAL_S in the loop,
-    between requests. Shared with ext4box.fuse.serve (the appliance's fd
-    hand-off path).
+    between requests. `tune` adjusts the mount once the kernel has processed
+    our FUSE_INIT reply (which would undo it). Shared with ext4box.fuse.serve
+    (the appliance's fd hand-off path).
     """
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         if commit is not None:
             nursery.start_soon(_commit_periodically, commit)
+        if tune is not None:
+            nursery.start_soon(_tune_after_init, tune)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _tune_after_init(tune: Callable[[], bool]) -> None:
+    # FUSE_INIT is the kernel's first request and is answered as soon as the loop
+    # runs; its reply caps the read-ahead, so set it after that, and once more
+    # later in case the reply was slow.
+    for delay in (0.2, 1.0):
+        await trio.sleep(delay)
+        try:
+            if not tune():
+                return
+        except Exception as err:  # tuning must never stop the server
+            log.warning("tuning failed", exc_info=err)
+            return
 
 
 async def _commit_periodically(commit: Callable[[], None]) -> None:
