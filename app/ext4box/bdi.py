@@ -9,14 +9,14 @@ flight: measured here, cold sequential reads of a 512 MiB file went from about
 device: 700-1,700 MB/s on the same image). Only root may write the setting;
 for anyone else the mount keeps the kernel's default.
 
-The mount is found through /proc/self/mountinfo, not stat(2): the server may
-not be answering requests yet when this runs, and a stat of the mountpoint
-would wait for it.
+The mount is found through /proc/self/mountinfo, never by stat(2) or
+realpath() of the mountpoint: called from the server itself, any syscall that
+looks the mountpoint up waits for a request the server's own loop must answer
+(a deadlock). Callers resolve the path before mounting.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ext4box.log import get_logger
@@ -28,9 +28,10 @@ _MOUNTINFO = Path("/proc/self/mountinfo")
 _BDI = Path("/sys/class/bdi")
 
 
-def mount_device(mountpoint: str, fstype: str = "fuse.ext4box") -> str | None:
-    """"major:minor" of the newest mount of `fstype` at `mountpoint`, or None."""
-    target = os.path.realpath(mountpoint)
+def mount_device(resolved_mountpoint: str, fstype: str = "fuse.ext4box") -> str | None:
+    """"major:minor" of the newest mount of `fstype` at `resolved_mountpoint` (an
+    absolute path without symlinks, resolved before the mount), or None."""
+    target = resolved_mountpoint
     found = None
     for line in _MOUNTINFO.read_text().splitlines():
         fields = line.split()
@@ -45,8 +46,9 @@ def mount_device(mountpoint: str, fstype: str = "fuse.ext4box") -> str | None:
 
 
 def set_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> bool:
-    """Raise the read-ahead of the FUSE mount at `mountpoint`; False (logged) when
-    the mount is not found or the setting may not be written."""
+    """Raise the read-ahead of the FUSE mount at `mountpoint` (resolved before the
+    mount, see mount_device); False (logged) when the mount is not found or the
+    setting may not be written."""
     device = mount_device(mountpoint)
     if device is None:
         log.warning("read_ahead_not_set", mountpoint=mountpoint, why="mount not found")

@@ -110,6 +110,9 @@ def check_mountpoint(mountpoint: str) -> None:
 
 def serve(ops: Ext4Operations, config: MountConfig) -> None:
     """Mount, serve in the foreground until unmounted or signalled, unmount."""
+    # Resolved now: once mounted, any lookup of the mountpoint from this process
+    # waits on our own request loop.
+    resolved = os.path.realpath(config.mountpoint)
     try:
         pyfuse3.init(ops, config.mountpoint, set(config.fuse_options))
     except RuntimeError as err:
@@ -118,10 +121,8 @@ def serve(ops: Ext4Operations, config: MountConfig) -> None:
     log.info("mounted", mountpoint=config.mountpoint, options=",".join(sorted(config.fuse_options)))
     tune = None
     if not config.mountpoint.startswith(_FD_MOUNTPOINT_PREFIX) and os.geteuid() == 0:
-        mountpoint = config.mountpoint
-
         def tune() -> bool:
-            return set_read_ahead(mountpoint)
+            return set_read_ahead(resolved)
     try:
         trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None, tune)
     finally:
