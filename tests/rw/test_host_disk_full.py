@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from rw_support import assert_fsck_clean, kernel_view, rw_mount, skip_unless_possible
 
+from support.serve import ext4box_argv, served
+
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 OLD_BYTE = 0xEE  # the content of a deleted file: must never reappear
@@ -91,5 +93,59 @@ def test_full_host_disk_is_enospc_and_loses_nothing(tmp_path: Path) -> None:
             big = (kroot / "big").read_bytes()
             assert bytes([OLD_BYTE]) not in big
             assert set(big) <= {0x5A, 0}
+    finally:
+        subprocess.run(["umount", str(host)], check=False)
+
+
+def test_failed_journal_write_aborts_and_keeps_what_committed(tmp_path: Path) -> None:
+    """The log itself cannot be written (its blocks are holes of a sparse image on
+    a full host disk): the commit fails, and from then on nothing changes (EROFS),
+    as the kernel aborts its journal. What committed before survives replay."""
+    skip_unless_possible()
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(host)], check=True)
+    try:
+        image = host / "disk.img"
+        with image.open("wb") as f:
+            f.truncate(96 << 20)
+        # lazy_journal_init: the journal is not written by mkfs, so it stays holes.
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_journal_init=1",
+                        str(image)], check=True, capture_output=True)
+        keep = bytes(range(256)) * 64
+        mnt = tmp_path / "mnt"
+        with served(image, mnt, ext4box_argv(image, mnt, "rw"), expect_exit_zero=False) as handle:
+            root = handle.mountpoint
+            fd = os.open(root / "keep", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, keep)
+            os.fsync(fd)
+            os.close(fd)
+            filler = host / "filler"
+            _fill(filler, leave=0)
+            failed = None
+            for i in range(200):
+                try:
+                    (root / f"new{i}").touch()
+                    dfd = os.open(root, os.O_RDONLY)
+                    try:
+                        os.fsync(dfd)
+                    finally:
+                        os.close(dfd)
+                except OSError as err:
+                    failed = err.errno
+                    break
+            assert failed in (errno.ENOSPC, errno.EIO), failed
+            with pytest.raises(OSError) as after:
+                (root / "later").touch()
+            assert after.value.errno == errno.EROFS
+            assert (root / "keep").read_bytes() == keep
+            filler.unlink()
+        replay = subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(image)],
+                                capture_output=True, text=True, check=False)
+        assert replay.returncode in (0, 1), replay.stdout + replay.stderr
+        assert_fsck_clean(image)
+        with kernel_view(image, tmp_path / "kmnt") as kroot:
+            assert (kroot / "keep").read_bytes() == keep
+            assert not (kroot / "later").exists()
     finally:
         subprocess.run(["umount", str(host)], check=False)

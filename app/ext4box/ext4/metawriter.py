@@ -100,6 +100,9 @@ class MetadataWriter:
         self._sb_dirty = False
         self._releases: list[Release] = []
         self._journal: JournalWriter | None = None
+        # Set when a transaction could not be written: as the kernel aborts its
+        # journal, nothing more is changed (the log keeps what did commit).
+        self._aborted: str | None = None
         # Metadata blocks allocated since the last commit (ordered writes put them first).
         self._new_blocks: set[int] = set()
         # One lock for the writer and everything that changes metadata through it
@@ -136,6 +139,7 @@ class MetadataWriter:
     def write(self, pblk: int, data: bytes, *, bitmap: bool = False) -> None:
         """Buffer a whole-block update. `bitmap=True` for allocation bitmaps, which
         are written before the other metadata at commit."""
+        self._refuse_if_aborted()
         self._check_block(pblk)
         if pblk < self._protected_end or pblk in self._gdt_blocks or self._overlaps_fixed(pblk, 1):
             raise Corrupt("metadata write", block_where(pblk), "would overwrite superblock or GDT")
@@ -323,10 +327,16 @@ class MetadataWriter:
 
     # ---- commit -----------------------------------------------------------
 
+    def _refuse_if_aborted(self) -> None:
+        if self._aborted is not None:
+            raise ReadOnly(f"the journal was aborted ({self._aborted}); the image needs "
+                           "recovery by the next mount, e2fsck or the kernel")
+
     def commit(self, *, durable: bool = False) -> CommitStats:
         """Write everything buffered, in crash-safe order; fsync when `durable`
         (a journaled commit is always durable, as jbd2's)."""
         with self._lock:
+            self._refuse_if_aborted()
             journal = self._journal
             if journal is not None:
                 if self._fits_in_log(journal):
@@ -392,7 +402,15 @@ class MetadataWriter:
             copies[pblk] = image
         if not copies and not journal.pending_revokes:
             return CommitStats(0, 0, 0, len(releases), False)
-        journal.log_transaction(copies)
+        try:
+            journal.log_transaction(copies)
+        except OSError as err:
+            # The releases above already made freed blocks allocatable in memory;
+            # handing them out before this transaction commits could expose their
+            # old contents after a crash. Stop changing anything, as jbd2 aborts.
+            self._aborted = f"writing transaction failed: {err.strerror}"
+            log.error("journal_aborted", why=self._aborted)
+            raise
         # The checkpoint: in place, unflushed (the log holds the transaction until
         # the journal reclaims its space, which flushes first).
         bs = self.block_size
