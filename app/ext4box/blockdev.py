@@ -11,7 +11,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class DeviceRangeError(Exception):
@@ -22,6 +22,19 @@ class DeviceRangeError(Exception):
         self.offset = offset
         self.length = length
         self.size = size
+
+
+def preadv_by_pread(pread: Callable[[int, int], bytes],
+                    buffers: Sequence[bytearray | memoryview], offset: int) -> int:
+    """`preadv` for a device that only has `pread` (the journal's in-memory layers):
+    one read of the whole range, scattered into `buffers`; returns bytes read."""
+    total = sum(len(b) for b in buffers)
+    data = memoryview(pread(offset, total))
+    done = 0
+    for buffer in buffers:
+        buffer[:] = data[done : done + len(buffer)]
+        done += len(buffer)
+    return total
 
 
 class BlockDevice:

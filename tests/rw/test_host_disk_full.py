@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,17 +55,27 @@ def _write_until_error(path: Path, total: int) -> tuple[int, int | None]:
     return written, None
 
 
-def test_full_host_disk_is_enospc_and_loses_nothing(tmp_path: Path) -> None:
-    skip_unless_possible()
+@contextmanager
+def small_host(tmp_path: Path, *mkfs_args: str) -> Iterator[tuple[Path, Path]]:
+    """(host directory, image): a 40 MiB tmpfs holding a sparse 96 MiB ext4 image,
+    larger than the host filesystem; unmounted afterwards."""
     host = tmp_path / "host"
     host.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(host)], check=True)
     try:
         image = host / "disk.img"
         with image.open("wb") as f:
-            f.truncate(96 << 20)  # sparse: larger than the host filesystem
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(image)], check=True,
-                       capture_output=True)
+            f.truncate(96 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", *mkfs_args, str(image)],
+                       check=True, capture_output=True)
+        yield host, image
+    finally:
+        subprocess.run(["umount", str(host)], check=False)
+
+
+def test_full_host_disk_is_enospc_and_loses_nothing(tmp_path: Path) -> None:
+    skip_unless_possible()
+    with small_host(tmp_path) as (host, image):
         mnt = tmp_path / "mnt"
         with rw_mount(image, mnt) as served:
             root = served.mountpoint
@@ -93,8 +105,6 @@ def test_full_host_disk_is_enospc_and_loses_nothing(tmp_path: Path) -> None:
             big = (kroot / "big").read_bytes()
             assert bytes([OLD_BYTE]) not in big
             assert set(big) <= {0x5A, 0}
-    finally:
-        subprocess.run(["umount", str(host)], check=False)
 
 
 def test_failed_journal_write_aborts_and_keeps_what_committed(tmp_path: Path) -> None:
@@ -102,16 +112,8 @@ def test_failed_journal_write_aborts_and_keeps_what_committed(tmp_path: Path) ->
     a full host disk): the commit fails, and from then on nothing changes (EROFS),
     as the kernel aborts its journal. What committed before survives replay."""
     skip_unless_possible()
-    host = tmp_path / "host"
-    host.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(host)], check=True)
-    try:
-        image = host / "disk.img"
-        with image.open("wb") as f:
-            f.truncate(96 << 20)
-        # lazy_journal_init: the journal is not written by mkfs, so it stays holes.
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_journal_init=1",
-                        str(image)], check=True, capture_output=True)
+    # lazy_journal_init: the journal is not written by mkfs, so it stays holes.
+    with small_host(tmp_path, "-E", "lazy_journal_init=1") as (host, image):
         keep = bytes(range(256)) * 64
         mnt = tmp_path / "mnt"
         with served(image, mnt, ext4box_argv(image, mnt, "rw"), expect_exit_zero=False) as handle:
@@ -147,5 +149,3 @@ def test_failed_journal_write_aborts_and_keeps_what_committed(tmp_path: Path) ->
         with kernel_view(image, tmp_path / "kmnt") as kroot:
             assert (kroot / "keep").read_bytes() == keep
             assert not (kroot / "later").exists()
-    finally:
-        subprocess.run(["umount", str(host)], check=False)

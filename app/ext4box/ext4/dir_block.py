@@ -355,6 +355,11 @@ class ParsedBlockCache:
         self._items: OrderedDict[tuple[int, int, int | None], ParsedBlock] = OrderedDict()
         self._lock = threading.Lock()
 
+    def serves(self, *, has_filetype: bool, max_ino: int, block_size: int) -> bool:
+        """Whether this cache was built for a reader with these parse parameters."""
+        return (self.has_filetype, self.max_ino, self.block_size) == (
+            has_filetype, max_ino, block_size)
+
     def parse(self, block: bytes, *, ino: int, lblk: int, csum_seed: int | None) -> ParsedBlock:
         """The records of a whole block of directory `ino` (Corrupt as parse_dir_records)."""
         key = (ino, lblk, csum_seed)

@@ -205,8 +205,7 @@ class DirectoryWriter:
         self._parsed = (
             parsed
             if parsed is not None
-            and (parsed.has_filetype, parsed.max_ino, parsed.block_size)
-            == (has_filetype, max_ino, block_size)
+            and parsed.serves(has_filetype=has_filetype, max_ino=max_ino, block_size=block_size)
             else None
         )
         self._area = block_size - (DIR_TAIL_SIZE if metadata_csum else 0)

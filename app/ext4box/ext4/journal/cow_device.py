@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ext4box.blockdev import BlockDevice
+from ext4box.blockdev import BlockDevice, preadv_by_pread
 
 
 class CopyOnWriteDevice(BlockDevice):
@@ -50,13 +50,7 @@ class CopyOnWriteDevice(BlockDevice):
         return data[skip : skip + length]
 
     def preadv(self, buffers: Sequence[bytearray | memoryview], offset: int) -> int:
-        total = sum(len(b) for b in buffers)
-        data = memoryview(self.pread(offset, total))
-        done = 0
-        for buffer in buffers:
-            buffer[:] = data[done : done + len(buffer)]
-            done += len(buffer)
-        return total
+        return preadv_by_pread(self.pread, buffers, offset)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 
-from ext4box.blockdev import BlockDevice
+from ext4box.blockdev import BlockDevice, preadv_by_pread
 from ext4box.ext4.journal.descriptor import unescape
 from ext4box.ext4.journal.recovery import ReplayCopy
 
@@ -67,10 +67,4 @@ class OverlayDevice(BlockDevice):
         return bytes(merged)
 
     def preadv(self, buffers: Sequence[bytearray | memoryview], offset: int) -> int:
-        total = sum(len(b) for b in buffers)
-        data = memoryview(self.pread(offset, total))
-        done = 0
-        for buffer in buffers:
-            buffer[:] = data[done : done + len(buffer)]
-            done += len(buffer)
-        return total
+        return preadv_by_pread(self.pread, buffers, offset)
