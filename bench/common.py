@@ -8,9 +8,7 @@ there. tests/ is added for the mount helpers the test suite already trusts.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
+from support.fileops import syncfs  # noqa: E402,F401 - re-exported for the workloads
 from support.kernel import kernel_mount  # noqa: E402
 from support.serve import ext4box_argv, fuse2fs_argv, served  # noqa: E402
 
@@ -67,24 +66,6 @@ class Result:
 
 def errno_text(err: int) -> str:
     return errno.errorcode.get(err, str(err))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the one filesystem holding `path`.
-
-    Never sync(2): a kernel bug on this machine can make a global sync hang,
-    and it would also wait on every unrelated filesystem.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def drop_caches() -> None:
