@@ -42,6 +42,7 @@ from crash_support import (
     run_iteration,
 )
 from crash_verify import check, read_image
+from journal_support import fsync_path
 
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
@@ -159,14 +160,6 @@ def test_known_crash_plans(repro: str, bases: dict[str, Path], scratch: Path) ->
 _FILL_ID = 7
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _free_an_extent_leaf(root: Path, block_size: int, *, commit_between: bool) -> None:
     """A file of 40 separate extents (the inode holds 4: a leaf block), deleted; with
     `commit_between`, the file is committed first, else both happen in one commit."""
@@ -179,9 +172,9 @@ def _free_an_extent_leaf(root: Path, block_size: int, *, commit_between: bool) -
     finally:
         os.close(fd)
     if commit_between:
-        _fsync(root)
+        fsync_path(root)
     os.unlink(root / "fragmented")
-    _fsync(root)
+    fsync_path(root)
 
 
 def _free_directory_blocks(root: Path, block_size: int, *, commit_between: bool) -> None:
@@ -192,12 +185,12 @@ def _free_directory_blocks(root: Path, block_size: int, *, commit_between: bool)
     for name in names:
         (directory / name).touch()
     if commit_between:
-        _fsync(directory)
-        _fsync(root)
+        fsync_path(directory)
+        fsync_path(root)
     for name in names:
         (directory / name).unlink()
     directory.rmdir()
-    _fsync(root)
+    fsync_path(root)
 
 
 def _fill(root: Path) -> int:
@@ -212,7 +205,7 @@ def _fill(root: Path) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync(root)
+    fsync_path(root)
     return units
 
 
