@@ -114,6 +114,9 @@ class MetadataCache:
         self.capacity = capacity
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
+        # Bumped by every invalidation: a read that raced one may return what it
+        # read, but must not cache it (it may be the device's older copy).
+        self._invalidations = 0
 
     def read(self, block: int) -> bytes:
         with self._lock:
@@ -121,20 +124,24 @@ class MetadataCache:
             if data is not None:
                 self._blocks.move_to_end(block)
                 return data
+            epoch = self._invalidations
         data = self.dev.pread(block * self.block_size, self.block_size)
         with self._lock:
-            self._blocks[block] = data
-            if len(self._blocks) > self.capacity:
-                self._blocks.popitem(last=False)
+            if self._invalidations == epoch:
+                self._blocks[block] = data
+                if len(self._blocks) > self.capacity:
+                    self._blocks.popitem(last=False)
         return data
 
     def invalidate(self, block: int) -> None:
         with self._lock:
             self._blocks.pop(block, None)
+            self._invalidations += 1
 
     def clear(self) -> None:
         with self._lock:
             self._blocks.clear()
+            self._invalidations += 1
 
 
 def _device_size(fd: int) -> int:

@@ -8,14 +8,16 @@ ones, and the image must end as e2fsck and debugfs describe it.
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from helpers_debugfs import debugfs, xattr_value
 
-from ext4box.blockdev import BlockDevice
+from ext4box.blockdev import BlockDevice, MetadataCache
 from ext4box.ext4.errors import NoData
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.inode import FL_INDEX, ROOT_INO
@@ -104,3 +106,43 @@ def test_htree_lookups_follow_index_growth(tmp_path: Path) -> None:
     _assert_clean(image)
     listing = debugfs(image, "ls -l /d")
     assert all(name.decode() in listing for name in names)
+
+
+class _PausingDevice(BlockDevice):
+    """Reads block `block` and then waits for `resume` before returning it, so a
+    test can change the device and invalidate the cache while a read is in flight."""
+
+    def __init__(self, fd: int, block_size: int, block: int) -> None:
+        super().__init__(fd, writable=True)
+        self.offset = block * block_size
+        self.read_done = threading.Event()
+        self.resume = threading.Event()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = super().pread(offset, length)
+        if offset == self.offset and not self.resume.is_set():
+            self.read_done.set()
+            assert self.resume.wait(10)
+        return data
+
+
+def test_metadata_cache_never_keeps_a_read_that_raced_an_invalidation(tmp_path: Path) -> None:
+    image = tmp_path / "race.img"
+    image.write_bytes(b"A" * 4096 * 4)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        dev = _PausingDevice(fd, 4096, 2)
+        cache = MetadataCache(dev, 4096)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(cache.read(2)))
+        reader.start()
+        assert dev.read_done.wait(10)
+        # The writer's side: new bytes on the device, then the invalidation.
+        os.pwrite(fd, b"B" * 4096, 2 * 4096)
+        cache.invalidate(2)
+        dev.resume.set()
+        reader.join(10)
+        assert got == [b"A" * 4096]  # the racing reader saw the older copy...
+        assert cache.read(2) == b"B" * 4096  # ...but did not leave it in the cache
+    finally:
+        os.close(fd)
