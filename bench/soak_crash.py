@@ -61,6 +61,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--long-every", type=int, default=0,
                         help="every K-th iteration kills after 5-8 s (past a timer commit)")
     parser.add_argument("--repro", help="run the one iteration a failure printed")
+    parser.add_argument("--keep-failed", type=Path,
+                        help="save each failing iteration's crashed image and ops here")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every iteration")
     return parser.parse_args()
@@ -164,7 +166,8 @@ def main() -> int:
             for plan in _plans(args):
                 if args.seconds and time.monotonic() - started > args.seconds:
                     break
-                result = run_iteration(plan, bases[plan.variant], work / "iteration")
+                result = run_iteration(plan, bases[plan.variant], work / "iteration",
+                                       args.keep_failed)
                 summary.add(result)
                 repaired = any(n.startswith(("fsck", "replay_error")) for n in result.notes)
                 if result.failures or repaired or args.verbose:

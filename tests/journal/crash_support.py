@@ -161,6 +161,7 @@ class IterationResult:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     history: list[str] = field(default_factory=list)  # the last ops before the kill
+    full_history: list[str] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
@@ -298,6 +299,7 @@ def crash(plan: Plan, image: Path, work: Path, result: IterationResult) -> Model
         if code not in (-signal.SIGKILL, None) and not result.failures:
             result.failures.append(f"server_died: exit {code}: {handle.stderr_text()[-2000:]}")
         result.history = workload.history[-40:]
+        result.full_history = list(workload.history)
     return model
 
 
@@ -366,8 +368,12 @@ def replay_and_check(plan: Plan, image: Path, model: Model, work: Path,
             outcome.error = f"{type(err).__name__}: {err}"
         result.phases[replayer] = time.monotonic() - started
         outcome.fsck = fsck(copy)
-        tree = read_image(copy, work)
-        outcome.findings = check(model, tree)
+        try:
+            tree = read_image(copy, work)
+        except RuntimeError as err:
+            outcome.findings = [Finding("unreadable", "", str(err))]
+        else:
+            outcome.findings = check(model, tree)
         copy.unlink()
         result.phases[f"{replayer}+check"] = time.monotonic() - started
         _judge(result, outcome)
@@ -388,8 +394,10 @@ def _judge(result: IterationResult, outcome: ReplayOutcome) -> None:
         (result.failures if failing else result.notes).append(f"[{name}] {finding}")
 
 
-def run_iteration(plan: Plan, base: Path, work: Path) -> IterationResult:
-    """Crash a copy of `base` per `plan` and check every replay; work is emptied after."""
+def run_iteration(plan: Plan, base: Path, work: Path,
+                  keep_failed: Path | None = None) -> IterationResult:
+    """Crash a copy of `base` per `plan` and check every replay; work is emptied after
+    (a failing iteration's crashed image and history go to `keep_failed` first)."""
     started = time.monotonic()
     result = IterationResult(plan)
     work.mkdir(parents=True, exist_ok=True)
@@ -405,11 +413,22 @@ def run_iteration(plan: Plan, base: Path, work: Path) -> IterationResult:
         result.needs_recovery = "needs_recovery" in features
         result.before = fsck(image)
         replay_and_check(plan, image, model, work, result)
+        if result.failures and keep_failed is not None:
+            _keep(result, image, keep_failed)
     finally:
         for leftover in work.glob("*.img"):
             leftover.unlink()
         result.seconds = time.monotonic() - started
     return result
+
+
+def _keep(result: IterationResult, image: Path, directory: Path) -> None:
+    """Save the crashed image (before any replay) and the full op history."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = result.plan.repro().replace(":", "_").replace(",", "+")
+    shutil.copyfile(image, directory / f"{stem}.img")
+    (directory / f"{stem}.txt").write_text(result.report() + "\n\nall ops:\n"
+                                           + "\n".join(result.full_history) + "\n")
 
 
 def base_images(names: list[str], directory: Path) -> dict[str, Path]:

@@ -11,6 +11,7 @@ checks, each a Finding of one kind:
 - stale: a unit of the right file at the wrong offset, or a generation never
   written there (a block mapped twice, or reused without being overwritten).
 - garbage: bytes that are no workload unit (and not zeros).
+- unreadable: debugfs could not open the image at all.
 - namespace: a name or directory that name never held; size: a size that is
   not a whole number of units or beyond the largest the file ever had;
   xattr: a value never set under that name.
@@ -32,7 +33,7 @@ from pathlib import Path
 from crash_content import UNIT, UnitId, expected_bytes, parse_unit, parse_xattr_value
 from crash_model import ROOT, Entry, FileState, Model
 
-STRICT_KINDS = frozenset({"lost", "foreign", "stale", "garbage"})
+STRICT_KINDS = frozenset({"lost", "foreign", "stale", "garbage", "unreadable"})
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.+/-]+$")
 _EA_LIST_LINE = re.compile(r"^\s+(\S+) \((\d+)\)")
 
@@ -59,8 +60,12 @@ class ImageTree:
 def _debugfs(image: Path, commands: list[str], scratch: Path) -> subprocess.CompletedProcess:
     script = scratch / "debugfs.cmds"
     script.write_text("\n".join(commands) + "\n")
-    return subprocess.run(["debugfs", "-f", str(script), str(image)], capture_output=True,
-                          text=True, errors="replace", check=False)
+    # -c (catastrophic mode) skips reading the allocation bitmaps: after a crash
+    # without a journal a bitmap may not match its checksum in the group
+    # descriptor yet (e2fsck fixes that), and debugfs would then refuse to open
+    # the image at all, which read as every file missing.
+    return subprocess.run(["debugfs", "-c", "-f", str(script), str(image)],
+                          capture_output=True, text=True, errors="replace", check=False)
 
 
 def read_image(image: Path, scratch: Path) -> ImageTree:
@@ -71,6 +76,8 @@ def read_image(image: Path, scratch: Path) -> ImageTree:
     tree = ImageTree()
     result = _debugfs(image, [f"rdump / {dump}"], scratch)
     tree.debugfs_errors = _errors(result.stderr)
+    if "Filesystem not open" in result.stderr:
+        raise RuntimeError(f"debugfs cannot open {image}: {tree.debugfs_errors[:400]}")
     for directory, subdirs, names in os.walk(dump):
         for name in subdirs + names:
             full = Path(directory, name)
@@ -224,7 +231,9 @@ def _check_survivors(model: Model, tree: ImageTree) -> list[Finding]:
     for record in sorted(model.survive.values(), key=lambda r: r.path):
         data = tree.files.get(record.path)
         if data is None:
-            findings.append(Finding("lost", record.path, f"fsynced file {record.fid} is missing"))
+            said = f" (debugfs said: {tree.debugfs_errors[:400]})" if tree.debugfs_errors else ""
+            findings.append(Finding("lost", record.path,
+                                    f"fsynced file {record.fid} is missing{said}"))
             continue
         expected = expected_bytes(record.fid, list(record.gens))
         if data != expected:
