@@ -231,6 +231,61 @@ def test_orphan_in_a_group_whose_bitmap_fails_its_checksum(tmp_path: Path) -> No
     assert kept == pattern(4, 6000)
 
 
+def _flip_last_bitmap_bits(image: Path, block_size: int) -> None:
+    """Mark the last (free) block and inode of group 0 in use in their bitmaps,
+    without updating the descriptor's checksums: what a crash between leaves."""
+    listing = subprocess.run(["dumpe2fs", str(image)], capture_output=True, text=True,
+                             check=True).stdout
+    inodes_per_group = int(re.search(r"Inodes per group:\s+(\d+)", listing)[1])
+    for label, last_byte in (("Block", block_size - 1), ("Inode", inodes_per_group // 8 - 1)):
+        block = int(re.search(rf"{label} bitmap at (\d+)", listing)[1])
+        with image.open("r+b") as f:
+            f.seek(block * block_size + last_byte)
+            value = f.read(1)[0]
+            assert not value & 0x80, f"the last {label.lower()} of group 0 is in use"
+            f.seek(block * block_size + last_byte)
+            f.write(bytes([value | 0x80]))
+
+
+def _problems(image: Path) -> list[str]:
+    out = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
+                         check=False).stdout
+    # A count e2fsck finds wrong is kept as how far off it is (totals move with use).
+    return [re.sub(r"\((\d+), counted=(\d+)\)", lambda m: f"(off by {int(m[2]) - int(m[1])})",
+                   line)
+            for line in out.splitlines()
+            if line.strip() and not line.startswith(("Pass ", "e2fsck ", str(image)))]
+
+
+def test_allocation_skips_a_group_whose_bitmaps_fail_their_checksums(tmp_path: Path) -> None:
+    """As the kernel marks such a group corrupt and allocates elsewhere: new files
+    get their inode and blocks from the other groups, and the image has exactly
+    the problems it had before (e2fsck's to repair), no new ones."""
+    image = make_image(tmp_path / "g.img", [*VARIANTS["ext4-1k-csum"], "-O", "^has_journal"])
+    _flip_last_bitmap_bits(image, 1024)
+    before = _problems(image)
+    assert any("block bitmap does not match checksum" in line for line in before), before
+    assert any("inode bitmap does not match checksum" in line for line in before), before
+
+    ours = Ours(image)
+    ipg = ours.fs.sb.inodes_per_group
+    ours.mkdir("d")
+    for path in ("new", "d/inner"):
+        ours.create(path)
+        ours.write(path, 0, pattern(len(path), 50_000))
+    assert min(ours.resolve(p) for p in ("d", "new", "d/inner")) > ipg
+    ours.close()
+
+    assert _problems(image) == before
+    for path in ("new", "d/inner"):
+        data = subprocess.run(["debugfs", "-c", "-R", f"cat /{path}", str(image)],
+                              capture_output=True, check=True).stdout
+        assert data == pattern(len(path), 50_000)
+        blocks = subprocess.run(["debugfs", "-c", "-R", f"blocks /{path}", str(image)],
+                                capture_output=True, text=True, check=True).stdout.split()
+        assert blocks and min(int(b) for b in blocks) > 8192  # none in group 0
+
+
 # ---- ENOSPC ---------------------------------------------------------------------------
 
 

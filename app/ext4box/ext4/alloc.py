@@ -9,7 +9,7 @@ on the device.
 Bitmaps are checked when first read: the checksum (metadata_csum) and, for
 block bitmaps, that every block of the group's own metadata is marked used.
 A bitmap that fails either is Corrupt, so a hostile image cannot make us
-allocate over an inode table.
+allocate over an inode table; allocation skips such a group (bad_groups).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 from ext4box.ext4 import bitmap as B
 from ext4box.ext4 import features as F
+from ext4box.ext4.bad_groups import BadGroups
 from ext4box.ext4.errors import Corrupt, NoSpace, Unsupported, group_where, inode_where
 from ext4box.ext4.group_desc import (
     BG_BLOCK_UNINIT,
@@ -110,6 +111,7 @@ class BlockAllocator:
         self._flex_size = min(max(self._flex_size, 1), sb.group_count)
         self._metadata: dict[int, list[tuple[int, int]]] | None = None
         self._verified: set[int] = set()
+        self._bad = BadGroups("block")
         self._pending: dict[int, bytearray] = {}  # group -> bits with a free pending
         self._pending_count = 0
         self.free_blocks = sum(writer.group_desc(g).free_blocks_count for g in self._groups())
@@ -245,8 +247,8 @@ class BlockAllocator:
             goal_offset = goal - group_first_block(sb, goal_group)
 
             # Grow in place when the goal block itself is free.
-            if self.writer.group_desc(goal_group).free_blocks_count >= min_count:
-                bitmap = self.bitmap(goal_group)
+            if self.writer.group_desc(goal_group).free_blocks_count >= min_count and (
+                    bitmap := self._bad.usable(goal_group, self.bitmap)) is not None:
                 run = B.find_zero_run(bitmap, blocks_in_group(sb, goal_group), goal_offset, count)
                 if run is not None and run[0] == goal_offset and run[1] >= min_count:
                     return self._take(goal_group, bitmap, *run)
@@ -255,7 +257,9 @@ class BlockAllocator:
                 for group in self._group_order(goal_group):
                     if self.writer.group_desc(group).free_blocks_count < want:
                         continue
-                    bitmap = self.bitmap(group)
+                    bitmap = self._bad.usable(group, self.bitmap)
+                    if bitmap is None:
+                        continue
                     offset = goal_offset if group == goal_group else 0
                     run = B.find_zero_run(bitmap, blocks_in_group(sb, group), offset, count)
                     if run is not None and run[1] >= want:
@@ -384,6 +388,7 @@ class InodeAllocator:
         self._lock = writer.lock
         self._csum = has_group_desc_csum(self.sb)
         self._verified: set[int] = set()
+        self._bad = BadGroups("inode")
         self._pending: set[int] = set()
         self._dir_rotor = 0
         self.free_inodes = sum(
@@ -549,7 +554,9 @@ class InodeAllocator:
     def _alloc_in_group(self, group: int, is_dir: bool) -> int | None:
         sb = self.sb
         ipg = sb.inodes_per_group
-        bitmap = self.bitmap(group)
+        bitmap = self._bad.usable(group, self.bitmap)
+        if bitmap is None:
+            return None
         search = bytearray(bitmap)
         B.set_range(search, 0, self._reserved_bits(group), ipg)
         index = B.find_first_zero(search, ipg, 0)
