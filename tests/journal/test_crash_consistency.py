@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from crash_content import UNIT, UnitId, parse_unit, units_bytes
+from crash_model import Model
 from crash_support import (
     REPLAYERS,
     VARIANTS,
@@ -264,18 +265,24 @@ def test_freed_metadata_reused_as_data_survives_replay(
 # ---- the checker itself ------------------------------------------------------------
 
 
+def _crashed_and_replayed(bases: dict[str, Path], work: Path, *, seed: int,
+                          ops: int) -> tuple[Path, Model, Path]:
+    """A 4k-nojournal crash after `ops` ops, replayed by e2fsck: (work, model, image)."""
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / "crashed.img"
+    shutil.copyfile(bases["4k-nojournal"], image)
+    plan = Plan("4k-nojournal", seed, "ops", ops, ())
+    model = crash(plan, image, work, IterationResult(plan))
+    copy, error = replayed_copy("e2fsck", image, work)
+    assert error is None
+    return work, model, copy
+
+
 def test_checker_reports_injected_damage(bases: dict[str, Path], scratch: Path) -> None:
     """Damage injected into what debugfs read back from a crashed image is reported
     as the kind it is: another file's unit (foreign), a unit from another offset
     (stale), zeros over fsynced data and a changed must-survive file (lost)."""
-    work = scratch / "checker"
-    work.mkdir(parents=True, exist_ok=True)
-    image = work / "crashed.img"
-    shutil.copyfile(bases["4k-nojournal"], image)
-    plan = Plan("4k-nojournal", 99, "ops", 400, ())
-    model = crash(plan, image, work, IterationResult(plan))
-    copy, error = replayed_copy("e2fsck", image, work)
-    assert error is None
+    work, model, copy = _crashed_and_replayed(bases, scratch / "checker", seed=99, ops=400)
     tree = read_image(copy, work)
     baseline = {str(f) for f in check(model, tree)}
     survivor = max(model.survive.values(), key=lambda r: sum(1 for g in r.gens if g),
@@ -310,14 +317,7 @@ def test_checker_reads_an_image_whose_bitmap_fails_its_checksum(
     descriptor (which holds the bitmap's checksum) not yet: debugfs then refuses a
     normal open, which once read as every file lost. The checker must read such an
     image all the same, and find exactly what it found before the damage."""
-    work = scratch / "bitmap-csum"
-    work.mkdir(parents=True, exist_ok=True)
-    image = work / "crashed.img"
-    shutil.copyfile(bases["4k-nojournal"], image)
-    plan = Plan("4k-nojournal", 7, "ops", 120, ())
-    model = crash(plan, image, work, IterationResult(plan))
-    copy, error = replayed_copy("e2fsck", image, work)
-    assert error is None
+    work, model, copy = _crashed_and_replayed(bases, scratch / "bitmap-csum", seed=7, ops=120)
     before = read_image(copy, work)
     assert before.files, "the workload left no file to read"
     groups = subprocess.run(["dumpe2fs", str(copy)], capture_output=True, text=True,
