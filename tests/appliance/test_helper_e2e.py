@@ -36,6 +36,7 @@ from appliance.helper_support import (
     run_as,
     runtime_dir,
 )
+from ext4box.bdi import READ_AHEAD_KB, mount_device
 from support.kernel import kernel_mount
 from support.server_image import server_image as build_server_image
 
@@ -242,6 +243,11 @@ def test_root_mounts_reads_lists_unmounts(server_image, scene):
                          image_ref=server_image)  # fmt: skip
     _check_mounted(proc, "root")
     try:
+        # The helper raised the mount's read-ahead once the server's INIT was done.
+        device = mount_device(os.path.realpath(mnt))
+        assert device is not None
+        assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == str(
+            READ_AHEAD_KB)
         assert manifest_as(None, mnt) == manifest_as(None, scene / "source")
         # A second mount of the same mountpoint is refused in one line.
         again = _ext4box_root("mount", str(image), str(mnt), "--policy", str(policy),

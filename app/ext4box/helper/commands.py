@@ -23,10 +23,12 @@ import os
 import secrets
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ext4box import bdi
 from ext4box.helper import container, external, fusemount, handoff, state
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
@@ -95,12 +97,36 @@ def mount(
             raise HelperError(decision.reason)
         check_features(image, decision.refused_features, decision.rule)
         if endpoint is not None:
-            return _mount_external(endpoint, image, mountpoint, decision, timeout)
-        podman = container.find_podman()
-        container.check_image(podman)
-        return _mount_and_serve(podman, image, mountpoint, decision, timeout)
+            result = _mount_external(endpoint, image, mountpoint, decision, timeout)
+        else:
+            podman = container.find_podman()
+            container.check_image(podman)
+            result = _mount_and_serve(podman, image, mountpoint, decision, timeout)
     finally:
         image.close()
+    _raise_read_ahead(mountpoint, timeout)
+    return result
+
+
+def _raise_read_ahead(mountpoint: str, timeout: float) -> None:
+    """Raise the new mount's read-ahead (see ext4box.bdi), as `ext4box serve` does
+    for its own mounts; only root may. The server's FUSE_INIT reply would undo an
+    earlier setting, and a statfs of the mount returns only once the kernel has
+    processed it (in a thread: a server that stops answering must not hang us)."""
+    if os.geteuid() != 0:
+        return
+    answered = threading.Event()
+
+    def statfs() -> None:
+        with contextlib.suppress(OSError):
+            os.statvfs(mountpoint)
+            answered.set()
+
+    threading.Thread(target=statfs, daemon=True).start()
+    if not answered.wait(timeout):
+        log.info("read_ahead_not_set", mountpoint=mountpoint, why="statfs not answered")
+        return
+    bdi.set_read_ahead(mountpoint)
 
 
 def _mount_spec(image: OpenedImage, mountpoint: str, decision: Decision) -> fusemount.MountSpec:
