@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,9 +143,17 @@ def test_failed_journal_write_aborts_and_keeps_what_committed(tmp_path: Path) ->
             assert after.value.errno == errno.EROFS
             assert (root / "keep").read_bytes() == keep
             filler.unlink()
+        # As jbd2, the abort is recorded in the journal superblock (-errno)...
+        header = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True,
+                                text=True, check=True).stdout
+        assert re.search(rf"Journal errno:\s+-{failed}\b", header), header
         replay = subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(image)],
                                 capture_output=True, text=True, check=False)
         assert replay.returncode in (0, 1), replay.stdout + replay.stderr
+        # ...which recovery turns into the filesystem's error state (full check due).
+        state = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True,
+                               text=True, check=True).stdout
+        assert re.search(r"Filesystem state:\s+clean with errors", state), state
         assert_fsck_clean(image)
         with kernel_view(image, tmp_path / "kmnt") as kroot:
             assert (kroot / "keep").read_bytes() == keep

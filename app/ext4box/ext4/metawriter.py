@@ -37,6 +37,7 @@ superblock fields; readers of group geometry in a read-write mount must ask
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import threading
 from collections.abc import Callable
@@ -410,6 +411,10 @@ class MetadataWriter:
             # old contents after a crash. Stop changing anything, as jbd2 aborts.
             self._aborted = f"writing transaction failed: {err.strerror}"
             log.error("journal_aborted", why=self._aborted)
+            try:
+                journal.record_abort(err.errno or errno.EIO)
+            except OSError as also:
+                log.error("journal_abort_not_recorded", why=also.strerror)
             raise
         # The checkpoint: in place, unflushed (the log holds the transaction until
         # the journal reclaims its space, which flushes first).

@@ -190,6 +190,15 @@ class JournalSuperblock:
             _CHECKSUM.pack_into(raw, _CHECKSUM_OFFSET, superblock_checksum(raw))
         return bytes(raw)
 
+    def encode_errno(self, errno: int) -> bytes:
+        """These superblock bytes with s_errno set (jbd2 stores a negative errno when
+        it aborts; the next mount or e2fsck marks the filesystem as having errors)."""
+        raw = bytearray(self.raw)
+        struct.pack_into(">i", raw, _ERRNO_OFFSET, errno)
+        if self.csum_v2or3:
+            _CHECKSUM.pack_into(raw, _CHECKSUM_OFFSET, superblock_checksum(raw))
+        return bytes(raw)
+
     def encode_log_state(self, *, sequence: int, start: int, compat: int | None = None,
                          incompat: int | None = None) -> bytes:
         """These superblock bytes with the log's first transaction and block (0 = log

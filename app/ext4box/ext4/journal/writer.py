@@ -210,6 +210,16 @@ class JournalWriter:
         log.info("journal_closed", transactions=self.transactions,
                  next_sequence=self._sequence)
 
+    def record_abort(self, errno: int) -> None:
+        """Record in the journal superblock that the journal was aborted (as jbd2
+        does, s_errno = -errno), so whoever mounts or checks the image next knows
+        the filesystem needs a full check. Best effort: the device may be failing."""
+        raw = self._jsb.encode_errno(-abs(errno))
+        self._jsb = JournalSuperblock.parse(raw, fs_block_size=self.block_size,
+                                            journal_blocks=self._jsb.maxlen)
+        self._write_superblock(self._jsb)
+        self.dev.flush()
+
     # ---- the journal superblock ---------------------------------------------------
 
     def _write_superblock_state(self, sequence: int, start: int) -> None:
