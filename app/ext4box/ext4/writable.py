@@ -48,7 +48,7 @@ import structlog
 from ext4box.blockdev import BlockDevice
 from ext4box.ext4 import attr_ops, file_data, mount_state, namespace_ops, orphans
 from ext4box.ext4 import features as F
-from ext4box.ext4.alloc import BlockAllocator, InodeAllocator
+from ext4box.ext4.alloc import BlockAllocator
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.blockmap_writer import BlockMapWriter
 from ext4box.ext4.errors import Corrupt, Ext4Error, NoSpace, inode_where
@@ -58,6 +58,7 @@ from ext4box.ext4.file_data import WriteRun
 from ext4box.ext4.filesystem import CacheSizes, Filesystem, StatFs
 from ext4box.ext4.group_desc import GroupDesc, group_first_block
 from ext4box.ext4.inode import Inode
+from ext4box.ext4.inode_alloc import InodeAllocator
 from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
 from ext4box.ext4.superblock import Superblock
