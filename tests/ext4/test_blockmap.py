@@ -12,53 +12,32 @@ from __future__ import annotations
 import os
 import random
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers_debugfs import (
-    FsInfo,
-    RawInode,
     SparseDigest,
     block_listing,
     bounds_checker,
-    fs_info,
-    loop_mount,
-    make_image,
     memory_block_reader,
-    raw_inode,
     sparse_file_digest,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mapped_images import (
+    DEBUGFS_CACHE,
+    BuiltImage,
+    cached_inode,
+    kernel_built,
+    mkfs_d_built,
+    write_blocks,
+)
 
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.blockrun import BlockRun, append_merged
 from ext4box.ext4.errors import Corrupt
-from support.fileops import syncfs
 
 EXTENTS_FL = 0x80000
-
-
-@dataclass
-class BuiltImage:
-    path: Path
-    data: bytes
-    info: FsInfo
-    hashes: dict[str, str]
-    sizes: dict[str, int]
-
-
-def _write_blocks(path: Path, bs: int, blocks: list[int], *, size: int | None = None) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-    try:
-        for lblk in blocks:
-            os.pwrite(fd, bytes([lblk % 251 + 1]) * bs, lblk * bs)
-        if size is not None:
-            os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
 
 
 def _tree_starts(bs: int) -> tuple[int, int, int]:
@@ -72,9 +51,9 @@ def _populate(mnt: Path, bs: int) -> None:
     # Something in every tree, holes at every level, size past the last block.
     levels = [0, 5, 6, 7, 11, ind, ind + 1, ind + 2, ind + per - 1,
               dind + 3, dind + per + 7, dind + 5 * per, tind + 2, tind + per * per + per + 1]
-    _write_blocks(mnt / "levels", bs, levels, size=(levels[-1] + 4) * bs + 1)
+    write_blocks(mnt / "levels", bs, levels, size=(levels[-1] + 4) * bs + 1)
     # Contiguous across the direct/IND and IND/DIND boundaries.
-    _write_blocks(mnt / "contiguous", bs, list(range(dind + 40)))
+    write_blocks(mnt / "contiguous", bs, list(range(dind + 40)))
     # Two files written block by block, synced in turn, so they interleave on disk.
     fds = [os.open(mnt / name, os.O_CREAT | os.O_WRONLY | os.O_SYNC, 0o644)
            for name in ("left", "right")]
@@ -101,47 +80,21 @@ _IMAGES = {
 def kernel_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                  ) -> BuiltImage:
     bs, size_mb, mkfs_args = _IMAGES[request.param]
-    path = make_image(tmp_path_factory.mktemp(request.param) / "bm.img", size_mb, *mkfs_args)
-    with loop_mount(path) as mnt:
-        _populate(mnt, bs)
-        syncfs(mnt)
-        hashes = {name: sparse_file_digest(mnt / name, bs) for name in FILES}
-        sizes = {name: (mnt / name).stat().st_size for name in FILES}
-    return BuiltImage(path, path.read_bytes(), fs_info(path), hashes, sizes)
+    return kernel_built(tmp_path_factory.mktemp(request.param) / "bm.img", size_mb, mkfs_args,
+                        bs, _populate, FILES, lambda p: sparse_file_digest(p, bs))
 
 
 @pytest.fixture(scope="module")
 def mkfs_d_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    root = tmp_path_factory.mktemp("tree")
-    rng = random.Random(11)
-    (root / "plain").write_bytes(rng.randbytes(400_000))
-    with (root / "sparse").open("wb") as f:
-        f.seek(100_000)
-        f.write(rng.randbytes(30_000))
-        f.seek(2_000_000)
-        f.write(b"tail")
-        f.truncate(2_500_000)
-    names = ("plain", "sparse")
-    hashes = {name: sparse_file_digest(root / name, 1024) for name in names}
-    sizes = {name: (root / name).stat().st_size for name in names}
-    path = make_image(tmp_path_factory.mktemp("mkfs-d") / "d.img", 8, "-t", "ext3", "-b", "1024",
-                      root_dir=root)
-    return BuiltImage(path, path.read_bytes(), fs_info(path), hashes, sizes)
-
-
-_DEBUGFS_CACHE: dict[tuple[Path, str], Any] = {}
-
-
-def _inode(image: BuiltImage, name: str) -> RawInode:
-    key = (image.path, name)
-    if key not in _DEBUGFS_CACHE:
-        _DEBUGFS_CACHE[key] = raw_inode(image.path, "/" + name, image.info)
-    return _DEBUGFS_CACHE[key]
+    return mkfs_d_built(tmp_path_factory, seed=11, plain=400_000,
+                        sparse=(100_000, 30_000, 2_000_000, 2_500_000),
+                        mkfs_args=("-t", "ext3", "-b", "1024"),
+                        digest=lambda p: sparse_file_digest(p, 1024))
 
 
 def _mapper(image: BuiltImage, name: str, *, data: bytes | bytearray | None = None,
             i_block: bytes | None = None) -> BlockMapMapper:
-    inode = _inode(image, name)
+    inode = cached_inode(image, name)
     assert not inode.flags & EXTENTS_FL
     bs = image.info.block_size
     return BlockMapMapper(
@@ -267,7 +220,7 @@ def _ptr(data: bytes | bytearray, block: int, slot: int, bs: int) -> int:
 
 @pytest.mark.kernel
 def test_direct_pointer_past_device(kernel_image: BuiltImage) -> None:
-    i_block = bytearray(_inode(kernel_image, "levels").i_block)
+    i_block = bytearray(cached_inode(kernel_image, "levels").i_block)
     struct.pack_into("<I", i_block, 5 * 4, kernel_image.info.blocks_count)
     mapper = _mapper(kernel_image, "levels", i_block=bytes(i_block))
     with pytest.raises(Corrupt, match="outside the device"):
@@ -278,7 +231,7 @@ def test_direct_pointer_past_device(kernel_image: BuiltImage) -> None:
 @pytest.mark.kernel
 @pytest.mark.parametrize("slot", [12, 13, 14])
 def test_indirect_pointer_past_device(kernel_image: BuiltImage, slot: int) -> None:
-    i_block = bytearray(_inode(kernel_image, "levels").i_block)
+    i_block = bytearray(cached_inode(kernel_image, "levels").i_block)
     struct.pack_into("<I", i_block, slot * 4, kernel_image.info.blocks_count + 5)
     mapper = _mapper(kernel_image, "levels", i_block=bytes(i_block))
     with pytest.raises(Corrupt):
@@ -290,7 +243,7 @@ def test_indirect_pointer_past_device(kernel_image: BuiltImage, slot: int) -> No
 @pytest.mark.kernel
 def test_data_pointer_in_indirect_block_past_device(kernel_image: BuiltImage) -> None:
     bs = kernel_image.info.block_size
-    ind_block = _inode(kernel_image, "levels").i_block[48:52]
+    ind_block = cached_inode(kernel_image, "levels").i_block[48:52]
     ind = int.from_bytes(ind_block, "little")
     data = bytearray(kernel_image.data)
     struct.pack_into("<I", data, ind * bs + 4, 0xFFFFFFFF)
@@ -301,7 +254,7 @@ def test_data_pointer_in_indirect_block_past_device(kernel_image: BuiltImage) ->
 @pytest.mark.kernel
 def test_double_indirect_pointing_to_itself(kernel_image: BuiltImage) -> None:
     bs = kernel_image.info.block_size
-    dind = int.from_bytes(_inode(kernel_image, "levels").i_block[52:56], "little")
+    dind = int.from_bytes(cached_inode(kernel_image, "levels").i_block[52:56], "little")
     data = bytearray(kernel_image.data)
     struct.pack_into("<I", data, dind * bs, dind)
     mapper = _mapper(kernel_image, "levels", data=data)
@@ -316,7 +269,7 @@ def test_triple_indirect_fan_in_is_refused_quickly(kernel_image: BuiltImage) -> 
     """Every TIND/DIND slot naming one full IND block would mean per^3 pointers to walk."""
     bs = kernel_image.info.block_size
     per = bs // 4
-    i_block = bytearray(_inode(kernel_image, "levels").i_block)
+    i_block = bytearray(cached_inode(kernel_image, "levels").i_block)
     tind = int.from_bytes(i_block[56:60], "little")
     dind = _ptr(kernel_image.data, tind, 0, bs)
     ind = _ptr(kernel_image.data, dind, 0, bs)
@@ -338,10 +291,10 @@ def test_triple_indirect_fan_in_is_refused_quickly(kernel_image: BuiltImage) -> 
 def test_random_corruption_only_corrupt(mkfs_d_image: BuiltImage, data: st.DataObject) -> None:
     """Random damage to i_block and the indirect blocks: a clean answer or Corrupt."""
     bs = mkfs_d_image.info.block_size
-    tree = _DEBUGFS_CACHE.setdefault(
+    tree = DEBUGFS_CACHE.setdefault(
         (mkfs_d_image.path, "tree"), block_listing(mkfs_d_image.path, "/plain").tree_blocks)
     image = bytearray(mkfs_d_image.data)
-    i_block = bytearray(_inode(mkfs_d_image, "plain").i_block)
+    i_block = bytearray(cached_inode(mkfs_d_image, "plain").i_block)
     for _ in range(data.draw(st.integers(1, 6))):
         value = data.draw(st.integers(0, 0xFFFFFFFF))
         if data.draw(st.booleans()):

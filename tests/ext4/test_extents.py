@@ -13,14 +13,10 @@ import itertools
 import os
 import random
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers_debugfs import (
-    FsInfo,
-    RawInode,
     bounds_checker,
     extent_listing,
     fs_info,
@@ -33,6 +29,14 @@ from helpers_debugfs import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mapped_images import (
+    DEBUGFS_CACHE,
+    BuiltImage,
+    cached_inode,
+    kernel_built,
+    mkfs_d_built,
+    write_blocks,
+)
 
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.checksum import crc32c_raw, inode_csum_seed
@@ -48,36 +52,16 @@ from support.fileops import syncfs
 EXTENTS_FL = 0x80000
 
 
-@dataclass
-class BuiltImage:
-    path: Path
-    data: bytes
-    info: FsInfo
-    hashes: dict[str, str]  # file name -> sha256 through the kernel
-    sizes: dict[str, int]
-
-
-def _write_blocks(path: Path, bs: int, blocks: list[int], *, size: int | None = None) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-    try:
-        for lblk in blocks:
-            os.pwrite(fd, bytes([lblk % 251 + 1]) * bs, lblk * bs)
-        if size is not None:
-            os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-
-
 def _populate(mnt: Path, bs: int) -> None:
     """Files whose trees cover the shapes we care about."""
     leaf_cap = block_max_entries(bs)
     # Depth 2: more one-block extents than a depth-1 tree (4 leaves) can hold.
     # Holes at the start, between every extent and at the end (size past last block).
     deep = [3 + 2 * i for i in range(4 * leaf_cap + 40)]
-    _write_blocks(mnt / "deep", bs, deep, size=(deep[-1] + 7) * bs + 100)
+    write_blocks(mnt / "deep", bs, deep, size=(deep[-1] + 7) * bs + 100)
     # Depth 1.
     medium = [2 * i for i in range(leaf_cap + 20)]
-    _write_blocks(mnt / "medium", bs, medium)
+    write_blocks(mnt / "medium", bs, medium)
     # Unwritten extents mixed with written ones.
     fd = os.open(mnt / "prealloc", os.O_CREAT | os.O_WRONLY, 0o644)
     try:
@@ -89,7 +73,7 @@ def _populate(mnt: Path, bs: int) -> None:
         os.close(fd)
     # Contiguous file with holes punched all over it: the kernel splits extents and
     # rewrites index keys.
-    _write_blocks(mnt / "punched", bs, list(range(3 * leaf_cap)))
+    write_blocks(mnt / "punched", bs, list(range(3 * leaf_cap)))
     fd = os.open(mnt / "punched", os.O_RDWR)
     try:
         os.fsync(fd)
@@ -99,7 +83,7 @@ def _populate(mnt: Path, bs: int) -> None:
         os.close(fd)
     # Physically fragmented but logically contiguous: punch every other block and
     # write it again before the punch commits, so the freed blocks cannot be reused.
-    _write_blocks(mnt / "fragmented", bs, list(range(150)))
+    write_blocks(mnt / "fragmented", bs, list(range(150)))
     fd = os.open(mnt / "fragmented", os.O_RDWR)
     try:
         os.fsync(fd)
@@ -121,50 +105,22 @@ FILES = ("deep", "medium", "prealloc", "punched", "fragmented", "empty", "tiny")
 def kernel_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                  ) -> BuiltImage:
     bs = request.param
-    path = make_image(tmp_path_factory.mktemp(f"ext4-{bs}") / "ext4.img",
-                      16 if bs == 1024 else 40, "-b", str(bs), "-O", "^inline_data")
-    with loop_mount(path) as mnt:
-        _populate(mnt, bs)
-        syncfs(mnt)
-        hashes = {name: sha256_file(mnt / name) for name in FILES}
-        sizes = {name: (mnt / name).stat().st_size for name in FILES}
-    return BuiltImage(path, path.read_bytes(), fs_info(path), hashes, sizes)
+    return kernel_built(tmp_path_factory.mktemp(f"ext4-{bs}") / "ext4.img",
+                        16 if bs == 1024 else 40, ("-b", str(bs), "-O", "^inline_data"), bs,
+                        _populate, FILES, sha256_file)
 
 
 @pytest.fixture(scope="module")
 def mkfs_d_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    root = tmp_path_factory.mktemp("tree")
-    rng = random.Random(7)
-    (root / "plain").write_bytes(rng.randbytes(300_000))
-    with (root / "sparse").open("wb") as f:
-        f.seek(200_000)
-        f.write(rng.randbytes(50_000))
-        f.seek(900_000)
-        f.write(b"tail")
-        f.truncate(1_200_000)
-    names = ("plain", "sparse")
-    hashes = {name: sha256_file(root / name) for name in names}
-    sizes = {name: (root / name).stat().st_size for name in names}
-    path = make_image(tmp_path_factory.mktemp("mkfs-d") / "d.img", 8, "-b", "1024",
-                      root_dir=root)
-    return BuiltImage(path, path.read_bytes(), fs_info(path), hashes, sizes)
-
-
-# debugfs answers per (image, question): the images never change after the fixture.
-_DEBUGFS_CACHE: dict[tuple[Path, str], Any] = {}
-
-
-def _inode(image: BuiltImage, name: str) -> RawInode:
-    key = (image.path, name)
-    if key not in _DEBUGFS_CACHE:
-        _DEBUGFS_CACHE[key] = raw_inode(image.path, "/" + name, image.info)
-    return _DEBUGFS_CACHE[key]
+    return mkfs_d_built(tmp_path_factory, seed=7, plain=300_000,
+                        sparse=(200_000, 50_000, 900_000, 1_200_000), mkfs_args=("-b", "1024"),
+                        digest=sha256_file)
 
 
 def _mapper(image: BuiltImage, name: str, *, data: bytes | bytearray | None = None,
             i_block: bytes | None = None, checksums: bool = True,
             read_block=None) -> ExtentMapper:
-    inode = _inode(image, name)
+    inode = cached_inode(image, name)
     assert inode.flags & EXTENTS_FL
     seed = None
     if checksums and image.info.metadata_csum:
@@ -340,7 +296,7 @@ def deep_1k(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     """A 1k-block image with one depth-2 file (metadata_csum on)."""
     path = make_image(tmp_path_factory.mktemp("corrupt") / "c.img", 8, "-b", "1024")
     with loop_mount(path) as mnt:
-        _write_blocks(mnt / "deep", 1024, [1 + 2 * i for i in range(400)])
+        write_blocks(mnt / "deep", 1024, [1 + 2 * i for i in range(400)])
         syncfs(mnt)
         size = (mnt / "deep").stat().st_size
     image = BuiltImage(path, path.read_bytes(), fs_info(path), {}, {"deep": size})
@@ -350,7 +306,7 @@ def deep_1k(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
 
 def _reseal(image: BuiltImage, data: bytearray, block: int) -> None:
     """Recompute a tree block's tail so a structural corruption gets past the checksum."""
-    inode = _inode(image, "deep")
+    inode = cached_inode(image, "deep")
     seed = inode_csum_seed(image.info.csum_seed, inode.ino, inode.generation)
     bs = image.info.block_size
     eh_max = _HEADER.unpack_from(data, block * bs)[2]
@@ -367,10 +323,10 @@ def _full_walk(mapper: ExtentMapper, nblocks: int) -> None:
 def _tree(image: BuiltImage) -> tuple[int, list[int]]:
     """(index block at depth 1, leaf blocks) of the deep file."""
     key = (image.path, "tree")
-    if key not in _DEBUGFS_CACHE:
+    if key not in DEBUGFS_CACHE:
         listing = extent_listing(image.path, "/deep")
-        _DEBUGFS_CACHE[key] = (listing.node_blocks[0], listing.node_blocks[1:])
-    return _DEBUGFS_CACHE[key]
+        DEBUGFS_CACHE[key] = (listing.node_blocks[0], listing.node_blocks[1:])
+    return DEBUGFS_CACHE[key]
 
 
 def test_flipped_byte_in_leaf_fails_checksum(deep_1k: BuiltImage) -> None:
@@ -384,7 +340,7 @@ def test_flipped_byte_in_leaf_fails_checksum(deep_1k: BuiltImage) -> None:
 
 
 def test_root_depth_6(deep_1k: BuiltImage) -> None:
-    i_block = bytearray(_inode(deep_1k, "deep").i_block)
+    i_block = bytearray(cached_inode(deep_1k, "deep").i_block)
     struct.pack_into("<H", i_block, 6, 6)
     with pytest.raises(Corrupt, match="depth"):
         _full_walk(_mapper(deep_1k, "deep", i_block=bytes(i_block)), 1000)
@@ -393,14 +349,14 @@ def test_root_depth_6(deep_1k: BuiltImage) -> None:
 @pytest.mark.parametrize(("entries", "eh_max", "why"), [
     (5, 4, "eh_entries"), (2, 5, "eh_max"), (0, 0, "eh_max"), (0, 4, "without entries")])
 def test_root_counts(deep_1k: BuiltImage, entries: int, eh_max: int, why: str) -> None:
-    i_block = bytearray(_inode(deep_1k, "deep").i_block)
+    i_block = bytearray(cached_inode(deep_1k, "deep").i_block)
     struct.pack_into("<HH", i_block, 2, entries, eh_max)
     with pytest.raises(Corrupt, match=why):
         _full_walk(_mapper(deep_1k, "deep", i_block=bytes(i_block)), 1000)
 
 
 def test_extent_crossing_2_pow_32(mkfs_d_image: BuiltImage) -> None:
-    i_block = bytearray(_inode(mkfs_d_image, "plain").i_block)
+    i_block = bytearray(cached_inode(mkfs_d_image, "plain").i_block)
     assert struct.unpack_from("<H", i_block, 6)[0] == 0  # a leaf root
     struct.pack_into("<IH", i_block, 12, (1 << 32) - 1, 2)
     with pytest.raises(Corrupt, match="outside"):
@@ -499,7 +455,7 @@ def test_random_corruption_only_corrupt(deep_1k: BuiltImage, data: st.DataObject
     """Random byte damage anywhere in the tree: a clean answer or Corrupt, nothing else."""
     index_block, leaves = _tree(deep_1k)
     image = bytearray(deep_1k.data)
-    i_block = bytearray(_inode(deep_1k, "deep").i_block)
+    i_block = bytearray(cached_inode(deep_1k, "deep").i_block)
     checksums = data.draw(st.booleans())
     for _ in range(data.draw(st.integers(1, 6))):
         target = data.draw(st.sampled_from(["root", "index", "leaf"]))
