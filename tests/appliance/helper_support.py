@@ -60,8 +60,46 @@ def user_env(user: pwd.struct_passwd) -> dict[str, str]:
     }
 
 
-def as_user(user: pwd.struct_passwd) -> list[str]:
+def as_user(user: pwd.struct_passwd | None) -> list[str]:
+    """The command prefix that runs as `user` (nothing for None: as root)."""
+    if user is None:
+        return []
     return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
+
+
+def podman_env(user: pwd.struct_passwd | None = None, *,
+               path_first: str | None = None) -> dict[str, str]:
+    """What scripts/podman-env.sh exports, for root or for `user` (rootless
+    storage, its own runtime dir); `path_first` goes before the system PATH."""
+    path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    env = {
+        "PATH": f"{path_first}:{path}" if path_first else path,
+        "CONTAINERS_CONF": str(REPO / "compose/containers.conf"),
+        "HOME": os.environ.get("HOME", "/root"),
+    }
+    if user is not None:
+        env.update(
+            HOME=user.pw_dir,
+            USER=user.pw_name,
+            XDG_RUNTIME_DIR=str(runtime_dir(user)),
+            CONTAINERS_STORAGE_CONF=str(REPO / "compose/storage-rootless.conf"),
+        )
+    return env
+
+
+def podman(*args: str, user: pwd.struct_passwd | None = None, check: bool = True,
+           timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:
+    """Run podman (as root, or as `user`) with podman_env."""
+    return subprocess.run(
+        [*as_user(user), "podman", *args],
+        env=podman_env(user),
+        capture_output=True,
+        text=True,
+        check=check,
+        cwd="/",
+        timeout=timeout,
+        **kw,
+    )
 
 
 def run_as(user: pwd.struct_passwd, *argv: str, timeout: float = 120, **kw):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from appliance.conftest import IMAGE_BYTES
+from appliance.helper_support import as_user, podman, podman_env
 from ext4box.helper import handoff
 from ext4box.service import protocol
 from ext4box.service.protocol import ImageKind, Mode, MountRequest, PeerRefused
@@ -45,45 +46,6 @@ HARDENED = [
 ROOTLESS_USER = os.environ.get("EXT4BOX_ROOTLESS_USER", "ext4box-rootless")
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def podman_env(user: pwd.struct_passwd | None = None) -> dict[str, str]:
-    """What scripts/podman-env.sh exports, for root or for `user`."""
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-        "CONTAINERS_CONF": str(REPO / "compose/containers.conf"),
-    }
-    if user is None:
-        env["HOME"] = os.environ.get("HOME", "/root")
-        return env
-    runtime_dir = Path(f"/tmp/ext4box-run-{user.pw_uid}")
-    runtime_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(runtime_dir, user.pw_uid, user.pw_gid)
-    env.update(
-        HOME=user.pw_dir,
-        USER=user.pw_name,
-        XDG_RUNTIME_DIR=str(runtime_dir),
-        CONTAINERS_STORAGE_CONF=str(REPO / "compose/storage-rootless.conf"),
-    )
-    return env
-
-
-def as_user(user: pwd.struct_passwd | None) -> list[str]:
-    if user is None:
-        return []
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
-
-
-def podman(*args: str, user: pwd.struct_passwd | None = None, check: bool = True, **kw):
-    return subprocess.run(
-        [*as_user(user), "podman", *args],
-        env=podman_env(user),
-        capture_output=True,
-        text=True,
-        check=check,
-        cwd="/",
-        **kw,
-    )
 
 
 @pytest.fixture(scope="module")

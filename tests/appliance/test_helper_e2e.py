@@ -26,15 +26,13 @@ from pathlib import Path
 import pytest
 
 from appliance.helper_support import (
-    REPO,
     USER_PYTHON,
-    as_user,
     ext4box_as,
     fuse_access,
+    podman,
     public_dir,
     rootless_user,
     run_as,
-    runtime_dir,
 )
 from ext4box.bdi import READ_AHEAD_KB, mount_device
 from support.kernel import kernel_mount
@@ -82,35 +80,6 @@ def manifest_as(user, root: Path) -> dict[str, list[object]]:
         proc = run_as(user, USER_PYTHON, "-c", MANIFEST_SCRIPT, str(root))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-def podman_env(user=None) -> dict[str, str]:
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-        "CONTAINERS_CONF": str(REPO / "compose/containers.conf"),
-        "HOME": "/root",
-    }
-    if user is not None:
-        env.update(
-            HOME=user.pw_dir,
-            USER=user.pw_name,
-            XDG_RUNTIME_DIR=str(runtime_dir(user)),
-            CONTAINERS_STORAGE_CONF=str(REPO / "compose/storage-rootless.conf"),
-        )
-    return env
-
-
-def podman(*args: str, user=None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    prefix = as_user(user) if user is not None else []
-    return subprocess.run(
-        [*prefix, "podman", *args],
-        env=podman_env(user),
-        capture_output=True,
-        text=True,
-        check=check,
-        cwd="/",
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

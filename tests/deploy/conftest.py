@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.helper_support import podman_env as appliance_podman_env
 from support.server_image import server_image as build_server_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +28,8 @@ HELLO = "hello from a deployment\n"
 
 
 def podman_env() -> dict[str, str]:
-    return {
-        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-        "CONTAINERS_CONF": str(REPO / "compose/containers.conf"),
-        "HOME": "/root",
-    }
+    """podman's environment for root, with this venv's tools (podman-compose) first."""
+    return appliance_podman_env(path_first=str(Path(sys.executable).parent))
 
 
 def run(*argv: str, check: bool = False, timeout: float = 120, **kw):
