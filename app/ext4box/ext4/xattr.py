@@ -72,7 +72,9 @@ _PREFIXES_LONGEST_FIRST = sorted(NAME_PREFIXES.items(), key=lambda item: -len(it
 
 
 class XattrNoSpace(Ext4Error):
-    """The attributes do not fit in the area they are built for."""
+    """The attributes do not fit in the area they are built for (ENOSPC, as the
+    kernel). Not a NoSpace: that one makes a mutation retry after a commit has
+    released pending frees, which never makes room in an inode or xattr block."""
 
     errno = errno.ENOSPC
 
