@@ -33,10 +33,10 @@ from support.facade import (
     make_image,
     need_kernel,
     pattern,
+    tree_diff,
 )
 from support.fileops import truncate_by_fd
 from support.kernel import kernel_mount
-from support.walk import Entry
 
 pytestmark = pytest.mark.kernel
 
@@ -54,25 +54,6 @@ COMPARED = ("kind", "mode", "uid", "gid", "nlink", "size", "rdev", "link_target"
 ACL_VALUE = (b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"
              + b"\x02\x00\x04\x00\xe8\x03\x00\x00" + b"\x04\x00\x04\x00\xff\xff\xff\xff"
              + b"\x10\x00\x04\x00\xff\xff\xff\xff" + b"\x20\x00\x00\x00\xff\xff\xff\xff")
-
-
-def differences(ours: dict[str, Entry | str], theirs: dict[str, Entry | str]) -> list[str]:
-    out = []
-    for path in sorted(ours.keys() | theirs.keys()):
-        a, b = ours.get(path), theirs.get(path)
-        if not isinstance(a, Entry) or not isinstance(b, Entry):
-            if a != b:
-                out.append(f"{path}: ours={a!r:.120} kernel={b!r:.120}")
-            continue
-        for name in COMPARED:
-            if name == "size" and a.kind == "dir":
-                continue  # directory sizes depend on block layout history
-            if name == "children" and path == ".":
-                continue
-            if getattr(a, name) != getattr(b, name):
-                out.append(f"{path}: {name}: ours={getattr(a, name)!r:.100} "
-                           f"kernel={getattr(b, name)!r:.100}")
-    return out
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -166,7 +147,8 @@ def run_both(tmp: Path, mkfs_args: list[str], scenario: Scenario,
     finally:
         os.umask(old_umask)
     assert_clean(ours_img)
-    diff = differences(kernel_walk(ours_img, tmp), kernel_walk(kernel_img, tmp))
+    diff = tree_diff(kernel_walk(ours_img, tmp), kernel_walk(kernel_img, tmp),
+                     compared=COMPARED)
     assert not diff, "\n".join(diff[:50])
     return ours_img, kernel_img
 

@@ -18,10 +18,17 @@ import pytest
 from journal_support import logdump, needs_recovery
 
 from ext4box.ext4.inode import ROOT_INO
-from support.facade import Ours, assert_clean, kernel_walk, make_image, need_kernel, pattern
+from support.facade import (
+    Ours,
+    assert_clean,
+    kernel_walk,
+    make_image,
+    need_kernel,
+    pattern,
+    tree_diff,
+)
 from support.images import dumpe2fs_header
 from support.kernel import kernel_mount
-from support.walk import Entry
 
 pytestmark = pytest.mark.kernel
 
@@ -57,22 +64,6 @@ def recovered_three_ways(image: Path, tmp: Path) -> dict[str, Path]:
         assert not needs_recovery(copy)
         assert_clean(copy)
     return copies
-
-
-def tree_differences(a: dict[str, Entry | str], b: dict[str, Entry | str]) -> list[str]:
-    out = []
-    for path in sorted(a.keys() | b.keys()):
-        x, y = a.get(path), b.get(path)
-        if not isinstance(x, Entry) or not isinstance(y, Entry):
-            if x != y:
-                out.append(f"{path}: {x!r:.100} != {y!r:.100}")
-            continue
-        for name in COMPARED:
-            if name == "size" and x.kind == "dir":
-                continue
-            if getattr(x, name) != getattr(y, name):
-                out.append(f"{path}: {name}: {getattr(x, name)!r:.80} != {getattr(y, name)!r:.80}")
-    return out
 
 
 def first_commit(ours: Ours) -> None:
@@ -133,7 +124,8 @@ def test_committed_transactions_replay_everywhere(tmp_path: Path, variant: str) 
     assert "lost" not in expected
 
     for how, copy in recovered_three_ways(crashed, tmp_path).items():
-        diff = tree_differences(kernel_walk(copy, tmp_path / how), expected)
+        diff = tree_diff(kernel_walk(copy, tmp_path / how), expected, compared=COMPARED,
+                         labels=(how, "clean twin"))
         assert not diff, (how, diff[:10])
 
 
@@ -214,7 +206,8 @@ def test_log_wraps_around_and_space_is_reused(tmp_path: Path) -> None:
     assert int(dumpe2fs_header(twin)["Journal sequence"], 16) > 60
     expected = kernel_walk(twin, tmp_path / "twin")
     for how, copy in recovered_three_ways(crashed, tmp_path).items():
-        diff = tree_differences(kernel_walk(copy, tmp_path / how), expected)
+        diff = tree_diff(kernel_walk(copy, tmp_path / how), expected, compared=COMPARED,
+                         labels=(how, "clean twin"))
         assert not diff, (how, diff[:10])
 
 

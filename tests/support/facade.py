@@ -54,6 +54,29 @@ def kernel_walk(image: Path, tmp: Path) -> dict[str, Entry | str]:
     return tree
 
 
+def tree_diff(a: dict[str, Entry | str], b: dict[str, Entry | str], *,
+              compared: tuple[str, ...], labels: tuple[str, str] = ("ours", "kernel")
+              ) -> list[str]:
+    """Per path, the `compared` fields that differ between two kernel_walk trees
+    (directory sizes and the root's own child list are layout history; every
+    path is compared on its own anyway)."""
+    out = []
+    first, second = labels
+    for path in sorted(a.keys() | b.keys()):
+        x, y = a.get(path), b.get(path)
+        if not isinstance(x, Entry) or not isinstance(y, Entry):
+            if x != y:
+                out.append(f"{path}: {first}={x!r:.120} {second}={y!r:.120}")
+            continue
+        for name in compared:
+            if (name == "size" and x.kind == "dir") or (name == "children" and path == "."):
+                continue
+            if getattr(x, name) != getattr(y, name):
+                out.append(f"{path}: {name}: {first}={getattr(x, name)!r:.100} "
+                           f"{second}={getattr(y, name)!r:.100}")
+    return out
+
+
 class Ours:
     """Path-level driver of a WritableFilesystem (the image opened read-write)."""
 
