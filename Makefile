@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs fuse2fs fio attr acl strace
 STAMP := $(VENV)/.installed
 
-.PHONY: deps demo test lint bench fuzz clean
+.PHONY: deps demo test lint bench profile fuzz clean
 
 deps: $(STAMP)
 
@@ -33,6 +33,11 @@ lint: deps
 bench: deps
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Where the server's time goes in each workload (py-spy, root): docs/performance-profiles.md.
+profile: deps
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/profile_server.py --doc $(PROFILE_ARGS)
 
 # Coverage-guided fuzzing (tests/fuzz/README.md): FUZZ_SECONDS=N bounds it, FUZZ_RW=1 fuzzes rw sessions.
 fuzz: deps

@@ -85,10 +85,15 @@ def mounted(system: str, image: Path, mountpoint: Path, *, writable: bool = Fals
         yield mountpoint
 
 
+# Set by bench/profile_server.py: wraps every ext4box server command line in a sampler.
+PROFILER: Callable[[list[str]], list[str]] | None = None
+
+
 def server_argv(system: str, image: Path, mountpoint: Path, *, writable: bool) -> list[str]:
     """The command line serving `image` with one of the FUSE servers."""
     if system == "ext4box":
-        return ext4box_argv(image, mountpoint, "rw" if writable else "ro")
+        argv = ext4box_argv(image, mountpoint, "rw" if writable else "ro")
+        return argv if PROFILER is None else PROFILER(argv)
     if system == "fuse2fs":
         argv = fuse2fs_argv(image, mountpoint)
         if writable:
