@@ -10,7 +10,6 @@ posix_acl_create + ext4_init_acl do.
 
 from __future__ import annotations
 
-import dataclasses
 import stat
 import struct
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from ext4box.ext4.acl import (
 )
 from ext4box.ext4.errors import Corrupt, NoData, inode_where
 from ext4box.ext4.file_data import truncate
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.xattr_writer import (
     ACL_ACCESS,
     ACL_DEFAULT,
@@ -68,7 +67,7 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
     mode = inode.mode
     if update.mode_bits is not None:
         mode = (mode & ~0o777) | update.mode_bits
-    return dataclasses.replace(
+    return replace_inode(
         inode, raw=bytes(raw), file_acl=outcome.file_acl, mode=mode, ctime_ns=now,
         blocks_512=inode.blocks_512 + outcome.blocks_512_delta)
 
@@ -108,7 +107,7 @@ def _chmod_acl(fs: WritableFilesystem, inode: Inode, mode: int, now: int) -> Ino
         _ACL_ENTRY.pack_into(value, offset, tag, perm, ident)
     update = set_xattr(state, ACL_ACCESS, bytes(value))
     changed = _apply(fs, inode, state, update, now)
-    return dataclasses.replace(changed, mode=inode.mode)  # the caller sets the mode
+    return replace_inode(changed, mode=inode.mode)  # the caller sets the mode
 
 
 def _create_masq(default: bytes, mode: int, where: str) -> tuple[bytes, int, bool]:
@@ -174,7 +173,7 @@ def inherit_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
         except BaseException:
             fs.drop_xattr_block(inode)  # the block the default ACL may have taken
             raise
-    return dataclasses.replace(inode, mode=mode)
+    return replace_inode(inode, mode=mode)
 
 
 def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | None,
@@ -205,7 +204,7 @@ def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | No
     if all(value is None for value in asked):
         return inode
     changes["ctime_ns"] = now if ctime_ns is None else ctime_ns
-    inode = dataclasses.replace(inode, **changes)
+    inode = replace_inode(inode, **changes)
     if inode == before:
         return inode
     return fs.store(inode)

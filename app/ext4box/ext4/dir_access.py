@@ -10,7 +10,6 @@ the same directory at once would overwrite each other's inode.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from ext4box.ext4 import features as F
@@ -27,7 +26,7 @@ from ext4box.ext4.errors import (
 from ext4box.ext4.extents import LBLK_LIMIT, ExtentMapper
 from ext4box.ext4.inline_data import INLINE_IBLOCK_SIZE, SYSTEM_DATA_NAME
 from ext4box.ext4.inline_writer import InlineState, empty_extent_root, max_inline_size
-from ext4box.ext4.inode import FL_EXTENTS, FL_INDEX, FL_INLINE_DATA, Inode
+from ext4box.ext4.inode import FL_EXTENTS, FL_INDEX, FL_INLINE_DATA, Inode, replace_inode
 from ext4box.ext4.xattr import XattrEntry, build_ibody_xattrs, parse_ibody_xattrs
 
 if TYPE_CHECKING:
@@ -127,7 +126,7 @@ class DirHandle:
         previous = self._map(lblk - 1) if lblk else None
         goal = previous + 1 if previous is not None else self.fs.group_goal(self.inode.ino)
         self._new_block(lblk, goal)
-        self.inode = dataclasses.replace(self.inode, size=self.inode.size + self.fs.block_size)
+        self.inode = replace_inode(self.inode, size=self.inode.size + self.fs.block_size)
         return lblk
 
     # ---- InlineDirStore ------------------------------------------------------
@@ -171,7 +170,7 @@ class DirHandle:
         self.inode = _with_ibody(self.inode, entries, i_block=i_block, size=0, flags=flags)
         self._mapper = None
         self._new_block(0, fs.group_goal(self.inode.ino))
-        self.inode = dataclasses.replace(self.inode, size=fs.block_size)
+        self.inode = replace_inode(self.inode, size=fs.block_size)
         fs.writer.write(self._map(0), first_block)  # type: ignore[arg-type]
 
     # ---- the end of an operation -----------------------------------------------
@@ -188,7 +187,7 @@ class DirHandle:
             changes.update(mtime_ns=now_ns, ctime_ns=now_ns)
         if links is not None:
             changes["links_count"] = links
-        self.inode = self.fs.store(dataclasses.replace(inode, **changes))
+        self.inode = self.fs.store(replace_inode(inode, **changes))
         return self.inode
 
 
@@ -196,7 +195,7 @@ def _with_ibody(inode: Inode, entries: list[XattrEntry], **changes: object) -> I
     area = inode.ibody_xattr_area
     raw = bytearray(inode.raw)
     raw[len(raw) - len(area):] = build_ibody_xattrs(entries, len(area))
-    return dataclasses.replace(inode, raw=bytes(raw), **changes)  # type: ignore[arg-type]
+    return replace_inode(inode, raw=bytes(raw), **changes)  # type: ignore[arg-type]
 
 
 def inc_dir_links(links: int, is_dx: bool) -> int:

@@ -11,7 +11,6 @@ new block never shows another file's old bytes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,7 @@ from ext4box.ext4.inline_writer import (
     truncate_inline,
 )
 from ext4box.ext4.inline_writer import write_inline as plan_inline_write
-from ext4box.ext4.inode import FL_EXTENTS, FL_INLINE_DATA, Inode
+from ext4box.ext4.inode import FL_EXTENTS, FL_INLINE_DATA, Inode, replace_inode
 from ext4box.ext4.xattr import parse_ibody_xattrs
 
 if TYPE_CHECKING:
@@ -201,7 +200,7 @@ def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | N
     now = fs.now_ns() if now_ns is None else now_ns
     size = max(inode.size, end_pos)
     _note_large_file(fs, size)
-    return fs.store(dataclasses.replace(inode, size=size, mtime_ns=now, ctime_ns=now))
+    return fs.store(replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now))
 
 
 def _note_large_file(fs: WritableFilesystem, size: int) -> None:
@@ -225,7 +224,7 @@ def _apply_layout(inode: Inode, layout: InlineLayout) -> Inode:
     raw = bytearray(inode.raw)
     area = inode.ibody_xattr_area
     raw[len(raw) - len(area):] = layout.ibody
-    return dataclasses.replace(inode, raw=bytes(raw), i_block=layout.i_block, size=layout.size)
+    return replace_inode(inode, raw=bytes(raw), i_block=layout.i_block, size=layout.size)
 
 
 def write_inline(fs: WritableFilesystem, ino: int, pos: int, data: bytes) -> bool:
@@ -242,14 +241,14 @@ def write_inline(fs: WritableFilesystem, ino: int, pos: int, data: bytes) -> boo
         plan = plan_inline_write(_inline_state(inode), pos, data)
         if isinstance(plan, NeedsConversion):
             return False
-        inode = dataclasses.replace(inode, flags=(inode.flags & ~FL_EXTENTS) | FL_INLINE_DATA)
+        inode = replace_inode(inode, flags=(inode.flags & ~FL_EXTENTS) | FL_INLINE_DATA)
     else:
         plan = plan_inline_write(_inline_state(inode), pos, data)
         if isinstance(plan, NeedsConversion):
             convert_inline(fs, inode)
             return False
     inode = _apply_layout(inode, plan)
-    fs.store(dataclasses.replace(inode, mtime_ns=now, ctime_ns=now))
+    fs.store(replace_inode(inode, mtime_ns=now, ctime_ns=now))
     return True
 
 
@@ -262,7 +261,7 @@ def convert_inline(fs: WritableFilesystem, inode: Inode) -> Inode:
     raw = bytearray(inode.raw)
     area = inode.ibody_xattr_area
     raw[len(raw) - len(area):] = plan.ibody
-    converted = dataclasses.replace(inode, raw=bytes(raw), i_block=plan.i_block, flags=flags)
+    converted = replace_inode(inode, raw=bytes(raw), i_block=plan.i_block, flags=flags)
     if plan.body:
         pblk, _ = fs.blocks.alloc(fs.group_goal(inode.ino), 1)
         tree = fs.tree_writer(converted)
@@ -303,7 +302,7 @@ def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode
     if inode.has_inline_data:
         plan = truncate_inline(_inline_state(inode), size)
         if isinstance(plan, InlineLayout):
-            return dataclasses.replace(_apply_layout(inode, plan), mtime_ns=now, ctime_ns=now)
+            return replace_inode(_apply_layout(inode, plan), mtime_ns=now, ctime_ns=now)
         inode = convert_inline(fs, inode)
     if not inode.uses_extents and -(-size // fs.block_size) > _blockmap_limit(fs):
         raise FileTooBig(f"size {size} beyond what a block map addresses")
@@ -313,4 +312,4 @@ def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode
     elif size > inode.size:
         _zero_tail(fs, inode, inode.size)
     _note_large_file(fs, size)
-    return dataclasses.replace(inode, size=size, mtime_ns=now, ctime_ns=now)
+    return replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now)

@@ -123,8 +123,13 @@ class Filesystem:
         self.meta = MetadataCache(dev, sb.block_size, caches.metadata_blocks)
         self.groups = GroupTable(sb, self.read_meta_block)
         self._inodes: _Lru[int, Inode] = _Lru(caches.inodes)
-        self._mappers: _Lru[int, ExtentMapper | BlockMapMapper] = _Lru(caches.mappers)
-        self._dirs: _Lru[int, DirectoryReader] = _Lru(caches.directories)
+        # Each with the i_block (mappers) or Inode (readers) it was built from: a
+        # cached one serves only an inode that still has it (see _mapper), and a
+        # read-write store keeps the ones its change cannot affect (writable.store).
+        self._mappers: _Lru[int, tuple[bytes, ExtentMapper | BlockMapMapper]] = _Lru(
+            caches.mappers
+        )
+        self._dirs: _Lru[int, tuple[Inode, DirectoryReader]] = _Lru(caches.directories)
         self.dir_blocks = ParsedBlockCache(
             max(1, caches.dir_blocks * 4096 // sb.block_size),
             has_filetype=sb.has_incompat(F.INCOMPAT_FILETYPE),
@@ -251,9 +256,13 @@ class Filesystem:
     # ---- file data -----------------------------------------------------
 
     def _mapper(self, inode: Inode) -> ExtentMapper | BlockMapMapper:
-        mapper = self._mappers.get(inode.ino)
-        if mapper is not None:
-            return mapper
+        cached = self._mappers.get(inode.ino)
+        if (
+            cached is not None
+            and cached[0] == inode.i_block
+            and isinstance(cached[1], ExtentMapper) == inode.uses_extents
+        ):
+            return cached[1]
         if inode.uses_extents:
             mapper = ExtentMapper(
                 ino=inode.ino,
@@ -271,7 +280,7 @@ class Filesystem:
                 block_size=self.block_size,
                 check_run=self.check_run,
             )
-        self._mappers.put(inode.ino, mapper)
+        self._mappers.put(inode.ino, (inode.i_block, mapper))
         return mapper
 
     def map_blocks(self, inode: Inode, lblk: int, count: int) -> list[BlockRun]:
@@ -308,10 +317,10 @@ class Filesystem:
     # ---- directories ---------------------------------------------------
 
     def _directory(self, ino: int) -> DirectoryReader:
-        reader = self._dirs.get(ino)
-        if reader is not None:
-            return reader
         inode = self.inode(ino)
+        cached = self._dirs.get(ino)
+        if cached is not None and cached[0] is inode:
+            return cached[1]
         if not inode.is_dir:
             raise NotADirectory(f"inode {ino} is not a directory")
         if inode.is_encrypted:
@@ -358,7 +367,7 @@ class Filesystem:
             hole_end=None if inline_body is not None else hole_end,
             parsed=self.dir_blocks,
         )
-        self._dirs.put(ino, reader)
+        self._dirs.put(ino, (inode, reader))
         return reader
 
     def lookup(self, dir_ino: int, name: bytes) -> int:
@@ -366,6 +375,12 @@ class Filesystem:
         if entry is None:
             raise NotFound(f"{name!r} not in directory {dir_ino}")
         return entry.inode
+
+    def find(self, dir_ino: int, name: bytes) -> int | None:
+        """`lookup` answering a missing name with None: the kernel asks for a
+        name before every create, and an exception costs more than the search."""
+        entry = self._directory(dir_ino).lookup(name)
+        return None if entry is None else entry.inode
 
     def readdir(self, dir_ino: int, cookie: int = 0) -> Iterator[DirItem]:
         for entry, next_cookie in self._directory(dir_ino).iterate(cookie):
@@ -460,13 +475,19 @@ class Filesystem:
         return [e.name for e in self._xattrs(self.inode(ino)) if _listed(e.name)]
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if not _listed(name):
-            raise NoData(name.decode(errors="replace"))
-        inode = self.inode(ino)
-        value = self._xattr_value(inode, name)
+        value = self.find_xattr(ino, name)
         if value is None:
             raise NoData(name.decode(errors="replace"))
-        if name in ACL_XATTRS:
+        return value
+
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """`getxattr` answering a missing attribute with None: `ls -l` asks every
+        file for security.selinux and its ACL, and most have neither."""
+        if not _listed(name):
+            return None
+        inode = self.inode(ino)
+        value = self._xattr_value(inode, name)
+        if value is not None and name in ACL_XATTRS:
             return acl_disk_to_xattr(value, where=inode_where(ino))
         return value
 

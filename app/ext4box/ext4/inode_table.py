@@ -6,7 +6,13 @@ import secrets
 
 from ext4box.ext4 import features as F
 from ext4box.ext4.errors import Corrupt, inode_where
-from ext4box.ext4.inode import GOOD_OLD_INODE_SIZE, Inode, blank_inode, encode_inode
+from ext4box.ext4.inode import (
+    GOOD_OLD_INODE_SIZE,
+    Inode,
+    blank_inode,
+    encode_inode,
+    inode_as_stored,
+)
 from ext4box.ext4.metawriter import MetadataWriter
 
 DEFAULT_EXTRA_ISIZE = 32
@@ -64,6 +70,11 @@ class InodeTable:
             block_size=self.sb.block_size,
         )
         self._put(inode.ino, raw)
+        # Usually the stored inode is `inode` with the new raw bytes; parsing
+        # them again is only needed where encoding may have changed a value.
+        stored = inode_as_stored(inode, raw, fs_csum_seed=self.sb.csum_seed)
+        if stored is not None:
+            return stored
         return Inode.parse(
             raw,
             inode.ino,

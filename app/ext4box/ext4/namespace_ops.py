@@ -10,7 +10,6 @@ kernel's ext4_inc_count/ext4_dec_count (dir_nlink: an indexed directory past
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
@@ -49,7 +48,7 @@ from ext4box.ext4.inline_writer import (
     fast_symlink_i_block,
     max_inline_size,
 )
-from ext4box.ext4.inode import FL_EXTENTS, FL_INLINE_DATA, ROOT_INO, Inode
+from ext4box.ext4.inode import FL_EXTENTS, FL_INLINE_DATA, ROOT_INO, Inode, replace_inode
 from ext4box.ext4.xattr import XattrEntry, parse_ibody_xattrs
 
 if TYPE_CHECKING:
@@ -117,7 +116,7 @@ def _new_inode(fs: WritableFilesystem, parent: Inode, ino: int, mode: int, uid: 
     if fs.has_extents and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
         flags |= FL_EXTENTS
         i_block = empty_extent_root()
-    return dataclasses.replace(
+    return replace_inode(
         inode, mode=mode, uid=uid, gid=gid, links_count=1, atime_ns=now, mtime_ns=now,
         ctime_ns=now, crtime_ns=now, flags=flags, i_block=i_block,
         projid=parent.projid if parent.flags & _FL_PROJINHERIT else 0)
@@ -172,7 +171,7 @@ def create(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int
     ino = fs.inodes.alloc(parent, is_dir=False)
     inode = _new_inode(fs, handle.inode, ino, mode, uid, gid, now)
     if fmt in (stat.S_IFCHR, stat.S_IFBLK):
-        inode = dataclasses.replace(inode, i_block=_rdev_i_block(rdev))
+        inode = replace_inode(inode, i_block=_rdev_i_block(rdev))
     inode = _with_inherited_acls(fs, handle.inode, inode)
     _add_or_undo(handle, name, ino, file_type(mode), lambda: _discard_new(fs, inode))
     stored = fs.store(inode)
@@ -204,7 +203,7 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=True)
     inode = _new_inode(fs, handle.inode, ino, stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
-    inode = _with_inherited_acls(fs, handle.inode, dataclasses.replace(inode, links_count=2))
+    inode = _with_inherited_acls(fs, handle.inode, replace_inode(inode, links_count=2))
     with_acls = inode
     inline = None
     if sb.has_incompat(F.INCOMPAT_INLINE_DATA):
@@ -231,7 +230,7 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
         except BaseException:
             undo()
             raise
-        inode = dataclasses.replace(fs.with_tree(inode, tree, 1), size=fs.block_size)
+        inode = replace_inode(fs.with_tree(inode, tree, 1), size=fs.block_size)
         fs.writer.write(pblk, new_dir_block(
             ino=ino, parent_ino=parent, block_size=fs.block_size,
             has_filetype=sb.has_incompat(F.INCOMPAT_FILETYPE),
@@ -254,7 +253,7 @@ def symlink(fs: WritableFilesystem, parent: int, name: bytes, target: bytes, uid
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=False)
     inode = _new_inode(fs, handle.inode, ino, stat.S_IFLNK | 0o777, uid, gid, now)
-    inode = dataclasses.replace(inode, size=len(target))
+    inode = replace_inode(inode, size=len(target))
     taken: list[int] = []
 
     def undo() -> None:
@@ -263,7 +262,7 @@ def symlink(fs: WritableFilesystem, parent: int, name: bytes, target: bytes, uid
         fs.inodes.free(ino, False)
 
     if len(target) <= FAST_SYMLINK_MAX:
-        inode = dataclasses.replace(inode, i_block=fast_symlink_i_block(target),
+        inode = replace_inode(inode, i_block=fast_symlink_i_block(target),
                                     flags=inode.flags & ~FL_EXTENTS)
     else:
         try:
@@ -299,7 +298,7 @@ def link(fs: WritableFilesystem, ino: int, new_parent: int, new_name: bytes) -> 
     _add_or_undo(handle, new_name, ino, file_type(inode.mode), lambda: None)
     now = fs.now_ns()
     inode = fs.inode(ino)
-    stored = fs.store(dataclasses.replace(inode, links_count=inode.links_count + 1,
+    stored = fs.store(replace_inode(inode, links_count=inode.links_count + 1,
                                           ctime_ns=now))
     handle.finish(now)
     return stored
@@ -312,7 +311,7 @@ def _drop_link(fs: WritableFilesystem, ino: int, now: int, *, still_open: bool) 
     """One name less for a non-directory: orphan or free it when it was the last."""
     inode = fs.inode(ino)
     links = inode.links_count - 1 if inode.links_count else 0
-    inode = dataclasses.replace(inode, links_count=links, ctime_ns=now)
+    inode = replace_inode(inode, links_count=links, ctime_ns=now)
     if links:
         return fs.store(inode)
     if still_open:
@@ -360,7 +359,7 @@ def rmdir(fs: WritableFilesystem, parent: int, name: bytes) -> None:
     handle.writer.remove(name)
     now = fs.now_ns()
     handle.finish(now, links=dec_dir_links(handle.inode.links_count))
-    fs.evict(dataclasses.replace(fs.inode(entry.inode), links_count=0))
+    fs.evict(replace_inode(fs.inode(entry.inode), links_count=0))
 
 
 # ---- rename ----------------------------------------------------------------------
@@ -394,7 +393,7 @@ def _set_dotdot(fs: WritableFilesystem, dir_ino: int, parent: int) -> None:
 
 
 def _touch(fs: WritableFilesystem, ino: int, now: int) -> None:
-    fs.store(dataclasses.replace(fs.inode(ino), ctime_ns=now))
+    fs.store(replace_inode(fs.inode(ino), ctime_ns=now))
 
 
 def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent: int,
@@ -466,7 +465,7 @@ def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent:
     _touch(fs, src.ino, now)
     if dst is not None:
         if dst.is_dir:
-            fs.evict(dataclasses.replace(fs.inode(dst.ino), links_count=0))
+            fs.evict(replace_inode(fs.inode(dst.ino), links_count=0))
         else:
             _drop_link(fs, dst.ino, now, still_open=fs.is_open(dst.ino))
 

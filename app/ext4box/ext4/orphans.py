@@ -15,13 +15,12 @@ non-empty orphan file refuses the rw mount instead, see mount_state).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import structlog
 
 from ext4box.ext4.errors import Corrupt, inode_where
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.xattr import parse_xattr_block
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ def add(fs: WritableFilesystem, inode: Inode) -> Inode:
     fs.open_orphans.add(inode.ino)
     head = _head(fs)
     fs.writer.update_superblock(last_orphan=inode.ino)
-    return dataclasses.replace(inode, dtime=head)
+    return replace_inode(inode, dtime=head)
 
 
 def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
@@ -53,7 +52,7 @@ def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
         seen.add(current)
         listed = fs.table.read(current)
         if listed.dtime == ino:
-            fs.store(dataclasses.replace(listed, dtime=next_ino))
+            fs.store(replace_inode(listed, dtime=next_ino))
             return
         current = listed.dtime
     log.warning("orphan_not_listed", where=inode_where(ino))
@@ -87,7 +86,7 @@ def release(fs: WritableFilesystem, ino: int) -> None:
         return
     check_evictable(fs, inode)
     _unlist(fs, ino, inode.dtime)
-    fs.evict(dataclasses.replace(inode, dtime=0))
+    fs.evict(replace_inode(inode, dtime=0))
 
 
 def process_at_mount(fs: WritableFilesystem) -> int:
@@ -110,7 +109,7 @@ def process_at_mount(fs: WritableFilesystem) -> int:
         seen.add(current)
         inode = fs.table.read(current)
         following = inode.dtime
-        inode = dataclasses.replace(inode, dtime=0)
+        inode = replace_inode(inode, dtime=0)
         if inode.links_count == 0:
             fs.open_orphans.add(current)  # let evict's store keep it readable meanwhile
             fs.evict(inode)

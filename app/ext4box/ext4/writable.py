@@ -37,7 +37,6 @@ Deviations from / additions to the contract in docs/design.md:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -57,7 +56,7 @@ from ext4box.ext4.extents import ExtentMapper
 from ext4box.ext4.file_data import WriteRun
 from ext4box.ext4.filesystem import CacheSizes, Filesystem, StatFs
 from ext4box.ext4.group_desc import GroupDesc, group_first_block
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.inode_alloc import InodeAllocator
 from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
@@ -173,8 +172,15 @@ class WritableFilesystem(Filesystem):
         """Write an inode (checksummed) and refresh the caches that derive from it."""
         stored = self.table.write(inode)
         ino = inode.ino
-        self._mappers.pop(ino)
-        self._dirs.pop(ino)
+        mapper = self._mappers.get(ino)
+        if mapper is not None and not _mapping_kept(mapper[1]):
+            self._mappers.pop(ino)
+        reader = self._dirs.get(ino)
+        if reader is not None:
+            if _reader_kept(reader[0], stored):
+                self._dirs.put(ino, (stored, reader[1]))
+            else:
+                self._dirs.pop(ino)
         # In-inode xattrs live in the inode; its xattr block (file_acl) is only
         # changed by a write that stores the inode too (shared blocks: refcount only).
         self._xattr_lists.pop(ino)
@@ -220,7 +226,16 @@ class WritableFilesystem(Filesystem):
 
     def mapper_for(self, inode: Inode) -> ExtentMapper | BlockMapMapper:
         """A fresh (uncached) mapper of `inode` as it is now, for code in the middle of
-        changing it."""
+        changing it; or the cached one when that maps the same depth-0 extent tree
+        (it reads nothing outside i_block, so it cannot be stale)."""
+        cached = self._mappers.get(inode.ino)
+        if (
+            inode.uses_extents
+            and cached is not None
+            and cached[0] == inode.i_block
+            and _mapping_kept(cached[1])
+        ):
+            return cached[1]
         if inode.uses_extents:
             return ExtentMapper(ino=inode.ino, i_block=inode.i_block,
                                 read_block=self.read_meta_block, block_size=self.block_size,
@@ -238,7 +253,7 @@ class WritableFilesystem(Filesystem):
         blocks = inode.blocks_512 + self.sectors(tree.tree_blocks_delta + data_blocks_delta)
         if blocks < 0:
             raise Corrupt("inode", inode_where(inode.ino), "i_blocks would become negative")
-        return dataclasses.replace(inode, i_block=tree.i_block, blocks_512=blocks)
+        return replace_inode(inode, i_block=tree.i_block, blocks_512=blocks)
 
     def truncate_blocks(self, inode: Inode, first_lblk: int) -> Inode:
         """Unmap and free every block from `first_lblk` on (data and tree blocks)."""
@@ -270,7 +285,7 @@ class WritableFilesystem(Filesystem):
         outcome = apply_block_update(
             update, state, read_meta=self.writer.read, write_meta=self.writer.write,
             alloc_block=self.alloc_meta_block, free_block=self.free_block)
-        return dataclasses.replace(inode, file_acl=outcome.file_acl,
+        return replace_inode(inode, file_acl=outcome.file_acl,
                                    blocks_512=max(inode.blocks_512 + outcome.blocks_512_delta, 0))
 
     def evict(self, inode: Inode) -> None:
@@ -280,7 +295,7 @@ class WritableFilesystem(Filesystem):
         inode = self.drop_xattr_block(inode)
         now = self.now_ns()
         self.open_orphans.discard(ino)
-        inode = dataclasses.replace(
+        inode = replace_inode(
             inode, links_count=0, size=0, dtime=(now // 1_000_000_000) & 0xFFFFFFFF,
             ctime_ns=now, mtime_ns=now)
         self.store(inode)
@@ -379,3 +394,29 @@ class WritableFilesystem(Filesystem):
             mount_state.end_rw_mount(self)
             self.closed = True
         super().close()
+
+
+def _mapping_kept(mapper: ExtentMapper | BlockMapMapper) -> bool:
+    """Whether a cached mapper stays right across any inode store. A mapper serves
+    only an inode with the i_block it was built from (Filesystem._mapper); an
+    extent tree of depth 0 lives entirely in i_block, so for those the mapping
+    cannot have changed. Deeper trees and block maps have blocks outside the
+    inode that a store's operation may have rewritten."""
+    return isinstance(mapper, ExtentMapper) and mapper.depth == 0
+
+
+def _reader_kept(before: Inode, after: Inode) -> bool:
+    """Whether a DirectoryReader built from `before` reads `after` the same way:
+    nothing it was built from changed (times, links and owner it does not read).
+    Indexed directories are dropped anyway: the reader keeps their dx_root."""
+    return (
+        after.size == before.size
+        and after.flags == before.flags
+        and after.i_block == before.i_block
+        and after.csum_seed == before.csum_seed
+        and after.file_acl == before.file_acl
+        and after.links_count > 0
+        and not after.is_indexed
+        and not after.has_inline_data
+    )
+

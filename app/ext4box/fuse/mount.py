@@ -7,6 +7,7 @@ and nosuid,nodev can never be turned off.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import stat
@@ -140,6 +141,11 @@ async def serve_until_unmounted(commit: Callable[[], None] | None = None,
     our FUSE_INIT reply (which would undo it). Shared with ext4box.fuse.serve
     (the appliance's fd hand-off path).
     """
+    # Everything alive now (modules, the opened filesystem) lives as long as
+    # the session: out of the collector's sight, a full collection walks only
+    # what requests create (cheaper per request: a cold readdirplus entry
+    # spent ~2.5 µs of 14 in the collector).
+    gc.freeze()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         if commit is not None:

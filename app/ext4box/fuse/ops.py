@@ -141,7 +141,10 @@ class Ext4Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         dir_ino = ext4_ino(parent_inode)
-        ino = self.fs.lookup(dir_ino, name)
+        ino = self.fs.find(dir_ino, name)
+        if ino is None:
+            # Straight to the errno: a missing name is an answer, not an incident.
+            raise pyfuse3.FUSEError(errno.ENOENT)
         check_child_ino(ino, dir_ino, name)
         attr = self._attributes(ino)
         self._remember(ino)
@@ -553,7 +556,11 @@ class Ext4Operations(pyfuse3.Operations):
     @fuse_errors("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # pyfuse3 answers size-0 probes and ERANGE from the returned value.
-        return self.fs.getxattr(ext4_ino(inode), name)
+        value = self.fs.find_xattr(ext4_ino(inode), name)
+        if value is None:
+            # Most files have no security.selinux or ACL, and `ls -l` asks for both.
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     @fuse_errors("listxattr")
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
