@@ -43,6 +43,7 @@ from ext4box.ext4.checksum import crc32c_raw, inode_csum_seed
 from ext4box.ext4.errors import Corrupt
 from ext4box.ext4.extents import (
     ExtentMapper,
+    ExtentNodeCache,
     block_max_entries,
     extent_tail_checksum,
     parse_extent_node,
@@ -474,3 +475,40 @@ def test_random_corruption_only_corrupt(deep_1k: BuiltImage, data: st.DataObject
         mapper.tree_blocks()
     except Corrupt:
         pass
+
+
+# ---- the shared node cache ----------------------------------------------------
+
+
+def test_node_cache_answers_only_for_the_bytes_it_parsed(deep_1k: BuiltImage) -> None:
+    """A cached leaf is returned for the same bytes (even a copy of them); once the
+    block holds other bytes, the cache gives what parse_extent_node gives for them,
+    and an image's corruption is still Corrupt through the cache."""
+    _, leaves = _tree(deep_1k)
+    leaf = leaves[0]
+    inode = cached_inode(deep_1k, "deep")
+    seed = inode_csum_seed(deep_1k.info.csum_seed, inode.ino, inode.generation)
+    bs = deep_1k.info.block_size
+    data = bytearray(deep_1k.data)
+    args = dict(ino=inode.ino, block=leaf, max_entries=block_max_entries(bs), expect_depth=0,
+                first=0, limit=1 << 32, csum_seed=seed,
+                check_run=bounds_checker(deep_1k.info.blocks_count))
+    cache = ExtentNodeCache(4)
+    raw = bytes(data[leaf * bs:(leaf + 1) * bs])
+    first = cache.parse(raw, **args)
+    assert first == parse_extent_node(raw, **args)
+    assert cache.parse(bytearray(raw), **args) is first  # equal bytes: the cached node
+
+    entries = _HEADER.unpack_from(data, leaf * bs)[1]
+    struct.pack_into("<H", data, leaf * bs + 2, entries - 1)  # one extent fewer
+    _reseal(deep_1k, data, leaf)
+    fewer = bytes(data[leaf * bs:(leaf + 1) * bs])
+    shorter = cache.parse(fewer, **args)
+    assert shorter == parse_extent_node(fewer, **args)
+    assert len(shorter.extents) == len(first.extents) - 1
+    assert cache.parse(raw, **args) == first  # back to the first bytes: their parse
+
+    flipped = bytearray(raw)
+    flipped[20] ^= 0xFF
+    with pytest.raises(Corrupt):
+        cache.parse(bytes(flipped), **args)

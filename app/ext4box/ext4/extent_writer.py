@@ -51,6 +51,7 @@ from .extents import (
     Extent,
     ExtentHeader,
     ExtentIndex,
+    NodeParser,
     block_max_entries,
     extent_tail_checksum,
     parse_extent_node,
@@ -98,7 +99,7 @@ class ExtentTreeWriter:
     def __init__(self, *, ino: int, i_block: bytes, block_size: int, csum_seed: int | None,
                  read_meta: ReadMeta, write_meta: WriteMeta, alloc_block: AllocBlock,
                  free_block: FreeBlock, check_run: RunChecker,
-                 max_depth: int = MAX_DEPTH) -> None:
+                 max_depth: int = MAX_DEPTH, parse: NodeParser = parse_extent_node) -> None:
         if len(i_block) != I_BLOCK_SIZE:
             raise ValueError(f"i_block must be {I_BLOCK_SIZE} bytes, got {len(i_block)}")
         if not 1 <= max_depth <= MAX_DEPTH:
@@ -111,6 +112,7 @@ class ExtentTreeWriter:
         self._alloc_block = alloc_block
         self._free_block = free_block
         self._check_run = check_run
+        self._parse = parse  # parse_extent_node, or a shared ExtentNodeCache's
         self._max_depth = max_depth
         self._block_max = block_max_entries(block_size)
         self._root = self._parse_root(i_block)
@@ -417,7 +419,7 @@ class ExtentTreeWriter:
         if len(raw) != self.block_size:
             raise Corrupt("extent block", block_where(block, self.ino),
                           f"read {len(raw)} bytes, expected {self.block_size}")
-        parsed = parse_extent_node(
+        parsed = self._parse(
             raw, ino=self.ino, block=block, max_entries=self._block_max, expect_depth=depth,
             first=first, limit=limit, csum_seed=self._csum_seed, check_run=self._check_run)
         if not parsed.keys:

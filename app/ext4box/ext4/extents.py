@@ -21,7 +21,9 @@ write side.
 from __future__ import annotations
 
 import struct
+import threading
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -228,11 +230,55 @@ def _parse_leaf(body: memoryview, where: str, first: int, limit: int,
     return tuple(extents)
 
 
+class ExtentNodeCache:
+    """A bounded LRU of parsed extent-tree blocks, shared by every mapper and tree
+    writer of one filesystem: a deep tree's mapper is rebuilt after each store of
+    its inode, and a random write parsed the same 340-extent leaf three times
+    (mapping, write_begin's mapper, the tree writer). An entry answers only for
+    the exact bytes it was parsed from, and its key holds every other input of
+    the parse (check_run is the filesystem's, fixed per cache), so a hit is what
+    `parse_extent_node` would return. In-inode roots are not kept (60 bytes)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[tuple[int, int, int, int, int | None, int | None, int],
+                                 tuple[bytes, ExtentNode]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def parse(self, raw: bytes | bytearray | memoryview, *, ino: int, block: int | None,
+              max_entries: int, expect_depth: int | None, first: int, limit: int,
+              csum_seed: int | None, check_run: RunChecker) -> ExtentNode:
+        """parse_extent_node, answered from the cache when these bytes were parsed."""
+        if block is None:
+            return parse_extent_node(raw, ino=ino, block=None, max_entries=max_entries,
+                                     expect_depth=expect_depth, first=first, limit=limit,
+                                     csum_seed=csum_seed, check_run=check_run)
+        key = (ino, block, first, limit, expect_depth, csum_seed, max_entries)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and (hit[0] is raw or hit[0] == raw):
+                self._items.move_to_end(key)
+                return hit[1]
+        node = parse_extent_node(raw, ino=ino, block=block, max_entries=max_entries,
+                                 expect_depth=expect_depth, first=first, limit=limit,
+                                 csum_seed=csum_seed, check_run=check_run)
+        with self._lock:
+            self._items[key] = (bytes(raw), node)
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return node
+
+
+NodeParser = Callable[..., ExtentNode]
+
+
 class ExtentMapper:
     """Maps logical blocks of one extent-mapped inode to block runs."""
 
     def __init__(self, *, ino: int, i_block: bytes, read_block: Callable[[int], bytes],
-                 block_size: int, csum_seed: int | None, check_run: RunChecker) -> None:
+                 block_size: int, csum_seed: int | None, check_run: RunChecker,
+                 parse: NodeParser = parse_extent_node) -> None:
         if len(i_block) != I_BLOCK_SIZE:
             raise ValueError(f"i_block must be {I_BLOCK_SIZE} bytes, got {len(i_block)}")
         self.ino = ino
@@ -241,6 +287,7 @@ class ExtentMapper:
         self._csum_seed = csum_seed
         self._check_run = check_run
         self._block_max = block_max_entries(block_size)
+        self._parse = parse  # parse_extent_node, or a shared ExtentNodeCache's
         self.root = parse_extent_node(
             i_block, ino=ino, block=None, max_entries=ROOT_MAX_ENTRIES, expect_depth=None,
             first=0, limit=LBLK_LIMIT, csum_seed=csum_seed, check_run=check_run)
@@ -273,7 +320,7 @@ class ExtentMapper:
         if len(raw) != self.block_size:
             raise Corrupt("extent block", block_where(block, self.ino),
                           f"read {len(raw)} bytes, expected {self.block_size}")
-        node = parse_extent_node(
+        node = self._parse(
             raw, ino=self.ino, block=block, max_entries=self._block_max, expect_depth=depth,
             first=first, limit=limit, csum_seed=self._csum_seed, check_run=self._check_run)
         if len(self._nodes) >= _NODE_CACHE_SIZE:

@@ -35,7 +35,7 @@ from ext4box.ext4.errors import (
     block_where,
     inode_where,
 )
-from ext4box.ext4.extents import ExtentMapper
+from ext4box.ext4.extents import ExtentMapper, ExtentNodeCache
 from ext4box.ext4.group_desc import GroupDesc, GroupTable, gdt_block_count
 from ext4box.ext4.inline_data import inline_bytes
 from ext4box.ext4.inode import FL_EA_INODE, GOOD_OLD_INODE_SIZE, I_BLOCK_SIZE, ROOT_INO, Inode
@@ -112,6 +112,9 @@ class CacheSizes:
     # for a 4 KiB block of 200 names, so ~12 MiB at most), counted in 4 KiB
     # blocks whatever the block size (a 64 KiB-block image keeps 16).
     dir_blocks: int = 256
+    # Parsed extent-tree blocks shared by all inodes (a full 4 KiB leaf is ~340
+    # extents, ~60 KiB of objects: ~15 MiB at most).
+    extent_nodes: int = 256
 
 
 class Filesystem:
@@ -130,6 +133,7 @@ class Filesystem:
             caches.mappers
         )
         self._dirs: _Lru[int, tuple[Inode, DirectoryReader]] = _Lru(caches.directories)
+        self.extent_nodes = ExtentNodeCache(caches.extent_nodes)
         self.dir_blocks = ParsedBlockCache(
             max(1, caches.dir_blocks * 4096 // sb.block_size),
             has_filetype=sb.has_incompat(F.INCOMPAT_FILETYPE),
@@ -271,6 +275,7 @@ class Filesystem:
                 block_size=self.block_size,
                 csum_seed=inode.csum_seed,
                 check_run=self.check_run,
+                parse=self.extent_nodes.parse,
             )
         else:
             mapper = BlockMapMapper(

@@ -217,7 +217,8 @@ class WritableFilesystem(Filesystem):
                 ino=inode.ino, i_block=inode.i_block, block_size=self.block_size,
                 csum_seed=inode.csum_seed, read_meta=self.writer.read,
                 write_meta=self.writer.write, alloc_block=self.alloc_meta_block,
-                free_block=self.free_block, check_run=self.check_run)
+                free_block=self.free_block, check_run=self.check_run,
+                parse=self.extent_nodes.parse)
         return BlockMapWriter(
             ino=inode.ino, i_block=inode.i_block, block_size=self.block_size,
             read_meta=self.writer.read, write_meta=self.writer.write,
@@ -239,7 +240,8 @@ class WritableFilesystem(Filesystem):
         if inode.uses_extents:
             return ExtentMapper(ino=inode.ino, i_block=inode.i_block,
                                 read_block=self.read_meta_block, block_size=self.block_size,
-                                csum_seed=inode.csum_seed, check_run=self.check_run)
+                                csum_seed=inode.csum_seed, check_run=self.check_run,
+                                parse=self.extent_nodes.parse)
         return BlockMapMapper(ino=inode.ino, i_block=inode.i_block,
                               read_block=self.read_meta_block, block_size=self.block_size,
                               check_run=self.check_run)
