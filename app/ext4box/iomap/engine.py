@@ -22,6 +22,7 @@ from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap.cache import MappingCache
 from ext4box.iomap.types import IOMap, IOMapKind
+from ext4box.iomap.writeback import EarlyWriteback
 
 log = structlog.get_logger("ext4box.iomap")
 
@@ -118,6 +119,12 @@ class IOMapEngine:
         self.block_size = source.block_size
         self.cache = MappingCache(cache_inodes, cache_runs_per_inode)
         self.map_ahead_blocks = max(1, map_ahead_bytes // self.block_size)
+        # Streamed new data starts its way to the disk as it is written, not at
+        # the commit's fsync (see iomap/writeback.py). Read-only devices write nothing.
+        fd = getattr(dev, "fd", None)
+        self.writeback = (
+            EarlyWriteback(fd) if getattr(dev, "writable", False) and isinstance(fd, int) else None
+        )
 
     # -- mapping ---------------------------------------------------------------
 
@@ -449,6 +456,11 @@ class IOMapEngine:
         seg_addr = -1
         seg_end = -1
         views: list[memoryview] = []
+        # Newly allocated ranges of the pending segment: their writeback starts
+        # early once written (iomap/writeback.py). Overwrites are left to the
+        # commit, so rewriting the same blocks again and again is not written
+        # back again and again.
+        fresh: list[tuple[int, int]] = []
         for mapping in maps:
             if mapping.kind not in (IOMapKind.MAPPED, IOMapKind.NEW) or mapping.addr is None:
                 raise Corrupt(
@@ -473,11 +485,21 @@ class IOMapEngine:
             else:
                 if views:
                     self._device_writev(ino, seg_addr, views)
+                    self._start_writeback(fresh)
                 seg_addr = addr
                 views = parts
+                fresh = []
+            if mapping.kind is IOMapKind.NEW:
+                fresh.append((addr, length))
             seg_end = addr + length
         if views:
             self._device_writev(ino, seg_addr, views)
+            self._start_writeback(fresh)
+
+    def _start_writeback(self, ranges: list[tuple[int, int]]) -> None:
+        if self.writeback is not None:
+            for addr, length in ranges:
+                self.writeback.wrote(addr, length)
 
     def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> None:
         dev = self.dev
