@@ -35,6 +35,7 @@ from appliance.helper_support import (
     run_as,
 )
 from ext4box.bdi import READ_AHEAD_KB, mount_device
+from ext4box.helper import state
 from support.kernel import kernel_mount
 from support.server_image import server_image as build_server_image
 
@@ -305,7 +306,8 @@ def test_root_mounts_read_write_and_the_image_stays_clean(server_image, scene, t
     image, mnt, policy = scene / "images/tree.img", scene / "mnt", scene / "policy"
     rule = (policy / "10-test.toml").read_text().replace('flags = ["noexec"]', 'mode = "rw"')
     (policy / "10-test.toml").write_text(rule)
-    payload = random.Random(5).randbytes(200_000)
+    # More than one early-writeback chunk (4 MiB) of new data, streamed.
+    payload = random.Random(5).randbytes(5 << 20)
     proc = _ext4box_root("mount", str(image), str(mnt), "--rw", "--policy", str(policy),
                          image_ref=server_image)  # fmt: skip
     _check_mounted(proc, "root rw")
@@ -315,7 +317,12 @@ def test_root_mounts_read_write_and_the_image_stays_clean(server_image, scene, t
         os.rename(mnt / "hello.txt", mnt / "written" / "hello.txt")
         (mnt / "sub" / "data.bin").unlink()
         rows = _listed(_ext4box_root("list", "--json", image_ref=server_image))
-        assert [r["mode"] for r in rows if r["mountpoint"] == str(mnt)] == ["rw"]
+        mine = [r for r in rows if r["mountpoint"] == str(mnt)]
+        assert [r["mode"] for r in mine] == ["rw"]
+        # The sandbox allows sync_file_range on the image: the hint stayed on.
+        server_log = state.log_path(str(mine[0]["container"])).read_text(errors="replace")
+        assert '"event": "ready"' in server_log  # the server's own log, read
+        assert "early_writeback_off" not in server_log
     finally:
         done = _ext4box_root("umount", str(mnt), image_ref=server_image)
     assert done.returncode == 0, done.stderr

@@ -67,8 +67,10 @@ READ_ONLY_SYSCALLS = (
     "exit", "exit_group",
 )  # fmt: skip
 
-# Added for read-write mounts: writes and flushes on the held image fd.
-WRITE_SYSCALLS = ("pwrite64", "pwritev", "pwritev2", "fsync", "fdatasync", "fallocate")
+# Added for read-write mounts: writes, early writeback (iomap/writeback.py) and
+# flushes on the held image fd.
+WRITE_SYSCALLS = ("pwrite64", "pwritev", "pwritev2", "sync_file_range", "fsync", "fdatasync",
+                  "fallocate")
 
 
 def rules(*, writable: bool) -> list[Rule]:
