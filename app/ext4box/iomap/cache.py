@@ -49,12 +49,35 @@ class InodeRuns:
             gaps.append((cursor, end))
         return found, gaps
 
+    def forget(self, lblk: int, end: int) -> None:
+        """Drop what is known about [lblk, end); runs reaching outside keep those parts."""
+        index = bisect.bisect_right(self.starts, lblk) - 1
+        if index < 0 or self.runs[index].end <= lblk:
+            index += 1
+        stop = index
+        kept: list[BlockRun] = []
+        while stop < len(self.runs) and self.runs[stop].lblk < end:
+            run = self.runs[stop]
+            if run.lblk < lblk:
+                kept.append(_piece(run, run.lblk, lblk))
+            if run.end > end:
+                kept.append(_piece(run, end, run.end))
+            stop += 1
+        self.runs[index:stop] = kept
+        self.starts[index:stop] = [run.lblk for run in kept]
+
     def insert(self, new_runs: list[BlockRun]) -> None:
         """Add runs that fill gaps previously reported by `covering`."""
         for run in new_runs:
             index = bisect.bisect_left(self.starts, run.lblk)
             self.starts.insert(index, run.lblk)
             self.runs.insert(index, run)
+
+
+def _piece(run: BlockRun, lblk: int, end: int) -> BlockRun:
+    """The part [lblk, end) of `run` (inside it)."""
+    pblk = None if run.pblk is None else run.pblk + (lblk - run.lblk)
+    return BlockRun(lblk, end - lblk, pblk, run.unwritten)
 
 
 class MappingCache:
@@ -96,6 +119,13 @@ class MappingCache:
         """Forget what is known about `ino` (its mapping changed)."""
         with self.lock:
             self._inodes.pop(ino, None)
+
+    def invalidate_range(self, ino: int, lblk: int, end: int) -> None:
+        """Forget blocks [lblk, end) of `ino` (only their mapping changed)."""
+        with self.lock:
+            entry = self._inodes.get(ino)
+            if entry is not None:
+                entry.forget(lblk, end)
 
     def clear(self) -> None:
         with self.lock:

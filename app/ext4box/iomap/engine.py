@@ -345,7 +345,7 @@ class IOMapEngine:
 
         An overwrite of blocks already known to be written is answered from
         the mapping cache; anything else goes to `write_begin`, which may
-        allocate or convert, so the cached runs of the inode are dropped.
+        allocate or convert, so the cached runs of that range are dropped.
         """
         cache = self.cache
         with cache.lock:
@@ -359,7 +359,10 @@ class IOMapEngine:
         if not gaps and all(r.pblk is not None and not r.unwritten for r in found):
             return [(r.lblk, r.length, r.pblk, False) for r in found]  # type: ignore[misc]
         runs = self._writable_source().write_begin(inode, first, end - first)
-        self.cache.invalidate(inode.ino)
+        # write_begin maps (allocates, converts) only [first, end): what is cached
+        # around it stays right, so a random fill of a fragmented file does not
+        # map 16 MiB ahead again after every allocating write.
+        self.cache.invalidate_range(inode.ino, first, end)
         result: list[tuple[int, int, int, bool]] = []
         cursor = first
         for run in runs:
