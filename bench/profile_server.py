@@ -39,7 +39,12 @@ DEFAULT_WORKLOADS = ("meta-phases,untar,ls-lR,find,seq-read,seq-write,seq-write-
 # The mounts a runner makes, in order, when it makes several.
 MOUNT_LABELS = {"meta-phases": ("create", "stat", "readdir", "unlink")}
 # Leaf frames that wait for the kernel's next request: the server is idle there.
-IDLE = re.compile(r"(EpollIOManager\.get_events|_io_epoll\.py|select\.epoll)")
+# So are worker threads parked on their queue or on a lock (trio's thread cache).
+IDLE = re.compile(r"(EpollIOManager\.get_events|_io_epoll\.py|select\.epoll"
+                  r"|^WorkerThread\._work |^Condition\.wait |^_wait_for_tstate_lock )")
+# A stack importing modules or running a module's body is the server starting up
+# (a fixed cost per mount, large beside a short workload): counted apart.
+_STARTUP = re.compile(r"^(<module> |_find_and_load |_load_unlocked )")
 # (category, pattern on the leaf frame's file), first match wins.
 CATEGORIES = (
     ("device I/O (blockdev)", re.compile(r"ext4box/blockdev\.py")),
@@ -63,13 +68,15 @@ class Profile:
 
     samples: int = 0
     idle: int = 0
+    startup: int = 0  # importing modules: a fixed cost per mount
     by_category: Counter[str] = field(default_factory=Counter)
     by_function: Counter[str] = field(default_factory=Counter)  # self samples
     inclusive: Counter[str] = field(default_factory=Counter)  # handlers/ext4/iomap on the stack
 
     @property
     def busy(self) -> int:
-        return self.samples - self.idle
+        """Samples serving requests (not idle, not starting up)."""
+        return self.samples - self.idle - self.startup
 
     def add_raw(self, path: Path) -> None:
         """Add py-spy's raw (collapsed stack) output: `frame;frame;... count` lines."""
@@ -83,6 +90,9 @@ class Profile:
             leaf = frames[-1]
             if IDLE.search(leaf):
                 self.idle += count
+                continue
+            if any(_STARTUP.search(f) for f in frames[1:]):  # [0]: the entry script
+                self.startup += count
                 continue
             self.by_category[_category(leaf)] += count
             self.by_function[_function(leaf)] += count
@@ -135,8 +145,9 @@ def render(label: str, rates: list[Result], profile: Profile, top: int = 12) -> 
     figures = ", ".join(f"{r.workload} {r.rate:,.0f} {r.unit}" for r in rates
                         if r.rate is not None)
     lines += [f"Measured while sampled: {figures or 'no figure'}. "
-              f"{profile.samples:,} samples, {_percent(profile.busy, profile.samples)} busy "
-              f"(the rest waiting for the kernel's next request).", ""]
+              f"{profile.samples:,} samples: {_percent(profile.busy, profile.samples)} serving "
+              f"requests, {_percent(profile.startup, profile.samples)} starting up (imports), "
+              "the rest idle (waiting for the next request, worker threads parked).", ""]
     lines += ["| where the busy time went | share |", "|---|---|"]
     lines += [f"| {name} | {_percent(count, profile.busy)} |"
               for name, count in profile.by_category.most_common()]
@@ -217,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Sampled {time.strftime('%Y-%m-%d %H:%M %z')} with py-spy at {args.rate} Hz on "
         f"{machine.get('cpu', '?')}, {'quick' if args.quick else 'full'} sizes; raw "
         f"profiles in `{out_dir.relative_to(REPO)}` (not committed). Shares are of the "
-        "samples in which the server was busy (not waiting in epoll for the next request), "
-        "by the frame on top "
+        "samples in which the server was serving requests (not waiting in epoll for the "
+        "next one, no parked worker thread, not importing modules at start-up), by the "
+        "frame on top "
         "of the stack: a C call (a syscall, pyfuse3's Cython code) counts for the Python "
         "line that made it.",
         "",
