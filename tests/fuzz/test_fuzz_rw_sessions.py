@@ -425,3 +425,19 @@ def test_report_longest_operation() -> None:
     from fuzz.test_fuzz_mutations import LONGEST
 
     print(f"\nlongest fuzzed operation so far: {LONGEST[0][0]:.3f}s ({LONGEST[0][1]})")
+
+
+def test_write_to_a_directory_through_a_damaged_dot_entry(
+        seeds: list[Seed], facts: list[SeedFacts], scratch: Path) -> None:
+    """Found by the fuzzer (oracle 5): the root's "." entry damaged to name inode 1;
+    a write op whose name resolved to a directory wrote its byte into that
+    directory's block (its "." lost its inode number). The overwrite fast path
+    maps through the engine's cache and never reached write_begin's checks; every
+    engine write now asks the filesystem first (IsADirectory, nothing written)."""
+    index = seed_index(seeds, SEED_EXT2)
+    seed = seeds[index]
+    # op 0 at offset 0: the low byte of the root's "." inode number set to 1.
+    program = Program(index, False, (Mutation(_region(seed, "dir_block", ino=2), 0, 0, 1),))
+    report, _ = run_checked(materialise(seeds, program), facts[index],
+                            (RwOp(WRITE, 0, 2, 0), RwOp(WRITE, 0, 3, 0)), scratch)
+    assert report.errnos.get("IsADirectory") == 1, report

@@ -54,7 +54,8 @@ class WriteRun:
     new: bool  # just allocated (or was unwritten): the executor writes it whole
 
 
-def _regular(fs: WritableFilesystem, ino: int) -> Inode:
+def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
+    """The inode, if file data may be written to it; else what the kernel answers."""
     inode = fs.inode(ino)
     if inode.is_dir:
         raise IsADirectory(f"inode {ino} is a directory")
@@ -78,7 +79,7 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
     """Map [lblk, lblk + count), allocating holes; all or nothing (NoSpace maps nothing)."""
     if count <= 0 or lblk < 0 or lblk + count > LBLK_LIMIT:
         raise ValueError(f"bad block range {lblk}+{count}")
-    inode = _regular(fs, ino)
+    inode = check_file_write(fs, ino)
     if inode.has_inline_data:
         inode = convert_inline(fs, inode)
     if not inode.uses_extents and lblk + count > _blockmap_limit(fs):
@@ -196,7 +197,7 @@ def _blockmap_limit(fs: WritableFilesystem) -> int:
 
 def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | None) -> Inode:
     """After the executor wrote up to byte `end_pos`: i_size = max(i_size, end_pos), times."""
-    inode = _regular(fs, ino)
+    inode = check_file_write(fs, ino)
     now = fs.now_ns() if now_ns is None else now_ns
     size = max(inode.size, end_pos)
     _note_large_file(fs, size)
@@ -230,7 +231,7 @@ def _apply_layout(inode: Inode, layout: InlineLayout) -> Inode:
 def write_inline(fs: WritableFilesystem, ino: int, pos: int, data: bytes) -> bool:
     """Write into an inline file: True when done inline; False after converting it to
     blocks (or when a blockless empty file cannot take the data inline)."""
-    inode = _regular(fs, ino)
+    inode = check_file_write(fs, ino)
     now = fs.now_ns()
     if not inode.has_inline_data:
         empty = inode.size == 0 and inode.blocks_512 == 0 and not inode.file_acl

@@ -66,6 +66,8 @@ class WritableSource(MappingSource, Protocol):
 
     def inode(self, ino: int) -> MappedInode: ...
 
+    def check_file_write(self, ino: int) -> None: ...
+
     def write_begin(self, inode: MappedInode, lblk: int, count: int) -> Sequence[WriteRunLike]: ...
 
     def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
@@ -398,6 +400,9 @@ class IOMapEngine:
         if length == 0:
             return inode
         ino = inode.ino
+        # Before any byte moves: the overwrite fast path below never reaches
+        # write_begin's checks (a directory's blocks are not file data).
+        source.check_file_write(ino)
         if inode.has_inline_data or _empty_and_blockless(inode):
             # An inline file, or an empty one that may become inline (the
             # filesystem decides: False means "use blocks").
