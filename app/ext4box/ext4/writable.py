@@ -359,12 +359,13 @@ class WritableFilesystem(Filesystem):
 
     # ---- data ------------------------------------------------------------
 
-    @_mutation_before_data
     def check_file_write(self, ino: int) -> None:
         """Raise as write_begin would if `ino` may not get file data written
         (a directory, a special file, an encrypted or verity inode)."""
-        file_data.check_file_write(self, ino)
+        with self.lock:
+            file_data.check_file_write(self, ino)
 
+    @_mutation_before_data
     def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:
         ino = inode if isinstance(inode, int) else inode.ino
         return file_data.write_begin(self, ino, lblk, count)
