@@ -13,8 +13,15 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ext4box.ext4.checksum import crc32c_raw
-from ext4box.ext4.journal.descriptor import FLAG_ESCAPE, FLAG_LAST_TAG, FLAG_SAME_UUID
+from ext4box.ext4.journal.commit import CHECKSUM_OFFSET as COMMIT_CHECKSUM_OFFSET
+from ext4box.ext4.journal.commit import commit_checksum
+from ext4box.ext4.journal.descriptor import (
+    FLAG_ESCAPE,
+    FLAG_LAST_TAG,
+    FLAG_SAME_UUID,
+    data_checksum,
+    tail_checksum,
+)
 from ext4box.ext4.journal.superblock import (
     BLOCK_COMMIT,
     BLOCK_DESCRIPTOR,
@@ -28,7 +35,6 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _COMMIT_TIME = struct.Struct(">QI")
 _COMMIT_TIME_OFFSET = 48
-_COMMIT_CHECKSUM_OFFSET = 16
 _REVOKE_RECORDS_OFFSET = 16
 _UUID_BYTES = 16
 _MAGIC_BYTES = _BE32.pack(JBD2_MAGIC)
@@ -97,18 +103,14 @@ def _escaped(data: bytes) -> tuple[bytes, bool]:
 
 
 def _set_tail_checksum(jsb: JournalSuperblock, block: bytearray) -> None:
-    if not jsb.csum_v2or3:
-        return
-    tail = jsb.block_size - 4
-    _BE32.pack_into(block, tail, 0)
-    _BE32.pack_into(block, tail, crc32c_raw(jsb.csum_seed, block))
+    if jsb.csum_v2or3:
+        _BE32.pack_into(block, jsb.block_size - 4, tail_checksum(block, jsb))
 
 
 def _descriptor_block(jsb: JournalSuperblock, sequence: int,
                       tags: list[tuple[int, bool, bytes]]) -> bytes:
     block = _header(jsb, BLOCK_DESCRIPTOR, sequence)
     offset = HEADER.size
-    seq_crc = crc32c_raw(jsb.csum_seed, _BE32.pack(sequence)) if jsb.csum_v2or3 else 0
     for index, (target, escaped, logged) in enumerate(tags):
         flags = (FLAG_ESCAPE if escaped else 0) | (FLAG_SAME_UUID if index else 0)
         if index == len(tags) - 1:
@@ -118,7 +120,7 @@ def _descriptor_block(jsb: JournalSuperblock, sequence: int,
         if jsb.is_64bit or jsb.csum_v3:
             _BE32.pack_into(block, offset + 8, target >> 32 if jsb.is_64bit else 0)
         if jsb.csum_v2or3:
-            crc = crc32c_raw(seq_crc, logged)
+            crc = data_checksum(jsb, sequence, logged)
             if jsb.csum_v3:
                 _BE32.pack_into(block, offset + 12, crc)
             else:
@@ -154,6 +156,5 @@ def _commit_block(jsb: JournalSuperblock, sequence: int, commit_ns: int) -> byte
     seconds, nanos = divmod(commit_ns, 1_000_000_000)
     _COMMIT_TIME.pack_into(block, _COMMIT_TIME_OFFSET, seconds, nanos)
     if jsb.csum_v2or3:
-        # crc32c over the whole block with h_chksum[0] zero (it is zero here).
-        _BE32.pack_into(block, _COMMIT_CHECKSUM_OFFSET, crc32c_raw(jsb.csum_seed, block))
+        _BE32.pack_into(block, COMMIT_CHECKSUM_OFFSET, commit_checksum(block, jsb))
     return bytes(block)
