@@ -33,6 +33,8 @@ def test_sampled_server_profile_shows_the_create_path(tmp_path: Path) -> None:
     with served(image, mnt, sampler(ext4box_argv(image, mnt, "rw"))):
         for i in range(1500):
             os.close(os.open(mnt / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
     (raw,) = sampler.made
     profile = bench_profile.Profile()
     profile.add_raw(raw)
