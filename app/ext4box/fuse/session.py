@@ -208,7 +208,10 @@ class Session:
         while True:
             self._waiting = True
             try:
-                return os.readv(self.fd, [self.buffer])
+                count = os.readv(self.fd, [self.buffer])
+                # /dev/fuse never reads 0 bytes; a socket standing in for it
+                # (tests) does when the other end is gone.
+                return count if count > 0 else None
             except OSError as err:
                 if err.errno == errno.ENOENT:
                     continue  # the request was interrupted before we read it
