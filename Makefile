@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml scripts/install-deps.sh
 demo: deps
 	bash scripts/demo.sh
 
+# The FUSE-level suite and the kernel-vs-ext4box differential run a second
+# time on the pyfuse3 backend, so both transports keep checking each other.
 test: deps
 	$(VENV)/bin/ruff check app tests bench
 	$(PY) -m pytest
+	EXT4BOX_TEST_BACKEND=pyfuse3 $(PY) -m pytest tests/fuse tests/rw/test_rw_differential.py
 
 lint: deps
 	$(VENV)/bin/ruff check app tests bench
