@@ -142,10 +142,6 @@ class Dispatcher:
         self.setxattr_in_size = (p.SETXATTR_IN.size if agreed.has(InitFlag.SETXATTR_EXT)
                                  else p.SETXATTR_IN_COMPAT_SIZE)  # fmt: skip
         self.no_opendir = agreed.has(InitFlag.NO_OPENDIR_SUPPORT)
-        # Inodes whose attributes changed behind the kernel's back while
-        # answering (suid cleared, capabilities dropped): the session sends
-        # FUSE_NOTIFY_INVAL_INODE for each after the reply.
-        self.stale_attributes: list[int] = []
 
     def table(self) -> dict[int, tuple[int, Handler]]:
         """opcode → (minimum body length, bound handler)."""
@@ -277,12 +273,8 @@ class Dispatcher:
         data = body[p.WRITE_IN.size : p.WRITE_IN.size + size]
         if len(data) != size:
             raise FuseError(errno.EINVAL)
-        handle = self.ops.open_file(fh)
-        before = self.ops.fs.inode(handle.ino).mode if handle is not None else 0
         written = self.ops.write(fh, offset, data,
                                  self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)))
-        if handle is not None and before & 0o6000:
-            self.stale_attributes.append(handle.ino)
         return p.WRITE_OUT.pack(written)
 
     def flush(self, nodeid: int, caller: Caller, body: bytes) -> Payload:

@@ -114,6 +114,10 @@ class Operations(NamespaceChanges):
         self._dead: dict[int, Attributes] = {}
         # Set by every change; the commit timer commits only when set.
         self.dirty = False
+        # Inodes whose attributes changed without the kernel asking for it
+        # (suid/sgid cleared or capabilities dropped by a write): a transport
+        # that can tell the kernel (FUSE_NOTIFY_INVAL_INODE) drains this.
+        self.changed_behind_kernel: list[int] = []
         if self.writable:
             # rename() asks this when the target it replaces loses its last link.
             self.rw.is_open = lambda ino: self._open_counts.get(ino, 0) > 0
@@ -208,9 +212,6 @@ class Operations(NamespaceChanges):
         # keeps coherent for buffered writes), so the pages are still valid.
         return OpenResult(fh=fh, keep_cache=True)
 
-    def open_file(self, fh: int) -> OpenFile | None:
-        return self._open_files.get(fh)
-
     @fuse_errors("read")
     def read_plan(self, fh: int, off: int, size: int) -> tuple[ReadPlan, bool]:
         """The plan of a read, and whether the handle was opened O_DIRECT."""
@@ -244,11 +245,14 @@ class Operations(NamespaceChanges):
             mode = killpriv_mode(node.mode)
             if mode is not None:
                 node = self.rw.setattr(ino, mode=mode, ctime_ns=now_ns())
+                self.changed_behind_kernel.append(ino)
         # A write drops file capabilities whoever writes, as file_remove_privs
-        # does (with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves it to us).
+        # does. (With HANDLE_KILLPRIV_V2 the kernel still removes them itself
+        # unless it has marked the inode S_NOSEC; this keeps the rule either way.)
         if may_have_xattrs(node) and self.fs.find_xattr(ino, SECURITY_CAPABILITY) is not None:
             self.rw.removexattr(ino, SECURITY_CAPABILITY)
             node = self.fs.inode(ino)
+            self.changed_behind_kernel.append(ino)
         self.engine.write(node, off, data, now_ns=now_ns())
         return len(data)
 

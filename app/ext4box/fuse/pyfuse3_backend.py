@@ -121,7 +121,12 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @_translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.ops.write(fh, off, buf)
+        try:
+            return self.ops.write(fh, off, buf)
+        finally:
+            # Without HANDLE_KILLPRIV_V2 the kernel cleared the bits itself
+            # (by SETATTR and REMOVEXATTR): it knows already.
+            self.ops.changed_behind_kernel.clear()
 
     async def flush(self, fh: int) -> None:
         # close(2) is not a durability point on ext4 either, and there is

@@ -144,8 +144,8 @@ class Session:
         table = dispatcher.table()
         buffer = self.buffer
         unpack_header = p.IN_HEADER.unpack_from
-        stale = dispatcher.stale_attributes
         ops = self.ops
+        stale = ops.changed_behind_kernel
         while self.stopped_by is None:
             if ops.dirty and not self._wait_for_request():
                 self._commit()
