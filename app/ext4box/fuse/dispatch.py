@@ -270,9 +270,10 @@ class Dispatcher:
 
     def write(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         fh, offset, size, write_flags = p.WRITE_IN.unpack_from(body)[:4]
-        data = body[p.WRITE_IN.size : p.WRITE_IN.size + size]
-        if len(data) != size:
+        if len(body) - p.WRITE_IN.size < size:
             raise FuseError(errno.EINVAL)
+        # A view, not a second copy of up to 1 MiB: `body` is immutable bytes.
+        data = memoryview(body)[p.WRITE_IN.size : p.WRITE_IN.size + size]
         written = self.ops.write(fh, offset, data,
                                  self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)))
         return p.WRITE_OUT.pack(written)

@@ -230,7 +230,8 @@ class Operations(NamespaceChanges):
         return self.execute_read(plan)
 
     @fuse_errors("write")
-    def write(self, fh: int, off: int, data: bytes, kill_suidgid: bool | None = None) -> int:
+    def write(self, fh: int, off: int, data: bytes | memoryview,
+              kill_suidgid: bool | None = None) -> int:
         """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener)."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:

@@ -143,6 +143,7 @@ class Session:
     def _serve(self, dispatcher: Dispatcher) -> None:
         table = dispatcher.table()
         buffer = self.buffer
+        view = memoryview(buffer)
         unpack_header = p.IN_HEADER.unpack_from
         ops = self.ops
         stale = ops.changed_behind_kernel
@@ -166,7 +167,8 @@ class Session:
             if self.trace:
                 log.debug("request", opcode=p.Opcode(opcode).name, unique=unique,
                           nodeid=nodeid, insize=length, uid=uid, pid=pid)
-            body = bytes(buffer[_HEADER : length - extlen * 8])
+            # One copy out of the reused buffer; handlers may keep the bytes.
+            body = bytes(view[_HEADER : length - extlen * 8])
             if len(body) < min_size:
                 log.error("short request", opcode=opcode, body=len(body), needs=min_size)
                 self._reply_error(unique, errno.EINVAL)
