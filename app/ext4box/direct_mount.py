@@ -43,6 +43,11 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *,
         uid=os.getuid(),
         gid=os.getgid(),
     )
+    ignored = sorted(config.fuse_options & {"noatime", "nodiratime"})
+    if ignored:
+        # The helper's MountSpec carries no atime flags; FUSE never updates
+        # atime on its own (the server would), so reads leave it unchanged anyway.
+        log.info("mount option not applied", options=",".join(ignored), backend="native")
     try:
         fuse_fd = mount(spec)
     except HelperError as err:
