@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ext4box.ext4 import ea_inode_writer
 from ext4box.ext4.errors import Corrupt, inode_where
 from ext4box.ext4.inode import Inode, replace_inode
-from ext4box.ext4.xattr import parse_xattr_block
 
 if TYPE_CHECKING:
     from ext4box.ext4.writable import WritableFilesystem
@@ -70,9 +70,8 @@ def check_evictable(fs: WritableFilesystem, inode: Inode) -> None:
         for run in mapper.extents():
             if run.pblk is not None:
                 fs.blocks.check_free(run.pblk, run.length)
+    ea_inode_writer.check_release(fs, inode)  # parses the xattr block too
     if inode.file_acl:
-        parse_xattr_block(fs.writer.read(inode.file_acl), blkno=inode.file_acl, ino=inode.ino,
-                          csum_seed=fs.sb.csum_seed)
         fs.blocks.check_free(inode.file_acl, 1)
     fs.inodes.check_free(inode.ino)
 
