@@ -205,3 +205,55 @@ def test_no_ea_inode_feature_keeps_enospc(tmp_path: Path) -> None:
                 attempt(os.setxattr, root / "f", "user.ok", OTHER[:500])]
 
     assert assert_same_on_both(tmp_path, image, scenario)[0] == "ENOSPC"
+
+
+# ---------------------------------------------------------------- crafted images
+
+
+def _debugfs_write(image: Path, *requests: str) -> None:
+    subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(requests) + "\n",
+                   text=True, check=True, capture_output=True)
+
+
+def _fsck_report(image: Path) -> list[str]:
+    """e2fsck -fn's findings, without the lines that name the image or the version."""
+    return [line for line in fsck(image).stdout.splitlines()
+            if not line.startswith(("e2fsck ", str(image)))]
+
+
+def test_an_entry_naming_a_plain_file_never_frees_it(tmp_path: Path) -> None:
+    """An xattr entry pointing at an ordinary named file (its EA_INODE flag cleared):
+    deleting the owner must not drop a reference on, or free, that file."""
+    skip_unless_possible()
+    image = _ea_image(tmp_path)
+    _kernel_sets(image, tmp_path / "kmnt", [("f1", "user.big", SHARED)])
+    (ea_ino,) = _ea_inodes(image)
+    _debugfs_write(image, f"sif <{ea_ino}> flags 0x80000", f"ln <{ea_ino}> victim")
+    before = _fsck_report(image)
+    with rw_mount(image, tmp_path / "mnt") as handle:
+        root = handle.mountpoint
+        assert attempt(os.unlink, root / "f1") == "EUCLEAN"
+        assert attempt(os.removexattr, root / "f1", "user.big") == "EUCLEAN"
+        assert (root / "victim").read_bytes() == SHARED
+        assert attempt(os.unlink, root / "victim") is None  # the victim itself is a file
+    assert _fsck_report(image) == before
+
+
+def test_a_reference_count_of_zero_is_corrupt_not_underflowed(tmp_path: Path) -> None:
+    """An EA inode named by an entry but counting no references: removing the value or
+    the owner is refused (EUCLEAN), nothing is freed and the count stays as found."""
+    skip_unless_possible()
+    image = _ea_image(tmp_path)
+    _kernel_sets(image, tmp_path / "kmnt", [("f1", "user.big", SHARED), ("f1", "user.s", b"s")])
+    (ea_ino,) = _ea_inodes(image)
+    _debugfs_write(image, f"sif <{ea_ino}> version 0", f"sif <{ea_ino}> ctime 0")
+    before = _fsck_report(image)
+    assert before  # e2fsck sees the wrong count too
+    with rw_mount(image, tmp_path / "mnt") as handle:
+        root = handle.mountpoint
+        assert attempt(os.removexattr, root / "f1", "user.big") == "EUCLEAN"
+        assert attempt(os.unlink, root / "f1") == "EUCLEAN"
+        assert attempt(os.removexattr, root / "f1", "user.s") is None  # other values still work
+        assert os.getxattr(root / "f1", "user.big") == SHARED
+    assert _ref_count(image, ea_ino) == 0
+    assert _fsck_report(image) == before
