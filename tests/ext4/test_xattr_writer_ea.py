@@ -10,6 +10,7 @@ whole path is checked against the kernel and e2fsck in tests/rw/test_rw_ea_inode
 
 from __future__ import annotations
 
+from ext4box.ext4.ea_inode_writer import EaInodeIndex
 from ext4box.ext4.xattr import XattrEntry
 from ext4box.ext4.xattr_writer import (
     NEW_EA_INODE,
@@ -75,3 +76,14 @@ def test_a_shared_block_copy_takes_its_own_references() -> None:
     detached = remove_xattr(_state(block=block[:1], refcount=2, ibody_size=0), b"user.a")
     assert detached.block_action is BlockAction.DETACH
     assert ea_ref_changes(_state(block=block[:1], refcount=2, ibody_size=0), detached) == {}
+
+
+def test_the_index_of_ea_inodes_is_bounded_and_forgets() -> None:
+    index = EaInodeIndex(limit=3)
+    for ino, value_hash in ((20, 1), (21, 1), (22, 2), (23, 3)):
+        index.note(ino, value_hash)
+    assert len(index) == 3 and index.candidates(1) == [21]  # 20, the oldest, went first
+    index.note(21, 5)  # the inode now holds another value
+    assert index.candidates(1) == [] and index.candidates(5) == [21]
+    index.forget(22)
+    assert index.candidates(2) == [] and len(index) == 2

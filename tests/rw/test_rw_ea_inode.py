@@ -192,6 +192,13 @@ def test_values_set_replaced_and_removed_share_exact_counts(tmp_path: Path) -> N
         return out
 
     assert_same_on_both(tmp_path, image, scenario)
+    # Shared as the kernel shares: as many EA inodes, with the same reference counts.
+    counts = {side: sorted(_ref_count(tmp_path / f"{side}.img", ino)
+                           for ino in _ea_inodes(tmp_path / f"{side}.img"))
+              for side in ("kernel", "ext4box")}
+    assert counts["ext4box"] == counts["kernel"]
+    print(f"EA inode reference counts: {counts}")
+    assert max(counts["ext4box"]) >= 2
 
 
 def test_no_ea_inode_feature_keeps_enospc(tmp_path: Path) -> None:
