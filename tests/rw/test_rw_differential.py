@@ -303,6 +303,10 @@ class KernelVsExt4box(RuleBasedStateMachine):
     def server_alive(self) -> None:
         assert os.path.ismount(self.oroot), "the ext4box mount went away"
 
+    def check_kernel_image(self) -> None:
+        """e2fsck -fn of the kernel's image (a sibling machine may know a kernel bug)."""
+        assert_fsck_clean(self.kernel_image)
+
     def teardown(self) -> None:
         totals = type(self)  # a sibling machine keeps its own figures
         totals.steps_run.append(self.steps)
@@ -323,7 +327,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
             finally:
                 self._kernel_cm.__exit__(None, None, None)
         assert failure is None, failure
-        assert_fsck_clean(self.kernel_image)
+        self.check_kernel_image()
         assert_fsck_clean(self.ours_image)
         view = strip(kernel_walk(self.ours_image, self.dir / "vmnt"), IGNORED)
         differences = tree_differences(view, ours_tree)

@@ -11,6 +11,15 @@ references. At the end both images must pass `e2fsck -fn` (which recounts every
 EA inode's references and every owner's charge) and the trees must walk the
 same, xattrs included.
 
+One kernel bug is tolerated on the kernel's image only: when the kernel shares
+an xattr block (its mbcache finds an identical one) whose entries name EA
+inodes, it keeps the references it took for the new entries, so e2fsck finds
+"Extended attribute inode N ref count is 2, should be 1" (a leak: the count
+never reaches 0). Seen on Linux 6.18 with e2fsprogs 1.47.0 (reproducer: set
+the same 64 KiB value on two inodes whose other xattrs all fit in the inode).
+Only over-counts are tolerated there, counted and printed; ext4box shares no
+blocks, and its image must be clean.
+
 Cost: EXT4BOX_DIFF_EA_EXAMPLES (default 8) sequences of at most
 EXT4BOX_DIFF_EA_STEPS (default 300) steps.
 """
@@ -19,13 +28,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule, run_state_machine_as_test
-from rw_support import skip_unless_possible
+from rw_support import fsck, skip_unless_possible
 from test_rw_differential import PICK, SHRINK, XATTR_NAMES, KernelVsExt4box, Pick
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
@@ -39,6 +49,8 @@ LARGE_SIZES = st.sampled_from([700, 1000, 1500, 4000, 9000, 65536])
 CONTENTS = st.integers(0, 2)  # few contents: equal values on several files
 LARGE_NAMES = st.one_of(XATTR_NAMES, st.sampled_from(["user.big", "security.s"]))
 FLAGS = st.sampled_from([0, 0, 0, os.XATTR_CREATE, os.XATTR_REPLACE])
+_OVERCOUNT = re.compile(
+    r"Extended attribute inode \d+ ref count is (\d+), should be (\d+)\. Fix\? no")
 
 
 def _create_file(path: Path) -> None:
@@ -55,6 +67,18 @@ class KernelVsExt4boxEaInode(KernelVsExt4box):
     outcomes: dict[str, int] = {}
     block_differences = 0
     large_values_set = 0  # setxattr calls of large values that succeeded on both sides
+    kernel_overcounts = 0  # the kernel's leaked EA inode references (see the docstring)
+
+    def check_kernel_image(self) -> None:
+        result = fsck(self.kernel_image)
+        if result.returncode == 0:
+            return
+        problems = [line for line in result.stdout.splitlines() if line.endswith("Fix? no")]
+        overcounts = [m for m in map(_OVERCOUNT.fullmatch, problems)
+                      if m and int(m[1]) > int(m[2])]
+        assert problems and len(overcounts) == len(problems), (
+            f"e2fsck -fn {self.kernel_image} exited {result.returncode}:\n{result.stdout}")
+        type(self).kernel_overcounts += len(overcounts)
 
     @initialize(content=CONTENTS)
     def owners(self, content: int) -> None:
@@ -123,4 +147,5 @@ def test_kernel_vs_ext4box_ea_inode(tmp_path: Path) -> None:
     print(f"differential (ea_inode): {len(runs)} sequences, {sum(runs)} steps ({runs})")
     print(f"differential (ea_inode) outcomes: {sorted(machine.outcomes.items())}")
     print(f"differential (ea_inode): entries with different st_blocks: "
-          f"{machine.block_differences}; large values set: {machine.large_values_set}")
+          f"{machine.block_differences}; large values set: {machine.large_values_set}; "
+          f"EA inode references the kernel leaked: {machine.kernel_overcounts}")
