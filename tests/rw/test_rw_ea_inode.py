@@ -187,6 +187,10 @@ def test_values_set_replaced_and_removed_share_exact_counts(tmp_path: Path) -> N
         out.append(attempt(os.rename, root / "a", root / "c"))  # c's values go with it
         out.append(attempt(os.link, root / "b", root / "b2"))
         out.append(attempt(os.unlink, root / "b"))  # b2 still holds b's values
+        (root / "e").mkdir()
+        out.append(attempt(os.setxattr, root / "e", "trusted.dir", SHARED))
+        out.append(attempt(os.setxattr, root / "e", "user.dir", OTHER))
+        out.append(attempt(os.rmdir, root / "e"))  # a directory owner freed
         out.append({n: sorted(os.listxattr(root / n)) for n in sorted(os.listdir(root))
                     if n != "lost+found"})
         return out
