@@ -1,0 +1,439 @@
+"""What the broker does for one caller: mount, unmount, list.
+
+The caller is who SO_PEERCRED says; everything else is the broker's own
+(`BrokerSettings`, fixed at start). A mount, in order:
+  1. open the image and the mountpoint as the caller (peer.open_as: the
+     kernel checks every permission as them) and decide on the fds' real
+     paths, read back from /proc/self/fd;
+  2. the mountpoint must be a directory the caller owns, not already ours;
+  3. lock the image, ask the policy (the broker's directory), refuse features;
+  4. start the server container (root podman: a non-root host uid), mount
+     FUSE on the held directory fd owned by the caller, hand the fds over
+     the container's socketpair, wait for READY;
+  5. record the mount with its owner's uid and its mount id.
+Unmount goes by that record: only its owner or root, and only if the path
+still leads to the very mount the broker made (same mount id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import errno
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass
+
+from ext4box.helper import container, fusemount, handoff, state
+from ext4box.helper import image as image_module
+from ext4box.helper.errors import HelperError
+from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
+from ext4box.helper.peer import Caller, open_as
+from ext4box.log import get_logger
+from ext4box.policy import PolicyLoadError, Request, load_policy, sha256_of_fd
+from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
+
+log = get_logger("ext4box.broker")
+
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Everything the broker decides with; none of it comes from a client."""
+
+    policy_dir: str
+    podman: container.Podman
+    timeout: float = 30.0
+
+
+# -- mount --------------------------------------------------------------------------
+
+
+def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
+              settings: BrokerSettings) -> dict[str, object]:  # fmt: skip
+    policy = _load_policy(settings.policy_dir)
+    dir_fd = _open_mountpoint_as(caller, mountpoint_arg)
+    try:
+        mountpoint = _check_mountpoint(caller, dir_fd, mountpoint_arg)
+        image = _open_image_as(caller, image_arg, mode)
+        try:
+            lock_image(image)
+            decision = policy.decide(
+                Request(
+                    image=image.path,
+                    image_size=image.size,
+                    uid=caller.uid,
+                    user=caller.identity.user,
+                    gids=caller.identity.gids,
+                    groups=caller.identity.groups,
+                    mode=mode,
+                    mountpoint=mountpoint,
+                    is_block_device=image.is_block_device,
+                    sha256=lambda: sha256_of_fd(image.fd),
+                )
+            )
+            if not decision.allowed:
+                raise HelperError(decision.reason)
+            check_features(image, decision.refused_features, decision.rule)
+            container.check_image(settings.podman)
+            flags = tuple(decision.mount_flags)
+            record, ready = _serve(caller, settings, image, dir_fd, mountpoint, flags,
+                                   decision.rule, decision.sha256)  # fmt: skip
+        finally:
+            image.close()
+    finally:
+        os.close(dir_fd)
+    return {"image": record.image, "mountpoint": record.mountpoint, "mode": record.mode,
+            "container": record.name, "ready_seconds": round(ready, 3)}  # fmt: skip
+
+
+def _load_policy(directory: str):  # type: ignore[no-untyped-def]
+    try:
+        return load_policy(directory, check_ownership=True)
+    except PolicyLoadError as err:
+        raise HelperError(f"the broker's policy is broken, ask root to fix it: {err}") from None
+
+
+def _open_image_as(caller: Caller, image_arg: str, mode: str) -> OpenedImage:
+    """The image opened by the caller's own rights, adopted on the broker's side."""
+
+    def opener() -> tuple[int, str]:
+        opened = open_image(image_arg, mode)  # every refusal is a HelperError line
+        return opened.fd, opened.path
+
+    got = open_as(caller, opener)
+    try:
+        path = fd_path(got.fd)
+        if path != got.note:
+            raise HelperError(f"image {image_arg} changed while it was being opened; try again")
+        st = os.fstat(got.fd)
+        is_block = stat.S_ISBLK(st.st_mode)
+        if not (is_block or stat.S_ISREG(st.st_mode)):
+            raise HelperError(f"refusing image {image_arg}: not a regular file or block device")
+        access = os.O_RDONLY if mode == "ro" else os.O_RDWR
+        if (os.get_blocking(got.fd), _access_mode(got.fd)) != (True, access):
+            raise HelperError(f"image {image_arg} was not opened as asked; refusing it")
+        size = os.lseek(got.fd, 0, os.SEEK_END) if is_block else st.st_size
+        os.lseek(got.fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(got.fd)
+        raise
+    return OpenedImage(path, got.fd, mode, is_block, size)
+
+
+def _access_mode(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+def _open_mountpoint_as(caller: Caller, mountpoint_arg: str) -> int:
+    def opener() -> tuple[int, str]:
+        try:
+            fd = os.open(mountpoint_arg, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno == errno.ENOTCONN:
+                raise HelperError(
+                    f"mountpoint {mountpoint_arg} is a FUSE mount whose server is gone;"
+                    f" run: ext4box umount {mountpoint_arg}"
+                ) from None
+            raise HelperError(f"mountpoint {mountpoint_arg}: {err.strerror}") from None
+        return fd, ""
+
+    return open_as(caller, opener).fd
+
+
+def _check_mountpoint(caller: Caller, dir_fd: int, mountpoint_arg: str) -> str:
+    """The directory's real path; it must be the caller's and not an ext4box mount."""
+    st = os.fstat(dir_fd)
+    path = fd_path(dir_fd)
+    if not stat.S_ISDIR(st.st_mode) or path.endswith(_DELETED) or not path.startswith("/"):
+        raise HelperError(f"mountpoint {mountpoint_arg} is not a directory")
+    if st.st_uid != caller.uid:
+        raise HelperError(
+            f"mountpoint {path} belongs to uid {st.st_uid}: the broker mounts only on"
+            " directories you own"
+        )
+    if fusemount.mounted_fstype(path) == fusemount.FSTYPE:
+        raise HelperError(f"{path} is already an ext4box mount (see ext4box list)")
+    return path
+
+
+def fd_path(fd: int) -> str:
+    """The path the kernel has for an fd (what a decision must be made on)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+# -- serving -------------------------------------------------------------------------
+
+
+def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd: int,
+           mountpoint: str, flags: tuple[str, ...], rule: str | None,
+           sha256: str | None) -> tuple[state.MountRecord, float]:  # fmt: skip
+    podman = settings.podman
+    name = f"ext4box-{secrets.token_hex(6)}"
+    log_file = state.log_path(name)
+    labels = {container.LABEL: "1", "org.ext4box.image": image.path,
+              "org.ext4box.owner": str(caller.uid)}  # fmt: skip
+    started = time.monotonic()
+    # The container starts before the mount exists, so conmon's copy of our
+    # mount namespace holds no copy of the FUSE mount (see commands.py).
+    try:
+        container_id, sock = container.start(podman, name, log_file, labels, settings.timeout)
+    except BaseException:
+        _discard(podman, name, log_file)
+        raise
+    with sock:
+        try:
+            fuse_fd = mount_fuse_on(dir_fd, image, flags, caller)
+        except BaseException:
+            _discard(podman, name, log_file)
+            raise
+        try:
+            mount_id = _new_mount_id(dir_fd, mountpoint)
+            request = MountRequest(
+                Mode.RO if image.mode == "ro" else Mode.RW,
+                ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
+                image.size,
+                flags,
+            )
+            try:
+                handoff.hand_off(sock, fuse_fd, image.fd, request, timeout=settings.timeout)
+                handoff.wait_ready(sock, timeout=settings.timeout)
+            except (PeerRefused, HandoffError) as failed:
+                tail = container.log_tail(log_file)
+                raise HelperError(
+                    f"the server container {name} failed: {failed.reason}"
+                    + (f"; its log: {tail}" if tail else "")
+                ) from None
+        except BaseException:
+            _undo_mount(mountpoint)
+            _discard(podman, name, log_file)
+            raise
+        finally:
+            os.close(fuse_fd)
+    ready = time.monotonic() - started
+    record = state.MountRecord(
+        name=name,
+        image=image.path,
+        mountpoint=mountpoint,
+        mode=image.mode,
+        container_id=container_id,
+        since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        pid=container.container_pid(podman, name),
+        uid=caller.uid,
+        flags=flags,
+        rule=rule,
+        sha256=sha256,
+        mount_id=mount_id,
+    )
+    state.save(record)
+    log.info("mounted", owner=caller.uid, container=name, image=image.path,
+             mountpoint=mountpoint, mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
+    return record, ready
+
+
+def mount_fuse_on(dir_fd: int, image: OpenedImage, flags: tuple[str, ...], caller: Caller) -> int:
+    """mount(2) a FUSE filesystem owned by the caller onto the held directory fd.
+
+    Through /proc/self/fd/N the kernel mounts on the very directory the
+    caller opened and the policy judged, whatever was renamed since.
+    """
+    try:
+        fuse_fd = os.open(fusemount.FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise HelperError(f"cannot open {fusemount.FUSE_DEVICE}: {err.strerror}") from None
+    options = [f"fd={fuse_fd}", "rootmode=40000", f"user_id={caller.uid}",
+               f"group_id={caller.gid}", "default_permissions"]  # fmt: skip
+    if "allow_other" in flags:
+        options.append("allow_other")
+    mount_flags = fusemount.MS_NOSUID | fusemount.MS_NODEV
+    if image.mode == "ro":
+        mount_flags |= fusemount.MS_RDONLY
+    if "noexec" in flags:
+        mount_flags |= fusemount.MS_NOEXEC
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.mount(
+        os.fsencode(image.path), f"/proc/self/fd/{dir_fd}".encode(), fusemount.FSTYPE.encode(),
+        ctypes.c_ulong(mount_flags), ",".join(options).encode(),
+    )  # fmt: skip
+    if result != 0:
+        err = ctypes.get_errno()
+        os.close(fuse_fd)
+        raise HelperError(f"cannot mount on {fd_path(dir_fd)}: {os.strerror(err)}")
+    return fuse_fd
+
+
+# -- mount ids (/proc/self/mountinfo, /proc/self/fdinfo) --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MountInfo:
+    mount_id: int
+    parent_id: int
+    device: str  # major:minor
+    fstype: str
+
+
+def mount_infos() -> dict[int, MountInfo]:
+    found = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            left, sep, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if sep and len(fields) >= 5 and tail and fields[0].isdigit() and fields[1].isdigit():
+                info = MountInfo(int(fields[0]), int(fields[1]), fields[2], tail[0])
+                found[info.mount_id] = info
+    return found
+
+
+def mount_id_of(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key == "mnt_id":
+                return int(value)
+    raise HelperError("the kernel does not report mount ids (/proc/self/fdinfo has no mnt_id)")
+
+
+def _new_mount_id(dir_fd: int, mountpoint: str) -> int:
+    """The id of the FUSE mount just stacked on dir_fd's directory."""
+    mount_id = _mount_id_at(mountpoint)
+    info = mount_infos().get(mount_id)
+    if info is None or info.fstype != fusemount.FSTYPE or info.parent_id != mount_id_of(dir_fd):
+        raise HelperError(f"cannot find the new mount on {mountpoint}")
+    return mount_id
+
+
+def _mount_id_at(mountpoint: str) -> int:
+    """The id of the mount now at `mountpoint`, reached without following any link."""
+    parent_fd = open_no_symlinks(os.path.dirname(mountpoint))
+    try:
+        child = os.open(os.path.basename(mountpoint), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=parent_fd)  # fmt: skip
+        try:
+            return mount_id_of(child)
+        finally:
+            os.close(child)
+    finally:
+        os.close(parent_fd)
+
+
+def open_no_symlinks(path: str) -> int:
+    """An O_PATH fd of a directory; a symbolic link anywhere in `path` fails (ELOOP)."""
+    fd = image_module._openat2(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd is None:  # no openat2: refuse rather than walk links as root
+        raise HelperError("this kernel lacks openat2(2); the broker needs it")
+    return fd
+
+
+# -- unmount -------------------------------------------------------------------------
+
+
+def _unmount_exact(mountpoint: str, mount_id: int | None) -> str:
+    """Unmount the mount at `mountpoint` if it is ours (mount_id); returns its device.
+
+    The parent directory is held by an fd opened without following links,
+    the mount below it is identified by id, and umount2 goes through that
+    same parent fd: a directory swapped for a link meanwhile is never followed.
+    """
+    if mountpoint == "/" or not mountpoint.startswith("/"):
+        raise HelperError(f"refusing to unmount {mountpoint}")
+    name = os.path.basename(mountpoint)
+    try:
+        parent_fd = open_no_symlinks(os.path.dirname(mountpoint))
+    except OSError as err:
+        raise HelperError(f"cannot reach {mountpoint}: {err.strerror}") from None
+    try:
+        try:
+            child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except OSError as err:
+            raise HelperError(f"cannot reach {mountpoint}: {err.strerror}") from None
+        try:
+            found = mount_id_of(child)
+        finally:
+            os.close(child)
+        info = mount_infos().get(found)
+        if (
+            info is None
+            or info.fstype != fusemount.FSTYPE
+            or (mount_id is not None and found != mount_id)
+        ):
+            raise HelperError(
+                f"{mountpoint} is no longer the ext4box mount the broker made; not unmounting it"
+            )
+        libc = ctypes.CDLL(None, use_errno=True)
+        target = f"/proc/self/fd/{parent_fd}/{name}"
+        if libc.umount2(os.fsencode(target), ctypes.c_int(fusemount.UMOUNT_NOFOLLOW)) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EBUSY:
+                raise HelperError(
+                    f"cannot unmount {mountpoint}: it is busy (files open or a cwd in it)"
+                )
+            raise HelperError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
+        return info.device
+    finally:
+        os.close(parent_fd)
+
+
+def umount_for(caller: Caller, mountpoint_arg: str, settings: BrokerSettings) -> dict[str, object]:
+    path = os.path.normpath(mountpoint_arg)
+    record = next((r for r in state.load_all() if r.mountpoint == path), None)
+    if record is None:
+        raise HelperError(f"{mountpoint_arg} is not an ext4box mount (see ext4box list)")
+    if record.uid != caller.uid and not caller.is_root:
+        raise HelperError(
+            f"{record.mountpoint} is not your mount (it belongs to uid {record.uid});"
+            " only its owner or root can unmount it"
+        )
+    mounted = record.mount_id is not None and record.mount_id in mount_infos()
+    if mounted:
+        device = _unmount_exact(record.mountpoint, record.mount_id)
+        fusemount.abort_connection(device)
+    # Unmounting ends the FUSE session and the server exits (--rm removes it);
+    # a server that lingers is stopped.
+    if not container.wait_gone(settings.podman, record.name, 1.5):
+        container.remove(settings.podman, record.name)
+    state.forget(record)
+    log.info("unmounted", by=caller.uid, owner=record.uid, container=record.name,
+             mountpoint=record.mountpoint, image=record.image, was_mounted=mounted)  # fmt: skip
+    return {"mountpoint": record.mountpoint}
+
+
+# -- list ------------------------------------------------------------------------------
+
+
+def list_for(caller: Caller, settings: BrokerSettings) -> dict[str, object]:
+    """The caller's mounts (root: everyone's). Nothing here touches a mount's
+    files: a stat of a path a user controls could hang on their FUSE server."""
+    records = [r for r in state.load_all() if caller.is_root or r.uid == caller.uid]
+    statuses = container.running_containers(settings.podman) if records else {}
+    live = mount_infos()
+    rows = []
+    for record in records:
+        if record.mount_id is None or record.mount_id not in live:
+            status = "not mounted"
+        else:
+            status = "serving" if statuses.get(record.name) == "running" else "server gone"
+        rows.append({"image": record.image, "mountpoint": record.mountpoint,
+                     "mode": record.mode, "container": record.name,
+                     "container_id": record.container_id, "since": record.since,
+                     "pid": record.pid, "uid": record.uid, "status": status})  # fmt: skip
+    return {"mounts": rows}
+
+
+def _undo_mount(mountpoint: str) -> None:
+    """Undo a mount whose hand-off failed."""
+    with contextlib.suppress(HelperError, OSError):
+        _unmount_exact(mountpoint, _mount_id_at(mountpoint))
+
+
+def _discard(podman: container.Podman, name: str, log_file: object) -> None:
+    with contextlib.suppress(HelperError):
+        container.remove(podman, name)
+    with contextlib.suppress(OSError):
+        os.unlink(str(log_file))
