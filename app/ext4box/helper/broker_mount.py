@@ -27,7 +27,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from ext4box.helper import container, fusemount, handoff, state
+from ext4box.helper import container, devices, fusemount, handoff, state
 from ext4box.helper import image as image_module
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
@@ -59,7 +59,17 @@ def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
     dir_fd = _open_mountpoint_as(caller, mountpoint_arg)
     try:
         mountpoint = _check_mountpoint(caller, dir_fd, mountpoint_arg)
-        image = _open_image_as(caller, image_arg, mode)
+        device = devices.device_name(image_arg)
+        # As the caller first: the kernel decides what they may open. Only a
+        # device named under /dev may then be opened by the broker, and it is
+        # kept only if a grant_access rule allows exactly this request.
+        refused: HelperError | None = None
+        try:
+            image = _open_image_as(caller, device.node if device else image_arg, mode)
+        except HelperError as as_caller:
+            if device is None:
+                raise
+            refused, image = as_caller, devices.open_device(device, mode)
         try:
             lock_image(image)
             decision = policy.decide(
@@ -74,8 +84,11 @@ def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
                     mountpoint=mountpoint,
                     is_block_device=image.is_block_device,
                     sha256=lambda: sha256_of_fd(image.fd),
+                    image_links=device.links if device else (),
                 )
             )
+            if refused is not None and not (decision.allowed and decision.grant_access):
+                raise refused  # what the caller could not open stays unopened for them
             if not decision.allowed:
                 raise HelperError(decision.reason)
             check_features(image, decision.refused_features, decision.rule)
