@@ -15,6 +15,7 @@ import shutil
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,7 @@ from appliance.broker_support import (
 )
 from ext4box.helper.broker_client import ADVISORY_WARNING
 from ext4box.helper.broker_protocol import MAX_MESSAGE_BYTES
+from ext4box.helper.state import MountRecord
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -306,3 +308,69 @@ def test_a_user_policy_directory_is_refused_at_broker_start(scene):
         f"ext4box: error: policy directory {own_policy} is not safe for the broker:"
         f" {own_policy} must be owned by root and writable by root only"
     )
+
+
+# -- records: owners, listing, the per-user limit ------------------------------------------
+
+
+def seed_records(scene, owner, count: int, prefix: str) -> list[Path]:
+    """Mount records as the broker writes them (no live mount behind them)."""
+    paths = []
+    for index in range(count):
+        record = MountRecord(
+            name=f"{prefix}-{index}",
+            image=str(scene.home(owner) / f"{prefix}-{index}.img"),
+            mountpoint=str(scene.home(owner) / f"{prefix}-mnt-{index}"),
+            mode="ro",
+            container_id=f"{prefix}-{index}",
+            since=f"2026-01-01T00:00:{index:02d}+00:00",
+            pid=None,
+            uid=owner.pw_uid,
+            flags=("nosuid", "nodev"),
+            rule="users-images",
+        )
+        path = scene.root / "state" / f"{record.name}.json"
+        path.write_text(record.to_json())
+        paths.append(path)
+    return paths
+
+
+def test_each_user_lists_and_unmounts_only_their_own(scene, broker):
+    seeded = seed_records(scene, scene.alice, 2, "alice") + seed_records(scene, scene.bob, 1, "bob")
+    try:
+        alice_rows = ask_as(scene, scene.alice, {"version": 1, "op": "list"})["mounts"]
+        bob_rows = ask_as(scene, scene.bob, {"version": 1, "op": "list"})["mounts"]
+        root_rows = ask(scene, frame({"version": 1, "op": "list"}))["mounts"]
+        assert [r["container"] for r in alice_rows] == ["alice-0", "alice-1"]
+        assert [r["container"] for r in bob_rows] == ["bob-0"]
+        assert sorted(r["container"] for r in root_rows) == ["alice-0", "alice-1", "bob-0"]
+        assert {r["status"] for r in root_rows} == {"not mounted"}
+        # The CLI shows the same, as a table.
+        table = scene.ext4box(scene.bob, "list").stdout
+        assert "bob-0" in table and "alice" not in table
+        target = alice_rows[0]["mountpoint"]
+        assert error_line(scene.ext4box(scene.bob, "umount", target)) == (
+            f"{target} is not your mount (it belongs to uid {scene.alice.pw_uid});"
+            " only its owner or root can unmount it"
+        )
+        assert seeded[0].exists()
+        done = scene.ext4box(scene.alice, "umount", target)
+        assert done.returncode == 0, done.stderr
+        assert not seeded[0].exists()
+    finally:
+        for path in seeded:
+            path.unlink(missing_ok=True)
+
+
+def test_a_user_cannot_start_servers_without_end(scene, broker):
+    seeded = seed_records(scene, scene.bob, 16, "many")
+    try:
+        image = make_image(scene.home(scene.bob) / "one-more.img", {"x": "x\n"}, scene.bob)
+        proc = scene.ext4box(scene.bob, "mount", str(image), str(scene.home(scene.bob) / "mnt"))
+        assert error_line(proc) == (
+            "you have 16 ext4box mounts, the broker's limit per user; unmount one first"
+            " (see ext4box list)"
+        )
+    finally:
+        for path in seeded:
+            path.unlink(missing_ok=True)

@@ -48,6 +48,7 @@ class BrokerSettings:
     policy_dir: str
     podman: container.Podman
     timeout: float = 30.0
+    max_mounts_per_user: int = 16
 
 
 # -- mount --------------------------------------------------------------------------
@@ -56,6 +57,7 @@ class BrokerSettings:
 def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
               settings: BrokerSettings) -> dict[str, object]:  # fmt: skip
     policy = _load_policy(settings.policy_dir)
+    _check_mount_count(caller, settings)
     dir_fd = _open_mountpoint_as(caller, mountpoint_arg)
     try:
         mountpoint = _check_mountpoint(caller, dir_fd, mountpoint_arg)
@@ -102,6 +104,18 @@ def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
         os.close(dir_fd)
     return {"image": record.image, "mountpoint": record.mountpoint, "mode": record.mode,
             "container": record.name, "ready_seconds": round(ready, 3)}  # fmt: skip
+
+
+def _check_mount_count(caller: Caller, settings: BrokerSettings) -> None:
+    """Each mount is a container: one user must not be able to start them without end."""
+    if caller.is_root:
+        return
+    mine = sum(1 for record in state.load_all() if record.uid == caller.uid)
+    if mine >= settings.max_mounts_per_user:
+        raise HelperError(
+            f"you have {mine} ext4box mounts, the broker's limit per user;"
+            " unmount one first (see ext4box list)"
+        )
 
 
 def _load_policy(directory: str):  # type: ignore[no-untyped-def]

@@ -100,6 +100,7 @@ def open_as(caller: Caller, opener: Callable[[], tuple[int, str]]) -> Opened:
 def _child(caller: Caller, opener: Callable[[], tuple[int, str]], sock: socket.socket) -> None:
     status = 0
     try:
+        _close_all_but(sock.fileno())  # the broker's fds are not the caller's business
         drop_to(caller)
         fd, note = opener()
         sock.sendmsg([f"ok:{note}".encode()[:MAX_REPORT_BYTES]],
@@ -112,6 +113,11 @@ def _child(caller: Caller, opener: Callable[[], tuple[int, str]], sock: socket.s
         with contextlib.suppress(BaseException):
             sock.send(b"error:internal error while opening as the calling user")
     os._exit(status)
+
+
+def _close_all_but(keep: int) -> None:
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 def drop_to(caller: Caller) -> None:
