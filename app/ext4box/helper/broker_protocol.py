@@ -117,7 +117,7 @@ def encode_call(call: Call) -> dict[str, Any]:
 def decode_call(message: dict[str, Any]) -> Call:
     """Validate a request completely before anything acts on it."""
     version = message.get("version")
-    if version != PROTOCOL_VERSION:
+    if not _is_our_version(version):
         raise ProtocolError(
             f"unsupported broker protocol version {_shown(version)}"
             f" (this broker speaks {PROTOCOL_VERSION})"
@@ -139,6 +139,11 @@ def decode_call(message: dict[str, Any]) -> Call:
     if op == "umount":
         return UmountCall(_path(message, "mountpoint"))
     return ListCall()
+
+
+def _is_our_version(value: object) -> bool:
+    # JSON true is Python's True, which == 1: compare types too.
+    return type(value) is int and value == PROTOCOL_VERSION
 
 
 def _path(message: dict[str, Any], key: str) -> str:
@@ -170,7 +175,7 @@ def error_reply(line: str) -> dict[str, Any]:
 
 def decode_reply(message: dict[str, Any]) -> dict[str, Any]:
     """The reply's fields when ok; ProtocolError(the broker's line) when not."""
-    if message.get("version") != PROTOCOL_VERSION:
+    if not _is_our_version(message.get("version")):
         raise ProtocolError(
             f"the broker answered with protocol version {_shown(message.get('version'))},"
             f" this client speaks {PROTOCOL_VERSION}"
