@@ -80,8 +80,7 @@ def test_a_silent_peer_times_out(pair) -> None:
         ({"version": True, "op": "list"},
          "unsupported broker protocol version true (this broker speaks 1)"),
         ({"version": 1, "op": "x" * 500},
-         "unknown operation 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."
-         " (known: mount, umount, list)"),
+         "unknown operation '" + "x" * 56 + "... (known: mount, umount, list)"),
         ({"version": 1, "op": "mount", "image": ["/a"], "mountpoint": "/m", "mode": "ro"},
          "image must be a string"),
     ],
