@@ -77,10 +77,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from ext4box.helper.external import Endpoint
 
     if broker_client.broker_available():
-        return _mount_through_broker(args)
-    if os.geteuid() != 0:
-        print(broker_client.ADVISORY_WARNING.format(socket=broker_client.socket_path()),
-              file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            print(broker_client.mount_for_cli(args), flush=True)
+        except HelperError as err:
+            raise CliError(err.line) from None
+        return EXIT_OK
+    broker_client.warn_if_advisory()
     endpoint = None
     if args.handoff_listen or args.handoff_connect:
         endpoint = Endpoint(
@@ -113,35 +115,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"unmounted {record.mountpoint} ({why})", flush=True)
     elif result.channel is not None:
         result.channel.close()
-    return EXIT_OK
-
-
-def _mount_through_broker(args: argparse.Namespace) -> int:
-    from ext4box.helper import broker_client
-    from ext4box.helper.errors import HelperError
-
-    # The broker decides with its own policy and settings: refuse, rather than
-    # silently drop, the options that would have chosen them.
-    for option, given in (("--policy", args.policy), ("--foreground", args.foreground),
-                          ("--handoff-listen", args.handoff_listen),
-                          ("--handoff-connect", args.handoff_connect),
-                          ("--server-uid", args.server_uid is not None)):  # fmt: skip
-        if given:
-            raise CliError(
-                f"{option} is not available through the ext4box broker"
-                f" ({broker_client.socket_path()}): it decides with its own policy and settings"
-            )
-    try:
-        done = broker_client.mount(args.image, args.mountpoint, args.mode, args.timeout)
-        print(
-            f"mounted {done['image']} on {done['mountpoint']} ({done['mode']}, container"
-            f" {done['container']}, ready in {float(done['ready_seconds']):.2f} s, via the broker)",
-            flush=True,
-        )
-    except HelperError as err:
-        raise CliError(err.line) from None
-    except (KeyError, TypeError, ValueError):
-        raise CliError("the ext4box broker sent a malformed reply") from None
     return EXIT_OK
 
 

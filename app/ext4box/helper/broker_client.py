@@ -10,8 +10,10 @@ anything a user could not mount directly).
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
+import sys
 from typing import Any
 
 from ext4box.helper.broker_protocol import (
@@ -42,6 +44,35 @@ def socket_path() -> str:
 def broker_available() -> bool:
     """A non-root caller goes through the broker when its socket exists."""
     return os.geteuid() != 0 and os.path.exists(socket_path())
+
+
+def warn_if_advisory() -> None:
+    """Say, in one line, that a non-root caller without a broker is not bound by policy."""
+    if os.geteuid() != 0:
+        print(ADVISORY_WARNING.format(socket=socket_path()), file=sys.stderr, flush=True)
+
+
+def mount_for_cli(args: argparse.Namespace) -> str:
+    """`ext4box mount` through the broker; returns the line to print."""
+    # The broker decides with its own policy and settings: refuse, rather than
+    # silently drop, the options that would have chosen them.
+    for option, given in (("--policy", args.policy), ("--foreground", args.foreground),
+                          ("--handoff-listen", args.handoff_listen),
+                          ("--handoff-connect", args.handoff_connect),
+                          ("--server-uid", args.server_uid is not None)):  # fmt: skip
+        if given:
+            raise HelperError(
+                f"{option} is not available through the ext4box broker ({socket_path()}):"
+                " it decides with its own policy and settings"
+            )
+    done = mount(args.image, args.mountpoint, args.mode, args.timeout)
+    try:
+        return (
+            f"mounted {done['image']} on {done['mountpoint']} ({done['mode']}, container"
+            f" {done['container']}, ready in {float(done['ready_seconds']):.2f} s, via the broker)"
+        )
+    except (KeyError, TypeError, ValueError):
+        raise HelperError("the ext4box broker sent a malformed reply") from None
 
 
 def mount(image: str, mountpoint: str, mode: str, timeout: float) -> dict[str, Any]:
