@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import datetime
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -33,7 +34,7 @@ from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.helper.peer import Caller, open_as
 from ext4box.log import get_logger
-from ext4box.policy import PolicyLoadError, Request, load_policy, sha256_of_fd
+from ext4box.policy import Policy, PolicyLoadError, Request, load_policy, sha256_of_fd
 from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
 
 log = get_logger("ext4box.broker")
@@ -118,7 +119,7 @@ def _check_mount_count(caller: Caller, settings: BrokerSettings) -> None:
         )
 
 
-def _load_policy(directory: str):  # type: ignore[no-untyped-def]
+def _load_policy(directory: str) -> Policy:
     try:
         return load_policy(directory, check_ownership=True)
     except PolicyLoadError as err:
@@ -153,8 +154,6 @@ def _open_image_as(caller: Caller, image_arg: str, mode: str) -> OpenedImage:
 
 
 def _access_mode(fd: int) -> int:
-    import fcntl
-
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
