@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from appliance.broker_support import (
     real_user,
     running_broker,
 )
+from appliance.helper_support import as_user, user_env
 from ext4box.helper.broker_client import ADVISORY_WARNING
 from ext4box.helper.broker_protocol import MAX_MESSAGE_BYTES
 from ext4box.helper.state import MountRecord
@@ -374,3 +376,31 @@ def test_a_user_cannot_start_servers_without_end(scene, broker):
     finally:
         for path in seeded:
             path.unlink(missing_ok=True)
+
+
+HOLDER = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print("holding", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_one_user_cannot_take_every_worker(scene, broker):
+    """bob holds 20 silent connections; alice is still served at once, not told "busy"."""
+    holder = subprocess.Popen(
+        [*as_user(scene.bob), "/usr/bin/python3", "-c", HOLDER, str(scene.socket), "20", "4"],
+        env=user_env(scene.bob), stdout=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        # Accepting is first come, first served: alice's connection is taken after bob's.
+        reply = ask_as(scene, scene.alice, {"version": 1, "op": "list"})
+        assert reply == {"version": 1, "ok": True, "mounts": []}
+    finally:
+        holder.wait(30)
+    still_serving(scene, broker)

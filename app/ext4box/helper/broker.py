@@ -23,6 +23,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ext4box.helper import container, state
@@ -48,6 +49,8 @@ log = get_logger("ext4box.broker")
 DEFAULT_SOCKET = "/run/ext4box/broker.sock"
 SD_LISTEN_FDS_START = 3
 MAX_WORKERS = 16
+# One user cannot take every worker (silent connections, slow mounts) from the others.
+MAX_WORKERS_PER_USER = 4
 REQUEST_TIMEOUT = 5.0  # a client has this long to send its request
 REPLY_TIMEOUT = 10.0  # and this long to take the reply
 
@@ -191,8 +194,14 @@ class _Stop(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Worker:
+    uid: int  # whom it serves (SO_PEERCRED of the connection)
+    deadline: float  # monotonic; killed after it
+
+
 def _serve_forever(listener: socket.socket, settings: BrokerSettings) -> None:
-    workers: dict[int, float] = {}  # pid -> deadline (monotonic)
+    workers: dict[int, _Worker] = {}  # pid -> worker
     deadline_seconds = REQUEST_TIMEOUT + 4 * settings.timeout + 120
 
     def stop(signum: int, _frame: object) -> None:
@@ -210,13 +219,14 @@ def _serve_forever(listener: socket.socket, settings: BrokerSettings) -> None:
             except OSError:
                 continue
             with conn:
-                if len(workers) >= MAX_WORKERS:
+                uid = caller_of(conn).uid
+                if _busy(workers, uid):
                     _refuse_busy(conn)
                     continue
                 pid = os.fork()
                 if pid == 0:  # pragma: no cover - the worker; its outcome is its reply
                     _worker(listener, conn, settings)
-                workers[pid] = time.monotonic() + deadline_seconds
+                workers[pid] = _Worker(uid, time.monotonic() + deadline_seconds)
     except _Stop as why:
         log.info("broker_stopping", reason=str(why), workers=len(workers))
     finally:
@@ -224,9 +234,16 @@ def _serve_forever(listener: socket.socket, settings: BrokerSettings) -> None:
             signal.signal(sig, handler)
 
 
-def _reap(workers: dict[int, float]) -> None:
+def _busy(workers: dict[int, _Worker], uid: int) -> bool:
+    if len(workers) >= MAX_WORKERS:
+        return True
+    mine = sum(1 for worker in workers.values() if worker.uid == uid)
+    return uid != 0 and mine >= MAX_WORKERS_PER_USER
+
+
+def _reap(workers: dict[int, _Worker]) -> None:
     now = time.monotonic()
-    for pid, deadline in list(workers.items()):
+    for pid, worker in list(workers.items()):
         try:
             done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -237,8 +254,8 @@ def _reap(workers: dict[int, float]) -> None:
             if status:
                 log.warning("broker_worker_failed", pid=pid,
                             exit=os.waitstatus_to_exitcode(status))  # fmt: skip
-        elif now > deadline:
-            log.warning("broker_worker_overdue", pid=pid)
+        elif now > worker.deadline:
+            log.warning("broker_worker_overdue", pid=pid, uid=worker.uid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
