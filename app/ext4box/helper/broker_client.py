@@ -106,7 +106,7 @@ def _ask(call: MountCall | UmountCall | ListCall, timeout: float) -> dict[str, A
             raise HelperError(
                 f"cannot reach the ext4box broker at {path}: {err.strerror or err}"
             ) from None
-        sock.settimeout(timeout + SLACK)
+        sock.settimeout(max(timeout, 0.0) + SLACK)  # the broker's own timeout governs the mount
         try:
             send_message(sock, encode_call(call))
             message = recv_message(sock)
