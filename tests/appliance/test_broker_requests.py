@@ -35,7 +35,7 @@ from appliance.broker_support import (
     real_user,
     running_broker,
 )
-from appliance.helper_support import as_user, user_env
+from appliance.helper_support import USER_PYTHON, as_user, fuse_access, run_as, user_env
 from ext4box.helper.broker_client import ADVISORY_WARNING
 from ext4box.helper.broker_protocol import MAX_MESSAGE_BYTES
 from ext4box.helper.state import MountRecord
@@ -403,4 +403,46 @@ def test_one_user_cannot_take_every_worker(scene, broker):
         assert reply == {"version": 1, "ok": True, "mounts": []}
     finally:
         holder.wait(30)
+    still_serving(scene, broker)
+
+
+def test_an_image_on_bobs_own_fuse_mount_gets_one_line(scene, broker):
+    """bob serves an ext4 image holding inner.img on his own FUSE mount (no
+    allow_other): the broker's child opens it as bob, but root may not use the
+    fd (FUSE's owner check). One line, not a dead worker."""
+    home = scene.home(scene.bob)
+    outer_tree = home / "outer-tree"
+    outer_tree.mkdir(exist_ok=True)
+    make_image(outer_tree / "inner.img", {"x": "x\n"}, None, 0o644)
+    outer = home / "outer.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(outer_tree), str(outer), "16M"],
+                   check=True)  # fmt: skip
+    os.chown(outer, scene.bob.pw_uid, scene.bob.pw_gid)
+    view = home / "view"
+    view.mkdir(exist_ok=True)
+    os.chown(view, scene.bob.pw_uid, scene.bob.pw_gid)
+    with fuse_access(scene.bob):
+        server = subprocess.Popen(
+            [*as_user(scene.bob), USER_PYTHON, "-m", "ext4box", "serve", str(outer), str(view)],
+            env=user_env(scene.bob), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, cwd="/",
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not mounted_at(view):
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr
+                time.sleep(0.1)
+            inner = view / "inner.img"
+            proc = scene.ext4box(scene.bob, "mount", str(inner), str(home / "mnt"))
+            assert error_line(proc) == (
+                f"the broker cannot use image {inner}: Permission denied"
+                " (it is on a FUSE mount only you may access)"
+            )
+        finally:
+            run_as(scene.bob, "fusermount3", "-u", "-z", str(view))
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     still_serving(scene, broker)

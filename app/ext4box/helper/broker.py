@@ -4,8 +4,8 @@ It listens on /run/ext4box/broker.sock (0666: anyone may ask), or on the
 socket systemd passes (LISTEN_FDS, compose/systemd/ext4box-broker.socket).
 Each connection is one request (broker_protocol.py), served in a forked
 worker with a deadline, so a client that stalls, sends garbage or crashes
-its worker never stops the broker from serving the next one. Mounts and
-unmounts take a lock on the state directory: one at a time.
+its worker never stops the broker from serving the next one. A user's
+mounts and unmounts are serialised by a lock of their own.
 
 Who asks comes from SO_PEERCRED; what is allowed comes from the broker's
 own settings (`BrokerSettings`), fixed at start from its command line and
@@ -295,6 +295,11 @@ def serve_connection(conn: socket.socket, settings: BrokerSettings) -> None:
         outcome = "ok"
     except HelperError as err:
         reply, outcome = error_reply(err.line), err.line
+    except Exception:
+        # A bug of ours: the caller still gets one line, the log gets the traceback.
+        log.exception("broker_request_failed", uid=caller.uid, op=type(call).__name__)
+        reply = error_reply("the broker failed on this request (see its log)")
+        outcome = "internal error"
     log.info("broker_request", uid=caller.uid, user=caller.identity.user, pid=caller.pid,
              op=type(call).__name__, outcome=outcome)  # fmt: skip
     _answer(conn, reply)
@@ -309,16 +314,22 @@ def _answer(conn: socket.socket, reply: dict[str, object]) -> None:
 def _handle(caller: Caller, call: Call, settings: BrokerSettings) -> dict[str, object]:
     if isinstance(call, ListCall):
         return list_for(caller, settings)
-    with _state_lock():
+    with _state_lock(caller.uid):
         if isinstance(call, MountCall):
             return mount_for(caller, call.image, call.mountpoint, call.mode, settings)
         return umount_for(caller, call.mountpoint, settings)
 
 
 @contextlib.contextmanager
-def _state_lock() -> Iterator[None]:
-    """One mount or unmount at a time, across workers."""
-    path = state.ensure_state_dir() / ".broker.lock"
+def _state_lock(uid: int) -> Iterator[None]:
+    """One mount or unmount at a time per user, across workers.
+
+    Per user, not global: the broker may block on a user's image (reading its
+    superblock, hashing it, fstat: an image on the user's own FUSE mount can
+    stall all of these until the worker's deadline), and that must hold up
+    no one else. Users never share a mountpoint (it must be their own), so
+    their mounts cannot collide."""
+    path = state.ensure_state_dir() / f".broker-{uid}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

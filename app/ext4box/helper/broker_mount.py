@@ -135,22 +135,32 @@ def _open_image_as(caller: Caller, image_arg: str, mode: str) -> OpenedImage:
 
     got = open_as(caller, opener)
     try:
-        path = fd_path(got.fd)
-        if path != got.note:
-            raise HelperError(f"image {image_arg} changed while it was being opened; try again")
-        st = os.fstat(got.fd)
-        is_block = stat.S_ISBLK(st.st_mode)
-        if not (is_block or stat.S_ISREG(st.st_mode)):
-            raise HelperError(f"refusing image {image_arg}: not a regular file or block device")
-        access = os.O_RDONLY if mode == "ro" else os.O_RDWR
-        if (os.get_blocking(got.fd), _access_mode(got.fd)) != (True, access):
-            raise HelperError(f"image {image_arg} was not opened as asked; refusing it")
-        size = os.lseek(got.fd, 0, os.SEEK_END) if is_block else st.st_size
-        os.lseek(got.fd, 0, os.SEEK_SET)
-    except BaseException:
+        return _adopt_image(got.fd, got.note, image_arg, mode)
+    except BaseException as failed:
         os.close(got.fd)
+        if isinstance(failed, OSError):
+            why = failed.strerror or str(failed)
+            if failed.errno == errno.EACCES:  # root is refused only by a FUSE mount's owner check
+                why += " (it is on a FUSE mount only you may access)"
+            raise HelperError(f"the broker cannot use image {image_arg}: {why}") from None
         raise
-    return OpenedImage(path, got.fd, mode, is_block, size)
+
+
+def _adopt_image(fd: int, opened_path: str, image_arg: str, mode: str) -> OpenedImage:
+    """Check the fd a child opened against what was asked (OSError passes up)."""
+    path = fd_path(fd)
+    if path != opened_path:
+        raise HelperError(f"image {image_arg} changed while it was being opened; try again")
+    st = os.fstat(fd)
+    is_block = stat.S_ISBLK(st.st_mode)
+    if not (is_block or stat.S_ISREG(st.st_mode)):
+        raise HelperError(f"refusing image {image_arg}: not a regular file or block device")
+    access = os.O_RDONLY if mode == "ro" else os.O_RDWR
+    if (os.get_blocking(fd), _access_mode(fd)) != (True, access):
+        raise HelperError(f"image {image_arg} was not opened as asked; refusing it")
+    size = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
+    os.lseek(fd, 0, os.SEEK_SET)
+    return OpenedImage(path, fd, mode, is_block, size)
 
 
 def _access_mode(fd: int) -> int:
