@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import struct
@@ -215,3 +216,23 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
 def mounted_at(path: Path) -> bool:
     with open("/proc/self/mountinfo") as table:
         return any(line.split()[4] == str(path) for line in table)
+
+
+def remove_scene(scene: Scene) -> None:
+    """Whatever a failed test left: mounts under the scene, their containers, the tree."""
+    with open("/proc/self/mountinfo") as table:
+        mounted = [line.split()[4] for line in table]
+    for path in reversed(mounted):
+        if path.startswith(f"{scene.root}/"):
+            subprocess.run(["umount", "-l", path], capture_output=True)
+    listed = subprocess.run(
+        ["podman", "ps", "-a", "--filter", "label=org.ext4box.owner", "--format", "json"],
+        env=podman_env(), capture_output=True, text=True, timeout=120, cwd="/",
+    )  # fmt: skip
+    with contextlib.suppress(ValueError):
+        for row in json.loads(listed.stdout or "[]"):
+            image = str((row.get("Labels") or {}).get("org.ext4box.image", ""))
+            if image.startswith(f"{scene.root}/"):
+                subprocess.run(["podman", "rm", "-f", row["Id"]], env=podman_env(),
+                               capture_output=True, timeout=120, cwd="/")  # fmt: skip
+    shutil.rmtree(scene.root, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -28,6 +27,7 @@ from appliance.broker_support import (
     make_image,
     make_scene,
     real_user,
+    remove_scene,
     running_broker,
 )
 
@@ -65,7 +65,7 @@ def scene():
     try:
         yield scene
     finally:
-        shutil.rmtree(scene.root, ignore_errors=True)
+        remove_scene(scene)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -25,6 +24,7 @@ from appliance.broker_support import (
     make_scene,
     mounted_at,
     real_user,
+    remove_scene,
     running_broker,
 )
 from appliance.helper_support import podman, run_as
@@ -101,4 +101,4 @@ def test_alice_mounts_lists_reads_unmounts_and_bob_cannot_touch_it():
         assert check.returncode == 0, check.stdout + check.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        shutil.rmtree(scene.root, ignore_errors=True)
+        remove_scene(scene)

@@ -11,7 +11,6 @@ refusal is the exact one line the user sees, and the broker keeps serving.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -33,6 +32,7 @@ from appliance.broker_support import (
     mounted_at,
     read_reply,
     real_user,
+    remove_scene,
     running_broker,
 )
 from appliance.helper_support import USER_PYTHON, as_user, fuse_access, run_as, user_env
@@ -53,7 +53,7 @@ def scene():
     try:
         yield scene
     finally:
-        shutil.rmtree(scene.root, ignore_errors=True)
+        remove_scene(scene)
 
 
 @pytest.fixture(scope="module")

@@ -229,8 +229,12 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
         except BaseException:
             _discard(podman, name, log_file)
             raise
+        # The caller may have renamed their directory since the decision; the
+        # mount went onto that directory all the same. Record where it is now.
+        where = mountpoint
         try:
-            mount_id = _new_mount_id(dir_fd, mountpoint)
+            where = fd_path(dir_fd)
+            mount_id = _new_mount_id(dir_fd, where)
             request = MountRequest(
                 Mode.RO if image.mode == "ro" else Mode.RW,
                 ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
@@ -247,7 +251,7 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
                     + (f"; its log: {tail}" if tail else "")
                 ) from None
         except BaseException:
-            _undo_mount(mountpoint)
+            _undo_mount(where)
             _discard(podman, name, log_file)
             raise
         finally:
@@ -256,7 +260,7 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
     record = state.MountRecord(
         name=name,
         image=image.path,
-        mountpoint=mountpoint,
+        mountpoint=where,
         mode=image.mode,
         container_id=container_id,
         since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -268,8 +272,8 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
         mount_id=mount_id,
     )
     state.save(record)
-    log.info("mounted", owner=caller.uid, container=name, image=image.path,
-             mountpoint=mountpoint, mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
+    log.info("mounted", owner=caller.uid, container=name, image=image.path, mountpoint=where,
+             decided_on=mountpoint, mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
     return record, ready
 
 
