@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ from appliance.broker_support import (
     remove_scene,
     running_broker,
 )
-from appliance.helper_support import podman, run_as
+from appliance.helper_support import as_user, podman, run_as, user_env
 from support.server_image import server_image as build_server_image
 
 pytestmark = [
@@ -101,4 +102,78 @@ def test_alice_mounts_lists_reads_unmounts_and_bob_cannot_touch_it():
         assert check.returncode == 0, check.stdout + check.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        remove_scene(scene)
+
+
+SWAPPER = """
+import os, sys, time
+home, uid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+mnt, deadline, i = os.path.join(home, "mnt"), time.monotonic() + seconds, 0
+print("swapping", flush=True)
+while time.monotonic() < deadline:
+    i += 1
+    try:
+        if not os.path.lexists(mnt):
+            os.mkdir(mnt)
+        os.rename(mnt, f"{mnt}-{i}")
+        os.symlink("/etc", mnt)
+        time.sleep(0.05)
+        os.unlink(mnt)
+        os.rename(f"{mnt}-{i}", mnt)
+    except OSError:
+        if os.path.islink(mnt):
+            os.unlink(mnt)
+    time.sleep(0.03)
+"""
+
+
+def test_bob_swapping_his_mountpoint_for_a_link_to_etc_never_mounts_on_etc():
+    """While each request is in flight bob keeps renaming his mountpoint away and
+    putting a link to /etc in its place. Each request is decided on the directory
+    the open reached: refused (/etc is root's), or mounted on bob's own directory
+    wherever he renamed it, and then unmounted through the broker at that path."""
+    server_image = build_server_image()
+    alice, bob = real_user(ALICE), real_user(BOB)
+    scene = make_scene(alice, bob)
+    home = scene.home(bob)
+    (scene.policy / "20-renamed.toml").write_text(
+        f'[[rule]]\nname = "renamed"\nimages = ["{home}/*.img"]\nusers = ["{bob.pw_name}"]\n'
+        f'mountpoints = ["{home}/mnt*"]\n'
+    )
+    image = make_image(home / "mine.img", {"f": "f\n"}, bob, 0o600)
+    outcomes: dict[str, int] = {}
+    try:
+        with running_broker(scene, env={"EXT4BOX_SERVER_IMAGE": server_image}) as broker:
+            for attempt in range(10):
+                swapper = subprocess.Popen(
+                    [*as_user(bob), "/usr/bin/python3", "-c", SWAPPER, str(home),
+                     str(bob.pw_uid), str(0.2 + 0.1 * (attempt % 5))],
+                    env=user_env(bob), stdout=subprocess.PIPE, text=True, cwd="/",
+                )  # fmt: skip
+                assert swapper.stdout is not None and swapper.stdout.readline() == "swapping\n"
+                proc = scene.ext4box(bob, "mount", str(image), str(home / "mnt"))
+                swapper.wait(60)
+                assert not os.path.ismount("/etc")
+                if proc.returncode == 0:
+                    outcomes["mounted"] = outcomes.get("mounted", 0) + 1
+                    [row] = listed(scene.ext4box(bob, "list", "--json"))
+                    where = Path(str(row["mountpoint"]))
+                    assert where.parent == home and where.name.startswith("mnt"), where
+                    assert mounted_at(where)  # root may not stat it: it is bob's FUSE mount
+                    done = scene.ext4box(bob, "umount", str(where))
+                    assert done.returncode == 0, done.stderr + broker_log(scene)
+                    assert not mounted_at(where)
+                else:
+                    line = error_line(proc)
+                    outcomes[line] = outcomes.get(line, 0) + 1
+                    assert line in (
+                        "mountpoint /etc belongs to uid 0: the broker mounts only on"
+                        " directories you own",
+                        f"mountpoint {home / 'mnt'}: No such file or directory",
+                    ), line
+            assert broker.poll() is None
+        print(f"\nswap outcomes: {outcomes}")
+        with open("/proc/self/mountinfo") as table:
+            assert not [row for row in table if f"{scene.root}/" in row.split()[4]]
+    finally:
         remove_scene(scene)
