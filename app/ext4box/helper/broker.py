@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ext4box.helper import container, state
-from ext4box.helper.broker_mount import BrokerSettings, list_for, mount_for, umount_for
+from ext4box.helper.broker_mount import BrokerSettings, mount_for
 from ext4box.helper.broker_protocol import (
     Call,
     ListCall,
@@ -39,6 +39,7 @@ from ext4box.helper.broker_protocol import (
     recv_message,
     send_message,
 )
+from ext4box.helper.broker_unmount import list_for, umount_for
 from ext4box.helper.errors import HelperError
 from ext4box.helper.peer import Caller, caller_of
 from ext4box.log import get_logger

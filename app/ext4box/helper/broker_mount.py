@@ -1,4 +1,4 @@
-"""What the broker does for one caller: mount, unmount, list.
+"""What the broker does for one caller's `mount`.
 
 The caller is who SO_PEERCRED says; everything else is the broker's own
 (`BrokerSettings`, fixed at start). A mount, in order:
@@ -11,8 +11,7 @@ The caller is who SO_PEERCRED says; everything else is the broker's own
      FUSE on the held directory fd owned by the caller, hand the fds over
      the container's socketpair, wait for READY;
   5. record the mount with its owner's uid and its mount id.
-Unmount goes by that record: only its owner or root, and only if the path
-still leads to the very mount the broker made (same mount id).
+Unmounting and listing are in broker_unmount.py.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from ext4box.helper import container, devices, fusemount, handoff, state
-from ext4box.helper import image as image_module
+from ext4box.helper import container, devices, fusemount, handoff, mount_ids, state
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.helper.peer import Caller, open_as
@@ -308,168 +306,23 @@ def mount_fuse_on(dir_fd: int, image: OpenedImage, flags: tuple[str, ...], calle
     return fuse_fd
 
 
-# -- mount ids (/proc/self/mountinfo, /proc/self/fdinfo) --------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MountInfo:
-    mount_id: int
-    parent_id: int
-    device: str  # major:minor
-    fstype: str
-
-
-def mount_infos() -> dict[int, MountInfo]:
-    found = {}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            left, sep, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if sep and len(fields) >= 5 and tail and fields[0].isdigit() and fields[1].isdigit():
-                info = MountInfo(int(fields[0]), int(fields[1]), fields[2], tail[0])
-                found[info.mount_id] = info
-    return found
-
-
-def mount_id_of(fd: int) -> int:
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
-        for line in info:
-            key, _, value = line.partition(":")
-            if key == "mnt_id":
-                return int(value)
-    raise HelperError("the kernel does not report mount ids (/proc/self/fdinfo has no mnt_id)")
-
-
 def _new_mount_id(dir_fd: int, mountpoint: str) -> int:
     """The id of the FUSE mount just stacked on dir_fd's directory."""
-    mount_id = _mount_id_at(mountpoint)
-    info = mount_infos().get(mount_id)
-    if info is None or info.fstype != fusemount.FSTYPE or info.parent_id != mount_id_of(dir_fd):
+    mount_id = mount_ids.mount_id_at(mountpoint)
+    info = mount_ids.mount_infos().get(mount_id)
+    if (
+        info is None
+        or info.fstype != fusemount.FSTYPE
+        or info.parent_id != mount_ids.mount_id_of(dir_fd)
+    ):
         raise HelperError(f"cannot find the new mount on {mountpoint}")
     return mount_id
-
-
-def _mount_id_at(mountpoint: str) -> int:
-    """The id of the mount now at `mountpoint`, reached without following any link."""
-    parent_fd = open_no_symlinks(os.path.dirname(mountpoint))
-    try:
-        child = os.open(os.path.basename(mountpoint), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=parent_fd)  # fmt: skip
-        try:
-            return mount_id_of(child)
-        finally:
-            os.close(child)
-    finally:
-        os.close(parent_fd)
-
-
-def open_no_symlinks(path: str) -> int:
-    """An O_PATH fd of a directory; a symbolic link anywhere in `path` fails (ELOOP)."""
-    fd = image_module._openat2(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    if fd is None:  # no openat2: refuse rather than walk links as root
-        raise HelperError("this kernel lacks openat2(2); the broker needs it")
-    return fd
-
-
-# -- unmount -------------------------------------------------------------------------
-
-
-def _unmount_exact(mountpoint: str, mount_id: int | None) -> str:
-    """Unmount the mount at `mountpoint` if it is ours (mount_id); returns its device.
-
-    The parent directory is held by an fd opened without following links,
-    the mount below it is identified by id, and umount2 goes through that
-    same parent fd: a directory swapped for a link meanwhile is never followed.
-    """
-    if mountpoint == "/" or not mountpoint.startswith("/"):
-        raise HelperError(f"refusing to unmount {mountpoint}")
-    name = os.path.basename(mountpoint)
-    try:
-        parent_fd = open_no_symlinks(os.path.dirname(mountpoint))
-    except OSError as err:
-        raise HelperError(f"cannot reach {mountpoint}: {err.strerror}") from None
-    try:
-        try:
-            child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-        except OSError as err:
-            raise HelperError(f"cannot reach {mountpoint}: {err.strerror}") from None
-        try:
-            found = mount_id_of(child)
-        finally:
-            os.close(child)
-        info = mount_infos().get(found)
-        if (
-            info is None
-            or info.fstype != fusemount.FSTYPE
-            or (mount_id is not None and found != mount_id)
-        ):
-            raise HelperError(
-                f"{mountpoint} is no longer the ext4box mount the broker made; not unmounting it"
-            )
-        libc = ctypes.CDLL(None, use_errno=True)
-        target = f"/proc/self/fd/{parent_fd}/{name}"
-        if libc.umount2(os.fsencode(target), ctypes.c_int(fusemount.UMOUNT_NOFOLLOW)) != 0:
-            err = ctypes.get_errno()
-            if err == errno.EBUSY:
-                raise HelperError(
-                    f"cannot unmount {mountpoint}: it is busy (files open or a cwd in it)"
-                )
-            raise HelperError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
-        return info.device
-    finally:
-        os.close(parent_fd)
-
-
-def umount_for(caller: Caller, mountpoint_arg: str, settings: BrokerSettings) -> dict[str, object]:
-    path = os.path.normpath(mountpoint_arg)
-    record = next((r for r in state.load_all() if r.mountpoint == path), None)
-    if record is None:
-        raise HelperError(f"{mountpoint_arg} is not an ext4box mount (see ext4box list)")
-    if record.uid != caller.uid and not caller.is_root:
-        raise HelperError(
-            f"{record.mountpoint} is not your mount (it belongs to uid {record.uid});"
-            " only its owner or root can unmount it"
-        )
-    mounted = record.mount_id is not None and record.mount_id in mount_infos()
-    if mounted:
-        device = _unmount_exact(record.mountpoint, record.mount_id)
-        fusemount.abort_connection(device)
-    # Unmounting ends the FUSE session and the server exits (--rm removes it);
-    # a server that lingers is stopped.
-    if not container.wait_gone(settings.podman, record.name, 1.5):
-        container.remove(settings.podman, record.name)
-    state.forget(record)
-    log.info("unmounted", by=caller.uid, owner=record.uid, container=record.name,
-             mountpoint=record.mountpoint, image=record.image, was_mounted=mounted)  # fmt: skip
-    return {"mountpoint": record.mountpoint}
-
-
-# -- list ------------------------------------------------------------------------------
-
-
-def list_for(caller: Caller, settings: BrokerSettings) -> dict[str, object]:
-    """The caller's mounts (root: everyone's). Nothing here touches a mount's
-    files: a stat of a path a user controls could hang on their FUSE server."""
-    records = [r for r in state.load_all() if caller.is_root or r.uid == caller.uid]
-    statuses = container.running_containers(settings.podman) if records else {}
-    live = mount_infos()
-    rows = []
-    for record in records:
-        if record.mount_id is None or record.mount_id not in live:
-            status = "not mounted"
-        else:
-            status = "serving" if statuses.get(record.name) == "running" else "server gone"
-        rows.append({"image": record.image, "mountpoint": record.mountpoint,
-                     "mode": record.mode, "container": record.name,
-                     "container_id": record.container_id, "since": record.since,
-                     "pid": record.pid, "uid": record.uid, "status": status})  # fmt: skip
-    return {"mounts": rows}
 
 
 def _undo_mount(mountpoint: str) -> None:
     """Undo a mount whose hand-off failed."""
     with contextlib.suppress(HelperError, OSError):
-        _unmount_exact(mountpoint, _mount_id_at(mountpoint))
+        mount_ids.unmount_exact(mountpoint, mount_ids.mount_id_at(mountpoint))
 
 
 def _discard(podman: container.Podman, name: str, log_file: object) -> None:
