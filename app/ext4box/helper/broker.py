@@ -65,6 +65,7 @@ def run(socket_path: str | None, policy_dir: str | None, state_dir: str | None,
     os.chdir("/")
     settings = _settings(policy_dir or DEFAULT_POLICY_DIR, timeout)
     if state_dir:
+        check_root_owned(os.path.dirname(os.path.abspath(state_dir)), "state directory")
         state.use_root_state_dir(Path(state_dir))
     state.ensure_state_dir()
     listener, owned_path = _listener(socket_path, foreground=foreground)
