@@ -359,6 +359,11 @@ def test_each_user_lists_and_unmounts_only_their_own(scene, broker):
         done = scene.ext4box(scene.alice, "umount", target)
         assert done.returncode == 0, done.stderr
         assert not seeded[0].exists()
+        # Root may unmount anyone's.
+        other = alice_rows[1]["mountpoint"]
+        by_root = ask(scene, frame({"version": 1, "op": "umount", "mountpoint": other}))
+        assert by_root == {"version": 1, "ok": True, "mountpoint": other}
+        assert not seeded[1].exists() and seeded[2].exists()
     finally:
         for path in seeded:
             path.unlink(missing_ok=True)
