@@ -72,7 +72,12 @@ def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
                 raise
             refused, image = as_caller, devices.open_device(device, mode)
         try:
-            lock_image(image)
+            try:
+                lock_image(image)
+            except HelperError:
+                if refused is not None:
+                    raise refused from None  # say nothing about a device not granted
+                raise
             decision = policy.decide(
                 Request(
                     image=image.path,
