@@ -103,11 +103,11 @@ def _child(caller: Caller, opener: Callable[[], tuple[int, str]], sock: socket.s
         _close_all_but(sock.fileno())  # the broker's fds are not the caller's business
         drop_to(caller)
         fd, note = opener()
-        sock.sendmsg([f"ok:{note}".encode()[:MAX_REPORT_BYTES]],
+        sock.sendmsg([f"ok:{note}".encode("utf-8", "surrogateescape")[:MAX_REPORT_BYTES]],
                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])  # fmt: skip
     except HelperError as err:
         with contextlib.suppress(OSError):
-            sock.send(f"error:{err.line}".encode()[:MAX_REPORT_BYTES])
+            sock.send(f"error:{err.line}".encode("utf-8", "surrogateescape")[:MAX_REPORT_BYTES])
     except BaseException:
         status = 1
         with contextlib.suppress(BaseException):
@@ -153,7 +153,7 @@ def _receive(sock: socket.socket) -> tuple[str, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             whole = len(payload) - len(payload) % _INT
             fds.extend(array.array("i", payload[:whole]))
-    return data.decode("utf-8", "replace"), fds
+    return data.decode("utf-8", "surrogateescape"), fds
 
 
 def _reap(pid: int) -> None:
