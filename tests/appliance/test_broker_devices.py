@@ -78,6 +78,7 @@ def stick(scene):
         pytest.skip(f"no loop device: {proc.stderr.strip()}")
     device = proc.stdout.strip()
     os.chmod(device, 0o660)
+    made = [p for p in (BY_ID.parent, BY_ID) if not p.exists()]
     BY_ID.mkdir(parents=True, exist_ok=True, mode=0o755)
     link = BY_ID / f"usb-ext4box-test-{secrets.token_hex(4)}"
     link.symlink_to(os.path.relpath(device, BY_ID))
@@ -85,6 +86,9 @@ def stick(scene):
         yield device, link
     finally:
         link.unlink(missing_ok=True)
+        for directory in reversed(made):  # only what this test created, and only if empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         subprocess.run(["losetup", "--detach", device], check=False)
 
 
