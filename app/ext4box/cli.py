@@ -72,10 +72,17 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ext4box.helper import commands
+    from ext4box.helper import broker_client, commands
     from ext4box.helper.errors import HelperError
     from ext4box.helper.external import Endpoint
 
+    if broker_client.broker_available():
+        try:
+            print(broker_client.mount_for_cli(args), flush=True)
+        except HelperError as err:
+            raise CliError(err.line) from None
+        return EXIT_OK
+    broker_client.warn_if_advisory()
     endpoint = None
     if args.handoff_listen or args.handoff_connect:
         endpoint = Endpoint(
@@ -112,10 +119,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ext4box.helper import commands
+    from ext4box.helper import broker_client, commands, state
     from ext4box.helper.errors import HelperError
 
     try:
+        own = state.find(os.path.realpath(os.path.abspath(args.mountpoint)))
+        if broker_client.broker_available() and own is None:
+            broker_client.umount(args.mountpoint)
+            return EXIT_OK
         commands.umount(args.mountpoint)
     except HelperError as err:
         raise CliError(err.line) from None
@@ -123,14 +134,31 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ext4box.helper import commands
+    from ext4box.helper import broker_client, commands
+    from ext4box.helper.errors import HelperError
 
     rows = commands.list_mounts()
+    if broker_client.broker_available():
+        try:
+            rows = broker_client.list_mounts() + rows  # the broker's, then our own direct ones
+        except HelperError as err:
+            raise CliError(err.line) from None
     if args.json:
         print(commands.format_json(rows))
     elif rows:
         print(commands.format_table(rows))
     return EXIT_OK
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from ext4box.helper import broker
+    from ext4box.helper.errors import HelperError
+
+    try:
+        return broker.run(args.socket, args.policy, args.state_dir, args.timeout,
+                          foreground=args.foreground)  # fmt: skip
+    except HelperError as err:
+        raise CliError(err.line) from None
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -242,6 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="show active ext4box mounts")
     listing.add_argument("--json", action="store_true", help="one JSON array")
     listing.set_defaults(handler=cmd_list)
+
+    broker = commands.add_parser(
+        "broker", help="the root service that mounts for ordinary users (systemd or --foreground)"
+    )
+    broker.add_argument(
+        "--foreground", action="store_true", help="listen on --socket instead of systemd's socket"
+    )
+    broker.add_argument(
+        "--socket", metavar="PATH", help="with --foreground (default /run/ext4box/broker.sock)"
+    )
+    broker.add_argument(
+        "--policy", metavar="DIR", help="policy directory (default /etc/ext4box/policy.d)"
+    )
+    broker.add_argument(
+        "--state-dir", metavar="DIR", help="where mounts are recorded (default /run/ext4box/mounts)"
+    )
+    broker.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="wait for each server"
+    )
+    broker.set_defaults(handler=cmd_broker, default_level="info")
 
     service = commands.add_parser(
         "service", help="the in-container server (started by `ext4box mount`)", add_help=False

@@ -33,6 +33,7 @@ class MountRecord:
     flags: tuple[str, ...]
     rule: str | None
     sha256: str | None = None
+    mount_id: int | None = None  # the kernel's mount id (broker mounts: unmount checks it)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -46,6 +47,12 @@ class MountRecord:
         data = {key: value for key, value in data.items() if key in known}
         data["flags"] = tuple(data.get("flags", ()))
         return cls(**data)
+
+
+def use_root_state_dir(path: Path) -> None:
+    """Keep root's records elsewhere (`ext4box broker --state-dir`, for tests)."""
+    global ROOT_STATE_DIR
+    ROOT_STATE_DIR = path
 
 
 def state_dir() -> Path:

@@ -129,7 +129,10 @@ def _render(out: TextIO, given: str, request: Request, policy: Policy, decision:
         print(f"  refuses ext4 features: {features}", file=out)
         limit = format_size(decision.max_size) if decision.max_size is not None else "(none)"
         print(f"  max size:    {limit}", file=out)
-        print(f"  block devices: {'allowed' if decision.block_devices else 'refused'}", file=out)
+        devices = "allowed" if decision.block_devices else "refused"
+        if decision.grant_access:
+            devices += " (the broker opens them for the user: grant_access)"
+        print(f"  block devices: {devices}", file=out)
     files = len(policy.files)
     print(
         f"policy directory {policy.directory}: {files} file(s), {len(policy.rules)} rule(s), "
