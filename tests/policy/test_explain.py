@@ -133,7 +133,7 @@ def test_bad_policy_exit_2_one_line(
     [
         ("no-such-user-xyz", "ro", "ok", "ext4box: unknown user 'no-such-user-xyz'\n"),
         ("", "rwx", "ok", "ext4box: mode must be ro or rw, not 'rwx'\n"),
-        ("", "ro", "missing", "policy directory does not exist\n"),
+        ("", "ro", "missing", "or name another with --policy DIR)\n"),
     ],
 )
 def test_bad_arguments_exit_2(

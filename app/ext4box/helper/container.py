@@ -81,7 +81,7 @@ def find_podman() -> Podman:
         executable=executable,
         env=podman_environment(),
         image=os.environ.get("EXT4BOX_SERVER_IMAGE") or DEFAULT_IMAGE,
-        seccomp_profile=_seccomp_profile(),
+        seccomp_profile=find_seccomp_profile(),
         userns_args=_userns_args(),
     )
 
@@ -156,7 +156,7 @@ def seccomp_candidates() -> list[str]:
     return [*found, str(_REPO / "seccomp/ext4box.json"), str(_SHARE / "seccomp/ext4box.json")]
 
 
-def _seccomp_profile() -> str | None:
+def find_seccomp_profile() -> str | None:
     return _first_existing(*seccomp_candidates())
 
 
