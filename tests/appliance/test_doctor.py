@@ -67,7 +67,8 @@ def test_doctor_names_dev_fuse_and_its_fix(scene):
     proc = ext4box_as(user, "doctor", str(mnt), "--policy", str(policy))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = _lines(proc.stdout)
-    assert lines["/dev/fuse"].startswith("missing /dev/fuse: mode 0600"), lines["/dev/fuse"]
+    assert lines["/dev/fuse"].startswith("missing /dev/fuse: /dev/fuse is mode 0600"), lines
+
     assert f"setfacl -m u:{user.pw_name}:rw /dev/fuse" in lines["/dev/fuse"]
     assert lines["policy"].startswith("ok "), lines["policy"]
     assert lines["mountpoint"] == f"ok mountpoint: {mnt}"
@@ -93,7 +94,7 @@ def test_mount_fails_on_dev_fuse_before_any_container_starts(scene):
     proc = ext4box_as(user, "mount", str(image), str(mnt), "--policy", str(policy))
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1].startswith(
-        "ext4box: error: /dev/fuse: mode 0600, not read-write for uid"
+        "ext4box: error: /dev/fuse is mode 0600, not read-write for uid"
     ), proc.stderr
     after = podman("ps", "--all", "--format", "{{.Names}}", user=user, check=False).stdout
     assert after == before  # no container was created (or left)

@@ -39,7 +39,8 @@ class Check:
         return text if self.ok or not self.fix else f"{text}; fix: {self.fix}"
 
     def error_line(self) -> str:
-        return f"{self.name}: {self.detail}" + (f"; fix: {self.fix}" if self.fix else "")
+        # A failing check's detail is a whole sentence: it is also mount's error.
+        return self.detail + (f"; fix: {self.fix}" if self.fix else "")
 
 
 # -- the checks -------------------------------------------------------------------
@@ -57,7 +58,7 @@ def check_runc() -> Check:
     # ext4box's containers.conf chooses runc (crun fails on these hosts' cgroups).
     found = shutil.which("runc") or _first_file("/usr/sbin/runc", "/usr/bin/runc")
     if not found:
-        return Check("runc", False, "not installed", "apt-get install runc")
+        return Check("runc", False, "runc is not installed", "apt-get install runc")
     return Check("runc", True, found)
 
 
@@ -101,9 +102,9 @@ def check_fuse_device() -> Check:
     try:
         mode = f"mode {stat.S_IMODE(os.stat(FUSE_DEVICE).st_mode):04o}"
     except OSError as err:
-        return Check("/dev/fuse", False, err.strerror or "missing", "modprobe fuse")
+        return Check("/dev/fuse", False, f"{FUSE_DEVICE}: {err.strerror}", "modprobe fuse")
     return Check(
-        "/dev/fuse", False, f"{mode}, not read-write for uid {os.getuid()}",
+        "/dev/fuse", False, f"{FUSE_DEVICE} is {mode}, not read-write for uid {os.getuid()}",
         f"as root: chmod 0666 {FUSE_DEVICE} (Debian's default), or"
         f" setfacl -m u:{_user_name()}:rw {FUSE_DEVICE}",
     )  # fmt: skip
@@ -127,7 +128,8 @@ def check_server_image(podman: container.Podman | None = None) -> Check:
         podman = podman or container.find_podman()
         container.check_image(podman)
     except HelperError as err:
-        return Check("server image", False, err.line, _image_fix())
+        # check_image's own hint names the build script; ours says what to run here.
+        return Check("server image", False, err.line.split(" (build it with")[0], _image_fix())
     return Check("server image", True, f"{podman.image} for uid {os.getuid()}")
 
 
