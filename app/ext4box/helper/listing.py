@@ -106,7 +106,10 @@ def _status(mountpoint: str, container_id: str | None, container_state: str | No
     except OSError as err:
         if err.errno == errno.ENOTCONN:
             return "server gone"
-        return f"error: {err.strerror}"
+        if err.errno != errno.EACCES:
+            return f"error: {err.strerror}"
+        # Another user's mount without allow_other: the kernel refuses even
+        # root without asking the server, so only its process can tell.
     if container_state is None:
         return "server gone"
     return "serving" if container_state == "running" else container_state
