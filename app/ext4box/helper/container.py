@@ -152,8 +152,10 @@ def _first_existing(*candidates: str | Path | None) -> str | None:
 def seccomp_candidates() -> list[str]:
     """Where the server's seccomp allowlist is looked for, in order."""
     given = os.environ.get("EXT4BOX_SECCOMP_PROFILE")
-    found = [given] if given else []
-    return [*found, str(_REPO / "seccomp/ext4box.json"), str(_SHARE / "seccomp/ext4box.json")]
+    candidates = [given] if given else []
+    if (_REPO / "pyproject.toml").is_file():  # running from a checkout
+        candidates.append(str(_REPO / "seccomp/ext4box.json"))
+    return [*candidates, str(_SHARE / "seccomp/ext4box.json")]
 
 
 def find_seccomp_profile() -> str | None:
