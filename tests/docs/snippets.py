@@ -12,6 +12,8 @@ machine, and nothing the snippet mounts is seen by other processes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -44,7 +46,21 @@ class Outcome:
 def run_snippet(code: str, *, cwd: Path = REPO, fresh: tuple[str, ...] = ("/tmp", "/mnt", "/srv"),
                 prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
                 timeout: float = 900) -> Outcome:  # fmt: skip
-    """Run `code` in bash in a private mount namespace with `fresh` tmpfs directories."""
+    """Run `code` in bash in a private mount namespace with `fresh` tmpfs directories
+    (a missing one is created for the tmpfs to sit on, and removed afterwards)."""
+    created = [path for path in fresh if not os.path.exists(path)]
+    for path in created:
+        os.makedirs(path)
+    try:
+        return _run_in_namespace(code, cwd, fresh, prefix, env, timeout)
+    finally:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                os.removedirs(path)
+
+
+def _run_in_namespace(code: str, cwd: Path, fresh: tuple[str, ...], prefix: tuple[str, ...],
+                      env: dict[str, str] | None, timeout: float) -> Outcome:  # fmt: skip
     setup = "".join(f"mount -t tmpfs -o mode=1777 fresh {path}\n" for path in fresh)
     script = f"trap 'echo \"{FAILED} $? $BASH_COMMAND\" >&2' ERR\n{code}"
     inner = ["bash", "-c", script] if not prefix else [*prefix, "bash", "-c", script]
