@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pty
+import pwd
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.helper_support import as_user, rootless_user, user_env
 from ext4box.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,8 @@ def run_on_tty(*args: str, prefix: tuple[str, ...] = (), **env: str) -> tuple[in
     leader, follower = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "ext4box", *args],
+            # Another user may not reach a venv's interpreter: Debian's has the same ABI.
+            [*prefix, "/usr/bin/python3" if prefix else sys.executable, "-m", "ext4box", *args],
             stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=_env(**env),
         )  # fmt: skip
         os.close(follower)
@@ -103,15 +104,21 @@ def test_log_format_json_on_a_terminal_shows_the_decision(denied):
 
 
 def test_list_says_no_mounts_on_a_terminal(tmp_path):
-    """As an ordinary user with a runtime dir of their own (root's list shows every
-    mount on this host, and other tests make some)."""
-    user = rootless_user()
+    """As an ordinary user (nobody: make test-quick creates no user) with a runtime dir of
+    their own; root's list shows every mount on this host, and other tests make some."""
+    if os.geteuid() != 0:
+        status, seen = run_on_tty("list", XDG_RUNTIME_DIR=str(tmp_path))
+        assert (status, seen) == (0, "no mounts\n")
+        return
+    nobody = pwd.getpwnam("nobody")
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
-    os.chown(runtime, user.pw_uid, user.pw_gid)
+    os.chown(runtime, nobody.pw_uid, nobody.pw_gid)
     tmp_path.chmod(0o755)
-    status, seen = run_on_tty("list", prefix=tuple(as_user(user)), XDG_RUNTIME_DIR=str(runtime),
-                              PYTHONPATH=user_env(user)["PYTHONPATH"])  # fmt: skip
+    site = next((REPO / ".venv/lib").glob("python3*/site-packages"))
+    prefix = ("setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups")
+    status, seen = run_on_tty("list", prefix=prefix, XDG_RUNTIME_DIR=str(runtime),
+                              PYTHONPATH=f"{REPO / 'app'}:{site}")  # fmt: skip
     assert (status, seen) == (0, "no mounts\n")
 
 
