@@ -2,9 +2,9 @@
 
 JSON lines with `--log-format json` (or EXT4BOX_LOG_FORMAT=json, which the
 container image sets) and when stderr is not a terminal (services, tests,
-pipes); on a
-terminal, one short human line per event, and only warnings and errors unless
-a level is asked for: a command's own output is what the user came for.
+pipes); on a terminal, one short human line per event, and only warnings and
+errors unless a level is asked for: a command's own output is what the user
+came for.
 """
 
 from __future__ import annotations
