@@ -1,4 +1,4 @@
-"""`ext4box mount`, `ext4box umount`, `ext4box list`: the host helper.
+"""`ext4box mount`, `ext4box umount`: the host helper (`list` is listing.py).
 
 mount, in this order (each step only if the previous one passed):
   1. load the policy (all or nothing) and resolve the mountpoint;
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import json
 import os
 import secrets
 import socket
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ext4box import bdi
-from ext4box.helper import container, external, fusemount, handoff, state
+from ext4box.helper import container, doctor, external, fusemount, handoff, state
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.log import get_logger
@@ -99,8 +98,7 @@ def mount(
         if endpoint is not None:
             result = _mount_external(endpoint, image, mountpoint, decision, timeout)
         else:
-            podman = container.find_podman()
-            container.check_image(podman)
+            podman = doctor.preflight(mountpoint)  # everything a container start needs
             result = _mount_and_serve(podman, image, mountpoint, decision, timeout)
     finally:
         image.close()
@@ -436,62 +434,3 @@ def umount(mountpoint_arg: str) -> str:
         state.forget(record)
         log.info("unmounted", container=record.name, mountpoint=path, image=record.image)
     return path
-
-
-# -- list -----------------------------------------------------------------------
-
-
-def list_mounts() -> list[dict[str, object]]:
-    records = state.load_all()
-    if not records:
-        return []
-    try:
-        statuses = container.running_containers(container.find_podman())
-    except HelperError:
-        statuses = {}
-    rows = []
-    for record in records:
-        rows.append(
-            {
-                "image": record.image,
-                "mountpoint": record.mountpoint,
-                "mode": record.mode,
-                "container": record.name,
-                "container_id": record.container_id,
-                "since": record.since,
-                "pid": record.pid,
-                "status": _status(record, statuses.get(record.name)),
-            }
-        )
-    return rows
-
-
-def _status(record: state.MountRecord, container_state: str | None) -> str:
-    if external.is_external(record.container_id):
-        container_state = "running"  # not ours to inspect: the mount says it all
-    if fusemount.mounted_fstype(record.mountpoint) != fusemount.FSTYPE:
-        return "not mounted"
-    try:
-        os.stat(record.mountpoint)
-    except OSError as err:
-        if err.errno == errno.ENOTCONN:
-            return "server gone"
-        return f"error: {err.strerror}"
-    if container_state is None:
-        return "server gone"
-    return "serving" if container_state == "running" else container_state
-
-
-def format_table(rows: list[dict[str, object]]) -> str:
-    header = ("IMAGE", "MOUNTPOINT", "MODE", "CONTAINER", "SINCE", "STATUS")
-    keys = ("image", "mountpoint", "mode", "container", "since", "status")
-    table = [header] + [tuple(str(row[key]) for key in keys) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in table
-    )
-
-
-def format_json(rows: list[dict[str, object]]) -> str:
-    return json.dumps(rows, indent=1)

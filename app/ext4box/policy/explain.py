@@ -51,7 +51,7 @@ def explain_cli(
             print(f"ext4box: policy error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except _BadInput as error:
-        print(f"ext4box: {error}", file=sys.stderr)
+        print(f"ext4box: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     decision = policy.evaluate(request)
     _render(sys.stdout, image, request, policy, decision)
