@@ -77,6 +77,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from ext4box.helper.external import Endpoint
 
     endpoint = None
+    if args.handoff_listen and args.server_uid is None:
+        raise CliError(
+            "--handoff-listen needs --server-uid UID: only the server's uid may connect"
+            " and receive /dev/fuse and the image"
+        )
     if args.handoff_listen or args.handoff_connect:
         endpoint = Endpoint(
             path=args.handoff_listen or args.handoff_connect,
@@ -225,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-uid",
         type=int,
         metavar="UID",
-        help="with --handoff-listen: the uid the server must connect as",
+        help="the uid the server runs as (required with --handoff-listen; with"
+        " --handoff-connect the listener must be root unless this is given)",
     )
     mount.add_argument(
         "--foreground",
