@@ -427,7 +427,10 @@ def umount(mountpoint_arg: str) -> str:
     absolute = os.path.normpath(os.path.abspath(mountpoint_arg))
     # realpath would stat a dead mount (ENOTCONN); it tolerates that, and
     # records hold resolved paths, so try both spellings.
-    candidates = {absolute, os.path.realpath(absolute)}
+    try:
+        candidates = {absolute, os.path.realpath(absolute)}
+    except OSError:  # a link removed while realpath read it
+        candidates = {absolute}
     record = next((r for r in state.load_all() if r.mountpoint in candidates), None)
     path = record.mountpoint if record else absolute
     entry = fusemount.mounted_entry(path)
@@ -435,7 +438,9 @@ def umount(mountpoint_arg: str) -> str:
     if record is None and not mounted:
         raise HelperError(f"{mountpoint_arg} is not an ext4box mount (see ext4box list)")
     if entry is not None and mounted:
-        fusemount.unmount(path)
+        _check_may_unmount(path, entry)
+        if not fusemount.unmount(path):
+            raise HelperError(f"cannot unmount {path}: it is not a mount this user can unmount")
         if os.geteuid() == 0:
             fusemount.abort_connection(entry.device)
     if record is not None and external.is_external(record.container_id):
@@ -453,6 +458,17 @@ def umount(mountpoint_arg: str) -> str:
         state.forget(record)
         log.info("unmounted", container=record.name, mountpoint=path, image=record.image)
     return path
+
+
+def _check_may_unmount(path: str, entry: fusemount.MountEntry) -> None:
+    """Only root and the user who mounted it (the FUSE user_id=) may unmount."""
+    owner = entry.owner_uid
+    if os.geteuid() != 0 and owner != os.getuid():
+        whose = f"uid {owner}" if owner is not None else "another user"
+        raise HelperError(
+            f"{path} is an ext4box mount of {whose}, not yours (uid {os.getuid()});"
+            " only its owner or root can unmount it"
+        )
 
 
 # -- list -----------------------------------------------------------------------

@@ -336,6 +336,16 @@ class MountEntry:
     fstype: str
     source: str
     device: str  # "major:minor"; for FUSE the minor names the connection
+    super_options: str = ""  # e.g. "ro,user_id=1000,group_id=1000,default_permissions"
+
+    @property
+    def owner_uid(self) -> int | None:
+        """The FUSE mount's user_id=: who mounted it (and may unmount it)."""
+        for option in self.super_options.split(","):
+            key, _, value = option.partition("=")
+            if key == "user_id" and value.isdigit():
+                return int(value)
+        return None
 
 
 def mount_table() -> list[MountEntry]:
@@ -348,7 +358,8 @@ def mount_table() -> list[MountEntry]:
             tail = right.split()
             if not sep or len(fields) < 5 or len(tail) < 2:
                 continue
-            entries.append(MountEntry(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[2]))
+            entries.append(MountEntry(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[2],
+                                      tail[2] if len(tail) > 2 else ""))  # fmt: skip
     return entries
 
 
