@@ -7,7 +7,10 @@ mount, in this order (each step only if the previous one passed):
   2. open the image by its real path, with exactly the requested access,
      and lock it (shared for ro, exclusive for rw);
   3. ask the policy (which may hash the image, under our lock), log the
-     decision; refuse features the matching rule names (superblock only);
+     decision; a rule that judges the image's bytes (sha256, refuse_features)
+     admits only an image nobody but root can change (helper/pinned.py);
+     refuse features the matching rule names (superblock only), and tell the
+     server to refuse them too, on the bytes it parses (MOUNT, protocol 2);
   4. find podman and the server image, mount /dev/fuse on the held fd;
   5. start the server container, hand it the two fds, wait for READY;
   6. record the mount. Any failure after 4 unmounts and removes the
@@ -30,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ext4box import bdi
-from ext4box.helper import container, external, fusemount, handoff, mountpoint_fd, state
+from ext4box.helper import (
+    container,
+    external,
+    fusemount,
+    handoff,
+    mountpoint_fd,
+    pinned,
+    state,
+)
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.log import get_logger
@@ -116,6 +127,8 @@ def _mount_held(
         _log_decision(who.user, who.uid, image, mountpoint, decision)
         if not decision.allowed:
             raise HelperError(decision.reason)
+        if pinned.pins_bytes(decision):
+            pinned.check_unchangeable(image, decision)
         check_features(image, decision.refused_features, decision.rule)
         spec = _mount_spec(image, held, decision)
         if endpoint is not None:
@@ -170,6 +183,7 @@ def _mount_request(image: OpenedImage, decision: Decision) -> MountRequest:
         ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
         image.size,
         tuple(decision.mount_flags),
+        refused_features=tuple(decision.refused_features),
     )
 
 

@@ -157,3 +157,18 @@ def umount2(target: str, flags: int) -> None:
     if _libc().umount2(os.fsencode(target), ctypes.c_int(flags)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
+
+
+# linux/magic.h
+FUSE_SUPER_MAGIC = 0x65735546
+
+
+def fstatfs_type(fd: int) -> int:
+    """statfs f_type of the filesystem holding fd (os.fstatvfs does not report it)."""
+    # struct statfs begins with f_type (a long) on every Linux architecture;
+    # the buffer is larger than the whole struct anywhere.
+    buf = ctypes.create_string_buffer(256)
+    if _libc().fstatfs(ctypes.c_int(fd), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
