@@ -267,3 +267,27 @@ def test_a_version_1_server_is_not_handed_a_refusal_it_cannot_enforce(fuse_fd, i
         thread.join(10)
     assert failed.value.errno == errno.EPROTONOSUPPORT
     assert told and "cannot carry the refused ext4 features (casefold)" in told[0].reason
+
+
+def test_a_loop_device_of_a_users_file_is_refused_for_a_judging_rule():
+    alice = local_user(ALICE)
+    with scratch_root() as root:
+        backing = make_image(root / "a.img", {"hello.txt": "hi\n"})
+        os.chown(backing, alice.pw_uid, alice.pw_gid)  # she writes the bytes under the device
+        setup = subprocess.run(["losetup", "--find", "--show", "--read-only", str(backing)],
+                               capture_output=True, text=True)  # fmt: skip
+        if setup.returncode != 0:
+            pytest.skip(f"no loop device: {setup.stderr.strip()}")
+        device = setup.stdout.strip()
+        try:
+            policy = _policy(
+                root, device, pin='refuse_features = ["casefold"]\nblock_devices = true'
+            )
+            line = _refused_before_listening(Path(device), root, policy)
+        finally:
+            subprocess.run(["losetup", "--detach", device], check=False)
+    assert line == (
+        f'ext4box: error: refusing image {device}: rule "judged" judges its bytes (sha256 or'
+        f" refuse_features), but it is a loop device of {backing}, and it belongs to uid"
+        f" {alice.pw_uid}; only images no one but root can write qualify"
+    )

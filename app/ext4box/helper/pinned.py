@@ -8,7 +8,9 @@ image only if
 
   - no one but root can write it (owner root, no group or other write bit,
     no ACL granting write; a block device may also be writable by the group
-    "disk", which is root's in all but name);
+    "disk", which is root's in all but name); a loop device is judged by its
+    backing file too, and a network block device (nbd) is refused: a
+    userspace server supplies its bytes;
   - it is not on a FUSE filesystem (its server decides the bytes at will);
   - nobody has it open for writing now (a read lease, F_RDLCK, fails with
     EAGAIN while any writer exists; for a read-write mount a write lease,
@@ -25,6 +27,7 @@ import grp
 import os
 import stat
 import struct
+from pathlib import Path
 
 from ext4box.helper import syscalls
 from ext4box.helper.errors import HelperError
@@ -39,6 +42,7 @@ _ACL_HEADER = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")  # tag, perm, id
 _ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
 _ACL_WRITE = 0x02
+_NBD_MAJOR = 43
 
 
 def pins_bytes(decision: Decision) -> bool:
@@ -59,18 +63,50 @@ def check_unchangeable(image: OpenedImage, decision: Decision) -> None:
 
 
 def _why_changeable(image: OpenedImage) -> str | None:
-    st = os.fstat(image.fd)
-    if syscalls.fstatfs_type(image.fd) == syscalls.FUSE_SUPER_MAGIC:
+    why = _why_writable(image.fd, image.is_block_device)
+    if why is not None:
+        return why
+    if image.is_block_device:
+        return _why_device_changeable(os.fstat(image.fd))
+    return _open_elsewhere(image)
+
+
+def _why_writable(fd: int, is_block_device: bool) -> str | None:
+    """Who besides root could write the file (or device node) fd refers to?"""
+    st = os.fstat(fd)
+    if syscalls.fstatfs_type(fd) == syscalls.FUSE_SUPER_MAGIC:
         return "it is on a FUSE filesystem, whose server can change its bytes at any time"
     if st.st_uid != 0:
         return f"it belongs to uid {st.st_uid}; only images no one but root can write qualify"
-    if st.st_mode & 0o002 or (st.st_mode & 0o020 and not _root_group(st, image.is_block_device)):
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and not _root_group(st, is_block_device)):
         return f"its mode {stat.S_IMODE(st.st_mode):04o} lets others write it"
-    if _acl_grants_write(image.fd):
+    if _acl_grants_write(fd):
         return "an ACL lets others write it"
-    if not image.is_block_device:
-        return _open_elsewhere(image)
     return None
+
+
+def _why_device_changeable(st: os.stat_result) -> str | None:
+    """A block device's bytes may come from somewhere a user controls."""
+    if os.major(st.st_rdev) == _NBD_MAJOR:
+        return "it is a network block device, whose bytes a userspace server supplies"
+    device = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}").resolve()
+    if (device / "partition").exists():
+        device = device.parent  # a partition of a loop device: the loop is its parent
+    try:
+        backing = (device / "loop/backing_file").read_text().strip()
+    except OSError:
+        return None  # not a loop device
+    if backing.endswith(" (deleted)"):
+        return "it is a loop device whose backing file was deleted"
+    try:
+        fd = os.open(backing, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        return f"it is a loop device of {backing}, which cannot be checked ({err.strerror})"
+    try:
+        why = _why_writable(fd, is_block_device=False)
+    finally:
+        os.close(fd)
+    return None if why is None else f"it is a loop device of {backing}, and {why}"
 
 
 def _root_group(st: os.stat_result, is_block_device: bool) -> bool:
@@ -86,7 +122,8 @@ def _root_group(st: os.stat_result, is_block_device: bool) -> bool:
 
 def _acl_grants_write(fd: int) -> bool:
     try:
-        raw = os.getxattr(fd, _ACL_XATTR)
+        # Through /proc: fgetxattr refuses the O_PATH fd of a loop's backing file.
+        raw = os.getxattr(f"/proc/self/fd/{fd}", _ACL_XATTR)
     except OSError:
         return False  # no ACL (ENODATA) or none supported: the mode bits rule
     entries = [
