@@ -9,9 +9,11 @@ The mount is a real FUSE mount (nobody serves it: it only has to exist).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -213,3 +215,53 @@ def test_swap_race_in_a_loop_never_mounts_outside_the_decided_directory():
         assert outcomes["mounted"] > 0  # the race was run, not only refused
         assert sum(outcomes.values()) == TRIES
         assert not [m for m in fuse_mounts() if m.startswith(str(root))]
+
+
+# Without the new mount API (and openat2), as on an old kernel: a seccomp
+# filter in a child answers ENOSYS; the helper must still mount on the held
+# directory, say so in its log, and the swap must still not move the mount.
+FALLBACK = textwrap.dedent(
+    """
+    import errno, json, os, sys
+    from ext4box import log
+    from ext4box.helper import fusemount, mountpoint_fd
+    from ext4box.service import libseccomp as sc
+    log.setup("info")
+    sc.install(sc.ACT_ALLOW, [sc.Rule(name, sc.act_errno(errno.ENOSYS))
+                              for name in ("fsopen", "openat2")], all_threads=False)
+    held = mountpoint_fd.hold(sys.argv[1])
+    os.rename(sys.argv[2], sys.argv[3])      # the swap, after the decision
+    os.symlink(sys.argv[4], sys.argv[2])
+    spec = fusemount.MountSpec(mountpoint=held.path, dir_fd=held.fd, source=sys.argv[5],
+                               mode="ro", noexec=True, allow_other=False, uid=0, gid=0)
+    mounted = fusemount.mount_held(spec)
+    print(json.dumps({"decided": held.path, "mount_fd": mounted.mount_fd}), flush=True)
+    sys.stdin.read()                          # hold the fuse fd until told
+    """
+)
+
+
+def test_without_the_new_mount_api_mount2_on_the_held_fd_is_logged_and_safe():
+    with scratch_root() as root:
+        _, home, protected, image, _ = _scene(root)
+        child = subprocess.Popen(
+            [sys.executable, "-c", FALLBACK, str(home / "mnt/etc"), str(home / "mnt"),
+             str(home / "mnt.real"), str(root / "sys"), str(image)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "EXT4BOX_LOG_FORMAT": "json"}, cwd="/",
+        )  # fmt: skip
+        landed: list[str] = []
+        try:
+            assert child.stdout is not None
+            said = json.loads(child.stdout.readline() or "{}")
+            landed = [m for m in fuse_mounts() if m.startswith(str(root))]
+        finally:
+            _, err = child.communicate("", timeout=60)
+            for where in landed:
+                subprocess.run(["umount", "-l", where], capture_output=True, check=False)
+        print(f"\n{said}, landed on {landed}")
+        assert child.returncode == 0, err
+        assert said == {"decided": str(home / "mnt/etc"), "mount_fd": None}
+        assert landed == [str(home / "mnt.real/etc")] and str(protected) not in landed
+        fallback = [json.loads(line) for line in err.splitlines() if "mount_api_fallback" in line]
+        assert fallback and fallback[0]["using"] == "mount(2) on /proc/self/fd/N", err
