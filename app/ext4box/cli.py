@@ -77,6 +77,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from ext4box.helper.external import Endpoint
 
     endpoint = None
+    if args.server_uid is not None and not 0 <= args.server_uid < 0xFFFFFFFF:
+        raise CliError(f"--server-uid {args.server_uid} is not a uid (0 to 4294967294)")
     if args.handoff_listen and args.server_uid is None:
         raise CliError(
             "--handoff-listen needs --server-uid UID: only the server's uid may connect"

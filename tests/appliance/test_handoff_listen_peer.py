@@ -225,3 +225,15 @@ def test_the_server_uid_connects_and_serves():
                 service.kill()
                 service.wait()
         assert service.returncode == 0, service.stderr.read() if service.stderr else ""
+
+
+@pytest.mark.parametrize("uid", ["-1", "4294967295"])
+def test_a_server_uid_that_is_no_uid_is_refused(uid):
+    # chown(-1) would leave the socket as it is: never accept that as "a uid".
+    helper = ext4box_root("mount", "/nonexistent.img", "/nonexistent", "--handoff-listen",
+                          "/run/nonexistent/h.sock", "--server-uid", uid)  # fmt: skip
+    out, err = helper.communicate(timeout=60)
+    assert helper.returncode == 1 and "mounted" not in out
+    assert err.strip().splitlines()[-1] == (
+        f"ext4box: error: --server-uid {uid} is not a uid (0 to 4294967294)"
+    )
