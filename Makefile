@@ -23,7 +23,7 @@ demo: deps
 
 test: deps
 	$(VENV)/bin/ruff check app tests bench
-	$(PY) -m pytest
+	PYTHON=$(PY) bash scripts/run-tests.sh
 
 lint: deps
 	$(VENV)/bin/ruff check app tests bench
