@@ -84,6 +84,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return EXIT_OK
     broker_client.warn_if_advisory()
     endpoint = None
+    if args.server_uid is not None and not 0 <= args.server_uid < 0xFFFFFFFF:
+        raise CliError(f"--server-uid {args.server_uid} is not a uid (0 to 4294967294)")
+    if args.handoff_listen and args.server_uid is None:
+        raise CliError(
+            "--handoff-listen needs --server-uid UID: only the server's uid may connect"
+            " and receive /dev/fuse and the image"
+        )
     if args.handoff_listen or args.handoff_connect:
         endpoint = Endpoint(
             path=args.handoff_listen or args.handoff_connect,
@@ -350,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-uid",
         type=int,
         metavar="UID",
-        help="with --handoff-listen: the uid the server must connect as (default: any uid,"
-        " if only you can write the socket's directory)",
+        help="the uid the server runs as (required with --handoff-listen; with"
+        " --handoff-connect, default: the listener must be root)",
     )
     mount.add_argument(
         "--foreground",
@@ -379,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker = _command(
         commands, "broker",
         "the root service that mounts for ordinary users (systemd, or --foreground)",
-        "  systemctl enable --now ext4box-broker.socket\n"
-        "  ext4box broker --foreground --socket /run/ext4box/broker.sock\n",
+        "  ext4box broker --foreground\n"
+        "  ext4box broker --foreground --socket /tmp/broker.sock --policy /etc/ext4box/policy.d\n",
     )  # fmt: skip
     broker.add_argument(
         "--foreground", action="store_true",

@@ -40,6 +40,8 @@ WATCHED = [
     Path("/etc/ext4box/policy.d"),
     Path("/usr/local/lib/systemd/system/ext4box-server.socket"),
     Path("/usr/local/lib/systemd/system/ext4box-server@.service"),
+    Path("/usr/local/lib/systemd/system/ext4box-broker.socket"),
+    Path("/usr/local/lib/systemd/system/ext4box-broker.service"),
     Path("/usr/local/lib/systemd/system"),
     Path("/usr/local/lib/systemd"),
     Path("/usr/local/share/man/man1/ext4box.1"),
@@ -215,6 +217,16 @@ def test_man_page_and_completion_are_installed(installed, user):
                          f"source {script}; COMP_WORDS=(ext4box do); COMP_CWORD=1; _ext4box;"
                          ' echo "${COMPREPLY[@]}"')  # fmt: skip
     assert completed.stdout.split() == ["doctor"]
+
+
+def test_units_name_the_installed_command(installed):
+    units = Path("/usr/local/lib/systemd/system")
+    for name in ("ext4box-server@.service", "ext4box-broker.service"):
+        execs = [line for line in (units / name).read_text().splitlines()
+                 if line.startswith("ExecStart=")]  # fmt: skip
+        assert execs and all(line.startswith(f"ExecStart={BIN} ") for line in execs), (name, execs)
+    for name in ("ext4box-server.socket", "ext4box-broker.socket"):
+        assert (units / name).read_text() == (REPO / "compose" / "systemd" / name).read_text()
 
 
 def test_readme_appliance_snippet_runs_as_written(installed):

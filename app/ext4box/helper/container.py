@@ -4,10 +4,13 @@ The container is started detached with one end of a SOCK_SEQPACKET pair as
 its fd 3 (`--preserve-fds=1`): no host path is bind-mounted into it at all.
 The run-time sandbox is fixed here, not configurable by the caller:
 --network=none, --cap-drop=all, no-new-privileges, the repository's seccomp
-profile, a read-only root, a user namespace in which the invoking user's own
-uid does not exist (rootless: --userns=nomap), --init so the server is not
-PID 1. The container's log goes to a file in the helper's state directory,
-so its tail can be shown even after --rm removed the container.
+profile, a read-only root without podman's writable tmpfs mounts, no IPC
+(/dev/shm, /dev/mqueue), memory and pids limits (cgroup v1 rootless podman
+ignores those, with a warning), a user namespace in which the invoking
+user's own uid does not exist (rootless: --userns=nomap), --init so the
+server is not PID 1. The container's log goes to a file in the helper's
+state directory, so its tail can be shown even after --rm removed the
+container.
 
 Podman is configured the way scripts/podman-env.sh does it (CONTAINERS_CONF,
 a private XDG_RUNTIME_DIR, native overlay storage for rootless), without
@@ -34,6 +37,8 @@ from ext4box.helper.errors import HelperError
 DEFAULT_IMAGE = f"localhost/ext4box:{__version__}"
 HANDOFF_FD = 3  # where --preserve-fds=1 puts our socket inside the container
 PODMAN_RUN_TIMEOUT = 60.0
+MEMORY_LIMIT = "512m"  # the README states both limits
+PIDS_LIMIT = 64
 LABEL = "org.ext4box.mount"
 # Rootful fallback when /etc/subuid has no "containers" range for --userns=auto:
 # a range far above the ones useradd hands out (100000 + n * 65536).
@@ -215,7 +220,13 @@ def run_command(podman: Podman, name: str, log_path: Path, labels: dict[str, str
         "--name", name,
         "--network=none", "--cap-drop=all",
         "--security-opt", "no-new-privileges",
-        "--read-only",
+        # Nothing writable at all: no tmpfs on /tmp, /var/tmp, /run (podman's
+        # default with --read-only), no /dev/shm, and /dev/mqueue masked.
+        "--read-only", "--read-only-tmpfs=false", "--ipc=none",
+        "--security-opt", "mask=/dev/mqueue",
+        # One image's caches, and the FUSE worker threads (trio's default pool
+        # of 40) with room to spare; the systemd unit has the same limits.
+        f"--memory={MEMORY_LIMIT}", f"--pids-limit={PIDS_LIMIT}",
         *podman.userns_args,
         "--log-driver", "k8s-file", "--log-opt", f"path={log_path}",
         "--preserve-fds=1",
