@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = _command(
         commands, "broker",
-        "the root service that mounts for ordinary users (systemd, or --foreground)",
+        "the root daemon that mounts for ordinary users (systemd, or --foreground)",
         "  ext4box broker --foreground\n"
         "  ext4box broker --foreground --socket /tmp/broker.sock --policy /etc/ext4box/policy.d\n",
     )  # fmt: skip
