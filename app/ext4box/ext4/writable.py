@@ -365,6 +365,12 @@ class WritableFilesystem(Filesystem):
         with self.lock:
             file_data.check_file_write(self, ino)
 
+    def writable_length(self, ino: int, pos: int, length: int) -> int:
+        """How many of `length` bytes at `pos` may be written to `ino`: all, or those
+        below its size limit (a short write); FileTooBig at or past the limit."""
+        with self.lock:
+            return file_data.writable_length(self, ino, pos, length)
+
     @_mutation_before_data
     def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:
         ino = inode if isinstance(inode, int) else inode.ino
