@@ -121,6 +121,8 @@ class WritableFilesystem(Filesystem):
         self.mount_sb = sb  # the superblock as found at mount (for the clean unmount)
         # Unlinked inodes still open: readable until release_orphan frees them.
         self.open_orphans: set[int] = set()
+        # Who precedes each inode on the on-disk orphan list (orphans.py).
+        self.orphan_chain = orphans.OrphanChain()
         # Set by the FUSE layer: whether an inode has open handles (see rename).
         self.is_open: Callable[[int], bool] = lambda ino: False
         self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
