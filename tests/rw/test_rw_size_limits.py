@@ -6,7 +6,7 @@ rw` mount of copies of one image: the errno, the byte count a write returns,
 the resulting sizes and st_blocks, and the bytes at the end of each file must
 agree. Both images must then pass `e2fsck -fn`, and the kernel's view of the
 ext4box image must show what ext4box showed. One image per format: extents
-and block maps, 4 KiB and 1 KiB blocks, with and without huge_file, and an
+and block maps, 4, 2 and 1 KiB blocks, with and without huge_file, and an
 inline-data file (which the kernel gives the block-map limit).
 
 Which size is the limit comes from ext4/limits.py, but the test first insists
@@ -44,6 +44,8 @@ FORMATS = {
     "extents-1k-no-huge-file": ("-b", "1024", "-O", "^huge_file"),
     "ext3-4k": ("-t", "ext3", "-b", "4096"),
     "ext3-1k": ("-t", "ext3", "-b", "1024"),
+    "ext3-2k": ("-t", "ext3", "-b", "2048"),
+    "extents-2k": ("-b", "2048"),
     "blockmap-4k-huge-file": ("-b", "4096", "-O", "^extent,^64bit,huge_file"),
 }
 
