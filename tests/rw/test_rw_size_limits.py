@@ -1,6 +1,6 @@
 """The maximum file size, enforced as the kernel's ext4 enforces it (issue 18 item 1).
 
-The same truncates and writes at the boundary (limit - 1, limit, limit + 1,
+The same truncates, writes and copy_file_range calls at the boundary (limit - 1, limit, limit + 1,
 17 TiB, 2^63 - 1) run on a kernel rw loop mount and on an `ext4box serve -o
 rw` mount of copies of one image: the errno, the byte count a write returns,
 the resulting sizes and st_blocks, and the bytes at the end of each file must
@@ -112,6 +112,18 @@ def _pwrite(path: Path, data: bytes, pos: int, flags: int = 0) -> object:
         os.close(fd)
 
 
+def _copy_range(root: Path, name: str, pos: int, count: int) -> object:
+    """copy_file_range of `count` bytes of a small source file to `pos` in `name`."""
+    src = os.open(root / "copy-source", os.O_RDWR | os.O_CREAT, 0o644)
+    dst = os.open(root / name, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(src, b"C" * 8192, 0)
+        return _attempt(lambda: os.copy_file_range(src, dst, count, 0, pos))
+    finally:
+        os.close(dst)
+        os.close(src)
+
+
 def boundary_scenario(limit: int) -> Scenario:
     """Truncates and writes around `limit`; observes every result and every file."""
     sizes = {"below": limit - 1, "at": limit, "above": limit + 1, "17t": 17 * TIB,
@@ -135,7 +147,10 @@ def boundary_scenario(limit: int) -> Scenario:
         obs.append(("grow then write", _ftruncate(root / "w-grown", limit),
                     _pwrite(root / "w-grown", b"q", limit)))
         obs.append(("shrink", _ftruncate(root / "t-at", limit // 2)))
-        obs.extend(_observe_files(root, ("t-", "w-")))
+        for label, pos in (("cross", limit - 5), ("at", limit), ("17t", 17 * TIB),
+                           ("8t", 8 * TIB), ("half", limit // 2)):
+            obs.append((f"copy {label}", _copy_range(root, f"c-{label}", pos, 10)))
+        obs.extend(_observe_files(root, ("t-", "w-", "c-")))
         return obs
 
     return scenario
