@@ -40,21 +40,17 @@ class InodeIO:
 
     def __init__(self, fs: WritableFilesystem) -> None:
         self.count = 0
-        table = fs.table
-        read, write = table.read, table.write
+        self._table = table = fs.table
+        self._originals = {name: getattr(table, name) for name in ("read", "write")}
+        for name, method in self._originals.items():
+            setattr(table, name, self._counted(method))
 
-        def counted_read(*args: object, **kwargs: object):
+    def _counted(self, method: Callable[..., object]) -> Callable[..., object]:
+        def counted(*args: object, **kwargs: object) -> object:
             self.count += 1
-            return read(*args, **kwargs)
+            return method(*args, **kwargs)
 
-        def counted_write(*args: object, **kwargs: object):
-            self.count += 1
-            return write(*args, **kwargs)
-
-        table.read = counted_read  # type: ignore[method-assign]
-        table.write = counted_write  # type: ignore[method-assign]
-        self._restore: Callable[[], None] = lambda: (
-            setattr(table, "read", read), setattr(table, "write", write))
+        return counted
 
     @contextmanager
     def measured(self) -> Iterator[list[int]]:
@@ -64,7 +60,8 @@ class InodeIO:
         box[0] = self.count - before
 
     def stop(self) -> None:
-        self._restore()
+        for name, method in self._originals.items():
+            setattr(self._table, name, method)
 
 
 def on_disk_chain(fs: WritableFilesystem) -> list[int]:
