@@ -268,3 +268,35 @@ def test_a_reference_count_of_zero_is_corrupt_not_underflowed(tmp_path: Path) ->
         assert os.getxattr(root / "f1", "user.big") == SHARED
     assert _ref_count(image, ea_ino) == 0
     assert _fsck_report(image) == before
+
+
+def test_a_shared_block_naming_an_ea_inode_is_copied_with_its_own_reference(
+    tmp_path: Path,
+) -> None:
+    """Two inodes share one xattr block (the kernel's mbcache made it) whose entry names
+    an EA inode. Changing one inode's block copies it: the copy takes its own
+    reference, the shared original keeps one; removing the value drops it again.
+
+    The kernel leaks a reference when it shares such a block (e2fsck: "ref count is
+    2, should be 1"), so the image is repaired with e2fsck -fy before the scenario."""
+    skip_unless_possible()
+    image = _ea_image(tmp_path)
+    big = random.Random(20).randbytes(65536)
+    _kernel_sets(image, tmp_path / "kmnt", [
+        ("f0", "user.i1", b"1" * 40), ("f0", "user.i2", b"2" * 40), ("f0", "user.big", big),
+        ("f1", "user.i1", b"1" * 40), ("f1", "user.i2", b"2" * 40), ("f1", "user.big", big)])
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, check=False)
+    assert_fsck_clean(image)
+    blocks = {debugfs(image, f"stat {name}").split("File ACL: ")[1].split()[0]
+              for name in ("f0", "f1")}
+    assert len(blocks) == 1 and blocks != {"0"}, "the kernel did not share the block"
+
+    def scenario(root: Path) -> list[object]:
+        return [
+            attempt(os.setxattr, root / "f0", "user.more", b"m" * 200),  # copy-on-write
+            attempt(os.getxattr, root / "f1", "user.big") == big,
+            attempt(os.removexattr, root / "f1", "user.big"),  # the original, now f1's alone
+            attempt(os.getxattr, root / "f0", "user.big") == big,
+        ]
+
+    assert assert_same_on_both(tmp_path, image, scenario) == [None, True, None, True]
