@@ -348,8 +348,9 @@ def test_each_user_lists_and_unmounts_only_their_own(scene, broker):
         assert sorted(r["container"] for r in root_rows) == ["alice-0", "alice-1", "bob-0"]
         assert {r["status"] for r in root_rows} == {"not mounted"}
         # The CLI shows the same, as a table.
-        table = scene.ext4box(scene.bob, "list").stdout
-        assert "bob-0" in table and "alice" not in table
+        shown = scene.ext4box(scene.bob, "list")
+        table = shown.stdout
+        assert "bob-0" in table and "alice" not in table, shown.stderr
         target = alice_rows[0]["mountpoint"]
         assert error_line(scene.ext4box(scene.bob, "umount", target)) == (
             f"{target} is not your mount (it belongs to uid {scene.alice.pw_uid});"
