@@ -108,6 +108,40 @@ def test_alice_mounts_lists_reads_unmounts_and_bob_cannot_touch_it():
         remove_scene(scene)
 
 
+def test_a_feature_refusing_rule_admits_roots_image_and_the_server_is_told():
+    """A rule with refuse_features admits an image only root can write (pinned.py),
+    and the broker's MOUNT carries the refused features to the server, which
+    refuses them again on the bytes it parses (its log shows what it was told)."""
+    server_image = build_server_image()
+    alice, bob = real_user(ALICE), real_user(BOB)
+    scene = make_scene(alice, bob)
+    mnt = scene.home(alice) / "mnt"
+    shared = scene.root / "shared"
+    shared.mkdir(mode=0o755)
+    image = make_image(shared / "tools.img", {"tool": "tool\n"}, None, 0o644)
+    (scene.policy / "05-pinned.toml").write_text(
+        f'[[rule]]\nname = "pinned"\nimages = ["{shared}/*.img"]\nusers = ["{alice.pw_name}"]\n'
+        f'refuse_features = ["casefold", "encrypt"]\nmountpoints = ["{mnt}"]\n'
+    )
+    try:
+        with running_broker(scene, env={"EXT4BOX_SERVER_IMAGE": server_image}):
+            proc = scene.ext4box(alice, "mount", str(image), str(mnt))
+            assert proc.returncode == 0, proc.stderr + broker_log(scene)
+            try:
+                [row] = listed(scene.ext4box(alice, "list", "--json"))
+                assert run_as(alice, "cat", str(mnt / "tool")).stdout == "tool\n"
+                server_log = (scene.root / "state" / f"{row['container']}.log").read_text()
+                told = [json.loads(line[line.index("{"):]) for line in server_log.splitlines()
+                        if '"handoff"' in line]  # fmt: skip
+                assert [entry["refused_features"] for entry in told] == [["casefold", "encrypt"]]
+            finally:
+                done = scene.ext4box(alice, "umount", str(mnt))
+            assert done.returncode == 0, done.stderr + broker_log(scene)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        remove_scene(scene)
+
+
 SWAPPER = """
 import os, sys, time
 home, uid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])

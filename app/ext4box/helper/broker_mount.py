@@ -46,7 +46,7 @@ from ext4box.helper.image import OpenedImage, check_features, lock_image, open_i
 from ext4box.helper.peer import Caller, open_as
 from ext4box.log import get_logger
 from ext4box.policy import Decision, Policy, PolicyLoadError, Request, load_policy, sha256_of_fd
-from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
+from ext4box.service.protocol import HandoffError, PeerRefused
 
 log = get_logger("ext4box.broker")
 
@@ -254,13 +254,7 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage,
     labels = {container.LABEL: "1", "org.ext4box.image": image.path,
               "org.ext4box.owner": str(caller.uid)}  # fmt: skip
     flags = tuple(decision.mount_flags)
-    request = MountRequest(
-        Mode.RO if image.mode == "ro" else Mode.RW,
-        ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
-        image.size,
-        flags,
-        refused_features=tuple(decision.refused_features),  # the server refuses them too
-    )
+    request = handoff.mount_request(image, decision)  # with the features the server refuses
     started = time.monotonic()
     # The container starts before the mount exists, so conmon's copy of our
     # mount namespace holds no copy of the FUSE mount (see commands.py).
