@@ -18,8 +18,10 @@ from collections import Counter
 import pytest
 
 from appliance.broker_support import (
+    ABSENT_IMAGE,
     ALICE,
     BOB,
+    PODMAN_GATE,
     broker_log,
     make_image,
     make_scene,
@@ -35,7 +37,6 @@ pytestmark = [
 ]
 
 TRIES = 200
-ABSENT_IMAGE = "localhost/ext4box-absent:0"  # the broker's server image: stops before podman run
 
 # Runs as bob: a swapping thread, and the requests one after another on the real socket.
 RACER = textwrap.dedent(
@@ -108,10 +109,7 @@ def test_two_hundred_requests_against_a_swapping_thread_never_reach_etc():
         )
         print(f"\n{TRIES} requests, {ran['swaps']} swaps: {dict(outcomes)}")
         assert ran["swapper_failed"] == []
-        decided_on_bobs_directory = (
-            f"podman has no image {ABSENT_IMAGE} for uid 0 (build it with"
-            " scripts/build-image.sh, or podman load it)"
-        )
+        decided_on_bobs_directory = PODMAN_GATE
         expected = {
             decided_on_bobs_directory,
             "mountpoint /etc belongs to uid 0: the broker mounts only on directories you own",
