@@ -63,7 +63,7 @@ def _row(record: state.MountRecord, container_state: str | None) -> dict[str, ob
         "image": record.image,
         "mountpoint": record.mountpoint,
         "mode": record.mode,
-        "user": _user_name(record.uid),
+        "user": user_name(record.uid),
         "uid": record.uid,
         "container": record.name,
         "container_id": record.container_id,
@@ -115,7 +115,7 @@ def _status(mountpoint: str, container_id: str | None, container_state: str | No
     return "serving" if container_state == "running" else container_state
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
