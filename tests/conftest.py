@@ -7,6 +7,7 @@ checks the test machinery itself against an independent FUSE implementation.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -16,6 +17,16 @@ from support.kernel import why_no_kernel_mounts
 from support.serve import why_no_fuse
 
 _TOOLS = ("mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck", "tune2fs", "setfacl")
+
+
+def pytest_report_header() -> str:
+    """Say whether the suite's mounts are out of other namespaces' reach."""
+    if os.environ.get("EXT4BOX_TEST_NAMESPACE") == "private":
+        return f"mount namespace: private to this run ({os.readlink('/proc/self/ns/mnt')})"
+    return (
+        "mount namespace: shared with the caller (run through scripts/run-tests.sh "
+        "or `make test` so that other namespaces cannot copy our FUSE mounts)"
+    )
 
 
 @pytest.fixture(scope="session")

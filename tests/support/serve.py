@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +119,33 @@ def _wait_for_mount(served: ServedMount, dev_before: int, argv: Sequence[str]) -
     )
 
 
+def mount_holders(fuse_dev: int) -> list[str]:
+    """Processes whose mount namespace still has the FUSE mount `fuse_dev` (st_dev).
+
+    A FUSE server sees its unmount only when the last copy of the mount is
+    gone; a namespace created (unshare, a container) while the mount existed
+    holds a copy. Naming the holders turns "did not exit" into a reason.
+    """
+    wanted = f" {os.major(fuse_dev)}:{os.minor(fuse_dev)} "
+    holders = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if wanted in (entry / "mountinfo").read_text():
+                comm = (entry / "comm").read_text().strip()
+                namespace = os.readlink(entry / "ns" / "mnt")
+                holders.append(f"pid {entry.name} ({comm}, {namespace})")
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+    return holders
+
+
 def _stop(served: ServedMount) -> None:
     """Unmount and reap the server; never leave a mount or a process behind."""
+    fuse_dev = None
+    with suppress(OSError):
+        fuse_dev = os.stat(served.mountpoint).st_dev
     try:
         if os.path.ismount(served.mountpoint):
             if os.geteuid() == 0:
@@ -131,10 +156,16 @@ def _stop(served: ServedMount) -> None:
         try:
             served.process.wait(timeout=EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            holders = mount_holders(fuse_dev) if fuse_dev is not None else []
             served.process.kill()
             served.process.wait()
+            held = (
+                f"; copies of the mount are still held by {', '.join(holders)}"
+                if holders
+                else "; no process holds a copy of the mount"
+            )
             raise AssertionError(
-                f"server did not exit within {EXIT_TIMEOUT_S:.0f}s of the unmount "
+                f"server did not exit within {EXIT_TIMEOUT_S:.0f}s of the unmount{held} "
                 f"(killed):\n{served.stderr_text()}"
             ) from None
 

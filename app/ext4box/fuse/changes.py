@@ -240,8 +240,10 @@ class NamespaceChanges:
     @fuse_errors("setattr")
     def setattr(self, node_id: int, req: SetattrRequest, ctx: Context) -> Attributes:
         ino = ext4_ino(node_id)
-        if req.changes_nothing():
+        if req.changes_nothing() and not self.writable:
             return self._attributes(ino)
+        # A SETATTR naming no field is chown(path, -1, -1) (FATTR_CTIME comes only
+        # with the writeback cache): ctime still becomes now below, as on ext4.
         self._require_writable()
         node = self.fs.inode(ino)
         changes: dict[str, int] = {}

@@ -254,8 +254,8 @@ class Operations(NamespaceChanges):
             self.rw.removexattr(ino, SECURITY_CAPABILITY)
             node = self.fs.inode(ino)
             self.changed_behind_kernel.append(ino)
-        self.engine.write(node, off, data, now_ns=now_ns())
-        return len(data)
+        # Fewer bytes than asked when the file's size limit cuts the write short.
+        return self.engine.write(node, off, data, now_ns=now_ns())
 
     @fuse_errors("fsync")
     def fsync(self) -> None:

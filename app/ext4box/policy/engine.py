@@ -28,6 +28,7 @@ from ext4box.policy.model import (
     Rule,
     RuleVerdict,
 )
+from ext4box.policy.text import printable
 
 _log = structlog.get_logger("ext4box.policy")
 
@@ -53,7 +54,7 @@ class Policy:
                 verdicts.append(RuleVerdict(rule, matched=False, reached=False))
                 continue
             reasons = _mismatches(rule, request, digest)
-            covers = not rule.images or _any_match(rule.images, request.image)
+            covers = not rule.images or _image_matches(rule.images, request)
             verdicts.append(
                 RuleVerdict(rule, not reasons, tuple(reasons), reached=True, covers_image=covers)
             )
@@ -94,8 +95,9 @@ def _mismatches(rule: Rule, request: Request, digest: _LazyDigest) -> list[str]:
     """Every reason `rule` does not apply to `request`; empty when it matches."""
     allow = rule.action == "allow"
     reasons: list[str] = []
-    if rule.images and not _any_match(rule.images, request.image):
-        reasons.append(f"image {request.image} matches none of images {_globs(rule.images)}")
+    if rule.images and not _image_matches(rule.images, request):
+        named = " or ".join((request.image, *request.image_links))
+        reasons.append(f"image {named} matches none of images {_globs(rule.images)}")
     if allow and request.is_block_device and not rule.block_devices:
         reasons.append("the image is a block device and the rule does not set block_devices = true")
     if not rule.applies_to_everyone and not _is_member(rule, request):
@@ -130,6 +132,10 @@ def _mismatches(rule: Rule, request: Request, digest: _LazyDigest) -> list[str]:
         elif value not in rule.sha256:
             reasons.append(f"image sha256 {value} is not one of the rule's pinned digests")
     return reasons
+
+
+def _image_matches(globs: tuple[PathGlob, ...], request: Request) -> bool:
+    return any(_any_match(globs, path) for path in (request.image, *request.image_links))
 
 
 def _any_match(globs: tuple[PathGlob, ...], path: str) -> bool:
@@ -169,7 +175,7 @@ def _decision(
 ) -> Decision:
     mountpoint_checked = request.mountpoint is not None
     if winner is None:
-        reason = _denied_by_default(policy, request, verdicts)
+        reason = printable(_denied_by_default(policy, request, verdicts))
         return Decision(
             allowed=False,
             reason=reason,
@@ -184,7 +190,7 @@ def _decision(
             reason += f": {winner.description}"
         return Decision(
             allowed=False,
-            reason=reason,
+            reason=printable(reason),
             rule=winner.name,
             file=winner.file,
             line=winner.line,
@@ -201,7 +207,7 @@ def _decision(
     reason += f" with {','.join(flags)}"
     return Decision(
         allowed=True,
-        reason=reason,
+        reason=printable(reason),
         rule=winner.name,
         file=winner.file,
         line=winner.line,
@@ -210,6 +216,7 @@ def _decision(
         refused_features=winner.refuse_features,
         max_size=winner.max_size,
         block_devices=winner.block_devices,
+        grant_access=winner.grant_access,
         sha256=digest,
         mountpoint_checked=mountpoint_checked,
         verdicts=verdicts,
@@ -255,6 +262,9 @@ def _log_decision(request: Request, decision: Decision) -> None:
     if decision.allowed:
         fields["refused_features"] = list(decision.refused_features)
         fields["max_size"] = decision.max_size
+        fields["grant_access"] = decision.grant_access
+    if request.image_links:
+        fields["image_links"] = list(request.image_links)
     _log.info("policy_decision", **fields)
 
 

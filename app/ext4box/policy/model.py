@@ -33,6 +33,7 @@ class Rule:
     max_size: int | None = None
     refuse_features: tuple[str, ...] = ()
     block_devices: bool = False
+    grant_access: bool = False  # the broker opens the device even if the user cannot
 
     @property
     def location(self) -> str:
@@ -64,11 +65,16 @@ class Request:
     mountpoint: str | None
     is_block_device: bool = False
     sha256: Callable[[], str] | None = None
+    # Root-maintained links naming the same device (e.g. /dev/disk/by-id/usb-*,
+    # made by udev), given by the broker only; `images` globs may match them.
+    image_links: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'ro' or 'rw', not {self.mode!r}")
         _require_resolved("image", self.image)
+        for link in self.image_links:
+            _require_resolved("image link", link)
         if self.mountpoint is not None:
             _require_resolved("mountpoint", self.mountpoint)
         if self.image_size < 0:
@@ -108,6 +114,7 @@ class Decision:
     refused_features: tuple[str, ...] = ()
     max_size: int | None = None
     block_devices: bool = False
+    grant_access: bool = False
     sha256: str | None = None  # the digest, when some rule needed it
     mountpoint_checked: bool = True
     verdicts: tuple[RuleVerdict, ...] = field(default=(), repr=False)

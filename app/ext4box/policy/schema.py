@@ -18,7 +18,7 @@ from ext4box.policy.model import ALWAYS_ON_FLAGS, ANYONE, MODES, OPTIONAL_FLAGS,
 from ext4box.policy.toml_layout import TomlLayout
 
 ACTIONS = ("allow", "deny")
-ALLOW_ONLY_KEYS = ("flags", "max_size", "refuse_features", "block_devices")
+ALLOW_ONLY_KEYS = ("flags", "max_size", "refuse_features", "block_devices", "grant_access")
 RULE_KEYS = (
     "name",
     "action",
@@ -106,6 +106,12 @@ class RuleReader:
             "refuse_features", _list_of(_feature, "ext4 feature names", allow_empty=True), ()
         )
         block_devices = self.get("block_devices", _boolean, False)
+        grant_access = self.get("grant_access", _boolean, False)
+        if grant_access and not block_devices:
+            self.fail(
+                "grant_access",
+                "grant_access = true needs block_devices = true (only devices are granted)",
+            )
         description = self.get("description", _text, "")
         if len(self.errors) > before:
             return None
@@ -125,6 +131,7 @@ class RuleReader:
             max_size=max_size,
             refuse_features=tuple(dict.fromkeys(features)),
             block_devices=block_devices,
+            grant_access=grant_access,
         )
 
 
