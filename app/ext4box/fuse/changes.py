@@ -254,14 +254,18 @@ class NamespaceChanges:
             changes["uid"] = req.uid
         if req.gid is not None and req.gid != node.gid:
             changes["gid"] = req.gid
-        chown = req.uid is not None or req.gid is not None
+        # An empty SETATTR is chown(path, -1, -1): a chown all the same.
+        empty = req.changes_nothing()
+        chown = req.uid is not None or req.gid is not None or empty
         if req.kill_suidgid is None:
             # chown(2) clears suid (always) and sgid (with group-exec), even
             # for root, as notify_change does for ATTR_KILL_SUID/SGID; a
             # truncate only for a caller without CAP_FSETID.
             kill = (chown and not node.is_dir) or (req.size is not None and ctx.uid != 0)
         else:
-            kill = req.kill_suidgid and not node.is_dir
+            # The kernel's FATTR_KILL_SUIDGID comes with a chown that names an
+            # owner, never with chown(-1, -1), which clears the bits on ext4 too.
+            kill = (req.kill_suidgid or empty) and not node.is_dir
         if kill and req.mode is None:
             mode = killpriv_mode(mode) or mode
         if req.size is not None:
