@@ -60,6 +60,7 @@ from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.inode_alloc import InodeAllocator
 from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
+from ext4box.ext4.quota import QuotaAccounting
 from ext4box.ext4.superblock import Superblock
 from ext4box.ext4.xattr import parse_xattr_block
 from ext4box.ext4.xattr_writer import BlockAction, XattrUpdate, apply_block_update, xattr_state
@@ -125,6 +126,8 @@ class WritableFilesystem(Filesystem):
         self.is_open: Callable[[int], bool] = lambda ino: False
         self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
         self.closed = False
+        # Usage per uid/gid/project in the quota files (the quota feature), or None.
+        self.quota = QuotaAccounting.open(self)
 
     @classmethod
     def open_rw(cls, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> WritableFilesystem:
@@ -169,9 +172,12 @@ class WritableFilesystem(Filesystem):
         return time.time_ns()
 
     def store(self, inode: Inode) -> Inode:
-        """Write an inode (checksummed) and refresh the caches that derive from it."""
-        stored = self.table.write(inode)
+        """Write an inode (checksummed) and refresh the caches that derive from it;
+        with quotas, charge the change to its owners (quota.py)."""
         ino = inode.ino
+        if self.quota is not None and self.quota.counted(inode):
+            self._charge_quota(inode)
+        stored = self.table.write(inode)
         mapper = self._mappers.get(ino)
         if mapper is not None and not _mapping_kept(mapper[1]):
             self._mappers.pop(ino)
@@ -189,6 +195,28 @@ class WritableFilesystem(Filesystem):
         else:
             self._inodes.pop(ino)
         return stored
+
+    def _charge_quota(self, inode: Inode) -> None:
+        assert self.quota is not None
+        ino = inode.ino
+        old: Inode | None = self._inodes.get(ino)
+        if old is None:
+            try:
+                old = self.table.read(ino)
+            except Corrupt:
+                old = None  # a slot never used or freed long ago: nothing was charged for it
+        new_live = inode.links_count > 0 or ino in self.open_orphans
+        # Only an inode in use is stored with no links twice (an open orphan, or its
+        # eviction, which drops it from open_orphans first): its old state was charged.
+        old_live = old is not None and (
+            old.links_count > 0 or (inode.links_count == 0 and old.mode != 0))
+        self.quota.inode_stored(old, inode, old_live=old_live, new_live=new_live)
+
+    def check_quota(self, inode: Inode, *, blocks: int = 0, inodes: int = 0) -> None:
+        """Raise QuotaExceeded (EDQUOT) before allocating `blocks` blocks and `inodes`
+        inodes charged to `inode`'s owners would pass their limits."""
+        if self.quota is not None:
+            self.quota.check_inode(inode, blocks=blocks, inodes=inodes)
 
     def group_goal(self, ino: int) -> int:
         """Where blocks for inode `ino` should go when nothing better is known."""
