@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -186,7 +187,7 @@ class QuotaAccounting:
         if before == after and old is not None and all(
                 _owner_id(old, t) == _owner_id(new, t) for t in self.files):
             return
-        for qtype in self.files:
+        for qtype in list(self.files):
             old_id = _owner_id(old, qtype) if old is not None else None
             new_id = _owner_id(new, qtype)
             if old_id == new_id:
@@ -200,7 +201,7 @@ class QuotaAccounting:
         """Count `count` more (or fewer) inodes for `owner`'s ids: the EA inodes
         holding its values, which the kernel charges to the owner (their space
         is in the owner's i_blocks and follows from `inode_stored`)."""
-        for qtype in self.files:
+        for qtype in list(self.files):
             self._charge(qtype, _owner_id(owner, qtype), 0, count)
 
     # ---- limits -------------------------------------------------------------
@@ -213,12 +214,16 @@ class QuotaAccounting:
             return
         ids = {USRQUOTA: uid, GRPQUOTA: gid, PRJQUOTA: projid}
         now = int(time.time())
-        for qtype, quota_file in self.files.items():
+        for qtype in list(self.files):
             qid = ids[qtype]
-            pos = self._find(qtype, qid)
-            if pos is None:
+            try:
+                pos = self._find(qtype, qid)
+                dquot = None if pos is None else self.files[qtype].read(pos)
+            except Corrupt as err:
+                self._disable(qtype, err)
                 continue
-            dquot = quota_file.read(pos)
+            if dquot is None:
+                continue
             why = _over_limit(dquot, space, inodes, now)
             if why is not None:
                 raise QuotaExceeded(f"{QUOTA_TYPE_NAMES[qtype]} quota of id {qid}: {why}")
@@ -229,6 +234,32 @@ class QuotaAccounting:
             return
         self.check(inode.uid, inode.gid, inode.projid, space=blocks * self.fs.block_size,
                    inodes=inodes)
+
+    # ---- setting limits (what setquota does through quotactl) ---------------
+
+    def set_limits(self, qtype: int, qid: int, *, block_soft: int = 0, block_hard: int = 0,
+                   inode_soft: int = 0, inode_hard: int = 0) -> Dquot:
+        """Set one id's limits (block limits in 1 KiB units, as setquota takes them);
+        a grace period starts if usage is already past a new soft limit, and stops if
+        it is not. Returns the entry as written."""
+        quota_file = self.files[qtype]
+        pos = self._find(qtype, qid)
+        if pos is None:
+            pos = self._positions[(qtype, qid)] = quota_file.add(Dquot(qid))
+        dquot = replace(quota_file.read(pos), bsoftlimit=block_soft, bhardlimit=block_hard,
+                        isoftlimit=inode_soft, ihardlimit=inode_hard, btime=0, itime=0)
+        info = quota_file.info
+        now = int(time.time())
+        if block_soft and dquot.curspace > block_soft * QUOTA_BLOCK_SIZE:
+            dquot = replace(dquot, btime=now + info.bgrace)
+        if inode_soft and dquot.curinodes > inode_soft:
+            dquot = replace(dquot, itime=now + info.igrace)
+        quota_file.write(pos, dquot)
+        return dquot
+
+    def set_grace(self, qtype: int, block_grace_s: int, inode_grace_s: int) -> None:
+        """The grace periods (seconds) of one quota type, for soft limits passed from now on."""
+        self.files[qtype].set_grace(block_grace_s, inode_grace_s)
 
     # ---- the entries --------------------------------------------------------
 
@@ -246,22 +277,31 @@ class QuotaAccounting:
         return pos
 
     def _charge(self, qtype: int, qid: int, space: int, inodes: int) -> None:
-        if not space and not inodes:
+        if (not space and not inodes) or qtype not in self.files:
             return
         quota_file = self.files[qtype]
-        pos = self._find(qtype, qid)
         try:
+            pos = self._find(qtype, qid)
             if pos is None:
                 pos = self._positions[(qtype, qid)] = quota_file.add(Dquot(qid))
+            dquot = quota_file.read(pos)
+            quota_file.write(pos, _charged(dquot, space, inodes, quota_file.info.bgrace,
+                                           quota_file.info.igrace, int(time.time())))
         except NoSpace as err:
             # Only a full filesystem stops a quota file from growing; the counts
             # of this id are then wrong until e2fsck recomputes them.
             log.error("quota_entry_not_added", quota=QUOTA_TYPE_NAMES[qtype], id=qid,
                       why=str(err))
-            return
-        dquot = quota_file.read(pos)
-        quota_file.write(pos, _charged(dquot, space, inodes, quota_file.info.bgrace,
-                                       quota_file.info.igrace, int(time.time())))
+        except Corrupt as err:
+            self._disable(qtype, err)
+
+    def _disable(self, qtype: int, err: Corrupt) -> None:
+        """Stop counting a quota type whose file turned out damaged (the operation
+        that found it goes on, as the kernel's goes on after a failed quota write);
+        e2fsck rebuilds the file."""
+        self.files.pop(qtype, None)
+        log.error("quota_file_disabled", quota=QUOTA_TYPE_NAMES[qtype], what=err.what,
+                  where=err.where, why=err.why)
 
 
 def _charged(dquot: Dquot, space: int, inodes: int, bgrace: int, igrace: int,

@@ -169,6 +169,11 @@ class QuotaFile:
         raw[pos.offset : pos.offset + _ENTRY.size] = encode_entry(dquot)
         self._write(pos.block, bytes(raw))
 
+    def set_grace(self, bgrace: int, igrace: int) -> None:
+        if not (0 <= bgrace < 1 << 32 and 0 <= igrace < 1 << 32):
+            raise ValueError(f"grace periods {bgrace}, {igrace} out of range")
+        self._set_info(bgrace=bgrace, igrace=igrace)
+
     def add(self, dquot: Dquot) -> EntryPos:
         """Add an entry for an id the file does not have; tree and data blocks come
         from the file's free list or grow the file."""

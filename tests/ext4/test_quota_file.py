@@ -1,0 +1,165 @@
+"""The quota file format (quota_file.py) against files e2fsprogs wrote, and the usage
+a read-write session counts (quota.py) against e2fsck's own count.
+
+Images come from mkfs.ext4 -O quota; e2fsck -fy (which rewrites the quota
+files from a full scan) makes the reference files, `debugfs lq` reads them
+independently of our parser, and `e2fsck -fn` recounts every id after we wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ext4box.blockdev import BlockDevice
+from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.quota_file import (
+    ENTRIES_PER_BLOCK,
+    QUOTA_BLOCK_SIZE,
+    USRQUOTA,
+    QuotaFile,
+    encode_entry,
+    parse_entry,
+)
+from ext4box.ext4.writable import WritableFilesystem
+from support.facade import Ours, assert_clean, pattern
+
+# Spread over every byte of the id, so every tree level branches (and a data block fills).
+SPREAD_UIDS = sorted({1, 2, 255, 256, 1000, 1001, 65535, 65536, 70000, (1 << 24) + 7,
+                      (1 << 31) + 3, (1 << 32) - 2, *range(5000, 5000 + 2 * ENTRIES_PER_BLOCK)})
+
+
+def _mkfs(path: Path, *args: str, root: Path | None = None) -> Path:
+    with path.open("wb") as image:
+        image.truncate(48 << 20)
+    argv = ["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", *args]
+    if root is not None:
+        argv += ["-d", str(root)]
+    subprocess.run([*argv, str(path)], check=True, capture_output=True)
+    # mkfs -d counts usage before it copies the tree: e2fsck brings the files up to date.
+    subprocess.run(["e2fsck", "-fy", str(path)], capture_output=True, check=False)
+    assert_clean(path)
+    return path
+
+
+def _lq(image: Path, qtype: str = "user") -> dict[int, tuple[int, int]]:
+    """id -> (space in bytes, inodes) as debugfs reads the quota file."""
+    text = subprocess.run(["debugfs", "-R", f"lq {qtype}", str(image)], check=True,
+                          capture_output=True, text=True).stdout
+    out: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0].isdigit():
+            out[int(fields[0])] = (int(fields[1]), int(fields[4]))
+    return out
+
+
+def _dump_quota_file(image: Path, ino: int, out: Path) -> bytes:
+    subprocess.run(["debugfs", "-R", f"dump <{ino}> {out}", str(image)], check=True,
+                   capture_output=True)
+    return out.read_bytes()
+
+
+def _tree(tmp_path: Path, uids: list[int]) -> Path:
+    root = tmp_path / "tree"
+    root.mkdir()
+    for index, uid in enumerate(uids):
+        path = root / f"f{index}"
+        path.write_bytes(pattern(index, 3000 * (index % 5)))
+        os.chown(path, uid, 100 + index % 3)
+    return root
+
+
+def test_reads_what_e2fsprogs_wrote(tmp_path: Path) -> None:
+    image = _mkfs(tmp_path / "q.img", "-O", "quota", root=_tree(tmp_path, SPREAD_UIDS))
+    data = _dump_quota_file(image, 3, tmp_path / "q3")
+    quota_file = QuotaFile(
+        USRQUOTA, lambda n: data[n * QUOTA_BLOCK_SIZE : (n + 1) * QUOTA_BLOCK_SIZE],
+        lambda n, raw: pytest.fail("read-only"), where="user quota",
+        capacity=len(data) // QUOTA_BLOCK_SIZE)
+    entries = {d.qid: (d.curspace, d.curinodes) for d in quota_file.entries()}
+    assert entries == _lq(image)
+    assert len(entries) == len(SPREAD_UIDS) + 1  # and root
+    for qid in entries:
+        pos = quota_file.find(qid)
+        assert pos is not None
+        assert (quota_file.read(pos).curspace, quota_file.read(pos).curinodes) == entries[qid]
+        raw = data[pos.block * QUOTA_BLOCK_SIZE + pos.offset:][:72]
+        assert encode_entry(parse_entry(raw)) == raw
+    assert quota_file.find(424242) is None
+
+
+def test_quota_image_opens_read_write(tmp_path: Path) -> None:
+    """Was refused (EROFS) before quota files were kept up to date."""
+    image = _mkfs(tmp_path / "q.img", "-O", "quota,project", "-E",
+                  "root_owner=0:0,quotatype=usrquota:grpquota:prjquota")
+    dev = BlockDevice.open(str(image), writable=True)
+    try:
+        fs = Filesystem.open(dev, readonly=False)
+        assert isinstance(fs, WritableFilesystem)
+        assert fs.quota is not None and sorted(fs.quota.files) == [0, 1, 2]
+        fs.close()
+    finally:
+        dev.close()
+    assert_clean(image)
+
+
+@pytest.mark.parametrize("block_size", ["1024", "4096"])
+def test_new_ids_get_entries(tmp_path: Path, block_size: str) -> None:
+    """Ids the file has never seen get tree and data blocks, the quota file grows
+    (past its first filesystem block), and e2fsck agrees with every count."""
+    image = _mkfs(tmp_path / "q.img", "-b", block_size, "-O", "quota")
+    facade = Ours(image)
+    try:
+        fs = facade.fs
+        for index, uid in enumerate(SPREAD_UIDS):
+            inode = fs.create(ROOT_INO, f"f{index}".encode(), stat.S_IFREG | 0o644, uid,
+                              uid % 7)
+            facade.write(f"/f{index}", 0, pattern(index, 5000 * (index % 3)))
+            if index % 4 == 0:
+                fs.setattr(inode.ino, uid=uid + 1)  # chown: usage moves to another id
+            if index % 9 == 0:
+                fs.unlink(ROOT_INO, f"f{index}".encode(), still_open=False)
+    finally:
+        facade.close()
+    assert_clean(image)
+    counted = _lq(image)
+    assert all(uid in counted or uid + 1 in counted for uid in SPREAD_UIDS)
+    quota_inode = subprocess.run(["debugfs", "-R", "stat <3>", str(image)], check=True,
+                                 capture_output=True, text=True).stdout
+    assert "Size: 6144" not in quota_inode  # grew beyond what mkfs made
+
+
+def test_damaged_quota_file_stops_counting_not_writing(tmp_path: Path) -> None:
+    """A tree reference outside the file: the quota type is no longer counted (logged),
+    the operations go on, and e2fsck -fy rebuilds the file."""
+    image = _mkfs(tmp_path / "q.img", "-O", "quota")
+    blocks = subprocess.run(["debugfs", "-R", "blocks <3>", str(image)], check=True,
+                            capture_output=True, text=True).stdout.split()
+    block_size = int(subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True,
+                                    text=True, check=True).stdout.split("Block size:")[1]
+                     .split()[0])
+    # Quota block 1 (the tree root) lives in the file's first filesystem block(s).
+    root_at = int(blocks[QUOTA_BLOCK_SIZE // block_size]) * block_size + (
+        QUOTA_BLOCK_SIZE % block_size)
+    with image.open("r+b") as handle:
+        handle.seek(root_at + 4 * 0x77)  # the root's slot for ids 0x77xxxxxx
+        handle.write((999_999).to_bytes(4, "little"))
+    facade = Ours(image)
+    try:
+        with pytest.raises(Corrupt):
+            facade.fs.quota.files[USRQUOTA].find(0x77000001)  # type: ignore[union-attr]
+        facade.fs.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0x77000001, 0)
+        facade.write("/f", 0, b"x" * 9000)
+        assert USRQUOTA not in facade.fs.quota.files  # type: ignore[union-attr]
+    finally:
+        facade.close()
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, check=False)
+    assert_clean(image)
+    assert _lq(image)[0x77000001][1] == 1
