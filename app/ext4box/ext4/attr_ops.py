@@ -30,6 +30,7 @@ from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.xattr_writer import (
     ACL_ACCESS,
     ACL_DEFAULT,
+    BlockAction,
     XattrState,
     XattrUpdate,
     apply_block_update,
@@ -76,6 +77,8 @@ def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags:
     inode = fs.inode(ino)
     state = _state(fs, inode)
     update = set_xattr(state, name, value, flags)
+    if update.block_action is BlockAction.ALLOCATE:  # a new xattr block is charged
+        fs.check_quota(inode, blocks=1)
     return fs.store(_apply(fs, inode, state, update, fs.now_ns()))
 
 

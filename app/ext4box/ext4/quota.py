@@ -73,9 +73,14 @@ class QuotaInodeFile:
         self.fs = fs
         self.ino = ino
         self._pblks: dict[int, int] = {}
+        # Only this object changes a quota inode (no name leads to one), so the
+        # copy it stored last is the inode as it is.
+        self._inode: Inode | None = None
 
     def inode(self) -> Inode:
-        return self.fs.table.read(self.ino)
+        if self._inode is None:
+            self._inode = self.fs.table.read(self.ino)
+        return self._inode
 
     def _pblk(self, lblk: int, inode: Inode) -> int | None:
         pblk = self._pblks.get(lblk)
@@ -107,7 +112,7 @@ class QuotaInodeFile:
         end = (qblk + 1) * QUOTA_BLOCK_SIZE
         if end > inode.size:
             # The kernel's quota write raises i_size to the end of what it wrote.
-            fs.store(replace_inode(inode, size=end))
+            self._inode = fs.store(replace_inode(inode, size=end))
         block = bytearray(fs.writer.read(pblk))
         block[offset : offset + QUOTA_BLOCK_SIZE] = data
         fs.writer.write(pblk, bytes(block))
@@ -123,7 +128,7 @@ class QuotaInodeFile:
             fs.free_block(pblk)
             raise
         fs.writer.write(pblk, bytes(fs.block_size))
-        fs.store(fs.with_tree(inode, tree, 1))
+        self._inode = fs.store(fs.with_tree(inode, tree, 1))
         self._pblks[lblk] = pblk
         return pblk
 
@@ -159,6 +164,8 @@ class QuotaAccounting:
                                           where=inode_where(ino), capacity=capacity)
             self.quota_inodes.add(ino)
         self._positions: dict[tuple[int, int], EntryPos] = {}
+        # The entries read or written so far: only this object writes the files.
+        self._dquots: dict[tuple[int, int], Dquot] = {}
 
     @classmethod
     def open(cls, fs: WritableFilesystem) -> QuotaAccounting | None:
@@ -218,7 +225,7 @@ class QuotaAccounting:
             qid = ids[qtype]
             try:
                 pos = self._find(qtype, qid)
-                dquot = None if pos is None else self.files[qtype].read(pos)
+                dquot = None if pos is None else self._read(qtype, qid, pos)
             except Corrupt as err:
                 self._disable(qtype, err)
                 continue
@@ -246,7 +253,7 @@ class QuotaAccounting:
         pos = self._find(qtype, qid)
         if pos is None:
             pos = self._positions[(qtype, qid)] = quota_file.add(Dquot(qid))
-        dquot = replace(quota_file.read(pos), bsoftlimit=block_soft, bhardlimit=block_hard,
+        dquot = replace(self._read(qtype, qid, pos), bsoftlimit=block_soft, bhardlimit=block_hard,
                         isoftlimit=inode_soft, ihardlimit=inode_hard, btime=0, itime=0)
         info = quota_file.info
         now = int(time.time())
@@ -254,7 +261,7 @@ class QuotaAccounting:
             dquot = replace(dquot, btime=now + info.bgrace)
         if inode_soft and dquot.curinodes > inode_soft:
             dquot = replace(dquot, itime=now + info.igrace)
-        quota_file.write(pos, dquot)
+        self._write(qtype, pos, dquot)
         return dquot
 
     def set_grace(self, qtype: int, block_grace_s: int, inode_grace_s: int) -> None:
@@ -265,7 +272,7 @@ class QuotaAccounting:
 
     def usage(self, qtype: int, qid: int) -> Dquot | None:
         pos = self._find(qtype, qid)
-        return None if pos is None else self.files[qtype].read(pos)
+        return None if pos is None else self._read(qtype, qid, pos)
 
     def _find(self, qtype: int, qid: int) -> EntryPos | None:
         key = (qtype, qid)
@@ -284,9 +291,9 @@ class QuotaAccounting:
             pos = self._find(qtype, qid)
             if pos is None:
                 pos = self._positions[(qtype, qid)] = quota_file.add(Dquot(qid))
-            dquot = quota_file.read(pos)
-            quota_file.write(pos, _charged(dquot, space, inodes, quota_file.info.bgrace,
-                                           quota_file.info.igrace, int(time.time())))
+            dquot = self._read(qtype, qid, pos)
+            self._write(qtype, pos, _charged(dquot, space, inodes, quota_file.info.bgrace,
+                                             quota_file.info.igrace, int(time.time())))
         except NoSpace as err:
             # Only a full filesystem stops a quota file from growing; the counts
             # of this id are then wrong until e2fsck recomputes them.
@@ -294,6 +301,16 @@ class QuotaAccounting:
                       why=str(err))
         except Corrupt as err:
             self._disable(qtype, err)
+
+    def _read(self, qtype: int, qid: int, pos: EntryPos) -> Dquot:
+        dquot = self._dquots.get((qtype, qid))
+        if dquot is None:
+            dquot = self._dquots[(qtype, qid)] = self.files[qtype].read(pos)
+        return dquot
+
+    def _write(self, qtype: int, pos: EntryPos, dquot: Dquot) -> None:
+        self.files[qtype].write(pos, dquot)
+        self._dquots[(qtype, dquot.qid)] = dquot
 
     def _disable(self, qtype: int, err: Corrupt) -> None:
         """Stop counting a quota type whose file turned out damaged (the operation
