@@ -206,10 +206,11 @@ class WritableFilesystem(Filesystem):
             except Corrupt:
                 old = None  # a slot never used or freed long ago: nothing was charged for it
         new_live = inode.links_count > 0 or ino in self.open_orphans
-        # Only an inode in use is stored with no links twice (an open orphan, or its
-        # eviction, which drops it from open_orphans first): its old state was charged.
-        old_live = old is not None and (
-            old.links_count > 0 or (inode.links_count == 0 and old.mode != 0))
+        # An unlinked inode was charged while open (still in open_orphans), and so was
+        # one stored with no links again: only an inode in use is (its eviction drops
+        # it from open_orphans first). A slot taken by a new inode was not.
+        old_live = old is not None and old.mode != 0 and (
+            old.links_count > 0 or ino in self.open_orphans or inode.links_count == 0)
         self.quota.inode_stored(old, inode, old_live=old_live, new_live=new_live)
 
     def check_quota(self, inode: Inode, *, blocks: int = 0, inodes: int = 0) -> None:
