@@ -156,7 +156,8 @@ class QuotaFile:
         return parse_entry(raw[pos.offset : pos.offset + _ENTRY.size])
 
     def entries(self) -> list[Dquot]:
-        """Every entry of the file (for tests and tools), in tree order."""
+        """Every entry of the file (for tests and tools), in tree order; each block is
+        read at most once, so a damaged tree cannot make this loop long."""
         found: list[Dquot] = []
         seen: set[int] = set()
         self._walk(TREE_ROOT, 0, found, seen)
@@ -215,10 +216,12 @@ class QuotaFile:
             if ref == 0:
                 continue
             self._check_ref(ref, f"tree reference at depth {depth}")
+            if ref in seen:  # shared only in a damaged file: each block is read once
+                continue
+            seen.add(ref)
             if depth < TREE_DEPTH - 1:
                 self._walk(ref, depth + 1, found, seen)  # depth is bounded by TREE_DEPTH
-            elif ref not in seen:
-                seen.add(ref)
+            else:
                 data = self._block(ref)
                 for slot in range(ENTRIES_PER_BLOCK):
                     offset = EntryPos(ref, slot).offset
