@@ -46,12 +46,14 @@ CAROL_BLOCK_LIMIT = 200  # KiB (setquota's unit)
 CAROL_INODE_LIMIT = 6
 ERIN_GROUP_BLOCK_LIMIT = 64
 DAVE_SOFT_LIMIT = 100
+FRANK_INODE_SOFT_LIMIT = 2
 PROJECT_BLOCK_LIMIT = 300
 
 PROJECT = 42
 # (uid, gid) of the users of the workload.
 ALICE, BOB, CAROL, DAVE, ERIN = (1000, 2000), (1001, 2001), (1003, 2003), (1004, 2004), (1006, 2006)
-GRACE_S = 4  # block grace period for the soft-limit case (setquota -t)
+FRANK = (1007, 2007)
+GRACE_S = 4  # block and inode grace periods for the soft-limit cases (setquota -t)
 
 VARIANTS = {
     "4k-quota": ["-b", "4096", "-O", "quota"],
@@ -260,7 +262,8 @@ def _set_limits(image: Path, project: bool) -> None:
                              inode_hard=CAROL_INODE_LIMIT)
             quota.set_limits(GRPQUOTA, ERIN[1], block_hard=ERIN_GROUP_BLOCK_LIMIT)
             quota.set_limits(USRQUOTA, DAVE[0], block_soft=DAVE_SOFT_LIMIT)
-            quota.set_grace(USRQUOTA, GRACE_S, 604800)
+            quota.set_limits(USRQUOTA, FRANK[0], inode_soft=FRANK_INODE_SOFT_LIMIT)
+            quota.set_grace(USRQUOTA, GRACE_S, GRACE_S)
             if project:
                 quota.set_limits(PRJQUOTA, PROJECT, block_hard=PROJECT_BLOCK_LIMIT)
     finally:
@@ -269,6 +272,7 @@ def _set_limits(image: Path, project: bool) -> None:
     assert _row(image, "user", CAROL[0])[1:6] == [0, CAROL_BLOCK_LIMIT, 0, 0, CAROL_INODE_LIMIT]
     assert _row(image, "group", ERIN[1])[1:3] == [0, ERIN_GROUP_BLOCK_LIMIT]
     assert _row(image, "user", DAVE[0])[1:3] == [DAVE_SOFT_LIMIT, 0]
+    assert _row(image, "user", FRANK[0])[4:6] == [FRANK_INODE_SOFT_LIMIT, 0]
     if project:
         assert _row(image, "project", PROJECT)[1:3] == [0, PROJECT_BLOCK_LIMIT]
 
@@ -309,13 +313,25 @@ def test_limits_answer_edquot(variant: str, scratch: Path) -> None:
         room = _allowed(CAROL_BLOCK_LIMIT, _used([u / "c2"]))
         assert _as_user(*CAROL, [["write", str(u / "c3"), 0, 200_000, CHUNK]]) == [
             ["EDQUOT", room]]
+        # An xattr block is charged too: refused unless a whole block is left.
+        left = CAROL_BLOCK_LIMIT * 1024 - _used([u / f"c{i}" for i in range(2, 7)])
+        block_size = os.statvfs(u).f_bsize
+        assert _as_user(*CAROL, [["setxattr", str(u / "c4"), "user.big", 600]]) == [
+            ["EDQUOT" if left < block_size else "ok", 0]]
         # A group's hard limit.
         assert _as_user(*ERIN, [["write", str(u / "e1"), 0, 100_000, CHUNK]]) == [
             ["EDQUOT", _allowed(ERIN_GROUP_BLOCK_LIMIT, 0)]]
         # A soft limit: passing it starts the grace period, which then runs out.
         assert _as_user(*DAVE, [["write", str(u / "d1"), 0, 150_000, 150_000]]) == [
             ["ok", 150_000]]
+        frank = [str(u / f"g{i}") for i in range(5)]
+        assert _as_user(*FRANK, [["create", frank[i]] for i in range(3)]) == [["ok", 0]] * 3
         time.sleep(GRACE_S + 1)
+        # Past the inode soft limit too long: no new inode until usage is back under it
+        # (which ends the grace period; passing the limit again starts a new one).
+        assert [r[0] for r in _as_user(*FRANK, [
+            ["create", frank[3]], ["unlink", frank[2]], ["create", frank[3]],
+            ["create", frank[4]]])] == ["EDQUOT", "ok", "ok", "ok"]
         assert _as_user(*DAVE, [["write", str(u / "d2"), 0, CHUNK, CHUNK],
                                 ["unlink", str(u / "d1")],
                                 ["write", str(u / "d2"), 0, CHUNK, CHUNK]]) == [
