@@ -318,9 +318,24 @@ def test_limits_answer_edquot(variant: str, scratch: Path) -> None:
         block_size = os.statvfs(u).f_bsize
         assert _as_user(*CAROL, [["setxattr", str(u / "c4"), "user.big", 600]]) == [
             ["EDQUOT" if left < block_size else "ok", 0]]
-        # A group's hard limit.
+        # A group's hard limit, reached by data and then by a directory that must grow.
+        edir = u / "edir"
+        assert _as_user(*ERIN, [["mkdir", str(edir)]]) == [["ok", 0]]
+        dir_bytes = _used([edir])
         assert _as_user(*ERIN, [["write", str(u / "e1"), 0, 100_000, CHUNK]]) == [
-            ["EDQUOT", _allowed(ERIN_GROUP_BLOCK_LIMIT, 0)]]
+            ["EDQUOT", _allowed(ERIN_GROUP_BLOCK_LIMIT, dir_bytes)]]
+        left = ERIN_GROUP_BLOCK_LIMIT * 1024 - _used([edir, u / "e1"])
+        block_size = os.statvfs(u).f_bsize
+        names = [str(edir / f"entry-with-a-long-name-{i:04}") for i in range(300)]
+        created = [r[0] for r in _as_user(*ERIN, [["create", name] for name in names])]
+        # Creates succeed while the directory has room or may grow; 300 long names need
+        # more blocks than the group has left. (Once indexed, a name whose leaf has room
+        # still goes in after another's leaf could not split.)
+        assert set(created) == {"ok", "EDQUOT"} and created[0] == "ok"
+        if left < block_size:  # not a block left: the first block fills, then nothing
+            full = created.index("EDQUOT")
+            assert created == ["ok"] * full + ["EDQUOT"] * (len(created) - full)
+            assert os.stat(edir).st_size == block_size
         # A soft limit: passing it starts the grace period, which then runs out.
         assert _as_user(*DAVE, [["write", str(u / "d1"), 0, 150_000, 150_000]]) == [
             ["ok", 150_000]]
@@ -346,6 +361,7 @@ def test_limits_answer_edquot(variant: str, scratch: Path) -> None:
     assert_fsck_clean(image)
     space, _, _, inodes, _, _ = _row(image, "user", CAROL[0])
     assert space <= CAROL_BLOCK_LIMIT * 1024 and inodes == CAROL_INODE_LIMIT - 1  # c1 went
+    assert _row(image, "group", ERIN[1])[0] <= ERIN_GROUP_BLOCK_LIMIT * 1024
 
 
 # Runs as root in a child: files of many owners created, grown, chowned and removed,
