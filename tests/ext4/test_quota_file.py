@@ -163,3 +163,20 @@ def test_damaged_quota_file_stops_counting_not_writing(tmp_path: Path) -> None:
     subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, check=False)
     assert_clean(image)
     assert _lq(image)[0x77000001][1] == 1
+
+
+def test_quota_inode_that_is_not_a_file_refuses_rw(tmp_path: Path) -> None:
+    """A superblock naming the root directory as the user quota inode: nothing is
+    written into the directory; the read-only mount still works."""
+    image = _mkfs(tmp_path / "q.img", "-O", "quota")
+    subprocess.run(["debugfs", "-w", "-R", "ssv usr_quota_inum 2", str(image)], check=True,
+                   capture_output=True)
+    before = image.read_bytes()
+    dev = BlockDevice.open(str(image), writable=True)
+    try:
+        with pytest.raises(Corrupt, match="not a regular file"):
+            Filesystem.open(dev, readonly=False)
+        assert Filesystem.open(dev, readonly=True).lookup(ROOT_INO, b"lost+found")
+    finally:
+        dev.close()
+    assert image.read_bytes() == before

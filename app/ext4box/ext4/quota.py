@@ -159,6 +159,8 @@ class QuotaAccounting:
             if not 0 < ino <= sb.inodes_count:
                 raise Corrupt("superblock", "superblock", f"{field} {ino} out of range")
             backing = QuotaInodeFile(fs, ino)
+            if not backing.inode().is_reg:  # what we would write into must be a file
+                raise Corrupt("quota file", inode_where(ino), "not a regular file")
             capacity = backing.inode().size // QUOTA_BLOCK_SIZE
             self.files[qtype] = QuotaFile(qtype, backing.read, backing.write,
                                           where=inode_where(ino), capacity=capacity)
