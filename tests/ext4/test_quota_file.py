@@ -9,6 +9,7 @@ independently of our parser, and `e2fsck -fn` recounts every id after we wrote.
 from __future__ import annotations
 
 import os
+import random
 import stat
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from ext4box.blockdev import BlockDevice
 from ext4box.ext4.errors import Corrupt
 from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.inode import ROOT_INO, replace_inode
 from ext4box.ext4.quota_file import (
     ENTRIES_PER_BLOCK,
     QUOTA_BLOCK_SIZE,
@@ -28,8 +29,9 @@ from ext4box.ext4.quota_file import (
     parse_entry,
 )
 from ext4box.ext4.writable import WritableFilesystem
-from support.facade import Ours, assert_clean, pattern
+from support.facade import Ours, assert_clean, pattern, write_file
 
+_FL_PROJINHERIT = 0x20000000
 # Spread over every byte of the id, so every tree level branches (and a data block fills).
 SPREAD_UIDS = sorted({1, 2, 255, 256, 1000, 1001, 65535, 65536, 70000, (1 << 24) + 7,
                       (1 << 31) + 3, (1 << 32) - 2, *range(5000, 5000 + 2 * ENTRIES_PER_BLOCK)})
@@ -180,3 +182,61 @@ def test_quota_inode_that_is_not_a_file_refuses_rw(tmp_path: Path) -> None:
     finally:
         dev.close()
     assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("block_size", ["1024", "4096"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_operations_keep_usage_exact(tmp_path: Path, block_size: str, seed: int) -> None:
+    """Random operations of several owners in-process, unlinked-open files and the
+    orphan list included; e2fsck -fn recounts every user, group and project after."""
+    image = _mkfs(tmp_path / "q.img", "-b", block_size, "-O", "quota,project", "-E",
+                  "root_owner=0:0,quotatype=usrquota:grpquota:prjquota")
+    rng = random.Random(seed)
+    facade = Ours(image)
+    fs = facade.fs
+    try:
+        proj = fs.mkdir(ROOT_INO, b"proj", 0o777, 0, 0)
+        # Project 7 on /proj, inherited by what is made inside (chattr +P -p 7).
+        fs.store(replace_inode(proj, projid=7, flags=proj.flags | _FL_PROJINHERIT))
+        dirs = [ROOT_INO, proj.ino]
+        files: list[tuple[int, bytes]] = []
+        orphans: list[int] = []
+        for step in range(400):
+            owner = 1000 + rng.randrange(4)
+            parent = rng.choice(dirs)
+            name = f"n{step}".encode()
+            op = rng.randrange(10)
+            if op <= 2 or not files:
+                ino = fs.create(parent, name, stat.S_IFREG | 0o644, owner, owner + 1000).ino
+                files.append((parent, name))
+                write_file(fs, facade.dev, ino, rng.randrange(20_000),
+                           pattern(step, rng.randrange(1, 30_000)))
+            elif op == 3:
+                dirs.append(fs.mkdir(parent, name, 0o755, owner, owner).ino)
+            elif op == 4:
+                at, nm = rng.choice(files)
+                fs.setattr(fs.lookup(at, nm), size=rng.randrange(40_000))
+            elif op == 5:
+                at, nm = rng.choice(files)
+                fs.setattr(fs.lookup(at, nm), uid=owner, gid=rng.randrange(3000, 3003))
+            elif op == 6:
+                at, nm = files.pop(rng.randrange(len(files)))
+                still_open = rng.random() < 0.5
+                ino = fs.lookup(at, nm)
+                fs.unlink(at, nm, still_open=still_open)
+                if still_open:
+                    orphans.append(ino)
+                    write_file(fs, facade.dev, ino, 0, pattern(step, 9000))
+            elif op == 7 and orphans:
+                fs.release_orphan(orphans.pop(rng.randrange(len(orphans))))
+            elif op == 8:
+                at, nm = rng.choice(files)
+                fs.setxattr(fs.lookup(at, nm), b"user.v", pattern(step, rng.randrange(50, 700)))
+            else:
+                fs.symlink(parent, name, b"t" * rng.randrange(1, 300), owner, owner)
+            if step % 97 == 0:
+                fs.commit()
+    finally:
+        facade.close()  # frees the orphans still open
+    assert_clean(image)
+    assert _lq(image, "project").get(7, (0, 0))[1] > 0
