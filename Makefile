@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs fuse2fs fio attr acl strace quota
 STAMP := $(VENV)/.installed
 
-.PHONY: deps demo test lint bench profile fuzz clean
+.PHONY: deps demo test test-quick install uninstall lint bench profile fuzz clean
 
 deps: $(STAMP)
 
@@ -24,6 +24,24 @@ demo: deps
 test: deps
 	$(VENV)/bin/ruff check app tests bench
 	PYTHON=$(PY) bash scripts/run-tests.sh
+
+# Unit, policy, CLI and FUSE tests: no containers, no podman, no test user (root
+# for the FUSE and kernel-compared tests; 6-7 minutes on 2 busy cores).
+QUICK_TESTS := tests/ext4 tests/iomap tests/policy tests/cli tests/fuse tests/hostile \
+	tests/test_diff_walk.py tests/test_corrupt_images.py
+test-quick: deps
+	$(VENV)/bin/ruff check app tests bench
+	PYTHON=$(PY) bash scripts/run-tests.sh $(QUICK_TESTS)
+
+# ext4box for every user of this host (root): scripts/install.sh says what goes where.
+# Debian packages first: pyfuse3 is built against libfuse3, the appliance needs podman.
+INSTALL_PACKAGES := python3-venv fuse3 libfuse3-dev pkg-config gcc e2fsprogs podman runc uidmap catatonit
+install:
+	bash scripts/install-deps.sh $(INSTALL_PACKAGES)
+	bash scripts/install.sh install
+
+uninstall:
+	bash scripts/install.sh uninstall
 
 lint: deps
 	$(VENV)/bin/ruff check app tests bench

@@ -84,6 +84,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return EXIT_OK
     broker_client.warn_if_advisory()
     endpoint = None
+    if args.server_uid is not None and not 0 <= args.server_uid < 0xFFFFFFFF:
+        raise CliError(f"--server-uid {args.server_uid} is not a uid (0 to 4294967294)")
+    if args.handoff_listen and args.server_uid is None:
+        raise CliError(
+            "--handoff-listen needs --server-uid UID: only the server's uid may connect"
+            " and receive /dev/fuse and the image"
+        )
     if args.handoff_listen or args.handoff_connect:
         endpoint = Endpoint(
             path=args.handoff_listen or args.handoff_connect,
@@ -134,19 +141,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ext4box.helper import broker_client, commands
+    from ext4box.helper import broker_client, listing
     from ext4box.helper.errors import HelperError
 
-    rows = commands.list_mounts()
+    rows = listing.list_mounts()
     if broker_client.broker_available():
         try:
             rows = broker_client.list_mounts() + rows  # the broker's, then our own direct ones
         except HelperError as err:
             raise CliError(err.line) from None
     if args.json:
-        print(commands.format_json(rows))
+        print(listing.format_json(rows))
     elif rows:
-        print(commands.format_table(rows))
+        print(listing.format_table(rows))
+    else:
+        print("no mounts")
     return EXIT_OK
 
 
@@ -161,6 +170,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise CliError(err.line) from None
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ext4box.helper import doctor
+
+    return doctor.run_cli(args.mountpoint, policy_dir=args.policy)
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     from ext4box.service.main import main as service_main
 
@@ -169,131 +184,244 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 # -- argument parsing ----------------------------------------------------------
 
+POLICY_DIR_HELP = "policy directory (default: /etc/ext4box/policy.d)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the examples in each epilog as written; wrap everything else."""
+
+
+def _command(
+    commands: argparse._SubParsersAction, name: str, summary: str, examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with copy-pasteable examples."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=summary[:1].upper() + summary[1:] + ".",
+        epilog="examples:\n" + examples.rstrip(),
+        formatter_class=HelpFormatter,
+    )
+
+
+def _image(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="an ext4 image file (or block device)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ext4box", description="A memory-safe ext4 implementation served through FUSE."
+        prog="ext4box",
+        description="A memory-safe ext4 implementation served through FUSE.",
+        epilog="examples:\n"
+        "  ext4box inspect disk.img\n"
+        "  ext4box serve disk.img /mnt/disk -o ro\n"
+        "  ext4box mount /srv/images/a.img /mnt/a --ro\n"
+        "  ext4box doctor /mnt/a\n"
+        "\nRun `ext4box COMMAND --help` for a command's options and examples.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ext4box {__version__}")
     parser.add_argument(
-        "--log-level", choices=logsetup.LEVELS, help="log verbosity (env: EXT4BOX_LOG_LEVEL)"
+        "--log-level",
+        choices=logsetup.LEVELS,
+        help="log verbosity (env: EXT4BOX_LOG_LEVEL; default: warning on a terminal,"
+        " the command's own otherwise)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=logsetup.FORMATS,
+        help="log lines as JSON or short human lines (env: EXT4BOX_LOG_FORMAT, set to json in"
+        " the container image; default: auto, human on a terminal, JSON otherwise)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="mount IMAGE on MOUNTPOINT, in the foreground")
-    serve.add_argument("image", metavar="IMAGE")
-    serve.add_argument("mountpoint", metavar="MOUNTPOINT", help="a directory, or /dev/fd/N")
+    serve = _command(
+        commands, "serve", "mount IMAGE on MOUNTPOINT with the server in this process",
+        "  ext4box serve disk.img /mnt/disk &            # read-only\n"
+        "  ext4box serve disk.img /mnt/disk -o rw &      # read-write; umount /mnt/disk ends it\n",
+    )  # fmt: skip
+    _image(serve)
+    serve.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", help="an existing directory, or /dev/fd/N"
+    )
     serve.add_argument(
         "-o",
         dest="options",
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: ro (default), rw, noexec, allow_other, noatime (always nosuid,nodev)",
+        help="mount options: ro, rw, noexec, allow_other, noatime (default: ro;"
+        " always nosuid,nodev)",
     )
-    serve.add_argument("--debug", action="store_true", help="debug logs and libfuse tracing")
+    serve.add_argument(
+        "--debug", action="store_true", help="debug logs and libfuse tracing (default: off)"
+    )
     serve.set_defaults(handler=cmd_serve, default_level="info")
 
-    inspect = commands.add_parser("inspect", help="summarise the superblock")
-    inspect.add_argument("image", metavar="IMAGE")
+    inspect = _command(
+        commands, "inspect", "summarise the superblock and features, no mount",
+        "  ext4box inspect disk.img\n",
+    )  # fmt: skip
+    _image(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
-    ls = commands.add_parser("ls", help="list a directory of the image")
-    ls.add_argument("image", metavar="IMAGE")
-    ls.add_argument("path", metavar="PATH", nargs="?", default="/")
-    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    ls = _command(
+        commands, "ls", "list a directory of the image, no mount",
+        "  ext4box ls disk.img\n  ext4box ls disk.img /etc -l\n",
+    )  # fmt: skip
+    _image(ls)
+    ls.add_argument(
+        "path", metavar="PATH", nargs="?", default="/",
+        help="directory (or file) inside the image (default: /)",
+    )  # fmt: skip
+    ls.add_argument(
+        "-l", dest="long", action="store_true",
+        help="long listing: mode, links, owner, size, time (default: names only)",
+    )  # fmt: skip
     ls.set_defaults(handler=cmd_ls)
 
-    cat = commands.add_parser("cat", help="write a file of the image to stdout")
-    cat.add_argument("image", metavar="IMAGE")
-    cat.add_argument("path", metavar="PATH")
+    cat = _command(
+        commands, "cat", "write a file of the image to stdout, no mount",
+        "  ext4box cat disk.img /etc/hostname\n",
+    )  # fmt: skip
+    _image(cat)
+    cat.add_argument("path", metavar="PATH", help="file inside the image")
     cat.set_defaults(handler=cmd_cat)
 
-    extract = commands.add_parser("extract", help="copy a subtree of the image out")
-    extract.add_argument("image", metavar="IMAGE")
-    extract.add_argument("path", metavar="PATH")
-    extract.add_argument("dest", metavar="DEST")
+    extract = _command(
+        commands, "extract", "copy a subtree of the image out, no mount",
+        "  ext4box extract disk.img /etc ./etc-copy\n",
+    )  # fmt: skip
+    _image(extract)
+    extract.add_argument("path", metavar="PATH", help="file or directory inside the image")
+    extract.add_argument(
+        "dest", metavar="DEST", help="host path: a new name, or an existing directory to copy into"
+    )
     extract.set_defaults(handler=cmd_extract)
 
-    policy = commands.add_parser("policy", help="mount policy tools")
+    policy = _command(
+        commands, "policy", "mount policy tools",
+        "  ext4box policy check disk.img --policy policy/ --user alice\n",
+    )  # fmt: skip
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
-    check = policy_commands.add_parser("check", help="explain the policy decision for IMAGE")
-    check.add_argument("image", metavar="IMAGE")
-    check.add_argument("--user")
-    check.add_argument("--mode", choices=("ro", "rw"), default="ro")
-    check.add_argument("--mountpoint")
-    check.add_argument("--policy", metavar="DIR")
+    check = _command(
+        policy_commands, "check", "explain the policy decision for IMAGE",
+        "  ext4box policy check /srv/images/a.img --user alice --mountpoint /mnt/a\n"
+        "  ext4box policy check disk.img --policy ./policy.d --mode rw\n",
+    )  # fmt: skip
+    _image(check)
+    check.add_argument("--user", metavar="NAME", help="whose request to judge (default: you)")
+    check.add_argument(
+        "--mode", choices=("ro", "rw"), default="ro", help="access asked for (default: ro)"
+    )
+    check.add_argument(
+        "--mountpoint", metavar="DIR", help="where it would be mounted (default: not checked)"
+    )
+    check.add_argument("--policy", metavar="DIR", help=POLICY_DIR_HELP)
     check.set_defaults(handler=cmd_policy_check)
 
-    mount = commands.add_parser(
-        "mount", help="mount IMAGE on MOUNTPOINT through the sandboxed server, if policy allows"
-    )
-    mount.add_argument("image", metavar="IMAGE")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount = _command(
+        commands, "mount",
+        "mount IMAGE on MOUNTPOINT through the sandboxed server, if policy allows",
+        "  ext4box mount /srv/images/a.img /mnt/a          # read-only\n"
+        "  ext4box mount /srv/images/a.img /mnt/a --rw\n"
+        "  ext4box mount /srv/images/a.img /mnt/a --handoff-connect /run/ext4box/server.sock\n",
+    )  # fmt: skip
+    _image(mount)
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     access = mount.add_mutually_exclusive_group()
-    access.add_argument("--ro", dest="mode", action="store_const", const="ro", help="(default)")
-    access.add_argument("--rw", dest="mode", action="store_const", const="rw")
-    mount.add_argument(
-        "--policy", metavar="DIR", help="policy directory (default /etc/ext4box/policy.d)"
+    access.add_argument(
+        "--ro", dest="mode", action="store_const", const="ro", help="read-only (the default)"
     )
+    access.add_argument(
+        "--rw", dest="mode", action="store_const", const="rw",
+        help="read-write, if a policy rule allows it",
+    )  # fmt: skip
+    mount.add_argument("--policy", metavar="DIR", help=POLICY_DIR_HELP)
     mount.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS", help="wait for the server"
-    )
+        "--timeout", type=float, default=30.0, metavar="SECONDS",
+        help="how long to wait for the server to become ready (default: 30)",
+    )  # fmt: skip
     # Deployments (compose/, docs in README "Deployments"): a server someone else runs.
     meet = mount.add_mutually_exclusive_group()
     meet.add_argument("--handoff-listen", metavar="SOCKET",
                       help="listen on SOCKET for an already running server instead of"
-                      " starting a container")  # fmt: skip
+                      " starting a container (default: start a container)")  # fmt: skip
     meet.add_argument(
         "--handoff-connect",
         metavar="SOCKET",
-        help="connect to a server listening on SOCKET (systemd socket unit)",
+        help="connect to a server listening on SOCKET, e.g. a systemd socket unit"
+        " (default: start a container)",
     )
     mount.add_argument(
         "--server-uid",
         type=int,
         metavar="UID",
-        help="with --handoff-listen: the uid the server must connect as",
+        help="the uid the server runs as (required with --handoff-listen; with"
+        " --handoff-connect, default: the listener must be root)",
     )
     mount.add_argument(
         "--foreground",
         action="store_true",
-        help="stay until SIGTERM/SIGINT or the server exits, then unmount",
+        help="stay until SIGTERM/SIGINT or the server exits, then unmount (default: return"
+        " once mounted)",
     )
     # info: the policy decision is always logged (JSON when stderr is not a terminal).
     mount.set_defaults(handler=cmd_mount, mode="ro", default_level="info")
 
-    umount = commands.add_parser("umount", help="unmount an ext4box mount and stop its server")
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount = _command(
+        commands, "umount", "unmount an ext4box mount and stop its server",
+        "  ext4box umount /mnt/a\n",
+    )  # fmt: skip
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the image is mounted")
     umount.set_defaults(handler=cmd_umount, default_level="info")
 
-    listing = commands.add_parser("list", help="show active ext4box mounts")
-    listing.add_argument("--json", action="store_true", help="one JSON array")
+    listing = _command(
+        commands, "list", "show active ext4box mounts (root: every user's)",
+        "  ext4box list\n  ext4box list --json\n",
+    )  # fmt: skip
+    listing.add_argument("--json", action="store_true", help="one JSON array (default: a table)")
     listing.set_defaults(handler=cmd_list)
 
-    broker = commands.add_parser(
-        "broker", help="the root service that mounts for ordinary users (systemd or --foreground)"
-    )
+    broker = _command(
+        commands, "broker",
+        "the root daemon that mounts for ordinary users (systemd, or --foreground)",
+        "  ext4box broker --foreground\n"
+        "  ext4box broker --foreground --socket /tmp/broker.sock --policy /etc/ext4box/policy.d\n",
+    )  # fmt: skip
     broker.add_argument(
-        "--foreground", action="store_true", help="listen on --socket instead of systemd's socket"
-    )
+        "--foreground", action="store_true",
+        help="listen on --socket yourself (default: take the socket from systemd)",
+    )  # fmt: skip
     broker.add_argument(
-        "--socket", metavar="PATH", help="with --foreground (default /run/ext4box/broker.sock)"
-    )
+        "--socket", metavar="PATH",
+        help="with --foreground (default: /run/ext4box/broker.sock)",
+    )  # fmt: skip
+    broker.add_argument("--policy", metavar="DIR", help=POLICY_DIR_HELP)
     broker.add_argument(
-        "--policy", metavar="DIR", help="policy directory (default /etc/ext4box/policy.d)"
-    )
+        "--state-dir", metavar="DIR",
+        help="where mounts are recorded (default: /run/ext4box/mounts)",
+    )  # fmt: skip
     broker.add_argument(
-        "--state-dir", metavar="DIR", help="where mounts are recorded (default /run/ext4box/mounts)"
-    )
-    broker.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS", help="wait for each server"
-    )
+        "--timeout", type=float, default=30.0, metavar="SECONDS",
+        help="how long to wait for each server (default: %(default)s)",
+    )  # fmt: skip
     broker.set_defaults(handler=cmd_broker, default_level="info")
 
-    service = commands.add_parser(
-        "service", help="the in-container server (started by `ext4box mount`)", add_help=False
-    )
+    doctor = _command(
+        commands, "doctor", "check what `ext4box mount` needs, one line per check",
+        "  ext4box doctor\n  ext4box doctor /mnt/a     # also the mountpoint's propagation\n",
+    )  # fmt: skip
+    doctor.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", nargs="?",
+        help="also check this mountpoint (default: none)",
+    )  # fmt: skip
+    doctor.add_argument("--policy", metavar="DIR", help=POLICY_DIR_HELP)
+    doctor.set_defaults(handler=cmd_doctor)
+
+    # The in-container entrypoint: main() dispatches it before parsing; it is
+    # registered only so that it is a known choice, and has no help line.
+    service = commands.add_parser("service", add_help=False)
     service.add_argument("service_args", nargs=argparse.REMAINDER)
     service.set_defaults(handler=cmd_service)
     return parser
@@ -310,15 +438,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    # Offline commands stay quiet unless asked: their output is the point.
+    try:
+        fmt = logsetup.resolve_format(args.log_format)
+    except ValueError as err:
+        parser.error(str(err))
+    # Offline commands stay quiet unless asked: their output is the point. On
+    # a terminal every command does: its human lines say what happened.
     level = args.log_level or ("debug" if debug else None)
     if level is None and not os.environ.get("EXT4BOX_LOG_LEVEL"):
         level = getattr(args, "default_level", "warning")
+        if fmt == "human":
+            level = logsetup.TERMINAL_LEVEL
     try:
-        logsetup.setup(level)
+        logsetup.setup(level, fmt)
     except ValueError as err:
         parser.error(str(err))
     from ext4box.ext4.errors import Ext4Error
+    from ext4box.helper.errors import HelperError
 
     try:
         return int(args.handler(args))
@@ -326,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ext4box: error: {err}", file=sys.stderr)
     except Ext4Error as err:
         print(f"ext4box: error: {err}", file=sys.stderr)
+    except HelperError as err:
+        # Any helper step a command forgot to translate: still one line.
+        print(f"ext4box: error: {err.line}", file=sys.stderr)
     except BrokenPipeError:
         # `ext4box cat ... | head`: the reader left; not an error of ours.
         with contextlib.suppress(OSError):

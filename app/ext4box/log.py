@@ -1,7 +1,10 @@
-"""structlog configuration shared by every command.
+"""structlog configuration shared by every command: which format, which level.
 
-JSON lines when stderr is not a terminal (services, tests, containers) or when
-EXT4BOX_LOG_FORMAT=json; a human-readable console rendering on a terminal.
+JSON lines with `--log-format json` (or EXT4BOX_LOG_FORMAT=json, which the
+container image sets) and when stderr is not a terminal (services, tests,
+pipes); on a terminal, one short human line per event, and only warnings and
+errors unless a level is asked for: a command's own output is what the user
+came for.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_LEVEL = "info"
+FORMATS = ("auto", "json", "human")
+TERMINAL_LEVEL = "warning"  # a terminal's default, whatever the command's default
 
 
 def resolve_level(cli_level: str | None) -> str:
@@ -24,24 +29,54 @@ def resolve_level(cli_level: str | None) -> str:
     return level
 
 
-def wants_json() -> bool:
-    fmt = os.environ.get("EXT4BOX_LOG_FORMAT", "").lower()
-    if fmt == "json":
-        return True
+def resolve_format(cli_format: str | None = None) -> str:
+    """"json" or "human": --log-format wins over EXT4BOX_LOG_FORMAT, then "auto"."""
+    fmt = (cli_format or os.environ.get("EXT4BOX_LOG_FORMAT") or "auto").lower()
     if fmt in ("console", "text"):
-        return False
-    return not sys.stderr.isatty()
+        fmt = "human"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt == "auto":
+        return "human" if sys.stderr.isatty() else "json"
+    return fmt
 
 
-def setup(level: str | None = None) -> None:
+def wants_json(cli_format: str | None = None) -> bool:
+    return resolve_format(cli_format) == "json"
+
+
+def render_human(_logger: object, method: str, event_dict: dict[str, object]) -> str:
+    """`ext4box: warning: event key=value ...`: the shape of our error lines."""
+    event_dict.pop("timestamp", None)
+    level = event_dict.pop("level", method)
+    event = event_dict.pop("event", "")
+    event_dict.pop("logger", None)
+    failure = _exception_of(event_dict.pop("exc_info", None))
+    event_dict.pop("exception", None)
+    if failure is not None:  # the exception's one line, never a traceback
+        event_dict["error"] = f"{type(failure).__name__}: {failure}"
+    details = " ".join(f"{key}={value}" for key, value in event_dict.items())
+    return f"ext4box: {level}: {event}" + (f" ({details})" if details else "")
+
+
+def _exception_of(exc_info: object) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple) and len(exc_info) == 3:
+        return exc_info[1]
+    return sys.exc_info()[1] if exc_info else None
+
+
+def setup(level: str | None = None, fmt: str | None = None) -> None:
     """Configure structlog (and stdlib logging, which pyfuse3 uses) once per process."""
     numeric = getattr(logging, resolve_level(level).upper())
+    as_json = wants_json(fmt)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if wants_json():
+    if as_json:
         renderer: structlog.types.Processor = structlog.processors.JSONRenderer()
         # Structured tracebacks, without frame locals: they are noisy and could
         # carry file contents into the log.
@@ -51,7 +86,7 @@ def setup(level: str | None = None) -> None:
             )
         )
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = render_human
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

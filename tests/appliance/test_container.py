@@ -128,7 +128,9 @@ def _handoff_into_container(image: str, image_path: Path, fuse_fd: int, user=Non
         image_fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             request = MountRequest(Mode.RO, ImageKind.REGULAR, IMAGE_BYTES)
-            assert handoff.hand_off(helper_end, fuse_fd, image_fd, request, timeout=60) == 1
+            assert handoff.hand_off(helper_end, fuse_fd, image_fd, request, timeout=60) == (
+                protocol.PROTOCOL_VERSION
+            )
         finally:
             os.close(image_fd)
         try:
@@ -159,7 +161,8 @@ def test_wrong_fd_refused_inside_the_container(image, image_ro_fd):
         with helper_end:
             helper_end.settimeout(60)
             protocol.send_packet(helper_end, protocol.encode_hello())
-            assert protocol.decode_hello_reply(protocol.recv_packet(helper_end)[0]) == 1
+            reply = protocol.recv_packet(helper_end)[0]
+            assert protocol.decode_hello_reply(reply) == protocol.PROTOCOL_VERSION
             request = protocol.encode_mount(MountRequest(Mode.RO, ImageKind.REGULAR, IMAGE_BYTES))
             protocol.send_packet(helper_end, request, (read_end, image_ro_fd))
             refusal = protocol.decode_error(protocol.recv_packet(helper_end)[0])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from ext4box.helper import container
+from ext4box.helper.errors import HelperError
 
 
 def _argv(podman: container.Podman) -> list[str]:
@@ -36,8 +39,36 @@ def test_hardening_flags_always_present():
     assert "path=/run/x.log" in argv
 
 
-def test_without_profile_no_seccomp_option():
-    assert not any(a.startswith("seccomp=") for a in _argv(_podman(seccomp_profile=None)))
+def test_without_profile_refuses_to_start(monkeypatch):
+    """Issue 16 item 6: an install outside the checkout silently ran without the allowlist."""
+    monkeypatch.setenv("EXT4BOX_SECCOMP_PROFILE", "/nonexistent/ext4box.json")
+    with pytest.raises(HelperError) as refused:
+        _argv(_podman(seccomp_profile=None))
+    assert "no seccomp profile" in refused.value.line
+    assert "/nonexistent/ext4box.json" in refused.value.line  # says where it looked
+    assert "/usr/share/ext4box/seccomp/ext4box.json" in refused.value.line
+
+
+def test_runtime_dir_accepts_podmans_0711(monkeypatch, tmp_path):
+    """Issue 16 item 5: podman chmods the runtime dir to 0711; that is still private."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(container.tempfile, "gettempdir", lambda: str(tmp_path))
+    first = container.runtime_dir()
+    first.chmod(0o711)
+    assert container.runtime_dir() == first
+    first.chmod(0o755)  # others may list it: not private
+    with pytest.raises(HelperError, match="not a private directory"):
+        container.runtime_dir()
+
+
+def test_runtime_dir_ignores_someone_elses_xdg(monkeypatch, tmp_path):
+    """After a plain `su`, XDG_RUNTIME_DIR still names the previous user's directory."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 4321, 4321) if os.geteuid() == 0 else foreign.chmod(0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(foreign))
+    monkeypatch.setattr(container.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert container.runtime_dir() == tmp_path / f"ext4box-run-{os.getuid()}"
 
 
 def test_userns_choice():

@@ -24,7 +24,8 @@ from ext4box.helper import fusemount
 IMAGE_BYTES = 4 * 1024 * 1024
 NO_PODMAN = "/nonexistent/podman-must-not-run"
 PODMAN_GATE = (
-    "ext4box: error: podman is not installed (the ext4box server runs in a podman container)"
+    "ext4box: error: podman is not installed (the ext4box server runs in a podman container);"
+    " fix: apt-get install podman"
 )
 
 

@@ -182,6 +182,13 @@ def test_rootless_user_mounts_reads_lists_unmounts(user_with_image, server_image
                 (str(image), str(mnt), "ro", "serving")
             ]
             name = rows[0]["container"]
+            # Root's list shows every user's mounts (issue 16 item 9), whose they are.
+            seen_by_root = [
+                (r["user"], r["container"], r["status"])
+                for r in _listed(_ext4box_root("list", "--json", image_ref=server_image))
+                if r["mountpoint"] == str(mnt)
+            ]
+            assert seen_by_root == [(user.pw_name, name, "serving")]
             # The server runs in the user's rootless podman, in a user namespace.
             inspect = podman("container", "inspect", str(name), user=user, check=False)
             assert inspect.returncode == 0, inspect.stderr

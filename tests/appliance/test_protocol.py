@@ -70,12 +70,12 @@ def ro_request(size: int = IMAGE_BYTES, options: tuple[str, ...] = ()) -> MountR
     return MountRequest(Mode.RO, ImageKind.REGULAR, size, options)
 
 
-def raw_hello(sock: socket.socket, low: int = 1, high: int = 1) -> None:
+def raw_hello(sock: socket.socket, low: int = 1, high: int = protocol.PROTOCOL_VERSION) -> None:
     """Play the helper's opening move by hand and check the reply."""
     protocol.send_packet(sock, protocol.encode_hello(low, high))
     packet, fds = protocol.recv_packet(sock)
     assert fds == []
-    assert protocol.decode_hello_reply(packet) == 1
+    assert protocol.decode_hello_reply(packet) == min(high, protocol.PROTOCOL_VERSION)
 
 
 def expect_refusal(sock: socket.socket, thread: ServerThread, *words: str) -> PeerRefused:
@@ -164,7 +164,7 @@ def test_server_error_reaches_helper_as_peer_refused(seqpacket_pair, server, fus
 # --- versions ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("low", "high"), [(0, 0), (2, 3)])
+@pytest.mark.parametrize(("low", "high"), [(0, 0), (3, 4)])
 def test_version_without_overlap_is_refused_on_both_sides(
     seqpacket_pair, server, fuse_fd, image_ro_fd, low, high
 ):
@@ -186,7 +186,7 @@ def test_newer_helper_gets_our_version(seqpacket_pair, server, fuse_fd, image_ro
         seqpacket_pair[0], fuse_fd, image_ro_fd, ro_request(), min_version=1, max_version=9
     )
     thread.join()
-    assert version == 1 and thread.result is not None
+    assert version == protocol.PROTOCOL_VERSION and thread.result is not None
 
 
 def test_helper_refuses_a_version_it_did_not_offer(seqpacket_pair, fuse_fd, image_ro_fd):
@@ -251,7 +251,7 @@ def test_malformed_mount_is_refused_and_fds_closed(
 ):
     helper_end, _ = seqpacket_pair
     thread = server()
-    raw_hello(helper_end)
+    raw_hello(helper_end, 1, 1)  # these are version-1 layouts (test_refused_features: 2)
     before = open_fd_count()
     protocol.send_packet(helper_end, packet, (fuse_fd, image_ro_fd))
     expect_refusal(helper_end, thread, *words)

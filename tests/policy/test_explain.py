@@ -131,9 +131,9 @@ def test_bad_policy_exit_2_one_line(
 @pytest.mark.parametrize(
     ("user", "mode", "policy", "expected"),
     [
-        ("no-such-user-xyz", "ro", "ok", "ext4box: unknown user 'no-such-user-xyz'\n"),
-        ("", "rwx", "ok", "ext4box: mode must be ro or rw, not 'rwx'\n"),
-        ("", "ro", "missing", "policy directory does not exist\n"),
+        ("no-such-user-xyz", "ro", "ok", "ext4box: error: unknown user 'no-such-user-xyz'\n"),
+        ("", "rwx", "ok", "ext4box: error: mode must be ro or rw, not 'rwx'\n"),
+        ("", "ro", "missing", "or name another with --policy DIR)\n"),
     ],
 )
 def test_bad_arguments_exit_2(
@@ -149,7 +149,8 @@ def test_bad_arguments_exit_2(
 def test_missing_image_exit_2(tmp_path: Path, policy_dir: Path) -> None:
     result = run_check(str(tmp_path / "nope.img"), "", "ro", "", str(policy_dir))
     assert result.returncode == 2
-    assert result.stderr == f"ext4box: image {tmp_path / 'nope.img'}: No such file or directory\n"
+    missing = tmp_path / "nope.img"
+    assert result.stderr == f"ext4box: error: image {missing}: No such file or directory\n"
 
 
 def test_directory_is_not_an_image(tmp_path: Path, policy_dir: Path) -> None:

@@ -311,7 +311,8 @@ def test_all_errors_of_all_files_are_reported(policy_dir: Path, write_policy: Wr
 
 def test_missing_directory(tmp_path: Path) -> None:
     error = only_error(tmp_path / "nope")
-    assert error.message == "policy directory does not exist"
+    assert error.message.startswith("policy directory does not exist")
+    assert "--policy DIR" in error.message  # says what to do about it
 
 
 def test_empty_directory_is_a_valid_deny_all_policy(policy_dir: Path) -> None:

@@ -14,6 +14,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
+from ext4box.ext4 import ea_inode_writer
 from ext4box.ext4 import features as F
 from ext4box.ext4.acl import (
     ACL_GROUP,
@@ -34,6 +35,7 @@ from ext4box.ext4.xattr_writer import (
     XattrState,
     XattrUpdate,
     apply_block_update,
+    ea_charge_delta,
     remove_xattr,
     set_xattr,
     xattr_state,
@@ -47,20 +49,30 @@ _ACL_ENTRY = struct.Struct("<HHI")
 
 
 def _state(fs: WritableFilesystem, inode: Inode) -> XattrState:
+    ea_inode = fs.sb.has_incompat(F.INCOMPAT_EA_INODE)
     return xattr_state(
         inode, read_meta=fs.writer.read, block_size=fs.block_size, csum_seed=fs.sb.csum_seed,
-        goal=fs.group_goal(inode.ino), ea_inode=fs.sb.has_incompat(F.INCOMPAT_EA_INODE),
-        cluster_size=fs.sb.cluster_size, read_ea_inode=fs._read_ea_inode)
+        goal=fs.group_goal(inode.ino), ea_inode=ea_inode,
+        cluster_size=fs.sb.cluster_size, read_ea_inode=fs._read_ea_inode,
+        ea_seed=ea_inode_writer.ea_hash_seed(fs.sb) if ea_inode else None)
 
 
 def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: XattrUpdate,
            now: int) -> Inode:
-    """Carry out a planned xattr change: the block part first, then the inode."""
+    """Carry out a planned xattr change: the new value's EA inode (if any) first, then
+    the block, the other EA inode reference counts, and last the inode."""
     if not update.changed:
         return inode
-    outcome = apply_block_update(
-        update, state, read_meta=fs.writer.read, write_meta=fs.writer.write,
-        alloc_block=fs.alloc_meta_block, free_block=fs.free_block)
+    update, ref_changes, new_ea_inode = ea_inode_writer.begin_update(fs, inode, state, update)
+    try:
+        outcome = apply_block_update(
+            update, state, read_meta=fs.writer.read, write_meta=fs.writer.write,
+            alloc_block=fs.alloc_meta_block, free_block=fs.free_block)
+    except BaseException:
+        if new_ea_inode is not None:
+            ea_inode_writer.abandon(fs, new_ea_inode)
+        raise
+    ea_inode_writer.apply_changes(fs, ref_changes)
     raw = bytearray(inode.raw)
     if update.ibody is not None:
         area = inode.ibody_xattr_area
@@ -70,7 +82,7 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
         mode = (mode & ~0o777) | update.mode_bits
     return replace_inode(
         inode, raw=bytes(raw), file_acl=outcome.file_acl, mode=mode, ctime_ns=now,
-        blocks_512=inode.blocks_512 + outcome.blocks_512_delta)
+        blocks_512=inode.blocks_512 + outcome.blocks_512_delta + ea_charge_delta(state, update))
 
 
 def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags: int) -> Inode:

@@ -45,7 +45,7 @@ from typing import ParamSpec, TypeVar
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import attr_ops, file_data, mount_state, namespace_ops, orphans
+from ext4box.ext4 import attr_ops, ea_inode_writer, file_data, mount_state, namespace_ops, orphans
 from ext4box.ext4 import features as F
 from ext4box.ext4.alloc import BlockAllocator
 from ext4box.ext4.blockmap import BlockMapMapper
@@ -62,7 +62,7 @@ from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
 from ext4box.ext4.quota import QuotaAccounting
 from ext4box.ext4.superblock import Superblock
-from ext4box.ext4.xattr import parse_xattr_block
+from ext4box.ext4.xattr import unread_ea_value
 from ext4box.ext4.xattr_writer import BlockAction, XattrUpdate, apply_block_update, xattr_state
 
 log = structlog.get_logger("ext4box.ext4")
@@ -122,9 +122,12 @@ class WritableFilesystem(Filesystem):
         self.mount_sb = sb  # the superblock as found at mount (for the clean unmount)
         # Unlinked inodes still open: readable until release_orphan frees them.
         self.open_orphans: set[int] = set()
+        # Who precedes each inode on the on-disk orphan list (orphans.py).
+        self.orphan_chain = orphans.OrphanChain()
         # Set by the FUSE layer: whether an inode has open handles (see rename).
         self.is_open: Callable[[int], bool] = lambda ino: False
         self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
+        self.ea_values = ea_inode_writer.EaInodeIndex()  # EA inodes seen, for sharing values
         self.closed = False
         # Usage per uid/gid/project in the quota files (the quota feature), or None.
         self.quota = QuotaAccounting.open(self)
@@ -156,6 +159,11 @@ class WritableFilesystem(Filesystem):
             raise Corrupt("inode", inode_where(ino), "deleted inode (links_count 0) referenced")
         self._inodes.put(ino, inode)
         return inode
+
+    def _read_ea_inode(self, ea_ino: int, size: int) -> bytes:
+        value = super()._read_ea_inode(ea_ino, size)
+        ea_inode_writer.note_read(self, ea_ino)
+        return value
 
     def statfs(self) -> StatFs:
         with self.lock:
@@ -301,15 +309,18 @@ class WritableFilesystem(Filesystem):
         return self.with_tree(inode, tree, -count)
 
     def drop_xattr_block(self, inode: Inode) -> Inode:
-        """Release the inode's xattr block (free it, or drop our reference to a shared one)."""
+        """Release what the inode's xattrs hold: its references to EA inodes (freeing
+        those nothing else names) and its xattr block (free it, or drop our reference
+        to a shared one). The inode itself is about to be freed or discarded."""
+        ea_inode_writer.release_all(self, inode)
         if not inode.file_acl:
             return inode
+        ea_inode = self.sb.has_incompat(F.INCOMPAT_EA_INODE)
         state = xattr_state(
             inode, read_meta=self.writer.read, block_size=self.block_size,
             csum_seed=self.sb.csum_seed, goal=self.group_goal(inode.ino),
-            cluster_size=self.sb.cluster_size)
-        parse_xattr_block(self.writer.read(inode.file_acl), blkno=inode.file_acl,
-                          ino=inode.ino, csum_seed=self.sb.csum_seed)
+            ea_inode=ea_inode, cluster_size=self.sb.cluster_size,
+            read_ea_inode=unread_ea_value if ea_inode else None)
         action = BlockAction.FREE if state.block_refcount <= 1 else BlockAction.DETACH
         update = XattrUpdate(changed=True, ibody=None, ibody_entries=state.ibody_entries,
                              block_action=action, block_entries=())
@@ -393,6 +404,12 @@ class WritableFilesystem(Filesystem):
         (a directory, a special file, an encrypted or verity inode)."""
         with self.lock:
             file_data.check_file_write(self, ino)
+
+    def writable_length(self, ino: int, pos: int, length: int) -> int:
+        """How many of `length` bytes at `pos` may be written to `ino`: all, or those
+        below its size limit (a short write); FileTooBig at or past the limit."""
+        with self.lock:
+            return file_data.writable_length(self, ino, pos, length)
 
     @_mutation_before_data
     def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:

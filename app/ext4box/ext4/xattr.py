@@ -114,6 +114,13 @@ class _RawEntry:
 ReadEaInode = Callable[[int, int], bytes]
 
 
+def unread_ea_value(ea_ino: int, size: int) -> bytes:
+    """A ReadEaInode for parses that need only which EA inodes the entries name
+    (dropping references, a refcount change): zeros of the value's size, no I/O.
+    Bounded like real reads by EA_VALUES_MAX per area."""
+    return bytes(size)
+
+
 # ---------------------------------------------------------------- hashes
 
 

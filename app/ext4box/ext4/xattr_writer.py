@@ -21,18 +21,28 @@ calls leaves attributes where the kernel would and fails with the same errno:
   contents go to a freshly allocated block (copy-on-write), and the old block is
   rewritten with refcount - 1 and a new checksum.
 
+With the ea_inode feature, a value goes to an EA inode as the kernel decides:
+at once when its padded size exceeds EXT4_XATTR_MIN_LARGE_EA_SIZE, or after it
+fits neither in the inode nor in the block as a plain value (then the entry,
+name only, is placed by the same rules). The plan names such a value's inode
+NEW_EA_INODE; `with_ea_inode` puts the real number in once the caller has one
+(ea_inode_writer finds or creates it). `ea_ref_changes` says which EA inode
+references a plan takes and drops, `ea_charge_delta` what it changes in the
+owner's i_blocks (the kernel charges each EA value to its owner, rounded up to
+clusters). A value stored in an EA inode is never "the same" as a new one: the
+kernel re-sets it (same EA inode, new ctime).
+
 The kernel's mbcache sharing (pointing an inode at an existing identical block
-instead of writing its own) is not done: every new block is private. Values the
-kernel would put in an EA inode (ea_inode feature) and changes to entries whose
-value lives in one are refused with Unsupported rather than half-done.
+instead of writing its own) is not done: every new block is private.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from ext4box.ext4.acl import (
@@ -44,7 +54,7 @@ from ext4box.ext4.acl import (
     InvalidAcl,
     acl_xattr_to_disk,
 )
-from ext4box.ext4.errors import Ext4Error, NoData, Unsupported, inode_where
+from ext4box.ext4.errors import Ext4Error, NoData, inode_where
 from ext4box.ext4.inode import GOOD_OLD_INODE_SIZE, Inode
 from ext4box.ext4.xattr import (
     XattrEntry,
@@ -55,6 +65,7 @@ from ext4box.ext4.xattr import (
     parse_ibody_xattrs,
     parse_xattr_block,
     split_name,
+    unread_ea_value,
     xattr_block_checksum,
 )
 
@@ -80,6 +91,8 @@ _ACL_XATTR_ENTRY = struct.Struct("<HHI")
 _WORD = struct.Struct("<I")
 _REFCOUNT_OFFSET = 4  # h_refcount in the block header
 _CHECKSUM_OFFSET = 16  # h_checksum
+# value_inum of a planned entry whose value goes to an EA inode not chosen yet.
+NEW_EA_INODE = -1
 
 ReadMeta = Callable[[int], bytes]
 WriteMeta = Callable[[int, bytes], None]
@@ -112,6 +125,7 @@ class XattrState:
     is_dir: bool
     ea_inode: bool = False  # the ea_inode feature is on
     cluster_size: int = 0  # 0: same as block_size; i_blocks counts one cluster per block
+    ea_seed: int | None = None  # seed of EA-inode value hashes (set with ea_inode)
 
     @property
     def block_sectors(self) -> int:
@@ -138,6 +152,13 @@ class XattrUpdate:
     # For a set of system.posix_acl_access: the permission bits (0o777) the ACL
     # implies; the caller puts them in i_mode (kernel: posix_acl_update_mode).
     mode_bits: int | None = None
+    # The value to store in an EA inode: the entry naming NEW_EA_INODE. Until
+    # `with_ea_inode` resolves it, `ibody` is None even when the inode changes.
+    new_ea_value: bytes | None = None
+
+    @property
+    def ibody_changed(self) -> bool:
+        return self.ibody is not None or _names_new_ea_inode(self.ibody_entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +180,7 @@ def xattr_state(
     ea_inode: bool = False,
     cluster_size: int = 0,
     read_ea_inode: ReadEaInode | None = None,
+    ea_seed: int | None = None,
 ) -> XattrState:
     """Read an inode's attributes into the state the planners take."""
     area = inode.ibody_xattr_area
@@ -196,6 +218,7 @@ def xattr_state(
         is_dir=inode.is_dir,
         ea_inode=ea_inode,
         cluster_size=cluster_size,
+        ea_seed=ea_seed,
     )
 
 
@@ -297,6 +320,7 @@ def _with_mode(update: XattrUpdate, mode_bits: int) -> XattrUpdate:
         block_action=update.block_action,
         block_entries=update.block_entries,
         mode_bits=mode_bits,
+        new_ea_value=update.new_ea_value,
     )
 
 
@@ -325,21 +349,28 @@ def _set(state: XattrState, name: bytes, value: bytes, flags: int) -> XattrUpdat
     )
     if old is not None and not old.value_inum and old.value == value:
         return _unchanged(state)
-    if old is not None and old.value_inum:
-        raise Unsupported("xattr in an EA inode", inode_where(state.ino), f"changing {name!r}")
-    if state.ea_inode and _padded(len(value)) > _min_large_ea_size(state.block_size):
-        raise Unsupported("xattr in an EA inode", inode_where(state.ino), f"{len(value)} bytes")
-    new_entry = XattrEntry(name, value)
+    large = state.ea_inode and _padded(len(value)) > _min_large_ea_size(state.block_size)
+    update = _place(state, XattrEntry(name, value, NEW_EA_INODE if large else 0),
+                    in_ibody, in_block)
+    if update is None and state.ea_inode and value and not large:
+        # As the kernel: a value that fits nowhere as it is goes to an EA inode.
+        update = _place(state, XattrEntry(name, value, NEW_EA_INODE), in_ibody, in_block)
+    if update is None:
+        raise XattrNoSpace(f"no room for {name!r} ({len(value)} bytes) on {inode_where(state.ino)}")
+    return update
 
+
+def _place(
+    state: XattrState, new_entry: XattrEntry, in_ibody: int | None, in_block: int | None
+) -> XattrUpdate | None:
+    """`new_entry` in the inode if it fits there, else in the block; None if neither."""
     ibody = _ibody_with(state, new_entry, in_ibody)
     if ibody is not None:
         block = _without(state.block_entries, in_block) if in_block is not None else None
         return _update(state, ibody, block)
     block = _block_with(state, new_entry, in_block)
     if block is None:
-        if state.ea_inode and value:
-            raise Unsupported("xattr in an EA inode", inode_where(state.ino), "block is full")
-        raise XattrNoSpace(f"no room for {name!r} ({len(value)} bytes) on {inode_where(state.ino)}")
+        return None
     ibody_left = _without(state.ibody_entries, in_ibody) if in_ibody is not None else None
     return _update(state, ibody_left, block)
 
@@ -351,9 +382,6 @@ def _remove(state: XattrState, name: bytes, *, missing_ok: bool) -> XattrUpdate:
         if missing_ok:
             return _unchanged(state)
         raise NoData(f"{name!r} on {inode_where(state.ino)}")
-    entries = state.ibody_entries if in_ibody is not None else state.block_entries
-    if entries[in_ibody if in_ibody is not None else in_block].value_inum:  # type: ignore[index]
-        raise Unsupported("xattr in an EA inode", inode_where(state.ino), f"removing {name!r}")
     if in_ibody is not None:
         return _update(state, _without(state.ibody_entries, in_ibody), None)
     return _update(state, None, _without(state.block_entries, in_block))  # type: ignore[arg-type]
@@ -383,20 +411,25 @@ def _block_with(
     if position is None:
         entries.append(entry)
     else:
-        old_value_bytes = _padded(len(entries[position].value))
+        old_value_bytes = _value_bytes(entries[position])
         entries[position] = entry
     used = _BLOCK_HEADER_BYTES + _table_and_values(entries) + _END_MARKER_BYTES
     if used > state.block_size:
         return None
-    if state.ea_inode and entry.value:
+    if state.ea_inode and _value_bytes(entry):
         # With ea_inode the kernel keeps min(block/8, 1024) bytes of a block free
         # of values, so a long value cannot crowd out further names.
         values = sum(_padded(len(e.value)) for e in state.block_entries if not e.value_inum)
         lowest_value = state.block_size - values
         reserve = min(state.block_size // 8, 1024)
-        if lowest_value + old_value_bytes - _padded(len(entry.value)) < reserve:
+        if lowest_value + old_value_bytes - _value_bytes(entry) < reserve:
             return None
     return tuple(entries)
+
+
+def _value_bytes(entry: XattrEntry) -> int:
+    """What an entry's value takes in its area: nothing when it lives in an EA inode."""
+    return 0 if entry.value_inum else _padded(len(entry.value))
 
 
 def _without(entries: tuple[XattrEntry, ...], position: int) -> tuple[XattrEntry, ...]:
@@ -430,8 +463,10 @@ def _update(
 ) -> XattrUpdate:
     """Turn new entry lists (None = that place unchanged) into an update."""
     ibody_bytes = None
-    if ibody is not None:
-        ibody_bytes = build_ibody_xattrs(ibody, state.ibody_size, ea_inode_seed=state.csum_seed)
+    new_ea_value = next((e.value for e in (*(ibody or ()), *(block or ()))
+                         if e.value_inum == NEW_EA_INODE), None)
+    if ibody is not None and not _names_new_ea_inode(ibody):
+        ibody_bytes = build_ibody_xattrs(ibody, state.ibody_size, ea_inode_seed=state.ea_seed)
     if block is None:
         action = BlockAction.KEEP
         block = state.block_entries
@@ -441,16 +476,76 @@ def _update(
         action = BlockAction.REWRITE if block else BlockAction.FREE
     else:
         action = BlockAction.COPY if block else BlockAction.DETACH
-        if action is BlockAction.COPY and any(entry.value_inum for entry in block):
-            # A copy would take new references on the EA inodes.
-            raise Unsupported("xattr in an EA inode", inode_where(state.ino), "shared block")
     return XattrUpdate(
         changed=True,
         ibody=ibody_bytes,
         ibody_entries=ibody if ibody is not None else state.ibody_entries,
         block_action=action,
         block_entries=block,
+        new_ea_value=new_ea_value,
     )
+
+
+def _names_new_ea_inode(entries: Iterable[XattrEntry]) -> bool:
+    return any(entry.value_inum == NEW_EA_INODE for entry in entries)
+
+
+def with_ea_inode(update: XattrUpdate, state: XattrState, ea_ino: int) -> XattrUpdate:
+    """The plan with its NEW_EA_INODE entry naming `ea_ino`, and the inode area built."""
+    if update.new_ea_value is None:
+        return update
+
+    def resolved(entries: tuple[XattrEntry, ...]) -> tuple[XattrEntry, ...]:
+        return tuple(replace(e, value_inum=ea_ino) if e.value_inum == NEW_EA_INODE else e
+                     for e in entries)
+
+    ibody = update.ibody
+    ibody_entries = resolved(update.ibody_entries)
+    if _names_new_ea_inode(update.ibody_entries):
+        ibody = build_ibody_xattrs(ibody_entries, state.ibody_size, ea_inode_seed=state.ea_seed)
+    return replace(update, ibody=ibody, ibody_entries=ibody_entries,
+                   block_entries=resolved(update.block_entries), new_ea_value=None)
+
+
+def ea_ref_changes(state: XattrState, update: XattrUpdate) -> dict[int, int]:
+    """EA inode -> references the update takes (> 0) or drops (< 0).
+
+    Each entry naming an EA inode holds one reference, whether it sits in an
+    inode or in a block; a block shared by several inodes holds its references
+    once (a copy takes its own, the shared original keeps its own). The entry
+    naming NEW_EA_INODE is not counted: its reference comes with the inode.
+    """
+    changes: Counter[int] = Counter()
+
+    def count(entries: Iterable[XattrEntry], step: int) -> None:
+        for entry in entries:
+            if entry.value_inum > 0:
+                changes[entry.value_inum] += step
+
+    if update.changed and update.ibody_changed:
+        count(state.ibody_entries, -1)
+        count(update.ibody_entries, +1)
+    action = update.block_action
+    if action in (BlockAction.REWRITE, BlockAction.FREE):
+        count(state.block_entries, -1)
+    if action in (BlockAction.REWRITE, BlockAction.ALLOCATE, BlockAction.COPY):
+        count(update.block_entries, +1)
+    return {ino: step for ino, step in changes.items() if step}
+
+
+def ea_charge(entries: Iterable[XattrEntry], cluster_bytes: int) -> int:
+    """512-byte sectors the values in EA inodes add to their owner's i_blocks."""
+    clusters = sum(-(-len(e.value) // cluster_bytes) for e in entries if e.value_inum)
+    return clusters * cluster_bytes // 512
+
+
+def ea_charge_delta(state: XattrState, update: XattrUpdate) -> int:
+    """How the owner's i_blocks changes for the EA values it gains and loses."""
+    if not state.ea_inode or not update.changed:
+        return 0
+    cluster = state.cluster_size or state.block_size
+    before = ea_charge((*state.ibody_entries, *state.block_entries), cluster)
+    return ea_charge((*update.ibody_entries, *update.block_entries), cluster) - before
 
 
 def _min_large_ea_size(block_size: int) -> int:
@@ -509,6 +604,7 @@ def _block_bytes(update: XattrUpdate, state: XattrState, blkno: int) -> bytes:
         block_size=state.block_size,
         refcount=1,
         csum_seed=state.csum_seed,
+        ea_inode_seed=state.ea_seed,
     )
 
 
@@ -520,7 +616,8 @@ def _decrement_refcount(state: XattrState, read_meta: ReadMeta, write_meta: Writ
     not even entries whose name index we do not know.
     """
     raw = read_meta(state.block_nr)
-    current = parse_xattr_block(raw, blkno=state.block_nr, ino=state.ino, csum_seed=state.csum_seed)
+    current = parse_xattr_block(raw, blkno=state.block_nr, ino=state.ino, csum_seed=state.csum_seed,
+                                read_ea_inode=unread_ea_value if state.ea_inode else None)
     block = bytearray(raw)
     _WORD.pack_into(block, _REFCOUNT_OFFSET, max(current.refcount - 1, 1))
     if state.csum_seed is not None:

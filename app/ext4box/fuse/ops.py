@@ -232,8 +232,8 @@ class Ext4Operations(pyfuse3.Operations):
             mode = _killpriv_mode(node.mode)
             if mode is not None:
                 node = self.rw.setattr(handle.ino, mode=mode, ctime_ns=_now_ns())
-        self.engine.write(node, off, buf, now_ns=_now_ns())
-        return len(buf)
+        # Fewer bytes than asked when the file's size limit cuts the write short.
+        return self.engine.write(node, off, buf, now_ns=_now_ns())
 
     async def flush(self, fh: int) -> None:
         # close(2) is not a durability point on ext4 either, and there is
@@ -505,8 +505,10 @@ class Ext4Operations(pyfuse3.Operations):
             or fields.update_atime
             or fields.update_mtime
             or fields.update_ctime
-        ):
+        ) and not self.writable:
             return self._attributes(ino)
+        # A SETATTR naming no field is chown(path, -1, -1) (FATTR_CTIME comes only
+        # with the writeback cache): ctime still becomes now below, as on ext4.
         self._require_writable()
         node = self.fs.inode(ino)
         now = _now_ns()

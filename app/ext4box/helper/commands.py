@@ -1,12 +1,17 @@
-"""`ext4box mount`, `ext4box umount`, `ext4box list`: the host helper.
+"""`ext4box mount`, `ext4box umount`: the host helper (`list` is listing.py).
 
 mount, in this order (each step only if the previous one passed):
-  1. load the policy (all or nothing) and resolve the mountpoint;
+  1. load the policy (all or nothing) and open the mountpoint once, as an
+     fd (helper/mountpoint_fd.py): its path is what the policy judges and
+     the fd is what the mount is attached to, whatever is swapped meanwhile;
   2. open the image by its real path, with exactly the requested access,
      and lock it (shared for ro, exclusive for rw);
   3. ask the policy (which may hash the image, under our lock), log the
-     decision; refuse features the matching rule names (superblock only);
-  4. find podman and the server image, mount /dev/fuse on the mountpoint;
+     decision; a rule that judges the image's bytes (sha256, refuse_features)
+     admits only an image nobody but root can change (helper/pinned.py);
+     refuse features the matching rule names (superblock only), and tell the
+     server to refuse them too, on the bytes it parses (MOUNT, protocol 2);
+  4. find podman and the server image, mount /dev/fuse on the held fd;
   5. start the server container, hand it the two fds, wait for READY;
   6. record the mount. Any failure after 4 unmounts and removes the
      container again, so a failed mount leaves nothing behind.
@@ -18,23 +23,32 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import json
 import os
 import secrets
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ext4box import bdi
-from ext4box.helper import container, external, fusemount, handoff, state
+from ext4box.helper import (
+    container,
+    doctor,
+    external,
+    fusemount,
+    handoff,
+    mountpoint_fd,
+    pinned,
+    state,
+)
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.log import get_logger
 from ext4box.policy import (
     Decision,
+    Identity,
+    Policy,
     PolicyLoadError,
     Request,
     identity_of_uid,
@@ -74,7 +88,25 @@ def mount(
     _ensure_stdio()
     who = identity_of_uid(os.getuid(), os.getgid())
     policy = _load_policy(policy_dir)
-    mountpoint = _resolve_mountpoint(mountpoint_arg)
+    held = _hold_mountpoint(mountpoint_arg, who.uid)
+    try:
+        result = _mount_held(image_arg, held, mode, policy, who, timeout, endpoint)
+    finally:
+        held.close()
+    _raise_read_ahead(held.path, timeout)
+    return result
+
+
+def _mount_held(
+    image_arg: str,
+    held: mountpoint_fd.HeldMountpoint,
+    mode: str,
+    policy: Policy,
+    who: Identity,
+    timeout: float,
+    endpoint: external.Endpoint | None,
+) -> MountResult:
+    mountpoint = held.path  # decided once, on the fd the mount will be attached to
     image = open_image(image_arg, mode)
     try:
         lock_image(image)
@@ -95,17 +127,16 @@ def mount(
         _log_decision(who.user, who.uid, image, mountpoint, decision)
         if not decision.allowed:
             raise HelperError(decision.reason)
+        if pinned.pins_bytes(decision):
+            pinned.check_unchangeable(image, decision)
         check_features(image, decision.refused_features, decision.rule)
+        spec = _mount_spec(image, held, decision)
         if endpoint is not None:
-            result = _mount_external(endpoint, image, mountpoint, decision, timeout)
-        else:
-            podman = container.find_podman()
-            container.check_image(podman)
-            result = _mount_and_serve(podman, image, mountpoint, decision, timeout)
+            return _mount_external(endpoint, image, spec, decision, timeout)
+        podman = doctor.preflight(mountpoint)  # everything a container start needs
+        return _mount_and_serve(podman, image, spec, decision, timeout)
     finally:
         image.close()
-    _raise_read_ahead(mountpoint, timeout)
-    return result
 
 
 def _raise_read_ahead(mountpoint: str, timeout: float) -> None:
@@ -129,10 +160,13 @@ def _raise_read_ahead(mountpoint: str, timeout: float) -> None:
     bdi.set_read_ahead(mountpoint)
 
 
-def _mount_spec(image: OpenedImage, mountpoint: str, decision: Decision) -> fusemount.MountSpec:
+def _mount_spec(
+    image: OpenedImage, held: mountpoint_fd.HeldMountpoint, decision: Decision
+) -> fusemount.MountSpec:
     flags = decision.mount_flags
     return fusemount.MountSpec(
-        mountpoint=mountpoint,
+        mountpoint=held.path,
+        dir_fd=held.fd,
         source=image.path,
         mode=image.mode,
         noexec="noexec" in flags,
@@ -148,37 +182,38 @@ def _mount_request(image: OpenedImage, decision: Decision) -> MountRequest:
         ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
         image.size,
         tuple(decision.mount_flags),
+        refused_features=tuple(decision.refused_features),
     )
 
 
 def _mount_external(
     endpoint: external.Endpoint,
     image: OpenedImage,
-    mountpoint: str,
+    spec: fusemount.MountSpec,
     decision: Decision,
     timeout: float,
 ) -> MountResult:
     """Meet the server at endpoint first, then mount: no server, nothing to undo."""
+    mountpoint = spec.mountpoint
     started = time.monotonic()
     sock, peer = external.open_channel(endpoint, timeout)
     name = f"ext4box-{secrets.token_hex(6)}"
     try:
-        fuse_fd = fusemount.mount(_mount_spec(image, mountpoint, decision))
+        mounted = fusemount.mount_held(spec)
         try:
-            handoff.hand_off(sock, fuse_fd, image.fd, _mount_request(image, decision),
+            handoff.hand_off(sock, mounted.fuse_fd, image.fd, _mount_request(image, decision),
                              timeout=timeout)  # fmt: skip
             handoff.wait_ready(sock, timeout=timeout)
         except (PeerRefused, HandoffError) as failed:
-            with contextlib.suppress(HelperError, OSError):
-                fusemount.unmount(mountpoint)
+            fusemount.unmount_mounted(mounted, mountpoint)
             what = "refused" if isinstance(failed, PeerRefused) else "failed"
             raise HelperError(f"the server at {endpoint.path} {what}: {failed.reason}") from None
         except BaseException:
-            with contextlib.suppress(HelperError, OSError):
-                fusemount.unmount(mountpoint)
+            fusemount.unmount_mounted(mounted, mountpoint)
             raise
         finally:
-            os.close(fuse_fd)
+            os.close(mounted.fuse_fd)
+            mounted.release_mount_fd()
     except BaseException:
         sock.close()
         raise
@@ -245,11 +280,11 @@ def serve_until_stopped(result: MountResult) -> str:
 def _mount_and_serve(
     podman: container.Podman,
     image: OpenedImage,
-    mountpoint: str,
+    spec: fusemount.MountSpec,
     decision: Decision,
     timeout: float,
 ) -> MountResult:
-    spec = _mount_spec(image, mountpoint, decision)
+    mountpoint = spec.mountpoint
     request = _mount_request(image, decision)
     name = f"ext4box-{secrets.token_hex(6)}"
     log_file = state.log_path(name)
@@ -265,19 +300,19 @@ def _mount_and_serve(
         raise
     with sock:
         try:
-            fuse_fd = fusemount.mount(spec)
+            mounted = fusemount.mount_held(spec)
         except BaseException:
             _discard(podman, name, log_file)
             raise
         try:
-            _hand_off(podman, name, log_file, sock, fuse_fd, image, request, timeout)
+            _hand_off(podman, name, log_file, sock, mounted.fuse_fd, image, request, timeout)
         except BaseException:
-            with contextlib.suppress(HelperError, OSError):
-                fusemount.unmount(mountpoint)
+            fusemount.unmount_mounted(mounted, mountpoint)
             _discard(podman, name, log_file)
             raise
         finally:
-            os.close(fuse_fd)  # the server holds its own copy now (or nobody does)
+            os.close(mounted.fuse_fd)  # the server holds its own copy now (or nobody does)
+            mounted.release_mount_fd()
     ready = time.monotonic() - started
     record = state.MountRecord(
         name=name,
@@ -346,29 +381,24 @@ def _discard(podman: container.Podman, name: str, log_file: Path) -> None:
         log_file.unlink()
 
 
-def _load_policy(policy_dir: str | None):  # type: ignore[no-untyped-def]
+def _load_policy(policy_dir: str | None) -> Policy:
     try:
         return load_policy(policy_dir, check_ownership=True)
     except PolicyLoadError as err:
         raise HelperError(f"policy error: {err}") from None
 
 
-def _resolve_mountpoint(arg: str) -> str:
-    absolute = os.path.normpath(os.path.abspath(arg))
+def _hold_mountpoint(arg: str, uid: int) -> mountpoint_fd.HeldMountpoint:
+    """Open the mountpoint once; everything after decides on and mounts onto this fd."""
+    held = mountpoint_fd.hold(arg)
     try:
-        st = os.stat(absolute)
-    except OSError as err:
-        if err.errno == errno.ENOTCONN:
-            raise HelperError(
-                f"mountpoint {arg} is a FUSE mount whose server is gone; run: ext4box umount {arg}"
-            ) from None
-        raise HelperError(f"mountpoint {arg}: {err.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise HelperError(f"mountpoint {arg} is not a directory")
-    real = os.path.realpath(absolute)
-    if fusemount.mounted_fstype(real) == fusemount.FSTYPE:
-        raise HelperError(f"{real} is already an ext4box mount (see ext4box list)")
-    return real
+        mountpoint_fd.check_owner(held, uid)
+        if fusemount.mounted_fstype(held.path) == fusemount.FSTYPE:
+            raise HelperError(f"{held.path} is already an ext4box mount (see ext4box list)")
+    except BaseException:
+        held.close()
+        raise
+    return held
 
 
 def _log_decision(
@@ -410,7 +440,10 @@ def umount(mountpoint_arg: str) -> str:
     absolute = os.path.normpath(os.path.abspath(mountpoint_arg))
     # realpath would stat a dead mount (ENOTCONN); it tolerates that, and
     # records hold resolved paths, so try both spellings.
-    candidates = {absolute, os.path.realpath(absolute)}
+    try:
+        candidates = {absolute, os.path.realpath(absolute)}
+    except OSError:  # a link removed while realpath read it
+        candidates = {absolute}
     record = next((r for r in state.load_all() if r.mountpoint in candidates), None)
     path = record.mountpoint if record else absolute
     entry = fusemount.mounted_entry(path)
@@ -418,7 +451,9 @@ def umount(mountpoint_arg: str) -> str:
     if record is None and not mounted:
         raise HelperError(f"{mountpoint_arg} is not an ext4box mount (see ext4box list)")
     if entry is not None and mounted:
-        fusemount.unmount(path)
+        _check_may_unmount(path, entry)
+        if not fusemount.unmount(path):
+            raise HelperError(f"cannot unmount {path}: it is not a mount this user can unmount")
         if os.geteuid() == 0:
             fusemount.abort_connection(entry.device)
     if record is not None and external.is_external(record.container_id):
@@ -438,60 +473,13 @@ def umount(mountpoint_arg: str) -> str:
     return path
 
 
-# -- list -----------------------------------------------------------------------
-
-
-def list_mounts() -> list[dict[str, object]]:
-    records = state.load_all()
-    if not records:
-        return []
-    try:
-        statuses = container.running_containers(container.find_podman())
-    except HelperError:
-        statuses = {}
-    rows = []
-    for record in records:
-        rows.append(
-            {
-                "image": record.image,
-                "mountpoint": record.mountpoint,
-                "mode": record.mode,
-                "container": record.name,
-                "container_id": record.container_id,
-                "since": record.since,
-                "pid": record.pid,
-                "status": _status(record, statuses.get(record.name)),
-            }
+def _check_may_unmount(path: str, entry: fusemount.MountEntry) -> None:
+    """Only root and the user who mounted it (the FUSE user_id=) may unmount."""
+    owner = entry.owner_uid
+    if os.geteuid() != 0 and owner != os.getuid():
+        whose = f"uid {owner}" if owner is not None else "another user"
+        raise HelperError(
+            f"{path} is an ext4box mount of {whose}, not yours (uid {os.getuid()});"
+            " only its owner or root can unmount it"
         )
-    return rows
 
-
-def _status(record: state.MountRecord, container_state: str | None) -> str:
-    if external.is_external(record.container_id):
-        container_state = "running"  # not ours to inspect: the mount says it all
-    if fusemount.mounted_fstype(record.mountpoint) != fusemount.FSTYPE:
-        return "not mounted"
-    try:
-        os.stat(record.mountpoint)
-    except OSError as err:
-        if err.errno == errno.ENOTCONN:
-            return "server gone"
-        return f"error: {err.strerror}"
-    if container_state is None:
-        return "server gone"
-    return "serving" if container_state == "running" else container_state
-
-
-def format_table(rows: list[dict[str, object]]) -> str:
-    header = ("IMAGE", "MOUNTPOINT", "MODE", "CONTAINER", "SINCE", "STATUS")
-    keys = ("image", "mountpoint", "mode", "container", "since", "status")
-    table = [header] + [tuple(str(row[key]) for key in keys) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in table
-    )
-
-
-def format_json(rows: list[dict[str, object]]) -> str:
-    return json.dumps(rows, indent=1)

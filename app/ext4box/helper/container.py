@@ -4,10 +4,13 @@ The container is started detached with one end of a SOCK_SEQPACKET pair as
 its fd 3 (`--preserve-fds=1`): no host path is bind-mounted into it at all.
 The run-time sandbox is fixed here, not configurable by the caller:
 --network=none, --cap-drop=all, no-new-privileges, the repository's seccomp
-profile, a read-only root, a user namespace in which the invoking user's own
-uid does not exist (rootless: --userns=nomap), --init so the server is not
-PID 1. The container's log goes to a file in the helper's state directory,
-so its tail can be shown even after --rm removed the container.
+profile, a read-only root without podman's writable tmpfs mounts, no IPC
+(/dev/shm, /dev/mqueue), memory and pids limits (cgroup v1 rootless podman
+ignores those, with a warning), a user namespace in which the invoking
+user's own uid does not exist (rootless: --userns=nomap), --init so the
+server is not PID 1. The container's log goes to a file in the helper's
+state directory, so its tail can be shown even after --rm removed the
+container.
 
 Podman is configured the way scripts/podman-env.sh does it (CONTAINERS_CONF,
 a private XDG_RUNTIME_DIR, native overlay storage for rootless), without
@@ -34,6 +37,8 @@ from ext4box.helper.errors import HelperError
 DEFAULT_IMAGE = f"localhost/ext4box:{__version__}"
 HANDOFF_FD = 3  # where --preserve-fds=1 puts our socket inside the container
 PODMAN_RUN_TIMEOUT = 60.0
+MEMORY_LIMIT = "512m"  # the README states both limits
+PIDS_LIMIT = 64
 LABEL = "org.ext4box.mount"
 # Rootful fallback when /etc/subuid has no "containers" range for --userns=auto:
 # a range far above the ones useradd hands out (100000 + n * 65536).
@@ -81,7 +86,7 @@ def find_podman() -> Podman:
         executable=executable,
         env=podman_environment(),
         image=os.environ.get("EXT4BOX_SERVER_IMAGE") or DEFAULT_IMAGE,
-        seccomp_profile=_seccomp_profile(),
+        seccomp_profile=find_seccomp_profile(),
         userns_args=_userns_args(),
     )
 
@@ -108,21 +113,38 @@ def podman_environment() -> dict[str, str]:
 
 
 def runtime_dir() -> Path:
-    """$XDG_RUNTIME_DIR, or a private one under /tmp (no systemd session here)."""
+    """$XDG_RUNTIME_DIR if it is ours, else a private one under /tmp.
+
+    Without a systemd session (`su -`, ssh without pam_systemd) there is no
+    XDG_RUNTIME_DIR, and after a plain `su` it is still the previous user's.
+    """
     given = os.environ.get("XDG_RUNTIME_DIR")
-    if given:
+    if given and _is_private_dir(Path(given)):
         return Path(given)
     path = Path(tempfile.gettempdir()) / f"ext4box-run-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    st = os.lstat(path)
     # Someone else's directory (or a link) under /tmp would let them see or
     # swap our sockets and state: refuse it.
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if not _is_private_dir(path):
         raise HelperError(
-            f"{path} is not a private directory of uid {os.getuid()}; set XDG_RUNTIME_DIR"
+            f"{path} is not a private directory of uid {os.getuid()} (it must be owned by"
+            " you, mode 0700 or 0711); remove it or set XDG_RUNTIME_DIR"
         )
     return path
+
+
+def _is_private_dir(path: Path) -> bool:
+    """Owned by us, not a link, nobody else may list or create in it.
+
+    Search permission for others is accepted: podman itself sets its runtime
+    directory to 0711, and names in it are protected by their own modes.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o066
 
 
 def _first_existing(*candidates: str | Path | None) -> str | None:
@@ -132,11 +154,24 @@ def _first_existing(*candidates: str | Path | None) -> str | None:
     return None
 
 
-def _seccomp_profile() -> str | None:
-    return _first_existing(
-        os.environ.get("EXT4BOX_SECCOMP_PROFILE"),
-        _REPO / "seccomp/ext4box.json",
-        _SHARE / "seccomp/ext4box.json",
+def seccomp_candidates() -> list[str]:
+    """Where the server's seccomp allowlist is looked for, in order."""
+    given = os.environ.get("EXT4BOX_SECCOMP_PROFILE")
+    candidates = [given] if given else []
+    if (_REPO / "pyproject.toml").is_file():  # running from a checkout
+        candidates.append(str(_REPO / "seccomp/ext4box.json"))
+    return [*candidates, str(_SHARE / "seccomp/ext4box.json")]
+
+
+def find_seccomp_profile() -> str | None:
+    return _first_existing(*seccomp_candidates())
+
+
+def missing_seccomp_line() -> str:
+    looked = ", ".join(seccomp_candidates())
+    return (
+        f"no seccomp profile for the server container (looked in {looked});"
+        " install it with `make install` or set EXT4BOX_SECCOMP_PROFILE"
     )
 
 
@@ -185,13 +220,21 @@ def run_command(podman: Podman, name: str, log_path: Path, labels: dict[str, str
         "--name", name,
         "--network=none", "--cap-drop=all",
         "--security-opt", "no-new-privileges",
-        "--read-only",
+        # Nothing writable at all: no tmpfs on /tmp, /var/tmp, /run (podman's
+        # default with --read-only), no /dev/shm, and /dev/mqueue masked.
+        "--read-only", "--read-only-tmpfs=false", "--ipc=none",
+        "--security-opt", "mask=/dev/mqueue",
+        # One image's caches, and the FUSE worker threads (trio's default pool
+        # of 40) with room to spare; the systemd unit has the same limits.
+        f"--memory={MEMORY_LIMIT}", f"--pids-limit={PIDS_LIMIT}",
         *podman.userns_args,
         "--log-driver", "k8s-file", "--log-opt", f"path={log_path}",
         "--preserve-fds=1",
     ]  # fmt: skip
-    if podman.seccomp_profile:
-        argv += ["--security-opt", f"seccomp={podman.seccomp_profile}"]
+    if not podman.seccomp_profile:
+        # Never run the parser with podman's default filter instead of ours.
+        raise HelperError(missing_seccomp_line())
+    argv += ["--security-opt", f"seccomp={podman.seccomp_profile}"]
     for key, value in labels.items():
         argv += ["--label", f"{key}={value}"]
     argv += [podman.image, "--handoff-fd", str(HANDOFF_FD), "--timeout", f"{handoff_timeout:g}"]

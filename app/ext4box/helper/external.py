@@ -13,10 +13,13 @@ directory (a compose volume, a pod's emptyDir, a systemd socket unit):
                           on: a systemd socket unit with Accept=yes, which
                           starts one server per connection with it as fd 3.
 
-Whoever reaches the socket receives /dev/fuse and the image, so the
-listening side is guarded: the directory must not be writable by other
-users, and with --server-uid the connecting peer's uid (SO_PEERCRED, as seen
-from the helper's user namespace) must be the server's.
+Whoever reaches the socket receives /dev/fuse and the image, so both ends
+are pinned to a uid: a listening socket is created mode 0600 and handed to
+the server's uid (`--server-uid`, required), in a directory of root or ours
+that nobody else can write or list (0700, or 0711 so the server's uid can
+traverse it); the accepted peer's uid (SO_PEERCRED, as seen from the
+helper's user namespace) must be the server's. A socket we connect to must
+be listened on by root (the systemd socket unit) or by --server-uid.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class Endpoint:
 
     path: str
     listen: bool  # True: bind+listen and accept one server; False: connect
-    server_uid: int | None = None  # required peer uid when listening
+    # The uid the server runs as. Required when listening; when connecting,
+    # None means the listener must be root (systemd's socket unit).
+    server_uid: int | None = None
 
     def describe(self) -> str:
         return f"{SOCKET_PREFIX}{self.path}"
@@ -63,13 +68,24 @@ def is_external(container_id: str) -> bool:
 
 def open_channel(endpoint: Endpoint, timeout: float) -> tuple[socket.socket, Peer]:
     """A connected SOCK_SEQPACKET socket to the server, and who the server is."""
-    sock = _accept_one(endpoint, timeout) if endpoint.listen else _connect(endpoint.path, timeout)
+    if endpoint.listen:
+        if endpoint.server_uid is None:
+            raise HelperError(
+                f"--handoff-listen {endpoint.path} needs --server-uid: the hand-off gives"
+                " /dev/fuse and the image to whoever connects, so only that uid may"
+            )
+        sock = _accept_one(endpoint.path, endpoint.server_uid, timeout)
+        expected = endpoint.server_uid
+    else:
+        sock = _connect(endpoint.path, timeout)
+        expected = 0 if endpoint.server_uid is None else endpoint.server_uid
     try:
         peer = peer_of(sock)
-        if endpoint.server_uid is not None and peer.uid != endpoint.server_uid:
+        if peer.uid != expected:
+            who = "connected to" if endpoint.listen else "listens on"
             raise HelperError(
-                f"the process that connected to {endpoint.path} runs as uid {peer.uid}, not the"
-                f" server's uid {endpoint.server_uid}; refusing to hand it /dev/fuse and the image"
+                f"the process that {who} {endpoint.path} runs as uid {peer.uid}, not the"
+                f" server's uid {expected}; refusing to hand it /dev/fuse and the image"
             )
     except BaseException:
         sock.close()
@@ -85,64 +101,88 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-def _check_directory(directory: str) -> None:
+def _open_directory(directory: str) -> int:
+    """An fd of the socket's directory, checked private: every later step uses it."""
     try:
-        st = os.stat(directory)
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
         raise HelperError(f"hand-off socket directory {directory}: {err.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise HelperError(f"hand-off socket directory {directory} is not a directory")
-    # Another user able to create names here could swap our socket for theirs.
-    if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
-        raise HelperError(
-            f"hand-off socket directory {directory} is writable by other users (mode"
-            f" {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}); use a directory only"
-            " root or you can write to"
-        )
-
-
-def _accept_one(endpoint: Endpoint, timeout: float) -> socket.socket:
-    path = endpoint.path
-    directory = os.path.dirname(path) or "."
-    if endpoint.server_uid is None:
-        # Without a peer check the directory is the only guard. With one (a
-        # pod's emptyDir is world-writable by design), a stranger can at most
-        # take the server's place: our fds go only to the uid we named.
-        _check_directory(directory)
-    _remove_stale(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        try:
-            listener.bind(path)
-            # The server connects from another uid (a container user): the
-            # directory and the peer-uid check guard the socket, not its mode.
-            os.chmod(path, 0o666)
-            listener.listen(1)
-        except OSError as err:
-            raise HelperError(f"cannot listen on {path}: {err.strerror}") from None
-        listener.settimeout(timeout)
-        try:
-            conn, _ = listener.accept()
-        except TimeoutError:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        # Only root or we may own it; nobody else may create, remove or list
+        # names in it. 0711 lets the server's uid reach the 0600 socket.
+        if st.st_uid not in (0, os.geteuid()) or mode & 0o077 not in (0, 0o011):
             raise HelperError(
-                f"no ext4box server connected to {path} within {timeout:g} s (is the server"
-                f" running with --handoff-socket {path}?)"
-            ) from None
-        conn.settimeout(timeout)
-        return conn
-    finally:
-        listener.close()
-        _remove_stale(path)  # one server per mount: nobody else may connect
+                f"hand-off socket directory {directory} has mode {mode:04o} and owner uid"
+                f" {st.st_uid}; use a directory of root's (or yours) with mode 0700, or 0711"
+                " so the server's uid can reach its socket"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def _remove_stale(path: str) -> None:
+def _accept_one(path: str, server_uid: int, timeout: float) -> socket.socket:
+    directory, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+    dir_fd = _open_directory(directory)
     try:
-        st = os.lstat(path)
+        _remove_stale(name, dir_fd, path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            _bind_private(listener, dir_fd, name, path, server_uid)
+            listener.settimeout(timeout)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                raise HelperError(
+                    f"no ext4box server connected to {path} within {timeout:g} s (is the server"
+                    f" running as uid {server_uid} with --handoff-socket {path}?)"
+                ) from None
+            conn.settimeout(timeout)
+            return conn
+        finally:
+            listener.close()
+            _remove_stale(name, dir_fd, path)  # one server per mount: nobody else may connect
+    finally:
+        os.close(dir_fd)
+
+
+def _bind_private(
+    listener: socket.socket, dir_fd: int, name: str, path: str, server_uid: int
+) -> None:
+    """Bind as 0600 (umask, so there is no moment with a wider mode), give the
+    socket to the server's uid, then listen: until then nobody can connect."""
+    where = f"/proc/self/fd/{dir_fd}/{name}"  # the checked directory, not its name again
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(where if len(where) < 108 else path)
+    except OSError as err:
+        raise HelperError(f"cannot listen on {path}: {err.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chown(name, server_uid, -1, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as err:
+        raise HelperError(
+            f"cannot give the hand-off socket {path} to uid {server_uid}: {err.strerror}"
+            " (listening for another uid needs root)"
+        ) from None
+    try:
+        listener.listen(1)
+    except OSError as err:
+        raise HelperError(f"cannot listen on {path}: {err.strerror}") from None
+
+
+def _remove_stale(name: str, dir_fd: int, path: str) -> None:
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise HelperError(f"{path} exists and is not a socket; refusing to replace it")
-    os.unlink(path)
+    os.unlink(name, dir_fd=dir_fd)
 
 
 def _connect(path: str, timeout: float) -> socket.socket:

@@ -1,4 +1,5 @@
-"""Open /dev/fuse and mount it: mount(2) as root, fusermount3 otherwise.
+"""Open /dev/fuse and mount it: as root onto a held directory fd (the new
+mount API, mount(2) where the kernel lacks it), fusermount3 otherwise.
 
 The helper mounts before the server exists; the kernel queues FUSE_INIT on
 the fd and holds every access to the mountpoint until the server, handed the
@@ -20,7 +21,11 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from ext4box.helper import mountpoint_fd, syscalls
 from ext4box.helper.errors import HelperError
+from ext4box.log import get_logger
+
+log = get_logger("ext4box.helper")
 
 FUSE_DEVICE = "/dev/fuse"
 FSTYPE = "fuse.ext4box"
@@ -40,72 +45,162 @@ MNT_DETACH = 0x2
 class MountSpec:
     """What the helper mounts; every field comes from the policy decision."""
 
-    mountpoint: str  # resolved absolute directory
+    mountpoint: str  # resolved absolute directory (the held fd's path, when given)
     source: str  # shown in /proc/mounts: the image path
     mode: str  # "ro" | "rw"
     noexec: bool
     allow_other: bool
     uid: int  # owner of the mount (user_id=): the invoking user
     gid: int
+    # The mountpoint the decision was made on (ext4box.helper.mountpoint_fd.hold);
+    # as root the mount is attached to exactly this fd. None: held here.
+    dir_fd: int | None = None
+
+
+@dataclass(slots=True)
+class Mounted:
+    """A FUSE mount made by the helper: the fd the server must serve, and (new
+    mount API only) an fd of the mount itself, to unmount exactly it."""
+
+    fuse_fd: int
+    mount_fd: int | None = None
+
+    def release_mount_fd(self) -> None:
+        if self.mount_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.mount_fd)
+            self.mount_fd = None
 
 
 def mount(spec: MountSpec) -> int:
     """Mount and return the /dev/fuse fd the server must serve (close-on-exec)."""
+    mounted = mount_held(spec)
+    mounted.release_mount_fd()
+    return mounted.fuse_fd
+
+
+def mount_held(spec: MountSpec) -> Mounted:
+    """Mount: as root on spec.dir_fd (new mount API), otherwise through fusermount3."""
     if os.geteuid() == 0:
-        return mount_as_root(spec)
-    return mount_with_fusermount(spec)
+        return _mount_as_root(spec)
+    return Mounted(mount_with_fusermount(spec))
 
 
-# -- root: mount(2) ------------------------------------------------------------
+def unmount_mounted(mounted: Mounted, mountpoint: str) -> None:
+    """Undo a mount this process just made: through its own mount fd when there
+    is one (never a path someone could have redirected meanwhile)."""
+    if mounted.mount_fd is not None:
+        try:
+            syscalls.umount2(f"/proc/self/fd/{mounted.mount_fd}", MNT_DETACH)
+        except OSError as err:
+            log.warning("unmount_failed", mountpoint=mountpoint, why=err.strerror)
+        mounted.release_mount_fd()
+        return
+    with contextlib.suppress(HelperError, OSError):
+        unmount(mountpoint)
+
+
+# -- root: the new mount API onto a held fd; mount(2) where the kernel lacks it --
 
 
 def mount_as_root(spec: MountSpec) -> int:
+    mounted = _mount_as_root(spec)
+    mounted.release_mount_fd()
+    return mounted.fuse_fd
+
+
+def _mount_as_root(spec: MountSpec) -> Mounted:
     try:
         fuse_fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
         raise HelperError(f"cannot open {FUSE_DEVICE}: {err.strerror}") from None
+    held = None
     try:
-        options = [f"fd={fuse_fd}", "rootmode=40000", f"user_id={spec.uid}",
-                   f"group_id={spec.gid}", "default_permissions"]  # fmt: skip
-        if spec.allow_other:
-            options.append("allow_other")
-        flags = MS_NOSUID | MS_NODEV
-        if spec.mode == "ro":
-            flags |= MS_RDONLY
-        if spec.noexec:
-            flags |= MS_NOEXEC
-        # Mount on an O_PATH fd of the directory, through /proc/self/fd: the
-        # directory checked is the one mounted on, whatever is renamed meanwhile.
-        dir_fd = _open_mountpoint(spec.mountpoint)
+        dir_fd = spec.dir_fd
+        if dir_fd is None:
+            held = mountpoint_fd.hold(spec.mountpoint, resolve_links=False)
+            dir_fd = held.fd
         try:
-            _syscall_mount(spec.source, f"/proc/self/fd/{dir_fd}", FSTYPE, flags, ",".join(options))
-        finally:
-            os.close(dir_fd)
+            mount_fd = _attach_new_api(spec, fuse_fd, dir_fd)
+        except _NoNewMountApi as missing:
+            log.warning("mount_api_fallback", mountpoint=spec.mountpoint, why=str(missing),
+                        using="mount(2) on /proc/self/fd/N")  # fmt: skip
+            _attach_mount2(spec, fuse_fd, dir_fd)
+            mount_fd = None
     except OSError as err:
         os.close(fuse_fd)
         raise HelperError(f"cannot mount on {spec.mountpoint}: {err.strerror}") from None
     except BaseException:
         os.close(fuse_fd)
         raise
-    return fuse_fd
+    finally:
+        if held is not None:
+            held.close()
+    return Mounted(fuse_fd, mount_fd)
 
 
-def _open_mountpoint(path: str) -> int:
+class _NoNewMountApi(Exception):
+    """fsopen & co. are missing (ENOSYS) or filtered (EPERM from seccomp)."""
+
+
+def _options(spec: MountSpec, fuse_fd: int) -> list[str]:
+    options = [f"fd={fuse_fd}", "rootmode=40000", f"user_id={spec.uid}",
+               f"group_id={spec.gid}", "default_permissions"]  # fmt: skip
+    if spec.allow_other:
+        options.append("allow_other")
+    return options
+
+
+def _attach_new_api(spec: MountSpec, fuse_fd: int, dir_fd: int) -> int:
+    """fsopen/fsconfig/fsmount, then move_mount onto dir_fd: no path is resolved."""
     try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fs_fd = syscalls.fsopen("fuse")
     except OSError as err:
-        raise HelperError(f"mountpoint {path}: {err.strerror}") from None
+        if err.errno in (errno.ENOSYS, errno.EPERM):
+            raise _NoNewMountApi(err.strerror) from None
+        raise
+    try:
+        try:
+            syscalls.fsconfig_string(fs_fd, "source", spec.source)
+            syscalls.fsconfig_string(fs_fd, "subtype", SUBTYPE)
+            for option in _options(spec, fuse_fd):
+                key, sep, value = option.partition("=")
+                if sep:
+                    syscalls.fsconfig_string(fs_fd, key, value)
+                else:
+                    syscalls.fsconfig_flag(fs_fd, key)
+            if spec.mode == "ro":
+                syscalls.fsconfig_flag(fs_fd, "ro")
+            syscalls.fsconfig_create(fs_fd)
+        except OSError as err:
+            said = "; ".join(syscalls.fs_messages(fs_fd))
+            raise OSError(err.errno, f"{err.strerror}" + (f" ({said})" if said else "")) from None
+        attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+        if spec.mode == "ro":
+            attrs |= syscalls.MOUNT_ATTR_RDONLY
+        if spec.noexec:
+            attrs |= syscalls.MOUNT_ATTR_NOEXEC
+        mount_fd = syscalls.fsmount(fs_fd, attrs)
+    finally:
+        os.close(fs_fd)
+    try:
+        syscalls.move_mount_onto_fd(mount_fd, dir_fd)
+    except BaseException:
+        os.close(mount_fd)  # never attached: closing it dissolves the mount
+        raise
+    return mount_fd
 
 
-def _syscall_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.mount(
-        os.fsencode(source), os.fsencode(target), fstype.encode(), ctypes.c_ulong(flags),
-        data.encode(),
-    )  # fmt: skip
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+def _attach_mount2(spec: MountSpec, fuse_fd: int, dir_fd: int) -> None:
+    # /proc/self/fd/N jumps to the held directory itself: still no second
+    # resolution of the mountpoint's path.
+    flags = MS_NOSUID | MS_NODEV
+    if spec.mode == "ro":
+        flags |= MS_RDONLY
+    if spec.noexec:
+        flags |= MS_NOEXEC
+    syscalls.mount2(spec.source, f"/proc/self/fd/{dir_fd}", FSTYPE, flags,
+                    ",".join(_options(spec, fuse_fd)))  # fmt: skip
 
 
 # -- unprivileged: fusermount3 and _FUSE_COMMFD --------------------------------
@@ -241,6 +336,16 @@ class MountEntry:
     fstype: str
     source: str
     device: str  # "major:minor"; for FUSE the minor names the connection
+    super_options: str = ""  # e.g. "ro,user_id=1000,group_id=1000,default_permissions"
+
+    @property
+    def owner_uid(self) -> int | None:
+        """The FUSE mount's user_id=: who mounted it (and may unmount it)."""
+        for option in self.super_options.split(","):
+            key, _, value = option.partition("=")
+            if key == "user_id" and value.isdigit():
+                return int(value)
+        return None
 
 
 def mount_table() -> list[MountEntry]:
@@ -253,7 +358,8 @@ def mount_table() -> list[MountEntry]:
             tail = right.split()
             if not sep or len(fields) < 5 or len(tail) < 2:
                 continue
-            entries.append(MountEntry(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[2]))
+            entries.append(MountEntry(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[2],
+                                      tail[2] if len(tail) > 2 else ""))  # fmt: skip
     return entries
 
 

@@ -71,7 +71,12 @@ def hand_off(
             f" {min_version}..{max_version}",
             errno.EPROTONOSUPPORT,
         )
-    send_packet(sock, encode_mount(request), (fuse_fd, image_fd))
+    try:
+        mount = encode_mount(request, version)
+    except HandoffError as unsendable:
+        reply_error(sock, unsendable.errno, unsendable.reason)
+        raise
+    send_packet(sock, mount, (fuse_fd, image_fd))
     return version
 
 

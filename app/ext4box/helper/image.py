@@ -11,27 +11,19 @@ superblock, to refuse features the policy names.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import stat
-import struct
 from dataclasses import dataclass
 
 from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.helper import syscalls
 from ext4box.helper.errors import HelperError
 
 # Smallest thing that can hold the superblock; the protocol needs size > 0.
 MIN_IMAGE_BYTES = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
-
-_SYS_OPENAT2 = 437  # same number on every architecture (added after the 424 unification)
-_AT_FDCWD = -100
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_NO_SYMLINKS = 0x04
-# struct open_how { u64 flags; u64 mode; u64 resolve; }
-_OPEN_HOW = struct.Struct("=QQQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +52,10 @@ def resolve_image_path(path: str) -> str:
     absolute = os.path.normpath(os.path.abspath(path))
     if not os.path.lexists(absolute):
         raise HelperError(f"image {path} does not exist")
-    real = os.path.realpath(absolute)
+    try:
+        real = os.path.realpath(absolute)
+    except OSError as err:  # a link removed while realpath read it
+        raise HelperError(f"image {path}: {err.strerror}") from None
     if real != absolute:
         raise HelperError(
             f"refusing image path {path}: it goes through a symbolic link (resolves to {real});"
@@ -132,38 +127,15 @@ def _open_no_symlinks(path: str, resolved: str, flags: int, mode: str) -> int:
 
 def _openat2(path: str, flags: int) -> int | None:
     """openat2(RESOLVE_NO_SYMLINKS): the kernel refuses a link in any component."""
-    libc = _libc()
-    if libc is None:
-        return None
-    how = ctypes.create_string_buffer(
-        _OPEN_HOW.pack(flags, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    )
-    fd = libc.syscall(
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(_AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(path)),
-        how,
-        ctypes.c_size_t(_OPEN_HOW.size),
-    )
-    if fd >= 0:
-        return int(fd)
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter said no
-        return None
-    raise OSError(err, os.strerror(err), path)
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL | None:
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-        except OSError:
+    try:
+        return syscalls.openat2(
+            syscalls.AT_FDCWD, path, flags,
+            syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS,
+        )  # fmt: skip
+    except OSError as err:
+        if err.errno in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter said no
             return None
-    return _LIBC
+        raise
 
 
 def lock_image(image: OpenedImage) -> None:

@@ -2,7 +2,10 @@
 
 Root keeps them in /run/ext4box/mounts, other users in
 $XDG_RUNTIME_DIR/ext4box/mounts (tmpfs: a reboot forgets mounts that no
-longer exist). The container's log file sits next to its record.
+longer exist), or /tmp/ext4box-run-UID/ext4box/mounts without a session.
+The container's log file sits next to its record. Root's `list` also reads
+every user's records from those places (other_users_records), trusting
+only files that the directory's owner owns.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import json
 import os
 import stat
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -104,6 +108,74 @@ def load_all() -> list[MountRecord]:
         except (OSError, ValueError, TypeError):
             continue  # a torn or foreign file is not a mount
     return sorted(records, key=lambda r: r.since)
+
+
+def other_users_records() -> list[MountRecord]:
+    """Root's view of every other user's mounts, from where their helpers keep them.
+
+    A user writes their own records, so a record counts only if its
+    directories and file belong to one uid, and its uid is that owner's.
+    """
+    candidates: list[tuple[Path, Path]] = []  # (runtime dir, its mounts dir)
+    for pattern_dir, prefix in (
+        (Path("/run/user"), ""),
+        (Path(tempfile.gettempdir()), "ext4box-run-"),
+    ):
+        try:
+            names = os.listdir(pattern_dir)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(prefix) and name[len(prefix) :].isdigit():
+                runtime = pattern_dir / name
+                candidates.append((runtime, runtime / "ext4box" / "mounts"))
+    records = []
+    for runtime, mounts in candidates:
+        owner = _owner_of_dirs(runtime, runtime / "ext4box", mounts)
+        if owner is None or owner == os.geteuid():
+            continue
+        records.extend(r for r in _read_records(mounts, owner) if r.uid == owner)
+    return sorted(records, key=lambda r: r.since)
+
+
+def _owner_of_dirs(*paths: Path) -> int | None:
+    owners = set()
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        owners.add(st.st_uid)
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _read_records(directory: Path, owner: int) -> list[MountRecord]:
+    records = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
+            fd = os.open(
+                directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
+                continue
+            records.append(MountRecord.from_json(os.read(fd, MAX_RECORD_BYTES).decode()))
+        except (OSError, ValueError, TypeError):
+            continue  # a torn or foreign file is not a mount
+        finally:
+            os.close(fd)
+    return records
 
 
 def find(mountpoint: str) -> MountRecord | None:

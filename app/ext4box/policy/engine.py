@@ -28,6 +28,7 @@ from ext4box.policy.model import (
     Rule,
     RuleVerdict,
 )
+from ext4box.policy.text import printable
 
 _log = structlog.get_logger("ext4box.policy")
 
@@ -174,7 +175,7 @@ def _decision(
 ) -> Decision:
     mountpoint_checked = request.mountpoint is not None
     if winner is None:
-        reason = _denied_by_default(policy, request, verdicts)
+        reason = printable(_denied_by_default(policy, request, verdicts))
         return Decision(
             allowed=False,
             reason=reason,
@@ -189,7 +190,7 @@ def _decision(
             reason += f": {winner.description}"
         return Decision(
             allowed=False,
-            reason=reason,
+            reason=printable(reason),
             rule=winner.name,
             file=winner.file,
             line=winner.line,
@@ -206,7 +207,7 @@ def _decision(
     reason += f" with {','.join(flags)}"
     return Decision(
         allowed=True,
-        reason=reason,
+        reason=printable(reason),
         rule=winner.name,
         file=winner.file,
         line=winner.line,

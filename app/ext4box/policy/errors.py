@@ -7,6 +7,8 @@ problem it finds, so one run of ``ext4box policy check`` shows them all.
 
 from __future__ import annotations
 
+from ext4box.policy.text import printable
+
 
 class PolicyError(Exception):
     """One problem in one policy file (or with the policy directory itself)."""
@@ -35,8 +37,9 @@ class PolicyError(Exception):
         if self.key is not None:
             subject.append(f'key "{self.key}"')
         prefix = f"{where}: " + (" ".join(subject) + ": " if subject else "")
-        # A message never spans lines: the user sees exactly one line per problem.
-        return prefix + " ".join(self.message.split())
+        # A message never spans lines: the user sees exactly one line per problem,
+        # and no control character of a (hostile) policy file reaches a terminal.
+        return printable(prefix + " ".join(self.message.split()))
 
 
 class PolicyLoadError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import sys
@@ -14,6 +15,7 @@ from ext4box.policy.errors import PolicyLoadError
 from ext4box.policy.identity import Identity, identity_of_user
 from ext4box.policy.loader import load_policy
 from ext4box.policy.model import MODES, Decision, Request
+from ext4box.policy.text import printable
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
@@ -51,10 +53,14 @@ def explain_cli(
             print(f"ext4box: policy error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except _BadInput as error:
-        print(f"ext4box: {error}", file=sys.stderr)
+        print(f"ext4box: error: {printable(str(error))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     decision = policy.evaluate(request)
-    _render(sys.stdout, image, request, policy, decision)
+    # Rule names, descriptions, globs and paths are shown, never their control characters.
+    report = io.StringIO()
+    _render(report, image, request, policy, decision)
+    for line in report.getvalue().splitlines():
+        print(printable(line))
     return EXIT_ALLOWED if decision.allowed else EXIT_DENIED
 
 

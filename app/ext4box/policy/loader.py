@@ -24,6 +24,14 @@ DEFAULT_POLICY_DIR = "/etc/ext4box/policy.d"
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
+# A fresh install has examples but no rules: say how to get some (issue 16 item 2).
+MISSING_DIRECTORY = (
+    "policy directory does not exist (create it with `install -d -m 0755 DIR` and add"
+    " rules: see policy/README.md and /usr/share/ext4box/policy-examples; or name another"
+    " with --policy DIR)"
+)
+
+
 def policy_files(directory: str) -> list[str]:
     """The policy files of `directory` in matching order (byte order of names).
 
@@ -33,7 +41,7 @@ def policy_files(directory: str) -> list[str]:
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        raise PolicyLoadError([PolicyError(directory, "policy directory does not exist")]) from None
+        raise PolicyLoadError([PolicyError(directory, MISSING_DIRECTORY)]) from None
     except NotADirectoryError:
         raise PolicyLoadError([PolicyError(directory, "policy path is not a directory")]) from None
     except OSError as error:

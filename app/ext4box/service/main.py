@@ -125,6 +125,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             image_kind=request.image_kind.name.lower(),
             image_size=request.image_size,
             options=list(request.options),
+            refused_features=list(request.refused_features),
             seconds=round(time.monotonic() - started, 3),
         )
         serve = _find_server()
@@ -141,7 +142,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
 
         writable = request.mode is protocol.Mode.RW
         # Imported here: --version/--self-report must work without cffi.
-        from ext4box.service import libseccomp, lockdown
+        from ext4box.service import libseccomp, lockdown, refusals
 
         def confine() -> None:
             # Stage 2: from here on only the fds already held are usable.
@@ -152,6 +153,8 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             finally:
                 os.close(status_fd)
             _log("stage2", seconds=round(time.monotonic() - started, 3), **state)
+            # The helper's policy refused these features: check the image as it is now.
+            refusals.check_image_fd(received.image_fd, request.refused_features)
 
         try:
             lockdown.prepare()

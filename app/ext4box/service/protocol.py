@@ -7,7 +7,7 @@ socket with SCM_RIGHTS. Conversation (docs/handoff-protocol.md):
     helper                              server
     HELLO(min, max)               ->
                                   <-    HELLO_REPLY(version)  | ERROR
-    MOUNT(mode, kind, size, opts)
+    MOUNT(mode, kind, size, opts[, refused features from version 2])
       + fds [fuse, image]         ->
                                   <-    READY                 | ERROR
 
@@ -36,14 +36,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-PROTOCOL_VERSION = 1
+# 2: MOUNT carries the ext4 features the policy refuses (REFUSED section);
+# a version-1 peer is still served as before.
+PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
+REFUSED_FEATURES_VERSION = 2
 
 MAX_PACKET = 2048  # every message fits; larger datagrams are refused
 MAX_FDS_PER_PACKET = 2
 MAX_OPTIONS_BYTES = 512
 MAX_OPTIONS = 16
 MAX_ERROR_TEXT = 1024
+MAX_REFUSED_FEATURES = 32
+MAX_REFUSED_BYTES = 512
 DEFAULT_TIMEOUT = 30.0
 
 FUSE_DEV_MAJOR = 10
@@ -70,6 +75,8 @@ HELLO = struct.Struct(">IHHI")
 HELLO_REPLY = struct.Struct(">IHH")
 # magic, mode, image_kind, options_len, image_size; then options_len bytes
 MOUNT_HEAD = struct.Struct(">IBBHQ")
+# version 2, after the options: features_len, padding; then features_len bytes
+REFUSED_HEAD = struct.Struct(">HH")
 # magic, flags (none defined: must be zero)
 READY = struct.Struct(">II")
 # magic, errno, text_len, padding; then text_len bytes of UTF-8
@@ -77,6 +84,8 @@ ERROR_HEAD = struct.Struct(">IIHH")
 
 # One option: a lowercase name, optionally =value; values are plain tokens.
 _OPTION = re.compile(r"[a-z][a-z0-9_]{0,31}(=[A-Za-z0-9_.:+@/-]{1,128})?")
+# One ext4 feature name as dumpe2fs prints it ("64bit", "read-only", "casefold").
+_FEATURE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 class Mode(IntEnum):
@@ -114,9 +123,13 @@ class MountRequest:
     image_kind: ImageKind
     image_size: int
     options: tuple[str, ...] = ()
+    # ext4 features the policy refuses: the server refuses a superblock that
+    # has any of them (protocol version 2 and later).
+    refused_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_options(self.options)
+        validate_refused_features(self.refused_features)
         if not 0 < self.image_size < 1 << 63:
             raise HandoffError(f"image size {self.image_size} out of range", errno.EINVAL)
 
@@ -147,6 +160,18 @@ def validate_options(options: Sequence[str]) -> None:
         raise HandoffError(f"mount options longer than {MAX_OPTIONS_BYTES} bytes", errno.EINVAL)
 
 
+def validate_refused_features(names: Sequence[str]) -> None:
+    if len(names) > MAX_REFUSED_FEATURES:
+        raise HandoffError(
+            f"{len(names)} refused features, at most {MAX_REFUSED_FEATURES}", errno.EINVAL
+        )
+    for name in names:
+        if not isinstance(name, str) or not _FEATURE.fullmatch(name):
+            raise HandoffError(f"malformed ext4 feature name {name!r}", errno.EINVAL)
+    if len(",".join(names)) > MAX_REFUSED_BYTES:
+        raise HandoffError(f"refused features longer than {MAX_REFUSED_BYTES} bytes", errno.EINVAL)
+
+
 def encode_hello(
     min_version: int = MIN_PROTOCOL_VERSION, max_version: int = PROTOCOL_VERSION
 ) -> bytes:
@@ -175,34 +200,63 @@ def decode_hello_reply(packet: bytes) -> int:
     return version
 
 
-def encode_mount(request: MountRequest) -> bytes:
+def encode_mount(request: MountRequest, version: int = PROTOCOL_VERSION) -> bytes:
+    """MOUNT as the agreed protocol `version` lays it out."""
     options = ",".join(request.options).encode("ascii")
     head = MOUNT_HEAD.pack(
         MAGIC_MOUNT, request.mode, request.image_kind, len(options), request.image_size
     )
-    return head + options
+    if version < REFUSED_FEATURES_VERSION:
+        if request.refused_features:
+            # Never drop a refusal silently: an old server could not enforce it.
+            raise HandoffError(
+                f"the server speaks hand-off protocol {version}, which cannot carry the refused"
+                f" ext4 features ({','.join(request.refused_features)}); upgrade the server",
+                errno.EPROTONOSUPPORT,
+            )
+        return head + options
+    refused = ",".join(request.refused_features).encode("ascii")
+    return head + options + REFUSED_HEAD.pack(len(refused), 0) + refused
 
 
-def decode_mount(packet: bytes) -> MountRequest:
+def decode_mount(packet: bytes, version: int = PROTOCOL_VERSION) -> MountRequest:
     _expect(packet, MAGIC_MOUNT, MOUNT_HEAD.size, exact=False)
     _, mode, kind, options_len, size = MOUNT_HEAD.unpack_from(packet)
     if options_len > MAX_OPTIONS_BYTES:
         raise HandoffError(f"MOUNT options length {options_len} over {MAX_OPTIONS_BYTES}")
-    if len(packet) != MOUNT_HEAD.size + options_len:
-        raise HandoffError(
-            f"MOUNT is {len(packet)} bytes, header says {MOUNT_HEAD.size + options_len}"
-        )
+    end = MOUNT_HEAD.size + options_len
+    refused_raw = b""
+    if version >= REFUSED_FEATURES_VERSION:
+        if len(packet) < end + REFUSED_HEAD.size:
+            raise HandoffError(
+                f"MOUNT is {len(packet)} bytes, too short for its refused-features section"
+            )
+        refused_len, padding = REFUSED_HEAD.unpack_from(packet, end)
+        if padding:
+            raise HandoffError("MOUNT has nonzero padding")
+        if refused_len > MAX_REFUSED_BYTES:
+            raise HandoffError(
+                f"MOUNT refused features length {refused_len} over {MAX_REFUSED_BYTES}"
+            )
+        refused_raw = packet[end + REFUSED_HEAD.size : end + REFUSED_HEAD.size + refused_len]
+        end += REFUSED_HEAD.size + refused_len
+    if len(packet) != end:
+        raise HandoffError(f"MOUNT is {len(packet)} bytes, header says {end}")
     if mode not in Mode._value2member_map_:
         raise HandoffError(f"MOUNT has unknown mode {mode}")
     if kind not in ImageKind._value2member_map_:
         raise HandoffError(f"MOUNT has unknown image kind {kind}")
-    raw = packet[MOUNT_HEAD.size :]
+    options = _ascii_list(packet[MOUNT_HEAD.size : MOUNT_HEAD.size + options_len], "options")
+    refused = _ascii_list(refused_raw, "refused features")
+    return MountRequest(Mode(mode), ImageKind(kind), size, options, refused)
+
+
+def _ascii_list(raw: bytes, what: str) -> tuple[str, ...]:
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise HandoffError("MOUNT options are not ASCII") from None
-    options = tuple(text.split(",")) if text else ()
-    return MountRequest(Mode(mode), ImageKind(kind), size, options)
+        raise HandoffError(f"MOUNT {what} are not ASCII") from None
+    return tuple(text.split(",")) if text else ()
 
 
 def encode_ready() -> bytes:
@@ -455,7 +509,7 @@ def receive_handoff(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> Re
         raise
     try:
         _raise_if_error(packet)
-        request = decode_mount(packet)
+        request = decode_mount(packet, version)
         if len(fds) != 2:
             raise HandoffError(
                 f"MOUNT carries {len(fds)} fds, expected 2 (/dev/fuse and the image)", errno.EBADF

@@ -1,0 +1,80 @@
+"""README snippets, run as written: find a ```sh block and run it the way a user would.
+
+A snippet is found by the heading it sits under and its first line, so the
+test breaks when the README changes shape instead of silently running
+something else. It runs in bash with an ERR trap that reports every command
+that failed (with its status), so a test can say exactly which commands are
+expected to fail (a policy denial exits 1 by design) and nothing else may.
+Run inside `fresh_namespace`, /tmp, /mnt, /srv (and whatever else is named)
+are empty tmpfs mounts of a private mount namespace: the state of a fresh
+machine, and nothing the snippet mounts is seen by other processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FAILED = "readme-snippet-failed"
+
+
+def snippet(heading: str, first_line: str, document: Path = REPO / "README.md") -> str:
+    """The ```sh block under `heading` (any level) whose first line starts with first_line."""
+    text = document.read_text()
+    sections = re.split(r"^#+ ", text, flags=re.MULTILINE)
+    section = next((s for s in sections if s.startswith(heading + "\n")), None)
+    assert section is not None, f"{document.name}: no heading {heading!r}"
+    for block in re.findall(r"^```sh\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL):
+        if block.startswith(first_line):
+            return block
+    raise AssertionError(f"{document.name}: no sh block under {heading!r} starting {first_line!r}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    failed: list[tuple[int, str]]  # (status, command) of every command that failed
+
+
+def run_snippet(code: str, *, cwd: Path = REPO, fresh: tuple[str, ...] = ("/tmp", "/mnt", "/srv"),
+                prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                timeout: float = 900) -> Outcome:  # fmt: skip
+    """Run `code` in bash in a private mount namespace with `fresh` tmpfs directories
+    (a missing one is created for the tmpfs to sit on, and removed afterwards)."""
+    created = [path for path in fresh if not os.path.exists(path)]
+    for path in created:
+        os.makedirs(path)
+    try:
+        return _run_in_namespace(code, cwd, fresh, prefix, env, timeout)
+    finally:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                os.removedirs(path)
+
+
+def _run_in_namespace(code: str, cwd: Path, fresh: tuple[str, ...], prefix: tuple[str, ...],
+                      env: dict[str, str] | None, timeout: float) -> Outcome:  # fmt: skip
+    setup = "".join(f"mount -t tmpfs -o mode=1777 fresh {path}\n" for path in fresh)
+    script = f"trap 'echo \"{FAILED} $? $BASH_COMMAND\" >&2' ERR\n{code}"
+    inner = ["bash", "-c", script] if not prefix else [*prefix, "bash", "-c", script]
+    quoted = " ".join(_quote(arg) for arg in inner)
+    argv = ["unshare", "-m", "--propagation", "private", "bash", "-c", f"{setup}exec {quoted}"]
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)  # fmt: skip
+    failed = []
+    for line in proc.stderr.splitlines():
+        if line.startswith(FAILED + " "):
+            status, _, command = line[len(FAILED) + 1 :].partition(" ")
+            failed.append((int(status), command))
+    return Outcome(proc.returncode, proc.stdout, proc.stderr, failed)
+
+
+def _quote(arg: str) -> str:
+    return "'" + arg.replace("'", "'\"'\"'") + "'"
