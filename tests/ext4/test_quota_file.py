@@ -8,6 +8,7 @@ independently of our parser, and `e2fsck -fn` recounts every id after we wrote.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import stat
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.errors import Corrupt, Ext4Error
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.inode import ROOT_INO, replace_inode
 from ext4box.ext4.quota_file import (
@@ -184,13 +185,17 @@ def test_quota_inode_that_is_not_a_file_refuses_rw(tmp_path: Path) -> None:
     assert image.read_bytes() == before
 
 
-@pytest.mark.parametrize("block_size", ["1024", "4096"])
+@pytest.mark.parametrize(("block_size", "features"), [
+    ("1024", "quota,project"), ("4096", "quota,project"), ("4096", "quota,project,ea_inode")])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_operations_keep_usage_exact(tmp_path: Path, block_size: str, seed: int) -> None:
-    """Random operations of several owners in-process, unlinked-open files and the
-    orphan list included; e2fsck -fn recounts every user, group and project after."""
-    image = _mkfs(tmp_path / "q.img", "-b", block_size, "-O", "quota,project", "-E",
+def test_random_operations_keep_usage_exact(tmp_path: Path, block_size: str, features: str,
+                                            seed: int) -> None:
+    """Random operations of several owners in-process, unlinked-open files, the orphan
+    list and (ea_inode) values in EA inodes included; e2fsck -fn recounts every user,
+    group and project after."""
+    image = _mkfs(tmp_path / "q.img", "-b", block_size, "-O", features, "-E",
                   "root_owner=0:0,quotatype=usrquota:grpquota:prjquota")
+    big_values = "ea_inode" in features
     rng = random.Random(seed)
     facade = Ours(image)
     fs = facade.fs
@@ -231,7 +236,13 @@ def test_random_operations_keep_usage_exact(tmp_path: Path, block_size: str, see
                 fs.release_orphan(orphans.pop(rng.randrange(len(orphans))))
             elif op == 8:
                 at, nm = rng.choice(files)
-                fs.setxattr(fs.lookup(at, nm), b"user.v", pattern(step, rng.randrange(50, 700)))
+                size = rng.randrange(5000, 9000) if big_values and rng.random() < 0.5 else (
+                    rng.randrange(50, 700))
+                try:
+                    fs.setxattr(fs.lookup(at, nm), rng.choice((b"user.v", b"user.w")),
+                                pattern(step % 3, size))  # equal values: shared EA inodes
+                except Ext4Error as err:  # both values do not fit a 1 KiB xattr block
+                    assert err.errno == errno.ENOSPC
             else:
                 fs.symlink(parent, name, b"t" * rng.randrange(1, 300), owner, owner)
             if step % 97 == 0:
@@ -240,3 +251,27 @@ def test_random_operations_keep_usage_exact(tmp_path: Path, block_size: str, see
         facade.close()  # frees the orphans still open
     assert_clean(image)
     assert _lq(image, "project").get(7, (0, 0))[1] > 0
+
+
+def test_ea_inode_references_count_to_their_owners(tmp_path: Path) -> None:
+    """Values in EA inodes: their space is in the owner's i_blocks, and each
+    reference counts one inode to the owner (shared values count for each owner)."""
+    image = _mkfs(tmp_path / "q.img", "-b", "4096", "-O", "quota,ea_inode")
+    facade = Ours(image)
+    fs = facade.fs
+    try:
+        owners = [fs.create(ROOT_INO, f"f{i}".encode(), stat.S_IFREG | 0o644, 1000 + i % 3,
+                            2000 + i % 2).ino for i in range(6)]
+        for index, ino in enumerate(owners):
+            fs.setxattr(ino, b"user.shared", b"s" * 9000)  # one EA inode, six references
+            fs.setxattr(ino, b"user.own", pattern(index, 7000 + index))
+        fs.setxattr(owners[0], b"user.shared", b"t" * 9000)  # replaced: a new value
+        fs.removexattr(owners[1], b"user.own")
+        fs.unlink(ROOT_INO, b"f2", still_open=False)
+        fs.unlink(ROOT_INO, b"f3", still_open=True)
+        fs.setattr(owners[4], uid=1500, gid=2500)  # chown: EA space and counts move too
+        fs.release_orphan(owners[3])
+    finally:
+        facade.close()
+    assert_clean(image)
+    assert _lq(image)[1000][1] > 1

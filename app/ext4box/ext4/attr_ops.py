@@ -28,6 +28,7 @@ from ext4box.ext4.acl import (
 from ext4box.ext4.errors import Corrupt, NoData, inode_where
 from ext4box.ext4.file_data import truncate
 from ext4box.ext4.inode import Inode, replace_inode
+from ext4box.ext4.quota import ea_values_held
 from ext4box.ext4.xattr_writer import (
     ACL_ACCESS,
     ACL_DEFAULT,
@@ -73,6 +74,10 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
             ea_inode_writer.abandon(fs, new_ea_inode)
         raise
     ea_inode_writer.apply_changes(fs, ref_changes)
+    if fs.quota is not None and state.ea_inode:  # one inode per value in an EA inode
+        fs.quota.charge_inodes(inode, ea_values_held(
+            (*update.ibody_entries, *update.block_entries)) - ea_values_held(
+            (*state.ibody_entries, *state.block_entries)))
     raw = bytearray(inode.raw)
     if update.ibody is not None:
         area = inode.ibody_xattr_area

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ from ext4box.ext4.quota_file import (
     EntryPos,
     QuotaFile,
 )
+from ext4box.ext4.xattr import XattrEntry
 
 if TYPE_CHECKING:
     from ext4box.ext4.writable import WritableFilesystem
@@ -57,6 +59,13 @@ log = structlog.get_logger("ext4box.ext4")
 ROOT_INO = 2
 _INUM_FIELDS = {USRQUOTA: "usr_quota_inum", GRPQUOTA: "grp_quota_inum",
                 PRJQUOTA: "prj_quota_inum"}
+
+
+def ea_values_held(entries: Iterable[XattrEntry]) -> int:
+    """How many inodes an owner is charged for the values it keeps in EA inodes: one
+    per entry naming one (in its inode or its xattr block, shared or not), as the
+    kernel charges them when set and e2fsck counts them."""
+    return sum(1 for entry in entries if entry.value_inum)
 
 
 class QuotaExceeded(Ext4Error):
@@ -144,8 +153,12 @@ def _owner_id(inode: Inode, qtype: int) -> int:
 class QuotaAccounting:
     """The quota files of one read-write mount and the usage they count."""
 
-    def __init__(self, fs: WritableFilesystem) -> None:
+    def __init__(self, fs: WritableFilesystem,
+                 ea_values_of: Callable[[Inode], int] | None = None) -> None:
+        """`ea_values_of(inode)`: `ea_values_held` for an inode's xattrs (ea_inode
+        images), which a change of owner moves with the inode itself."""
         self.fs = fs
+        self.ea_values_of = ea_values_of
         sb = fs.sb
         self.first_ino = sb.first_ino
         self.files: dict[int, QuotaFile] = {}
@@ -170,10 +183,11 @@ class QuotaAccounting:
         self._dquots: dict[tuple[int, int], Dquot] = {}
 
     @classmethod
-    def open(cls, fs: WritableFilesystem) -> QuotaAccounting | None:
+    def open(cls, fs: WritableFilesystem,
+             ea_values_of: Callable[[Inode], int] | None = None) -> QuotaAccounting | None:
         if not fs.sb.has_ro_compat(F.RO_COMPAT_QUOTA):
             return None
-        accounting = cls(fs)
+        accounting = cls(fs, ea_values_of)
         return accounting if accounting.files else None
 
     # ---- what counts -----------------------------------------------------
@@ -196,6 +210,9 @@ class QuotaAccounting:
         if before == after and old is not None and all(
                 _owner_id(old, t) == _owner_id(new, t) for t in self.files):
             return
+        moved = 0  # inodes charged for EA values: they follow the owner (a chown)
+        if self.ea_values_of is not None and old is not None and old_live and new_live:
+            moved = self.ea_values_of(new)
         for qtype in list(self.files):
             old_id = _owner_id(old, qtype) if old is not None else None
             new_id = _owner_id(new, qtype)
@@ -203,8 +220,8 @@ class QuotaAccounting:
                 self._charge(qtype, new_id, after[0] - before[0], after[1] - before[1])
                 continue
             if old_id is not None and before != (0, 0):
-                self._charge(qtype, old_id, -before[0], -before[1])
-            self._charge(qtype, new_id, after[0], after[1])
+                self._charge(qtype, old_id, -before[0], -before[1] - moved)
+            self._charge(qtype, new_id, after[0], after[1] + moved)
 
     def charge_inodes(self, owner: Inode, count: int) -> None:
         """Count `count` more (or fewer) inodes for `owner`'s ids: the EA inodes

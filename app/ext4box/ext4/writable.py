@@ -60,7 +60,7 @@ from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.inode_alloc import InodeAllocator
 from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
-from ext4box.ext4.quota import QuotaAccounting
+from ext4box.ext4.quota import QuotaAccounting, ea_values_held
 from ext4box.ext4.superblock import Superblock
 from ext4box.ext4.xattr import unread_ea_value
 from ext4box.ext4.xattr_writer import BlockAction, XattrUpdate, apply_block_update, xattr_state
@@ -130,7 +130,8 @@ class WritableFilesystem(Filesystem):
         self.ea_values = ea_inode_writer.EaInodeIndex()  # EA inodes seen, for sharing values
         self.closed = False
         # Usage per uid/gid/project in the quota files (the quota feature), or None.
-        self.quota = QuotaAccounting.open(self)
+        self.quota = QuotaAccounting.open(
+            self, self._ea_values_of if sb.has_incompat(F.INCOMPAT_EA_INODE) else None)
 
     @classmethod
     def open_rw(cls, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> WritableFilesystem:
@@ -220,6 +221,14 @@ class WritableFilesystem(Filesystem):
         old_live = old is not None and old.mode != 0 and (
             old.links_count > 0 or ino in self.open_orphans or inode.links_count == 0)
         self.quota.inode_stored(old, inode, old_live=old_live, new_live=new_live)
+
+    def _ea_values_of(self, inode: Inode) -> int:
+        """Inodes charged to `inode`'s owners for its values in EA inodes (quota.py)."""
+        state = xattr_state(
+            inode, read_meta=self.writer.read, block_size=self.block_size,
+            csum_seed=self.sb.csum_seed, goal=self.group_goal(inode.ino), ea_inode=True,
+            cluster_size=self.sb.cluster_size, read_ea_inode=unread_ea_value)
+        return ea_values_held((*state.ibody_entries, *state.block_entries))
 
     def check_quota(self, inode: Inode, *, blocks: int = 0, inodes: int = 0) -> None:
         """Raise QuotaExceeded (EDQUOT) before allocating `blocks` blocks and `inodes`
@@ -312,7 +321,13 @@ class WritableFilesystem(Filesystem):
         """Release what the inode's xattrs hold: its references to EA inodes (freeing
         those nothing else names) and its xattr block (free it, or drop our reference
         to a shared one). The inode itself is about to be freed or discarded."""
+        held = 0
+        if self.quota is not None and self.quota.ea_values_of is not None:
+            held = self.quota.ea_values_of(inode)
         ea_inode_writer.release_all(self, inode)
+        if held and self.quota is not None:
+            # Each EA inode reference counted one inode to the owner (quota.py).
+            self.quota.charge_inodes(inode, -held)
         if not inode.file_acl:
             return inode
         ea_inode = self.sb.has_incompat(F.INCOMPAT_EA_INODE)
