@@ -21,6 +21,7 @@ from ext4box.blockdev import BlockDevice
 from ext4box.ext4.errors import Corrupt, Ext4Error
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.inode import ROOT_INO, replace_inode
+from ext4box.ext4.quota import QuotaExceeded
 from ext4box.ext4.quota_file import (
     ENTRIES_PER_BLOCK,
     QUOTA_BLOCK_SIZE,
@@ -275,3 +276,29 @@ def test_ea_inode_references_count_to_their_owners(tmp_path: Path) -> None:
         facade.close()
     assert_clean(image)
     assert _lq(image)[1000][1] > 1
+
+
+def test_values_in_ea_inodes_answer_edquot(tmp_path: Path) -> None:
+    """A value moved to an EA inode is charged an inode and its blocks first: past a
+    limit it is refused (EDQUOT) and nothing is left of it."""
+    image = _mkfs(tmp_path / "q.img", "-b", "4096", "-O", "quota,ea_inode")
+    facade = Ours(image)
+    fs = facade.fs
+    try:
+        assert fs.quota is not None
+        with fs.lock:
+            fs.quota.set_limits(USRQUOTA, 1000, inode_hard=2)
+            fs.quota.set_limits(USRQUOTA, 1001, block_hard=12)  # KiB: three 4 KiB blocks
+        a = fs.create(ROOT_INO, b"a", stat.S_IFREG | 0o644, 1000, 1000).ino
+        b = fs.create(ROOT_INO, b"b", stat.S_IFREG | 0o644, 1001, 1001).ino
+        fs.setxattr(a, b"user.one", b"1" * 9000)  # a and one EA inode: 2 inodes
+        with pytest.raises(QuotaExceeded):
+            fs.setxattr(a, b"user.two", b"2" * 9000)
+        with pytest.raises(QuotaExceeded):
+            fs.setxattr(b, b"user.big", b"3" * 13000)  # four blocks
+        fs.setxattr(b, b"user.fits", b"4" * 9000)  # three blocks
+        assert fs.listxattr(a) == [b"user.one"] and fs.listxattr(b) == [b"user.fits"]
+    finally:
+        facade.close()
+    assert_clean(image)
+    assert _lq(image)[1000] == (12288, 2) and _lq(image)[1001] == (12288, 2)

@@ -90,12 +90,26 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
         blocks_512=inode.blocks_512 + outcome.blocks_512_delta + ea_charge_delta(state, update))
 
 
+def _check_quota(fs: WritableFilesystem, inode: Inode, state: XattrState,
+                 update: XattrUpdate) -> None:
+    """EDQUOT before a change that charges the owner more: a new xattr block, and
+    values moved to EA inodes (their blocks and one inode each)."""
+    if fs.quota is None or not update.changed:
+        return
+    blocks = 1 if update.block_action is BlockAction.ALLOCATE else 0
+    inodes = 0
+    if state.ea_inode:
+        blocks += ea_charge_delta(state, update) * 512 // fs.block_size
+        inodes = ea_values_held((*update.ibody_entries, *update.block_entries)) - (
+            ea_values_held((*state.ibody_entries, *state.block_entries)))
+    fs.check_quota(inode, blocks=blocks, inodes=inodes)
+
+
 def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags: int) -> Inode:
     inode = fs.inode(ino)
     state = _state(fs, inode)
     update = set_xattr(state, name, value, flags)
-    if update.block_action is BlockAction.ALLOCATE:  # a new xattr block is charged
-        fs.check_quota(inode, blocks=1)
+    _check_quota(fs, inode, state, update)
     return fs.store(_apply(fs, inode, state, update, fs.now_ns()))
 
 
