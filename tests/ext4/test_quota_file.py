@@ -302,3 +302,25 @@ def test_values_in_ea_inodes_answer_edquot(tmp_path: Path) -> None:
         facade.close()
     assert_clean(image)
     assert _lq(image)[1000] == (12288, 2) and _lq(image)[1001] == (12288, 2)
+
+
+def test_name_of_a_quota_inode_is_refused(tmp_path: Path) -> None:
+    """A directory entry naming a quota inode (damage; the kernel's iget refuses it):
+    the name answers EUCLEAN instead of exposing the quota file to file writes or
+    eviction; the rest is served and counted."""
+    image = _mkfs(tmp_path / "q.img", "-O", "quota")
+    subprocess.run(["debugfs", "-w", "-R", "ln <3> q", str(image)], check=True,
+                   capture_output=True)
+    facade = Ours(image)
+    try:
+        fs = facade.fs
+        with pytest.raises(Corrupt, match="quota inode"):
+            fs.inode(fs.lookup(ROOT_INO, b"q"))
+        with pytest.raises(Corrupt):
+            fs.unlink(ROOT_INO, b"q", still_open=False)
+        with pytest.raises(Corrupt):
+            fs.write_begin(fs.lookup(ROOT_INO, b"q"), 0, 1)
+        fs.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 4242, 4242)
+    finally:
+        facade.close()
+    assert _lq(image)[4242] == (0, 1)

@@ -111,6 +111,7 @@ def _mutation_before_data(method: Callable[P, R]) -> Callable[P, R]:
 class WritableFilesystem(Filesystem):
     def __init__(self, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> None:
         self._rw: MetadataWriter | None = None  # read_meta_block runs in the base __init__
+        self.quota: QuotaAccounting | None = None
         super().__init__(dev, sb, caches)
         self.readonly = False
         self.writer = MetadataWriter(dev, self.meta, sb, self.groups)
@@ -155,6 +156,10 @@ class WritableFilesystem(Filesystem):
         cached = self._inodes.get(ino)
         if cached is not None:
             return cached
+        if self.quota is not None and ino in self.quota.quota_inodes:
+            # Only quota.py writes these (as metadata); a name leading to one is damage,
+            # as the kernel's iget says.
+            raise Corrupt("inode", inode_where(ino), "a quota inode referenced")
         inode = self.table.read(ino)
         if inode.links_count == 0 and ino not in self.open_orphans:
             raise Corrupt("inode", inode_where(ino), "deleted inode (links_count 0) referenced")
