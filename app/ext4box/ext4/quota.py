@@ -227,6 +227,8 @@ class QuotaAccounting:
         """Count `count` more (or fewer) inodes for `owner`'s ids: the EA inodes
         holding its values, which the kernel charges to the owner (their space
         is in the owner's i_blocks and follows from `inode_stored`)."""
+        if not self.counted(owner):
+            return
         for qtype in list(self.files):
             self._charge(qtype, _owner_id(owner, qtype), 0, count)
 
