@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs fuse2fs fio attr acl strace quota
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs fuse2fs fio attr acl strace
 STAMP := $(VENV)/.installed
 
 .PHONY: deps demo test test-quick install uninstall lint bench profile fuzz clean
