@@ -32,7 +32,7 @@ inserts and frees what `punch` returns.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +91,53 @@ def _mergeable(left: Extent, right: Extent) -> bool:
     return (left.end == right.lblk and left.unwritten == right.unwritten
             and left.pblk + left.length == right.pblk
             and left.length + right.length <= max_extent_length(left.unwritten))
+
+
+def _remover(freed: list[tuple[int, int]]) -> Callable[[Extent, int, int], list[Extent]]:
+    """An _edit_range transform unmapping [lo, hi); the data runs it drops go to `freed`."""
+
+    def remove(extent: Extent, lo: int, hi: int) -> list[Extent]:
+        start = max(extent.lblk, lo)
+        stop = min(extent.end, hi)
+        append_physical_run(freed, extent.pblk + (start - extent.lblk), stop - start)
+        kept = []
+        if extent.lblk < start:
+            kept.append(Extent(extent.lblk, start - extent.lblk, extent.pblk, extent.unwritten))
+        if stop < extent.end:
+            kept.append(Extent(stop, extent.end - stop, extent.pblk + (stop - extent.lblk),
+                               extent.unwritten))
+        return kept
+
+    return remove
+
+
+def _to_unwritten(extent: Extent, lo: int, hi: int) -> list[Extent]:
+    """The _edit_range transform of mark_unwritten (an unwritten extent holds one
+    block less than a written one, so a full-length extent becomes two)."""
+    if extent.unwritten:
+        return [extent]
+    start = max(extent.lblk, lo)
+    stop = min(extent.end, hi)
+    pieces = []
+    if extent.lblk < start:
+        pieces.append(Extent(extent.lblk, start - extent.lblk, extent.pblk, False))
+    at = start
+    while at < stop:  # each pass converts at least one block
+        count = min(UNWRITTEN_MAX_LEN, stop - at)
+        pieces.append(Extent(at, count, extent.pblk + (at - extent.lblk), True))
+        at += count
+    if stop < extent.end:
+        pieces.append(Extent(stop, extent.end - stop, extent.pblk + (stop - extent.lblk), False))
+    return pieces
+
+
+def _split_at(extent: Extent, lo: int, _hi: int) -> list[Extent]:
+    """The _edit_range transform of insert_gap: cut the extent holding `lo` at `lo`."""
+    if not extent.lblk < lo < extent.end:
+        return [extent]
+    head = lo - extent.lblk
+    return [Extent(extent.lblk, head, extent.pblk, extent.unwritten),
+            Extent(lo, extent.length - head, extent.pblk + head, extent.unwritten)]
 
 
 class ExtentTreeWriter:
@@ -165,27 +212,46 @@ class ExtentTreeWriter:
         with self._operation():
             self._edit_range(lblk, lblk + length, self._to_written, merge=True)
 
+    def mark_unwritten(self, lblk: int, length: int) -> None:
+        """Convert the written parts of [lblk, lblk+length) to unwritten (holes stay holes).
+
+        FALLOC_FL_ZERO_RANGE: the blocks stay allocated but read as zeros.
+        """
+        self._check_range(lblk, length)
+        with self._operation():
+            self._edit_range(lblk, lblk + length, _to_unwritten, merge=True)
+
     def punch(self, lblk: int, length: int) -> list[tuple[int, int]]:
         """Unmap [lblk, lblk+length); returns the data runs (pblk, count) for the caller to free."""
         self._check_range(lblk, length)
         freed: list[tuple[int, int]] = []
-
-        def remove(extent: Extent, lo: int, hi: int) -> list[Extent]:
-            start = max(extent.lblk, lo)
-            stop = min(extent.end, hi)
-            append_physical_run(freed, extent.pblk + (start - extent.lblk), stop - start)
-            kept = []
-            if extent.lblk < start:
-                kept.append(Extent(extent.lblk, start - extent.lblk, extent.pblk,
-                                   extent.unwritten))
-            if stop < extent.end:
-                kept.append(Extent(stop, extent.end - stop, extent.pblk + (stop - extent.lblk),
-                                   extent.unwritten))
-            return kept
-
         with self._operation():
-            self._edit_range(lblk, lblk + length, remove, merge=False)
+            self._edit_range(lblk, lblk + length, _remover(freed), merge=False)
         return freed
+
+    def collapse(self, lblk: int, length: int) -> list[tuple[int, int]]:
+        """Unmap [lblk, lblk+length) and move every extent after it `length` blocks
+        down (FALLOC_FL_COLLAPSE_RANGE); returns the freed data runs. An extent
+        that comes to touch its neighbour in the same leaf merges with it when
+        they are contiguous on disk too, as the kernel's shift does."""
+        self._check_range(lblk, length)
+        freed: list[tuple[int, int]] = []
+        with self._operation():
+            self._edit_range(lblk, lblk + length, _remover(freed), merge=False)
+            self._shift(lblk + length, -length)
+        return freed
+
+    def insert_gap(self, lblk: int, length: int) -> None:
+        """Split the extent holding `lblk` there and move everything from `lblk` on
+        `length` blocks up, leaving [lblk, lblk+length) a hole (FALLOC_FL_INSERT_RANGE).
+        ValueError when the last extent would move past the 32-bit block space."""
+        self._check_range(lblk, length)
+        with self._operation():
+            last_leaf = self._descend(LBLK_LIMIT - 1)[0][-1][0]
+            if last_leaf.entries and last_leaf.entries[-1].end + length > LBLK_LIMIT:
+                raise ValueError(f"inode {self.ino}: extents would move past block {LBLK_LIMIT}")
+            self._edit_range(lblk, lblk + 1, _split_at, merge=False)
+            self._shift(lblk, length)
 
     def truncate(self, lblk: int) -> list[tuple[int, int]]:
         """Unmap everything from `lblk` on; returns the freed data runs."""
@@ -304,6 +370,46 @@ class ExtentTreeWriter:
                 end -= 1
             else:
                 slot += 1
+
+    def _shift(self, start: int, delta: int) -> None:
+        """Add `delta` to the logical start of every extent at or after `start`.
+
+        The caller has made sure nothing lands on anything else: [start + delta,
+        start) is a hole for a move down, and no extent straddles `start`. Keys
+        keep their order, so only keys change: leaves in place, index keys
+        recomputed from their children.
+        """
+        self._shift_node(self._root, 0, LBLK_LIMIT, start, delta)
+
+    def _shift_node(self, node: _Node, first: int, limit: int, start: int, delta: int) -> None:
+        entries = node.entries
+        if node.depth == 0:
+            at = bisect_left(entries, start, key=_ENTRY_KEY)
+            if at == len(entries):
+                return
+            entries[at:] = [Extent(e.lblk + delta, e.length, e.pblk, e.unwritten)
+                            for e in entries[at:]]
+            if delta < 0:
+                self._merge_span(entries, at, len(entries))
+            self._mark_dirty(node)
+            return
+        # Child ranges come from the keys as they were before this shift (a
+        # child is validated against them when read).
+        moved: list[tuple[int, _Node, int, int]] = []
+        for slot, index in enumerate(entries):
+            child_limit = entries[slot + 1].lblk if slot + 1 < len(entries) else limit
+            if child_limit <= start:
+                continue  # everything below this entry lies before `start`
+            child_first = max(first, index.lblk)
+            child = self._child(index.child, node.depth - 1, child_first, child_limit)
+            moved.append((slot, child, child_first, child_limit))
+        for _slot, child, child_first, child_limit in moved:
+            self._shift_node(child, child_first, child_limit, start, delta)
+        for slot, child, _first, _limit in moved:
+            key = child.entries[0].lblk
+            if entries[slot].lblk != key:
+                entries[slot] = ExtentIndex(key, entries[slot].child)
+                self._mark_dirty(node)
 
     # -- tree shape ---------------------------------------------------------------------------
 

@@ -88,11 +88,39 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
     holes = sum(r.length for r in runs if r.pblk is None)
     if not holes and not any(r.unwritten for r in runs):
         return [WriteRun(r.lblk, r.length, r.pblk, False) for r in runs]  # type: ignore[arg-type]
+    pieces = allocate_holes(fs, inode, lblk, runs)
+    tree = fs.tree_writer(inode)
+    done: list[tuple[int, int, int]] = []
+    marked: list[BlockRun] = []
+    try:
+        for at, pblk, got in pieces:
+            tree.insert(at, pblk, got)
+            done.append((at, pblk, got))
+        for run in runs:
+            if run.pblk is not None and run.unwritten:
+                tree.mark_written(run.lblk, run.length)
+                marked.append(run)
+    except BaseException:
+        kept = undo_mapping(fs, tree, done, pieces, marked)
+        fs.store(fs.with_tree(inode, tree, kept))
+        raise
+    fs.store(fs.with_tree(inode, tree, sum(got for _, _, got in pieces)))
+    return _write_runs(runs, pieces)
+
+
+def allocate_holes(fs: WritableFilesystem, inode: Inode, lblk: int,
+                   runs: list[BlockRun]) -> list[tuple[int, int, int]]:
+    """Allocate data blocks for every hole among `runs` (a mapping of `inode` from
+    `lblk`), before anything touches the tree: (lblk, pblk, length) pieces, placed
+    after the blocks mapped before them. All or nothing: NoSpace (checked first,
+    with room for the tree blocks the inserts may need) allocates nothing."""
+    holes = sum(r.length for r in runs if r.pblk is None)
+    if not holes:
+        return []
     need = holes + _tree_slack(inode) * sum(1 for r in runs if r.pblk is None)
     available = fs.blocks.free_blocks - fs.sb.r_blocks_count
-    if holes and available < need:
+    if available < need:
         raise NoSpace(f"{available} blocks available, up to {need} needed")
-    # Allocate every hole's blocks before touching the tree, so a shortage leaves it as it was.
     pieces: list[tuple[int, int, int]] = []  # (lblk, pblk, length) newly allocated
     try:
         goal = _goal(fs, inode, lblk)
@@ -109,27 +137,11 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
         for _, pblk, got in pieces:
             fs.blocks.free(pblk, got)
         raise
-    tree = fs.tree_writer(inode)
-    done: list[tuple[int, int, int]] = []
-    marked: list[BlockRun] = []
-    try:
-        for at, pblk, got in pieces:
-            tree.insert(at, pblk, got)
-            done.append((at, pblk, got))
-        for run in runs:
-            if run.pblk is not None and run.unwritten:
-                tree.mark_written(run.lblk, run.length)
-                marked.append(run)
-    except BaseException:
-        kept = _undo(fs, tree, done, pieces, marked)
-        fs.store(fs.with_tree(inode, tree, kept))
-        raise
-    fs.store(fs.with_tree(inode, tree, sum(got for _, _, got in pieces)))
-    return _write_runs(runs, pieces)
+    return pieces
 
 
-def _undo(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, int]],
-          pieces: list[tuple[int, int, int]], marked: list[BlockRun]) -> int:
+def undo_mapping(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, int]],
+                 pieces: list[tuple[int, int, int]], marked: list[BlockRun]) -> int:
     """Unmap what a failed write_begin mapped and free the blocks it allocated; returns
     how many stay mapped (a punch that fails, only on a damaged tree, keeps them zeroed)."""
     bs = fs.block_size
@@ -200,11 +212,11 @@ def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | N
     inode = check_file_write(fs, ino)
     now = fs.now_ns() if now_ns is None else now_ns
     size = max(inode.size, end_pos)
-    _note_large_file(fs, size)
+    note_large_file(fs, size)
     return fs.store(replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now))
 
 
-def _note_large_file(fs: WritableFilesystem, size: int) -> None:
+def note_large_file(fs: WritableFilesystem, size: int) -> None:
     if size >= _LARGE_FILE_SIZE and not fs.writer.superblock().has_ro_compat(
             F.RO_COMPAT_LARGE_FILE):
         current = int(fs.writer.superblock().fields["feature_ro_compat"])
@@ -279,7 +291,7 @@ def convert_inline(fs: WritableFilesystem, inode: Inode) -> Inode:
 # ---- truncate ----------------------------------------------------------------------
 
 
-def _zero_tail(fs: WritableFilesystem, inode: Inode, size: int) -> None:
+def zero_tail(fs: WritableFilesystem, inode: Inode, size: int) -> None:
     """Zero the bytes of the block holding `size` from `size` to its end (data write)."""
     bs = fs.block_size
     offset = size % bs
@@ -308,9 +320,9 @@ def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode
     if not inode.uses_extents and -(-size // fs.block_size) > _blockmap_limit(fs):
         raise FileTooBig(f"size {size} beyond what a block map addresses")
     if size < inode.size:
-        _zero_tail(fs, inode, size)
+        zero_tail(fs, inode, size)
         inode = fs.truncate_blocks(inode, -(-size // fs.block_size))
     elif size > inode.size:
-        _zero_tail(fs, inode, inode.size)
-    _note_large_file(fs, size)
+        zero_tail(fs, inode, inode.size)
+    note_large_file(fs, size)
     return replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now)

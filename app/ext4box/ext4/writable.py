@@ -46,6 +46,7 @@ import structlog
 
 from ext4box.blockdev import BlockDevice
 from ext4box.ext4 import attr_ops, file_data, mount_state, namespace_ops, orphans
+from ext4box.ext4 import fallocate as fallocate_ops
 from ext4box.ext4 import features as F
 from ext4box.ext4.alloc import BlockAllocator
 from ext4box.ext4.blockmap import BlockMapMapper
@@ -381,6 +382,13 @@ class WritableFilesystem(Filesystem):
     @_mutation
     def write_inline(self, ino: int, pos: int, data: bytes) -> bool:
         return file_data.write_inline(self, ino, pos, data)
+
+    @_mutation
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
+                  now_ns: int | None = None) -> Inode:
+        """fallocate(2) `mode` on bytes [offset, offset + length) of a regular file;
+        the rules per mode are in ext4/fallocate.py. Returns the stored inode."""
+        return fallocate_ops.fallocate(self, ino, mode, offset, length, now_ns=now_ns)
 
     # ---- durability --------------------------------------------------------
 

@@ -20,6 +20,7 @@ import structlog
 from ext4box.blockdev import BlockDevice, DeviceRangeError
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
+from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
@@ -75,6 +76,9 @@ class WritableSource(MappingSource, Protocol):
     def write_abort(self, ino: int, ranges: list[tuple[int, int]]) -> None: ...
 
     def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
+                  now_ns: int | None = None) -> MappedInode: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +313,8 @@ class IOMapEngine:
 
     # -- writing ---------------------------------------------------------------
 
-    def _writable_source(self) -> WritableSource:
+    def writable_source(self) -> WritableSource:
+        """The filesystem as a writable source; ReadOnly when it is mounted read-only."""
         source = self.source
         if not hasattr(source, "write_begin"):
             raise ReadOnly("the filesystem is mounted read-only")
@@ -356,11 +361,11 @@ class IOMapEngine:
             # An overwrite inside i_size the cache does not know yet: map it as
             # a read would (mapping ahead, so the next random overwrites of the
             # file hit the cache). write_begin on written blocks only maps them.
-            self._writable_source()  # a read-only filesystem refuses, as write_begin would
+            self.writable_source()  # a read-only filesystem refuses, as write_begin would
             found, gaps = self._runs(inode, first, end), []
         if not gaps and all(r.pblk is not None and not r.unwritten for r in found):
             return [(r.lblk, r.length, r.pblk, False) for r in found]  # type: ignore[misc]
-        runs = self._writable_source().write_begin(inode, first, end - first)
+        runs = self.writable_source().write_begin(inode, first, end - first)
         # write_begin maps (allocates, converts) only [first, end): what is cached
         # around it stays right, so a random fill of a fragmented file does not
         # map 16 MiB ahead again after every allocating write.
@@ -393,7 +398,7 @@ class IOMapEngine:
         no stale block contents ever become readable. Returns the updated
         inode (i_size, times).
         """
-        source = self._writable_source()
+        source = self.writable_source()
         if pos < 0:
             raise ValueError("negative position")
         length = len(data)
@@ -429,6 +434,32 @@ class IOMapEngine:
                 log.error("write_abort_failed", ino=ino, error=str(err))
             raise
         return source.write_end(ino, pos + length, now_ns=now_ns)
+
+    # -- space management, seeking, copying ----------------------------------------
+    # The entry points a FUSE layer calls for fallocate, lseek(SEEK_DATA/SEEK_HOLE)
+    # and copy_file_range; the rules live in ext4/fallocate.py, iomap/seek.py and
+    # iomap/copy_range.py.
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
+                  now_ns: int) -> MappedInode:
+        """fallocate(2) on inode `ino`; returns the updated inode (size, blocks, times)."""
+        source = self.writable_source()
+        try:
+            return source.fallocate(ino, mode, offset, length, now_ns=now_ns)
+        finally:
+            # Blocks were allocated, unmapped, converted or moved (or, on a
+            # failure, perhaps converted back): nothing cached of `ino` holds.
+            self.cache.invalidate(ino)
+
+    def seek(self, inode: MappedInode, pos: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE; NoSuchOffset (ENXIO) past the data/EOF."""
+        return seek.seek(self, inode, pos, whence)
+
+    def copy_file_range(self, src_ino: int, src_pos: int, dst_ino: int, dst_pos: int,
+                        length: int, *, now_ns: int) -> int:
+        """copy_file_range(2) between two inodes of this filesystem; bytes copied."""
+        return copy_range.copy_file_range(self, src_ino, src_pos, dst_ino, dst_pos, length,
+                                    now_ns=now_ns)
 
     def _new_block_ranges(self, maps: list[IOMap]) -> list[tuple[int, int]]:
         """(lblk, length) of the blocks behind the NEW mappings."""
