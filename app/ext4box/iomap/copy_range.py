@@ -8,8 +8,9 @@ of a sparse file allocates every block of the range). The copy here does the
 same through the engine: a read plan of the source, then a normal write into
 the destination (allocation, zero-fill, i_size, mtime/ctime), chunk by chunk.
 
-The argument rules are the kernel's for a copy inside one filesystem:
-negative offsets EINVAL, a directory EISDIR, another non-regular file EINVAL,
+The argument rules are the kernel's for a copy inside one filesystem: an
+offset plus the length past 2^64 (a negative offset, taken as unsigned)
+EOVERFLOW, a directory EISDIR, another non-regular file EINVAL,
 an immutable destination EPERM, an overlapping range within one file EINVAL
 (judged after clipping at the source's EOF); the length is clipped at the
 source's EOF and at MAX_RW_COUNT (so one call copies at most ~2 GiB, as the
@@ -37,10 +38,15 @@ MAX_RW_COUNT = (2**31 - 1) & ~(mmap.PAGESIZE - 1)
 # Bytes read and written per step: large enough for one vectored read and
 # one allocation per extent, small enough to bound the memory a copy holds.
 COPY_CHUNK = 1 << 20
+_U64 = 1 << 64
 
 
 class InvalidCopy(Ext4Error):
     errno = errno.EINVAL
+
+
+class Overflow(Ext4Error):
+    errno = errno.EOVERFLOW
 
 
 class NotPermitted(Ext4Error):
@@ -54,14 +60,20 @@ def copy_file_range(engine: IOMapEngine, src_ino: int, src_pos: int, dst_ino: in
     Returns the number of bytes copied (0 at or past the source's EOF).
     """
     source = engine.writable_source()
-    if src_pos < 0 or dst_pos < 0 or length < 0:
-        raise InvalidCopy(f"copy of {length} bytes from {src_pos} to {dst_pos}")
+    if length < 0:
+        raise InvalidCopy(f"copy of {length} bytes")
     src = source.inode(src_ino)
     dst = source.inode(dst_ino)
     for inode in (src, dst):
         _check_regular(inode)
     if getattr(dst, "flags", 0) & FL_IMMUTABLE:
         raise NotPermitted(f"inode {dst_ino} is immutable")
+    # The kernel adds the (signed) offsets to the (unsigned) length as 64-bit
+    # unsigned numbers: a negative offset wraps for any length but 0.
+    if any((pos % _U64) + length >= _U64 for pos in (src_pos, dst_pos)):
+        raise Overflow(f"copy of {length} bytes from {src_pos} to {dst_pos} wraps")
+    if length == 0 or src_pos < 0 or dst_pos < 0:
+        return 0  # only a length of 0 gets here with a negative offset: nothing to copy
     count = min(length, max(0, src.size - src_pos), MAX_RW_COUNT)
     block_space = LBLK_LIMIT * engine.block_size
     if dst_pos >= block_space:
