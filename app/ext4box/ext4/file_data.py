@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ext4box.ext4 import features as F
+from ext4box.ext4 import limits
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import (
     Corrupt,
@@ -84,6 +85,8 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
         inode = convert_inline(fs, inode)
     if not inode.uses_extents and lblk + count > _blockmap_limit(fs):
         raise FileTooBig(f"block {lblk + count - 1} beyond what a block map addresses")
+    if lblk + count > -(-limits.max_file_size(fs.sb, inode) // fs.block_size):
+        raise FileTooBig(f"block {lblk + count - 1} beyond the file size limit")
     runs = fs.mapper_for(inode).map(lblk, count)
     holes = sum(r.length for r in runs if r.pblk is None)
     if not holes and not any(r.unwritten for r in runs):
@@ -207,6 +210,11 @@ def _blockmap_limit(fs: WritableFilesystem) -> int:
     return min(12 + per + per * per + per * per * per, LBLK_LIMIT)
 
 
+def writable_length(fs: WritableFilesystem, ino: int, pos: int, length: int) -> int:
+    """How many of `length` bytes at `pos` a write may put in `ino` (limits.py)."""
+    return limits.writable_length(fs.sb, check_file_write(fs, ino), pos, length)
+
+
 def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | None) -> Inode:
     """After the executor wrote up to byte `end_pos`: i_size = max(i_size, end_pos), times."""
     inode = check_file_write(fs, ino)
@@ -312,13 +320,13 @@ def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode
         raise IsADirectory(f"inode {inode.ino} is a directory")
     if not inode.is_reg:
         raise Corrupt("inode", inode_where(inode.ino), "truncate of a non-regular inode")
+    # On the inode as it is: an inline-data inode has the block-map limit, as in the kernel.
+    limits.check_size(fs.sb, inode, size)
     if inode.has_inline_data:
         plan = truncate_inline(_inline_state(inode), size)
         if isinstance(plan, InlineLayout):
             return replace_inode(_apply_layout(inode, plan), mtime_ns=now, ctime_ns=now)
         inode = convert_inline(fs, inode)
-    if not inode.uses_extents and -(-size // fs.block_size) > _blockmap_limit(fs):
-        raise FileTooBig(f"size {size} beyond what a block map addresses")
     if size < inode.size:
         zero_tail(fs, inode, size)
         inode = fs.truncate_blocks(inode, -(-size // fs.block_size))

@@ -11,6 +11,13 @@ and e2fsck process it on any filesystem, so we keep it on every image. With
 the orphan_file feature the kernel prefers that file, but falls back to this
 list when the file is full; the list is therefore valid there too (a
 non-empty orphan file refuses the rw mount instead, see mount_state).
+
+The list is singly linked and inodes leave it in any order (the order their
+last handles close), so each inode's predecessor is kept in memory
+(`OrphanChain`): taking one off touches only that neighbour, instead of
+walking the list from the superblock every time (10,000 orphans closed at
+unmount took minutes that way). The mirror starts empty because the mount
+empties the on-disk list (`process_at_mount`) before anything is added.
 """
 
 from __future__ import annotations
@@ -29,6 +36,41 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ext4box.ext4")
 
 
+# The superblock's place in the chain, as a predecessor.
+SUPERBLOCK = 0
+
+
+class OrphanChain:
+    """The links of the on-disk list, backwards: for each listed inode, the inode
+    whose i_dtime names it, or SUPERBLOCK when s_last_orphan does."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, int] = {}
+
+    def __contains__(self, ino: int) -> bool:
+        return ino in self._before
+
+    def __len__(self) -> int:
+        return len(self._before)
+
+    def pushed(self, ino: int, old_head: int) -> None:
+        """`ino` became the head, in front of `old_head` (0: the list was empty)."""
+        self._before[ino] = SUPERBLOCK
+        if old_head:
+            self._before[old_head] = ino
+
+    def removed(self, ino: int, following: int) -> int | None:
+        """`ino` leaves the list, `following` (0: none) taking its place; returns the
+        predecessor that must now name `following`, or None if `ino` was not listed."""
+        before = self._before.pop(ino, None)
+        if before is not None and following:
+            self._before[following] = before
+        return before
+
+    def clear(self) -> None:
+        self._before.clear()
+
+
 def _head(fs: WritableFilesystem) -> int:
     return int(fs.writer.superblock().fields["last_orphan"])
 
@@ -36,13 +78,31 @@ def _head(fs: WritableFilesystem) -> int:
 def add(fs: WritableFilesystem, inode: Inode) -> Inode:
     """Put `inode` (links 0, still open) at the head of the list; returns it to store."""
     fs.open_orphans.add(inode.ino)
+    if inode.ino in fs.orphan_chain:
+        return inode  # listed already: linking it in again would make the list loop
     head = _head(fs)
     fs.writer.update_superblock(last_orphan=inode.ino)
+    fs.orphan_chain.pushed(inode.ino, head)
     return replace_inode(inode, dtime=head)
 
 
 def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
     """Take `ino` out of the chain by pointing its predecessor at `next_ino`."""
+    before = fs.orphan_chain.removed(ino, next_ino)
+    if before == SUPERBLOCK and _head(fs) == ino:
+        fs.writer.update_superblock(last_orphan=next_ino)
+        return
+    if before is not None and before != SUPERBLOCK:
+        predecessor = fs.table.read(before)
+        if predecessor.dtime == ino:
+            fs.store(replace_inode(predecessor, dtime=next_ino))
+            return
+    # The mirror and the image disagree (it never should): find the link on disk.
+    log.warning("orphan_chain_out_of_step", where=inode_where(ino), predecessor=before)
+    _unlist_by_walk(fs, ino, next_ino)
+
+
+def _unlist_by_walk(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
     current = _head(fs)
     if current == ino:
         fs.writer.update_superblock(last_orphan=next_ino)
@@ -98,6 +158,7 @@ def process_at_mount(fs: WritableFilesystem) -> int:
     dropped, as the kernel drops it; what it still held is e2fsck's to find.
     A crash without a journal can leave such a list: an evicted inode's dtime
     (the deletion time) written before the superblock that unlinked it."""
+    fs.orphan_chain.clear()  # the list is emptied below, whatever it holds
     current = _head(fs)
     seen: set[int] = set()
     while current:

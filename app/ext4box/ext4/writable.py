@@ -122,6 +122,8 @@ class WritableFilesystem(Filesystem):
         self.mount_sb = sb  # the superblock as found at mount (for the clean unmount)
         # Unlinked inodes still open: readable until release_orphan frees them.
         self.open_orphans: set[int] = set()
+        # Who precedes each inode on the on-disk orphan list (orphans.py).
+        self.orphan_chain = orphans.OrphanChain()
         # Set by the FUSE layer: whether an inode has open handles (see rename).
         self.is_open: Callable[[int], bool] = lambda ino: False
         self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
@@ -365,6 +367,12 @@ class WritableFilesystem(Filesystem):
         (a directory, a special file, an encrypted or verity inode)."""
         with self.lock:
             file_data.check_file_write(self, ino)
+
+    def writable_length(self, ino: int, pos: int, length: int) -> int:
+        """How many of `length` bytes at `pos` may be written to `ino`: all, or those
+        below its size limit (a short write); FileTooBig at or past the limit."""
+        with self.lock:
+            return file_data.writable_length(self, ino, pos, length)
 
     @_mutation_before_data
     def write_begin(self, inode: Inode | int, lblk: int, count: int) -> list[WriteRun]:

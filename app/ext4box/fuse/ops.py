@@ -232,8 +232,8 @@ class Ext4Operations(pyfuse3.Operations):
             mode = _killpriv_mode(node.mode)
             if mode is not None:
                 node = self.rw.setattr(handle.ino, mode=mode, ctime_ns=_now_ns())
-        self.engine.write(node, off, buf, now_ns=_now_ns())
-        return len(buf)
+        # Fewer bytes than asked when the file's size limit cuts the write short.
+        return self.engine.write(node, off, buf, now_ns=_now_ns())
 
     async def flush(self, fh: int) -> None:
         # close(2) is not a durability point on ext4 either, and there is

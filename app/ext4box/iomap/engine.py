@@ -69,6 +69,11 @@ class WritableSource(MappingSource, Protocol):
 
     def check_file_write(self, ino: int) -> None: ...
 
+    def writable_length(self, ino: int, pos: int, length: int) -> int:
+        """check_file_write, then how many of `length` bytes at `pos` fit below the
+        file's size limit (FileTooBig when none do)."""
+        ...
+
     def write_begin(self, inode: MappedInode, lblk: int, count: int) -> Sequence[WriteRunLike]: ...
 
     def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
@@ -388,31 +393,35 @@ class IOMapEngine:
             )
         return result
 
-    def write(self, inode: MappedInode, pos: int, data: bytes, *, now_ns: int) -> MappedInode:
+    def write(self, inode: MappedInode, pos: int, data: bytes, *, now_ns: int) -> int:
         """Write `data` at `pos`: allocate, write the data, then `write_end` (ioend).
 
         Data reaches the device (the image's page cache) before the metadata
         that points at it can be committed: `write_end` only changes buffered
         metadata, and commits happen after this returns. Newly allocated
         blocks are written whole, zeros where the request does not reach, so
-        no stale block contents ever become readable. Returns the updated
-        inode (i_size, times).
+        no stale block contents ever become readable. Returns how many bytes
+        were written: all of `data`, or fewer when the file's size limit cuts
+        the write short (a write starting at the limit raises instead).
         """
         source = self.writable_source()
         if pos < 0:
             raise ValueError("negative position")
-        length = len(data)
-        if length == 0:
-            return inode
+        if not data:
+            return 0
         ino = inode.ino
         # Before any byte moves: the overwrite fast path below never reaches
-        # write_begin's checks (a directory's blocks are not file data).
-        source.check_file_write(ino)
+        # write_begin's checks (a directory's blocks are not file data), and
+        # the file's size limit may cut the write short.
+        length = source.writable_length(ino, pos, len(data))
+        if length < len(data):
+            data = data[:length]
         if inode.has_inline_data or _empty_and_blockless(inode):
             # An inline file, or an empty one that may become inline (the
             # filesystem decides: False means "use blocks").
             if source.write_inline(ino, pos, data):
-                return source.write_end(ino, pos + length, now_ns=now_ns)
+                source.write_end(ino, pos + length, now_ns=now_ns)
+                return length
             # Converted to extents (or never inline): start from the current inode.
             self.cache.invalidate(ino)
             inode = source.inode(ino)
@@ -433,7 +442,8 @@ class IOMapEngine:
             except Exception as err:  # the write's own error is the one to report
                 log.error("write_abort_failed", ino=ino, error=str(err))
             raise
-        return source.write_end(ino, pos + length, now_ns=now_ns)
+        source.write_end(ino, pos + length, now_ns=now_ns)
+        return length
 
     # -- space management, seeking, copying ----------------------------------------
     # The entry points a FUSE layer calls for fallocate, lseek(SEEK_DATA/SEEK_HOLE)
