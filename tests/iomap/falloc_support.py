@@ -209,17 +209,17 @@ class Twins:
     def kernel_view(self, name: str) -> dict[str, object]:
         fd = self.fd(name)
         st = os.fstat(fd)
-        return {"size": st.st_size, "blocks": st.st_blocks,
-                "segments": _segments(lambda pos, whence: os.lseek(fd, pos, whence),
-                                      st.st_size),
-                "content": os.pread(fd, st.st_size, 0) if st.st_size else b""}
+        segments = _segments(lambda pos, whence: os.lseek(fd, pos, whence), st.st_size)
+        return {"size": st.st_size, "blocks": st.st_blocks, "segments": segments,
+                "content": _content(lambda pos, n: os.pread(fd, n, pos), st.st_size, segments)}
 
     def our_view(self, name: str) -> dict[str, object]:
         node = self.fs.inode(self.ino(name))
-        return {"size": node.size, "blocks": node.blocks_512,
-                "segments": _segments(lambda pos, whence: self.engine.seek(
-                    self.fs.inode(node.ino), pos, whence), node.size),
-                "content": self.engine.read(node, 0, node.size)}
+        segments = _segments(lambda pos, whence: self.engine.seek(
+            self.fs.inode(node.ino), pos, whence), node.size)
+        return {"size": node.size, "blocks": node.blocks_512, "segments": segments,
+                "content": _content(lambda pos, n: self.engine.read(node, pos, n), node.size,
+                                    segments)}
 
     def compare_views(self, names: list[str]) -> list[str]:
         self.settle_kernel()
@@ -273,6 +273,20 @@ def _segments(lseek: Callable[[int, int], int], size: int) -> list[tuple[int, in
         out.append((start, end))
         pos = end
     return out
+
+
+# Files up to this size are read whole; larger (sparse) ones in their data
+# segments and their first and last MiB.
+_WHOLE_READ = 64 << 20
+
+
+def _content(pread: Callable[[int, int], bytes], size: int,
+             segments: list[tuple[int, int]]) -> bytes:
+    if size <= _WHOLE_READ:
+        return pread(0, size) if size else b""
+    pieces = [(0, 1 << 20), (size - (1 << 20), 1 << 20)]
+    pieces += [(start, min(end - start, _WHOLE_READ)) for start, end in segments]
+    return b"".join(pread(pos, length) for pos, length in pieces)
 
 
 def _first_difference(a: bytes, b: bytes) -> str:

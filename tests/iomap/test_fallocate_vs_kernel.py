@@ -313,3 +313,31 @@ def test_generated_sequences_match_kernel(tmp_path_factory: pytest.TempPathFacto
             shutil.rmtree(workdir, ignore_errors=True)
 
     check()
+
+
+# ---- the size limit ---------------------------------------------------------------
+
+
+def test_size_limit(tmp_path: Path) -> None:
+    """s_maxbytes of 4 KiB blocks: (2^32 - 1) blocks. The last block can be
+    preallocated; a byte past it is EFBIG, for fallocate, insert and copy."""
+    max_bytes = ((1 << 32) - 1) * B
+
+    def scenario(twins: Twins, mismatches: list[str]) -> None:
+        apply(twins, mismatches, [
+            ("f", KEEP_SIZE, max_bytes - B, B), ("f", KEEP_SIZE, max_bytes - B, B + 1),
+            ("f", 0, max_bytes - 2 * B, B),
+            ("g", INSERT_RANGE, 0, max_bytes - 4 * B), ("f", PUNCH_HOLE | KEEP_SIZE, 1 << 50, B),
+            ("f", ZERO_RANGE, max_bytes, 1), ("f", PUNCH_HOLE | KEEP_SIZE, max_bytes - 2 * B, B),
+        ])
+        # A block preallocated at 2^32 - 2, past EOF: an insert would move it
+        # past what the kernel maps. Both refuse (EINVAL); the kernel has grown
+        # i_size all the same (see ext4/fallocate.py), so the file is emptied
+        # on both sides afterwards.
+        twins.write("k", 0, b"k" * 100)
+        apply(twins, mismatches, [("k", KEEP_SIZE, max_bytes - B, B), ("k", INSERT_RANGE, 0, B)])
+        twins.truncate("k", 0)
+        for dst_pos in (max_bytes, max_bytes - 10, max_bytes + B):
+            same(mismatches, f"copy to {dst_pos}", twins.copy("g", "h", 0, dst_pos, 3 * B))
+
+    run_twins(tmp_path, {"f": pattern(13, 3 * B), "g": pattern(14, 5 * B)}, scenario)

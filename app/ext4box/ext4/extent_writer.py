@@ -250,14 +250,15 @@ class ExtentTreeWriter:
     def insert_gap(self, lblk: int, length: int) -> None:
         """Split the extent holding `lblk` there and move everything from `lblk` on
         `length` blocks up, leaving [lblk, lblk+length) a hole (FALLOC_FL_INSERT_RANGE).
-        ValueError when the last extent would move past the 32-bit block space."""
+        ValueError when the last extent would end past block 2^32 - 2 (the kernel
+        keeps 2^32 - 1 unmapped; its shift answers EINVAL there)."""
         self._check_range(lblk, length)
         with self._operation():
             last_leaf = self._descend(LBLK_LIMIT - 1)[0][-1][0]
-            if last_leaf.entries and last_leaf.entries[-1].end + length > LBLK_LIMIT:
-                raise ValueError(f"inode {self.ino}: extents would move past block {LBLK_LIMIT}")
-            if self._edit_range(lblk, lblk + 1, _split_at, merge=False):
-                self._merge_up()  # the kernel inserts the split-off part like a new extent
+            if last_leaf.entries and last_leaf.entries[-1].end + length > LBLK_LIMIT - 1:
+                raise ValueError(f"inode {self.ino}: extents would move past block "
+                                 f"{LBLK_LIMIT - 2}, the last one the kernel maps")
+            self._edit_range(lblk, lblk + 1, _split_at, merge=False)
             self._shift(lblk, length)
 
     def truncate(self, lblk: int) -> list[tuple[int, int]]:

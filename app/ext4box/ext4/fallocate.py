@@ -24,13 +24,17 @@ The answers are the kernel's ext4 (Linux 6.18, checked on loop mounts):
   state: only PUNCH_HOLE works there, every other mode is EOPNOTSUPP. An
   inline-data file is first moved into a block, as the kernel does.
 - Every other flag combination is EOPNOTSUPP, a negative offset or a length
-  <= 0 EINVAL, a directory EISDIR, another non-regular file ENODEV (the
-  kernel's vfs_fallocate checks, so the caller may rely on them here too).
+  <= 0 EINVAL, a directory EISDIR, another non-regular file ENODEV, an
+  offset + length past s_maxbytes (ext4/limits.py) EFBIG (the kernel's
+  vfs_fallocate checks, so the caller may rely on them here too); an insert
+  that would take i_size past s_maxbytes is EFBIG too.
 - mtime and ctime become now on every successful call (file_modified()).
 
-One deviation, on purpose: the kernel allocates chunk by chunk and keeps what
-it got when it runs out of space; here ENOSPC (and any other failure) leaves
-the file exactly as it was, blocks and size alike.
+Deviations, on purpose: the kernel allocates chunk by chunk and keeps what it
+got when it runs out of space, and an INSERT_RANGE that fails because blocks
+preallocated past EOF would move past the last logical block (EINVAL) has
+already grown i_size by the length; here every failure (ENOSPC, EINVAL, ...)
+leaves the file exactly as it was, blocks and size alike.
 
 Callers above the ext4 layer go through `WritableFilesystem.fallocate`, or
 `IOMapEngine.fallocate`, which also forgets the engine's cached mapping.
@@ -42,10 +46,10 @@ import errno
 import mmap
 from typing import TYPE_CHECKING
 
-from ext4box.ext4 import file_data
+from ext4box.ext4 import features as F
+from ext4box.ext4 import file_data, limits
 from ext4box.ext4.errors import Ext4Error, FileTooBig, IsADirectory, Unsupported, inode_where
 from ext4box.ext4.extent_writer import ExtentTreeWriter
-from ext4box.ext4.extents import LBLK_LIMIT
 from ext4box.ext4.inode import FL_APPEND, FL_IMMUTABLE, Inode, replace_inode
 
 if TYPE_CHECKING:
@@ -110,19 +114,20 @@ def fallocate(fs: WritableFilesystem, ino: int, mode: int, offset: int, length: 
     """
     operation = check_request(mode, offset, length)
     inode = fs.inode(ino)
+    if inode.flags & FL_IMMUTABLE or (inode.flags & FL_APPEND and operation != "allocate"):
+        raise NotPermitted(f"inode {ino} is immutable or append-only")
     if inode.is_dir:
         raise IsADirectory(f"inode {ino} is a directory")
     if not inode.is_reg:
         raise NoSuchDevice(f"fallocate of non-regular inode {ino}")
-    if inode.flags & FL_IMMUTABLE or (inode.flags & FL_APPEND and operation != "allocate"):
-        raise NotPermitted(f"inode {ino} is immutable or append-only")
+    max_bytes = _max_bytes(fs)
+    if offset + length > max_bytes:
+        raise FileTooBig(f"fallocate to byte {offset + length}, past the limit {max_bytes}")
     inode = file_data.check_file_write(fs, ino)
     if inode.has_inline_data:
         inode = file_data.convert_inline(fs, inode)
     if not inode.uses_extents and operation != "punch":
         raise Unsupported("fallocate mode", inode_where(ino), "indirect block maps")
-    if -(-(offset + length) // fs.block_size) > LBLK_LIMIT:
-        raise FileTooBig(f"byte {offset + length} beyond what an extent tree addresses")
     keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
     if operation == "allocate":
         inode = _allocate(fs, inode, offset, length, keep_size=keep_size)
@@ -201,13 +206,13 @@ def _insert(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> I
     if offset >= inode.size:
         raise InvalidArgument(f"insert range at {offset} not before EOF {inode.size}")
     new_size = inode.size + length
-    if -(-new_size // bs) > LBLK_LIMIT:
-        raise FileTooBig(f"size {new_size} beyond what an extent tree addresses")
+    if new_size > _max_bytes(fs):
+        raise FileTooBig(f"insert range would make the size {new_size}, past the limit")
     tree = _extent_tree(fs, inode)
     try:
         tree.insert_gap(offset // bs, length // bs)
-    except ValueError as err:  # preallocated blocks past EOF would leave the block space
-        raise FileTooBig(str(err)) from None
+    except ValueError as err:  # blocks preallocated past EOF would leave the block space
+        raise InvalidArgument(str(err)) from None
     inode = fs.store(fs.with_tree(inode, tree))
     file_data.note_large_file(fs, new_size)
     return replace_inode(inode, size=new_size)
@@ -274,6 +279,13 @@ def _zero_written(fs: WritableFilesystem, inode: Inode, start: int, stop: int) -
     if run.pblk is None or run.unwritten:
         return
     fs.dev.pwrite(run.pblk * bs + start % bs, bytes(stop - start))
+
+
+def _max_bytes(fs: WritableFilesystem) -> int:
+    """The filesystem's s_maxbytes, which vfs_fallocate and the insert-range check
+    compare with (the extent-file limit, for every inode: only punch reaches a
+    block-map file, and it never goes past EOF)."""
+    return limits.extent_max_bytes(fs.block_size, fs.sb.has_ro_compat(F.RO_COMPAT_HUGE_FILE))
 
 
 def _extent_tree(fs: WritableFilesystem, inode: Inode) -> ExtentTreeWriter:

@@ -11,9 +11,10 @@ the destination (allocation, zero-fill, i_size, mtime/ctime), chunk by chunk.
 The argument rules are the kernel's for a copy inside one filesystem: an
 offset plus the length past 2^64 (a negative offset, taken as unsigned)
 EOVERFLOW, a directory EISDIR, another non-regular file EINVAL,
-an immutable destination EPERM, an overlapping range within one file EINVAL
-(judged after clipping at the source's EOF); the length is clipped at the
-source's EOF and at MAX_RW_COUNT (so one call copies at most ~2 GiB, as the
+an immutable destination EPERM, a destination offset at or past the file
+size limit (ext4/limits.py) EFBIG, an overlapping range within one file
+EINVAL (judged after clipping); the length is clipped at the source's EOF,
+at the destination's size limit and at MAX_RW_COUNT (so one call copies at most ~2 GiB, as the
 kernel's does). Open-mode checks (EBADF for a source not open for reading, a
 destination not open for writing or opened O_APPEND) are the caller's: it
 holds the file handles. An error after some bytes were copied returns the
@@ -27,7 +28,6 @@ import mmap
 from typing import TYPE_CHECKING
 
 from ext4box.ext4.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
-from ext4box.ext4.extents import LBLK_LIMIT
 from ext4box.ext4.inode import FL_IMMUTABLE
 
 if TYPE_CHECKING:
@@ -75,10 +75,9 @@ def copy_file_range(engine: IOMapEngine, src_ino: int, src_pos: int, dst_ino: in
     if length == 0 or src_pos < 0 or dst_pos < 0:
         return 0  # only a length of 0 gets here with a negative offset: nothing to copy
     count = min(length, max(0, src.size - src_pos), MAX_RW_COUNT)
-    block_space = LBLK_LIMIT * engine.block_size
-    if dst_pos >= block_space:
-        raise FileTooBig(f"byte {dst_pos} beyond what an extent tree addresses")
-    count = min(count, block_space - dst_pos)
+    # The destination's size limit: EFBIG at or past it (even for nothing to
+    # copy), the count cut short before it.
+    count = source.writable_length(dst_ino, dst_pos, count)
     if src_ino == dst_ino and dst_pos + count > src_pos and dst_pos < src_pos + count:
         raise InvalidCopy(f"ranges overlap inside inode {src_ino}")
     done = 0
@@ -88,12 +87,14 @@ def copy_file_range(engine: IOMapEngine, src_ino: int, src_pos: int, dst_ino: in
                                min(COPY_CHUNK, count - done))
             if not data:
                 break
-            engine.write(source.inode(dst_ino), dst_pos + done, data, now_ns=now_ns)
+            written = engine.write(source.inode(dst_ino), dst_pos + done, data, now_ns=now_ns)
         except (NoSpace, FileTooBig):
             if done:
                 return done
             raise
-        done += len(data)
+        done += written
+        if written < len(data):
+            break
     return done
 
 
