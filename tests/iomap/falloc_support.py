@@ -5,10 +5,10 @@ SEEK_DATA/SEEK_HOLE and copy_file_range.
 read-write with the kernel and opens the other in-process (the facade and the
 iomap engine, as the FUSE layer drives them). Each operation runs on both and
 returns (kernel outcome, our outcome), an outcome being the result or the errno.
-`finish` compares what a user sees (sizes, st_blocks, content, the
-SEEK_DATA/SEEK_HOLE sequence), unmounts, and compares the extent layouts
-(debugfs `ex`: logical ranges and written/unwritten, physical placement
-aside) and e2fsck -fn of both images.
+The test then compares what a user sees (sizes, st_blocks, content, the
+SEEK_DATA/SEEK_HOLE sequence) and the extent layouts (the kernel's FIEMAP
+against debugfs `ex` of our image: logical ranges and written/unwritten,
+physical placement aside), unmounts, and runs e2fsck -fn on both images.
 """
 
 from __future__ import annotations
@@ -69,25 +69,63 @@ class Extent:
     unwritten: bool
 
 
+def _merge_into(merged: list[Extent], extent: Extent) -> None:
+    """Append, merging with the last extent when logically adjacent and of one kind."""
+    last = merged[-1] if merged else None
+    if last and last.lblk + last.length == extent.lblk and last.unwritten == extent.unwritten:
+        merged[-1] = Extent(last.lblk, last.length + extent.length, last.unwritten)
+    else:
+        merged.append(extent)
+
+
 def debugfs_layout(image: Path, path: str) -> list[Extent]:
-    """Leaf extents of `path`, logically adjacent ones of one kind merged (where
-    the two allocators put the blocks is theirs to choose)."""
-    out = subprocess.run(["debugfs", "-R", f"ex {path}", str(image)], capture_output=True,
-                         text=True, check=True).stdout
+    """A file's mapped blocks as debugfs reads them from the image (leaf extents,
+    or the logical ranges of a block map), logically adjacent ones of one kind
+    merged: where the two allocators put the blocks is theirs to choose."""
+    ex = subprocess.run(["debugfs", "-R", f"ex {path}", str(image)], capture_output=True,
+                        text=True, check=True)
+    out, ex_err = ex.stdout, ex.stderr
     leaf = re.compile(r"^\s*(\d+)/\s*(\d+)\s+\d+/\s*\d+\s+(\d+)\s*-\s*(\d+)\s+\d+\s*-\s*\d+"
                       r"\s+(\d+)\s*(Uninit)?")
     merged: list[Extent] = []
     for line in out.splitlines():
         match = leaf.match(line)
-        if not match or match.group(1) != match.group(2):
-            continue
-        extent = Extent(int(match.group(3)), int(match.group(5)), match.group(6) is not None)
-        last = merged[-1] if merged else None
-        if last and last.lblk + last.length == extent.lblk and last.unwritten == extent.unwritten:
-            merged[-1] = Extent(last.lblk, last.length + extent.length, last.unwritten)
-        else:
-            merged.append(extent)
+        if match and match.group(1) == match.group(2):
+            _merge_into(merged, Extent(int(match.group(3)), int(match.group(5)),
+                                       match.group(6) is not None))
+    if merged or "does not use" not in out + ex_err:
+        return merged
+    stat = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True,
+                          text=True, check=True).stdout
+    blocks = stat.split("BLOCKS:", 1)[1] if "BLOCKS:" in stat else ""
+    for first, last in re.findall(r"\((\d+)(?:-(\d+))?\):", blocks):
+        end = int(last or first)
+        _merge_into(merged, Extent(int(first), end - int(first) + 1, False))
     return merged
+
+
+def fiemap_layout(path: Path) -> list[Extent]:
+    """The same, from the kernel's FIEMAP (filefrag -v) on a mounted file: unlike
+    debugfs on the image, right even while another mount namespace still holds
+    a copy of the mount (which keeps an unmount from writing the image out)."""
+    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    row = re.compile(r"^\s*\d+:\s*(\d+)\.\.\s*(\d+):\s*\d+\.\.\s*\d+:\s*(\d+):.*?$")
+    merged: list[Extent] = []
+    for line in out.splitlines():
+        match = row.match(line)
+        if not match:
+            continue
+        _merge_into(merged, Extent(int(match.group(1)), int(match.group(3)),
+                                   "unwritten" in line))
+    return merged
+
+
+def fiemap_extent_count(path: Path) -> int:
+    """How many extents the kernel's FIEMAP reports for a mounted file (unmerged)."""
+    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    return sum(1 for line in out.splitlines() if re.match(r"^\s*\d+:\s*\d+\.\.", line))
 
 
 def tree_depth(image: Path, path: str) -> int:
@@ -245,11 +283,16 @@ class Twins:
             finally:
                 self.dev.close()
 
-    def compare_layouts(self, names: list[str]) -> list[str]:
-        """After close: leaf extents of each file (logical ranges, unwritten or not)."""
+    def kernel_layouts(self, names: list[str]) -> dict[str, list[Extent]]:
+        """Before close: each file's extents as the kernel reports them (FIEMAP)."""
+        self.settle_kernel()
+        return {name: fiemap_layout(self.mnt / name) for name in names}
+
+    def compare_layouts(self, kernel: dict[str, list[Extent]]) -> list[str]:
+        """After close: each file's leaf extents on our image against `kernel`'s
+        (logical ranges, unwritten or not)."""
         problems = []
-        for name in names:
-            theirs = debugfs_layout(self.kernel_image, "/" + name)
+        for name, theirs in kernel.items():
             ours = debugfs_layout(self.our_image, "/" + name)
             if theirs != ours:
                 problems.append(f"{name}: layout kernel {theirs!s:.400} ours {ours!s:.400}")

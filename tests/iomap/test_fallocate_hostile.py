@@ -8,6 +8,7 @@ range operation. The kernel's ext4 on the same image is the reference.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -46,21 +47,24 @@ def _need_kernel() -> None:
         pytest.skip(reason)
 
 
-def _physical_runs(image: Path, path: str) -> list[tuple[int, int]]:
-    out = subprocess.run(["debugfs", "-R", f"ex {path}", str(image)], capture_output=True,
-                         text=True, check=True).stdout
+def _physical_runs(path: Path) -> list[tuple[int, int]]:
+    """(pblk, length) of a mounted file's extents, from the kernel's FIEMAP."""
+    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True,
+                         check=True).stdout
     runs = []
     for line in out.splitlines():
-        match = re.match(r"^\s*0/\s*0\s+\d+/\s*\d+\s+\d+\s*-\s*\d+\s+(\d+)\s*-\s*(\d+)", line)
+        match = re.match(r"^\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+)\.\.\s*\d+:\s*(\d+):", line)
         if match:
-            runs.append((int(match.group(1)), int(match.group(2)) - int(match.group(1)) + 1))
+            runs.append((int(match.group(1)), int(match.group(2))))
     return runs
 
 
 def _stale_image(tmp_path: Path) -> Path:
     """A kernel-made file of 16 unwritten blocks, those blocks then filled with
-    stale bytes on the raw image, as a deleted file's data would be."""
-    image = make_image(tmp_path, {"other": pattern(1, 3 * B)})
+    stale bytes on the raw image, as a deleted file's data would be. (No
+    journal, and a syncfs before the unmount: the image is complete even if
+    another mount namespace keeps a copy of the mount alive.)"""
+    image = make_image(tmp_path, {"other": pattern(1, 3 * B)}, mkfs_extra=("-O", "^has_journal"))
     mnt = tmp_path / "prep"
     with kernel_mount(image, mnt, readonly=False) as root:
         fd = os.open(root / "u", os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,7 +73,8 @@ def _stale_image(tmp_path: Path) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
-    runs = _physical_runs(image, "/u")
+        runs = _physical_runs(root / "u")
+        subprocess.run(["sync", "-f", str(root)], check=True)
     assert sum(length for _, length in runs) == 16
     stale = (STALE * (B // len(STALE) + 1))[:B]
     with image.open("r+b") as f:
@@ -139,3 +144,55 @@ def test_enospc_leaves_nothing_allocated(tmp_path: Path, mode: int) -> None:
         dev.close()
     report = e2fsck_clean(image)
     assert report is None, report
+
+
+def _fill_host(path: Path, leave: int) -> None:
+    with path.open("wb") as filler:
+        while True:
+            st = os.statvfs(path)
+            room = st.f_bavail * st.f_frsize - leave
+            if room <= 0:
+                break
+            filler.write(b"\xff" * min(room, 1 << 20))
+            filler.flush()
+
+
+def test_failed_write_into_unwritten_extent_leaves_it_unwritten(tmp_path: Path) -> None:
+    """The image lives on a small tmpfs, the blocks of an unwritten extent are
+    holes of the image file, and the host is full: the data write fails. The
+    extent must stay allocated and unwritten (reading as zeros), as the kernel
+    leaves an unwritten extent whose I/O failed, not be freed or exposed."""
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(host)], check=True)
+    try:
+        image = host / "disk.img"
+        with image.open("wb") as f:
+            f.truncate(64 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", str(B), str(image)], check=True,
+                       capture_output=True)
+        dev, fs, engine = _open(image)
+        try:
+            ino = fs.create(ROOT_INO, b"u", 0o100644, 0, 0).ino
+            engine.fallocate(ino, 0, 0, 2 << 20, now_ns=1)
+            fs.commit()
+            before = fs.inode(ino)
+            runs_before = fs.map_blocks(before, 0, 512)
+            assert all(run.unwritten for run in runs_before)
+            filler = host / "filler"
+            _fill_host(filler, leave=0)
+            with pytest.raises(OSError) as failure:
+                engine.write(fs.inode(ino), 100, b"\x5a" * (1 << 20), now_ns=2)
+            assert failure.value.errno == errno.ENOSPC
+            after = fs.inode(ino)
+            assert after.blocks_512 == before.blocks_512
+            assert all(run.unwritten for run in fs.map_blocks(after, 0, 512))
+            assert engine.read(after, 0, after.size) == bytes(after.size)
+            filler.unlink()  # room again: the close can commit
+        finally:
+            fs.close()
+            dev.close()
+        report = e2fsck_clean(image)
+        assert report is None, report
+    finally:
+        subprocess.run(["umount", str(host)], check=False)

@@ -11,6 +11,7 @@ new block never shows another file's old bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from ext4box.ext4.errors import (
     Unsupported,
     inode_where,
 )
+from ext4box.ext4.extent_writer import ExtentTreeWriter
 from ext4box.ext4.extents import LBLK_LIMIT
 from ext4box.ext4.inline_writer import (
     InlineLayout,
@@ -53,6 +55,7 @@ class WriteRun:
     length: int
     pblk: int
     new: bool  # just allocated (or was unwritten): the executor writes it whole
+    converted: bool = False  # was unwritten: write_abort makes it unwritten again
 
 
 def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
@@ -164,12 +167,16 @@ def undo_mapping(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int,
     return sum(got for _, pblk, got in pieces if pblk in kept)
 
 
-def write_abort(fs: WritableFilesystem, ino: int, ranges: list[tuple[int, int]]) -> None:
-    """The data for the (lblk, length) `ranges` that write_begin reported new could
-    not be written: unmap and free their blocks, which hold whatever an earlier
-    owner left there. (The kernel's ext4 likewise truncates the blocks a failed
-    write allocated.)"""
-    if not ranges:
+def write_abort(fs: WritableFilesystem, ino: int, ranges: Sequence[tuple[int, int]],
+                converted: Sequence[tuple[int, int]] = ()) -> None:
+    """The data for the (lblk, length) ranges write_begin reported new could not be
+    written. `ranges` were holes: unmap and free their blocks, which hold whatever
+    an earlier owner left there (the kernel's ext4 likewise truncates the blocks
+    a failed write allocated). `converted` were unwritten extents: they become
+    unwritten again, still allocated, as the kernel's ext4 leaves an unwritten
+    extent whose I/O failed; if the tree has no room for that, their blocks are
+    zeroed on the device instead (the kernel's zero-out fallback)."""
+    if not ranges and not converted:
         return
     inode = fs.inode(ino)
     tree = fs.tree_writer(inode)
@@ -178,6 +185,16 @@ def write_abort(fs: WritableFilesystem, ino: int, ranges: list[tuple[int, int]])
         for pblk, count in tree.punch(lblk, length):
             fs.blocks.free(pblk, count)
             freed += count
+    for lblk, length in converted:
+        try:
+            if not isinstance(tree, ExtentTreeWriter):
+                raise NoSpace("a block map has no unwritten state")
+            tree.mark_unwritten(lblk, length)
+        except NoSpace:
+            bs = fs.block_size
+            for run in fs.mapper_for(fs.with_tree(inode, tree)).map(lblk, length):
+                if run.pblk is not None:
+                    fs.dev.pwrite(run.pblk * bs, bytes(run.length * bs))
     fs.store(fs.with_tree(inode, tree, -freed))
 
 
@@ -186,7 +203,7 @@ def _write_runs(runs: list[BlockRun], pieces: list[tuple[int, int, int]]) -> lis
     new_by_lblk = {at: (pblk, got) for at, pblk, got in pieces}
     for run in runs:
         if run.pblk is not None:
-            out.append(WriteRun(run.lblk, run.length, run.pblk, run.unwritten))
+            out.append(WriteRun(run.lblk, run.length, run.pblk, run.unwritten, run.unwritten))
             continue
         at = run.lblk
         while at < run.end:

@@ -31,6 +31,12 @@ log = structlog.get_logger("ext4box.iomap")
 # the mapping tree once per window rather than once per request.
 MAP_AHEAD_BYTES = 16 * 1024 * 1024
 
+# Write mappings: MAPPED is overwritten in place; NEW (just allocated) and
+# UNWRITTEN (converted by this write) hold no file data yet, so the writer
+# fills their blocks whole, zeros where the request does not reach.
+_FILLED_KINDS = frozenset({IOMapKind.NEW, IOMapKind.UNWRITTEN})
+_WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
+
 # os.preadv accepts at most IOV_MAX buffers per call.
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -60,6 +66,7 @@ class WriteRunLike(Protocol):
     length: int
     pblk: int | None
     new: bool  # allocated (or converted from unwritten) by this call: contents are garbage
+    converted: bool  # was unwritten before this call (an abort makes it unwritten again)
 
 
 class WritableSource(MappingSource, Protocol):
@@ -78,7 +85,8 @@ class WritableSource(MappingSource, Protocol):
 
     def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
 
-    def write_abort(self, ino: int, ranges: list[tuple[int, int]]) -> None: ...
+    def write_abort(self, ino: int, ranges: list[tuple[int, int]],
+                    converted: list[tuple[int, int]] | None = None) -> None: ...
 
     def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
 
@@ -143,8 +151,9 @@ class IOMapEngine:
         """Byte-granular mappings that exactly tile [pos, pos + length).
 
         With `write=True` every block of the range is allocated first (through
-        the filesystem's `write_begin`): the answer holds only MAPPED and NEW
-        ranges (or one INLINE range), never a hole.
+        the filesystem's `write_begin`): the answer holds only MAPPED, NEW and
+        UNWRITTEN (converted by this write) ranges, or one INLINE range, never
+        a hole.
         """
         if pos < 0 or length < 0:
             raise ValueError("negative position or length")
@@ -331,10 +340,10 @@ class IOMapEngine:
         end_block = -(-(pos + length) // block_size)
         end = pos + length
         maps: list[IOMap] = []
-        for lblk, run_len, pblk, new in self._write_runs(inode, first, end_block):
+        for lblk, run_len, pblk, new, converted in self._write_runs(inode, first, end_block):
             start = max(lblk * block_size, pos)
             stop = min((lblk + run_len) * block_size, end)
-            kind = IOMapKind.NEW if new else IOMapKind.MAPPED
+            kind = _write_kind(new=new, converted=converted)
             addr = pblk * block_size + (start - lblk * block_size)
             previous = maps[-1] if maps else None
             if (
@@ -352,8 +361,8 @@ class IOMapEngine:
 
     def _write_runs(
         self, inode: MappedInode, first: int, end: int
-    ) -> list[tuple[int, int, int, bool]]:
-        """(lblk, length, pblk, new) tiling [first, end), every block allocated.
+    ) -> list[tuple[int, int, int, bool, bool]]:
+        """(lblk, length, pblk, new, converted) tiling [first, end), every block allocated.
 
         An overwrite of blocks already known to be written is answered from
         the mapping cache; anything else goes to `write_begin`, which may
@@ -369,13 +378,13 @@ class IOMapEngine:
             self.writable_source()  # a read-only filesystem refuses, as write_begin would
             found, gaps = self._runs(inode, first, end), []
         if not gaps and all(r.pblk is not None and not r.unwritten for r in found):
-            return [(r.lblk, r.length, r.pblk, False) for r in found]  # type: ignore[misc]
+            return [(r.lblk, r.length, r.pblk, False, False) for r in found]  # type: ignore[misc]
         runs = self.writable_source().write_begin(inode, first, end - first)
         # write_begin maps (allocates, converts) only [first, end): what is cached
         # around it stays right, so a random fill of a fragmented file does not
         # map 16 MiB ahead again after every allocating write.
         self.cache.invalidate_range(inode.ino, first, end)
-        result: list[tuple[int, int, int, bool]] = []
+        result: list[tuple[int, int, int, bool, bool]] = []
         cursor = first
         for run in runs:
             if run.lblk != cursor or run.length <= 0 or run.pblk is None:
@@ -385,7 +394,8 @@ class IOMapEngine:
                     f"write_begin runs do not tile blocks {first}..{end} with allocated "
                     f"blocks at {cursor}",
                 )
-            result.append((run.lblk, run.length, run.pblk, bool(run.new)))
+            converted = bool(getattr(run, "converted", False))
+            result.append((run.lblk, run.length, run.pblk, bool(run.new) or converted, converted))
             cursor = run.lblk + run.length
         if cursor != end:
             raise Corrupt(
@@ -438,7 +448,8 @@ class IOMapEngine:
             # mapped (the device refused the write, e.g. the host disk is full).
             self.cache.invalidate(ino)
             try:
-                source.write_abort(ino, self._new_block_ranges(maps))
+                source.write_abort(ino, self._block_ranges(maps, IOMapKind.NEW),
+                                   self._block_ranges(maps, IOMapKind.UNWRITTEN))
             except Exception as err:  # the write's own error is the one to report
                 log.error("write_abort_failed", ino=ino, error=str(err))
             raise
@@ -471,12 +482,12 @@ class IOMapEngine:
         return copy_range.copy_file_range(self, src_ino, src_pos, dst_ino, dst_pos, length,
                                     now_ns=now_ns)
 
-    def _new_block_ranges(self, maps: list[IOMap]) -> list[tuple[int, int]]:
-        """(lblk, length) of the blocks behind the NEW mappings."""
+    def _block_ranges(self, maps: list[IOMap], kind: IOMapKind) -> list[tuple[int, int]]:
+        """(lblk, length) of the blocks behind the mappings of `kind`."""
         block_size = self.block_size
         ranges: list[tuple[int, int]] = []
         for mapping in maps:
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind is kind:
                 first = mapping.offset // block_size
                 ranges.append((first, -(-mapping.end // block_size) - first))
         return ranges
@@ -511,20 +522,20 @@ class IOMapEngine:
         # back again and again.
         fresh: list[tuple[int, int]] = []
         for mapping in maps:
-            if mapping.kind not in (IOMapKind.MAPPED, IOMapKind.NEW) or mapping.addr is None:
+            if mapping.kind not in _WRITABLE_KINDS or mapping.addr is None:
                 raise Corrupt(
                     "write mapping", inode_where(ino), f"unallocated {mapping.kind.value}"
                 )
             parts: list[memoryview] = []
             addr = mapping.addr
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind in _FILLED_KINDS:
                 head = mapping.offset % block_size
                 if head:
                     parts.append(memoryview(bytes(head)))
                     addr -= head
             body = data[mapping.offset - pos : mapping.end - pos]
             parts.append(body)
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind in _FILLED_KINDS:
                 tail = -mapping.end % block_size
                 if tail:
                     parts.append(memoryview(bytes(tail)))
@@ -538,7 +549,7 @@ class IOMapEngine:
                 seg_addr = addr
                 views = parts
                 fresh = []
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind in _FILLED_KINDS:
                 fresh.append((addr, length))
             seg_end = addr + length
         if views:
@@ -565,6 +576,12 @@ class IOMapEngine:
                 raise OSError(f"short write at device byte {addr}")
             views = _drop_prefix(views, done)
             addr += done
+
+
+def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
+    if converted:
+        return IOMapKind.UNWRITTEN
+    return IOMapKind.NEW if new else IOMapKind.MAPPED
 
 
 def _empty_and_blockless(inode: MappedInode) -> bool:
