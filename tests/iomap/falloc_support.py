@@ -20,7 +20,8 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def fiemap_layout(path: Path) -> list[Extent]:
     merged: list[Extent] = []
     for line in out.splitlines():
         match = row.match(line)
-        if not match:
+        if not match or "inline" in line:  # an inline body is not an extent (debugfs agrees)
             continue
         _merge_into(merged, Extent(int(match.group(1)), int(match.group(3)),
                                    "unwritten" in line))
@@ -255,7 +256,7 @@ class Twins:
         node = self.fs.inode(self.ino(name))
         segments = _segments(lambda pos, whence: self.engine.seek(
             self.fs.inode(node.ino), pos, whence), node.size)
-        return {"size": node.size, "blocks": node.blocks_512, "segments": segments,
+        return {"size": node.size, "blocks": node.stat_blocks, "segments": segments,
                 "content": _content(lambda pos, n: self.engine.read(node, pos, n), node.size,
                                     segments)}
 
@@ -270,6 +271,15 @@ class Twins:
                         _first_difference(theirs[key], ours[key]),)  # type: ignore[arg-type]
                     problems.append(f"{name}: {key}: kernel/ours {shown!s:.300}")
         return problems
+
+    def remount_kernel(self) -> None:
+        """Unmount and mount the kernel's copy again: its view from the image alone."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self._mount.__exit__(None, None, None)  # type: ignore[attr-defined]
+        self._mount = kernel_mount(self.kernel_image, self.mnt, readonly=False)
+        self._mount.__enter__()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -297,6 +307,21 @@ class Twins:
             if theirs != ours:
                 problems.append(f"{name}: layout kernel {theirs!s:.400} ours {ours!s:.400}")
         return problems
+
+
+@contextmanager
+def open_ours(image: Path) -> Iterator[tuple[WritableFilesystem, IOMapEngine]]:
+    """The facade and the engine on `image`, closed (committed) afterwards."""
+    dev = BlockDevice.open(str(image), writable=True)
+    try:
+        fs = Filesystem.open(dev, readonly=False)
+        assert isinstance(fs, WritableFilesystem)
+        try:
+            yield fs, IOMapEngine(fs, dev)
+        finally:
+            fs.close()
+    finally:
+        dev.close()
 
 
 def _segments(lseek: Callable[[int, int], int], size: int) -> list[tuple[int, int]]:
