@@ -124,7 +124,11 @@ def fallocate(fs: WritableFilesystem, ino: int, mode: int, offset: int, length: 
     if offset + length > max_bytes:
         raise FileTooBig(f"fallocate to byte {offset + length}, past the limit {max_bytes}")
     inode = file_data.check_file_write(fs, ino)
+    if operation in ("collapse", "insert"):
+        _check_shift(fs, inode, operation, offset, length)
     if inode.has_inline_data:
+        # As the kernel does; only an error found later (ENOSPC) leaves the
+        # (invisible) conversion behind.
         inode = file_data.convert_inline(fs, inode)
     if not inode.uses_extents and operation != "punch":
         raise Unsupported("fallocate mode", inode_where(ino), "indirect block maps")
@@ -187,12 +191,23 @@ def _punch(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> In
     return fs.store(fs.with_tree(inode, tree, -_free_data(fs, freed)))
 
 
+def _check_shift(fs: WritableFilesystem, inode: Inode, operation: str, offset: int,
+                 length: int) -> None:
+    """The argument checks of COLLAPSE_RANGE and INSERT_RANGE, before anything changes."""
+    if (offset | length) % fs.block_size:
+        raise InvalidArgument(f"{operation} range {offset}+{length} not block aligned")
+    if operation == "collapse" and offset + length >= inode.size:
+        raise InvalidArgument(f"collapse range {offset}+{length} reaches EOF {inode.size}")
+    if operation == "insert":
+        if offset >= inode.size:
+            raise InvalidArgument(f"insert range at {offset} not before EOF {inode.size}")
+        if inode.size + length > _max_bytes(fs):
+            raise FileTooBig(f"insert range would make the size {inode.size + length}, "
+                             "past the limit")
+
+
 def _collapse(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> Inode:
     bs = fs.block_size
-    if (offset | length) % bs:
-        raise InvalidArgument(f"collapse range {offset}+{length} not block aligned")
-    if offset + length >= inode.size:
-        raise InvalidArgument(f"collapse range {offset}+{length} reaches EOF {inode.size}")
     tree = _extent_tree(fs, inode)
     freed = tree.collapse(offset // bs, length // bs)
     inode = fs.store(fs.with_tree(inode, tree, -_free_data(fs, freed)))
@@ -201,13 +216,7 @@ def _collapse(fs: WritableFilesystem, inode: Inode, offset: int, length: int) ->
 
 def _insert(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> Inode:
     bs = fs.block_size
-    if (offset | length) % bs:
-        raise InvalidArgument(f"insert range {offset}+{length} not block aligned")
-    if offset >= inode.size:
-        raise InvalidArgument(f"insert range at {offset} not before EOF {inode.size}")
     new_size = inode.size + length
-    if new_size > _max_bytes(fs):
-        raise FileTooBig(f"insert range would make the size {new_size}, past the limit")
     tree = _extent_tree(fs, inode)
     try:
         tree.insert_gap(offset // bs, length // bs)
