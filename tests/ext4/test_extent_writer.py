@@ -319,6 +319,28 @@ class ExtentCase:
             if b in self.model:
                 self.model[b] = (self.model[b][0], False)
 
+    def mark_unwritten(self, lblk: int, length: int) -> None:
+        self.writer.mark_unwritten(lblk, length)
+        for b in range(lblk, lblk + length):
+            if b in self.model:
+                self.model[b] = (self.model[b][0], True)
+
+    def collapse(self, lblk: int, length: int) -> None:
+        """Block contents follow their logical block, so after a shift only
+        finish(kernel=False) applies."""
+        freed = self.writer.collapse(lblk, length)
+        expected = sorted(self.model.pop(b)[0] for b in range(lblk, lblk + length)
+                          if b in self.model)
+        got = sorted(b for pblk, count in freed for b in range(pblk, pblk + count))
+        assert got == expected
+        self.h.release_data(freed)
+        self.data_blocks -= len(got)
+        self.model = {b - length if b >= lblk + length else b: v for b, v in self.model.items()}
+
+    def insert_gap(self, lblk: int, length: int) -> None:
+        self.writer.insert_gap(lblk, length)
+        self.model = {b + length if b >= lblk else b: v for b, v in self.model.items()}
+
     def check_mapping(self) -> list[BlockRun]:
         """Our reader on the written tree agrees with the model, block by block."""
         mapper = self.mapper()
@@ -662,3 +684,22 @@ def test_kernel_keeps_writing_to_our_deep_tree(tmp_path: Path) -> None:
         assert kernel_read(case.image, "/f") == bytes(expected)
     finally:
         case.close()
+
+
+def test_collapse_insert_and_unwrite_keep_the_tree_sound(case: ExtentCase) -> None:
+    """fallocate's tree operations on a tree with index levels (two on 1 KiB
+    blocks): the model after every step, e2fsck and debugfs at the end."""
+    rng = random.Random(13)
+    leaf = block_max_entries(case.bs)
+    count = 4 * leaf + 30 if case.bs == 1024 else 2 * leaf
+    for index in range(count):  # one-block extents that never merge
+        case.insert(40 + 2 * index, 1, rng)
+    case.check_mapping()
+    assert case.writer.depth == (2 if case.bs == 1024 else 1)
+    for _step in range(30):
+        start = rng.randrange(0, max(case.model))
+        length = rng.randrange(1, 40)
+        operation = rng.choice(("collapse", "insert_gap", "mark_unwritten"))
+        getattr(case, operation)(start, length)
+        case.check_mapping()
+    case.finish(kernel=False)
