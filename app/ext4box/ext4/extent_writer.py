@@ -370,18 +370,16 @@ class ExtentTreeWriter:
     def _punch_range(self, lo: int, hi: int, freed: list[tuple[int, int]]) -> None:
         """Unmap [lo, hi) inside an operation, the freed data runs going to `freed`.
 
-        The kernel first splits the extent reaching past `hi` there, inserting
-        its tail as a new extent, and that insert may pull a depth-1 tree back
-        into the inode (_merge_up); so does this, when the split leaf fits.
+        In the kernel's order, for the same tree shape: first the extent
+        reaching past `hi` is split there (which may grow the tree, and never
+        merges it up: ext4_force_split_extent_at), then [lo, hi) is removed.
         """
         path, _ = self._descend(hi - 1)
         leaf = path[-1][0]
         slot = bisect_right(leaf.entries, hi - 1, key=_ENTRY_KEY) - 1
-        splits_tail = slot >= 0 and leaf.entries[slot].lblk < hi < leaf.entries[slot].end
-        fits_after_split = len(leaf.entries) + 1 <= ROOT_MAX_ENTRIES
+        if slot >= 0 and leaf.entries[slot].lblk < hi < leaf.entries[slot].end:
+            self._edit_range(hi, hi + 1, _split_at, merge=False)
         self._edit_range(lo, hi, _remover(freed), merge=False)
-        if splits_tail and fits_after_split:
-            self._merge_up()
 
     @staticmethod
     def _merge_span(entries: list[Extent], start: int, stop: int) -> None:
