@@ -341,12 +341,17 @@ def _run_steps(twins: Twins, mismatches: list[str], steps: list[tuple]) -> None:
         elif step[0] == "write":
             _, name, offset, length = step
             twins.write(name, offset, pattern(number, length))
+            # ext4box allocates at write time, the kernel at writeback: an fsync
+            # puts the kernel's allocations in the same order as ours, so that
+            # which extents touch on disk (and with it i_blocks) can compare.
+            os.fsync(twins.fd(name))
         elif step[0] == "truncate":
             twins.truncate(step[1], step[2])
         else:
             _, src, dst, src_pos, dst_pos, length = step
             same(mismatches, f"step {number} {step}",
                  twins.copy(src, dst, src_pos, dst_pos, length))
+            os.fsync(twins.fd(dst))
         if mismatches:
             return
 
