@@ -52,7 +52,8 @@ Scenario = Callable[[Twins, list[str]], None]
 
 def run_twins(tmp_path: Path, files: dict[str, bytes], scenario: Scenario, *,
               block_size: int = B, size_mb: int = 32, mkfs_extra: tuple[str, ...] = (),
-              image: Path | None = None, remount: bool = False) -> Twins:
+              image: Path | None = None, remount: bool = False,
+              exact_blocks: bool = True) -> Twins:
     """Run `scenario` on both sides; fail on any difference it or the final checks find.
     The image holds `files` (mkfs.ext4 -d), unless one is given."""
     if image is None:
@@ -65,7 +66,7 @@ def run_twins(tmp_path: Path, files: dict[str, bytes], scenario: Scenario, *,
         names = sorted(set(files) | {n for n in twins.fds})
         if remount:
             twins.remount_kernel()
-        mismatches += twins.compare_views(names)
+        mismatches += twins.compare_views(names, exact_blocks=exact_blocks)
         kernel_layouts = twins.kernel_layouts(names)
     finally:
         twins.close()
@@ -357,20 +358,35 @@ def _run_steps(twins: Twins, mismatches: list[str], steps: list[tuple]) -> None:
 
 
 def test_generated_sequences_match_kernel(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Hypothesis-made mixes of every fallocate mode, writes, truncates and copies."""
+    """Hypothesis-made mixes of every fallocate mode, writes, truncates and copies.
+
+    Everything is compared as in the fixed scenarios except st_blocks, which is
+    compared as data blocks: over a random history the kernel's allocator
+    (preallocation windows) places blocks where ours does not, and whether
+    neighbouring extents touch on disk decides how many tree blocks a file
+    needs. The count of files that differ that way is printed."""
+
+    lengths: list[int] = []
+    tree_block_differences: list[int] = []
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck), print_blob=False)
-    @given(st.lists(STEP, min_size=1, max_size=STEPS))
+    @given(st.lists(STEP, min_size=STEPS // 2, max_size=STEPS))
     def check(steps: list[tuple]) -> None:
+        lengths.append(len(steps))
         workdir = tmp_path_factory.mktemp("falloc-seq")
         try:
-            run_twins(workdir, {"a": pattern(11, 30 * B + 5), "b": pattern(12, 3 * B), "c": b""},
-                      lambda twins, mismatches: _run_steps(twins, mismatches, steps), size_mb=64)
+            twins = run_twins(workdir, {"a": pattern(11, 30 * B + 5), "b": pattern(12, 3 * B),
+                                        "c": b""},
+                              lambda twins, mismatches: _run_steps(twins, mismatches, steps),
+                              size_mb=64, exact_blocks=False)
+            tree_block_differences.append(twins.tree_block_differences)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
     check()
+    print(f"fallocate sequences: {len(lengths)} run, {sum(lengths)} steps; files whose "
+          f"st_blocks differ by tree blocks only: {sum(tree_block_differences)}")
 
 
 # ---- the size limit ---------------------------------------------------------------
