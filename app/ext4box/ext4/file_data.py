@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 # Files above 2 GiB need the large_file feature (the kernel sets it on demand).
 _LARGE_FILE_SIZE = 1 << 31
-# How far back _goal looks for a mapped block to place new blocks after.
-_GOAL_LOOKBACK = 256
 # Indirect blocks one new run of a block map may need (single, double, triple).
 _BLOCKMAP_SLACK = 3
 
@@ -73,20 +71,11 @@ def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
 
 
 def _goal(fs: WritableFilesystem, inode: Inode, lblk: int) -> int:
-    """Where block `lblk` would sit if the file ran contiguously from the nearest
-    mapped block before it (the kernel's ext4_ext_find_goal, looking back at most
-    _GOAL_LOOKBACK blocks), else the inode's group. Leaving the gap for a hole
-    lets a later write into it land between its neighbours, merging extents as
-    the kernel's do."""
+    """Just after the block mapped before `lblk`, or the inode's group."""
     if lblk > 0:
-        mapper = fs.mapper_for(inode)
-        (run,) = mapper.map(lblk - 1, 1)
+        (run,) = fs.mapper_for(inode).map(lblk - 1, 1)
         if run.pblk is not None:
             return run.pblk + 1
-        start = max(0, lblk - _GOAL_LOOKBACK)
-        for run in reversed(mapper.map(start, lblk - start)):
-            if run.pblk is not None:
-                return run.pblk + (lblk - run.lblk)
     return fs.group_goal(inode.ino)
 
 
