@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from ext4box.ext4 import bitmap as B
 from ext4box.ext4 import features as F
 from ext4box.ext4.bad_groups import BadGroups
+from ext4box.ext4.caller import Caller, current_caller
 from ext4box.ext4.errors import Corrupt, NoSpace, Unsupported, group_where
 from ext4box.ext4.group_desc import (
     BG_BLOCK_UNINIT,
@@ -34,6 +35,16 @@ from ext4box.ext4.superblock import Superblock
 def has_group_desc_csum(sb: Superblock) -> bool:
     """UNINIT flags and itable_unused only mean something with descriptor checksums."""
     return sb.has_ro_compat(F.RO_COMPAT_METADATA_CSUM | F.RO_COMPAT_GDT_CSUM)
+
+
+def kernel_reserve_blocks(sb: Superblock) -> int:
+    """The blocks ext4 keeps back from every caller (s_resv_clusters: 2% of the
+    clusters, at most 4096, on extent-mapped filesystems), so that delayed
+    allocation and extent splits still find room on a full filesystem."""
+    if not sb.has_incompat(F.INCOMPAT_EXTENTS):
+        return 0
+    cluster_ratio = sb.cluster_size // sb.block_size
+    return min(sb.blocks_count // cluster_ratio // 50, 4096) * cluster_ratio
 
 
 def blocks_in_group(sb: Superblock, group: int) -> int:
@@ -219,17 +230,36 @@ class BlockAllocator:
         for step in range(count - (flex_end - flex_first)):
             yield (flex_end + step) % count
 
+    def kept_back(self, caller: Caller) -> int:
+        """Free blocks `caller` may not take, as ext4_has_free_clusters decides: the
+        kernel's own reserve (s_resv_clusters) from everyone, and the reserved blocks
+        (s_r_blocks_count) from all but root, s_def_resuid and members of a
+        s_def_resgid other than group 0."""
+        sb = self.sb
+        kept = kernel_reserve_blocks(sb)
+        resgid = int(sb.fields["def_resgid"])
+        if not (caller.privileged or caller.uid == int(sb.fields["def_resuid"])
+                or (resgid != 0 and caller.gid == resgid)):
+            kept += sb.r_blocks_count
+        return kept
+
+    def available(self) -> int:
+        """Free blocks the current caller may take (`kept_back`; may be negative)."""
+        return self.free_blocks - self.kept_back(current_caller())
+
     def alloc(
         self, goal: int, count: int, *, min_count: int = 1, reserve_ok: bool = False
     ) -> tuple[int, int]:
         """Allocate one contiguous run of n blocks, min_count <= n <= count, near
-        `goal`; returns (first block, n). `reserve_ok` lets root-like callers use
-        the reserved blocks (s_r_blocks_count). Raises NoSpace."""
+        `goal`; returns (first block, n). What the current caller may take is
+        `kept_back`'s rule; `reserve_ok` takes any free block (the kernel's
+        EXT4_MB_USE_RESERVED). Raises NoSpace."""
         if count < 1 or min_count < 1 or min_count > count:
             raise ValueError(f"bad allocation request count={count} min_count={min_count}")
         sb = self.sb
         with self._lock:
-            available = self.free_blocks - (0 if reserve_ok else sb.r_blocks_count)
+            kept = 0 if reserve_ok else self.kept_back(current_caller())
+            available = self.free_blocks - kept
             if available < min_count:
                 raise NoSpace(f"{max(available, 0)} blocks available, {min_count} needed")
             count = min(count, available)

@@ -127,7 +127,7 @@ def allocate_holes(fs: WritableFilesystem, inode: Inode, lblk: int,
     # tree blocks are charged as they are allocated, without a check.
     fs.check_quota(inode, blocks=holes)
     need = holes + _tree_slack(inode) * sum(1 for r in runs if r.pblk is None)
-    available = fs.blocks.free_blocks - fs.sb.r_blocks_count
+    available = fs.blocks.available()
     if available < need:
         raise NoSpace(f"{available} blocks available, up to {need} needed")
     pieces: list[tuple[int, int, int]] = []  # (lblk, pblk, length) newly allocated

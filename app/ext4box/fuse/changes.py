@@ -85,7 +85,7 @@ class NamespaceChanges:
     def _attributes(self, ino: int) -> Attributes: ...
     def _inode_attributes(self, inode: Inode) -> Attributes: ...
     def remember(self, ino: int) -> None: ...
-    def new_handle(self, ino: int, *, writable: bool, uid: int,
+    def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
                    direct: bool = False) -> OpenResult: ...  # fmt: skip
 
     # -- new inodes ------------------------------------------------------------
@@ -128,7 +128,7 @@ class NamespaceChanges:
         node = self.rw.create(parent, name, mode, ctx.uid, gid)
         attr = self._entry(node)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        handle = self.new_handle(node.ino, writable=writable, uid=ctx.uid,
+        handle = self.new_handle(node.ino, writable=writable, uid=ctx.uid, gid=ctx.gid,
                                  direct=bool(flags & os.O_DIRECT))
         return handle, attr
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+from ext4box.ext4.caller import Caller, acting_as
 from ext4box.ext4.filesystem import Filesystem, StatFs
 from ext4box.ext4.inode import Inode
 from ext4box.fuse.attrs import (
@@ -73,6 +74,9 @@ class OpenFile:
     # The opener's uid decides suid/sgid clearing on write when the transport
     # does not say (FUSE_WRITE carries no credentials, and root keeps the bits).
     uid: int
+    # Whose space the writes take (reserved blocks): the opener's, for the same
+    # reason (writeback of mmap'ed pages arrives with the flusher's ids).
+    gid: int = 0
     # Opened O_DIRECT: each read is the application's own, one at a time for
     # a synchronous reader, so a threaded backend executes it inline.
     direct: bool = False
@@ -198,13 +202,13 @@ class Operations(NamespaceChanges):
             self.rw.setattr(ino, size=0, mode=mode, mtime_ns=now, ctime_ns=now)
             self.engine.invalidate(ino)
             self.dirty = True
-        return self.new_handle(ino, writable=wants_write, uid=ctx.uid,
+        return self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
                                direct=bool(flags & os.O_DIRECT))
 
-    def new_handle(self, ino: int, *, writable: bool, uid: int,
+    def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
                    direct: bool = False) -> OpenResult:
         fh = next(self._handle_ids)
-        self._open_files[fh] = OpenFile(ino, writable, uid, direct)
+        self._open_files[fh] = OpenFile(ino, writable, uid, gid, direct)
         self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
         # Read-only: the image never changes, so cached pages stay valid.
         # Read-write: this server is the only writer and every write, truncate
@@ -255,7 +259,8 @@ class Operations(NamespaceChanges):
             node = self.fs.inode(ino)
             self.changed_behind_kernel.append(ino)
         # Fewer bytes than asked when the file's size limit cuts the write short.
-        return self.engine.write(node, off, data, now_ns=now_ns())
+        with acting_as(Caller(handle.uid, handle.gid)):
+            return self.engine.write(node, off, data, now_ns=now_ns())
 
     @fuse_errors("fsync")
     def fsync(self) -> None:

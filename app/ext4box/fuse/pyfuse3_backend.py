@@ -19,6 +19,7 @@ from typing import ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from ext4box.ext4.caller import Caller, acting_as
 from ext4box.fuse.attrs import Attributes
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
@@ -45,7 +46,13 @@ def _translated(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
     @functools.wraps(handler)
     async def translate(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await handler(*args, **kwargs)
+            ctx = next((arg for arg in (*args, *kwargs.values())
+                        if isinstance(arg, pyfuse3.RequestContext)), None)
+            if ctx is None:  # no ids: write, release... act as the opener or the fs
+                return await handler(*args, **kwargs)
+            # The caller's ids decide what it may allocate (reserved blocks, quota).
+            with acting_as(Caller(ctx.uid, ctx.gid)):
+                return await handler(*args, **kwargs)
         except FuseError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from ext4box.ext4.caller import Caller, acting_as
 from ext4box.fuse import negotiate
 from ext4box.fuse import protocol as p
 from ext4box.fuse.dispatch import Dispatcher, Handler, Payload
@@ -182,7 +183,10 @@ class Session:
     def _answer(self, handler: Handler, unique: int, nodeid: int,
                 caller: tuple[int, int, int], body: bytes, opcode: int) -> None:  # fmt: skip
         try:
-            payload: Payload = handler(nodeid, caller, body)
+            # The caller's ids decide what it may allocate (reserved blocks,
+            # quota): the filesystem learns them for this request only.
+            with acting_as(Caller(caller[0], caller[1])):
+                payload: Payload = handler(nodeid, caller, body)
         except FuseError as err:
             self._reply_error(unique, err.errno)
             return
