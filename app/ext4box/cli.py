@@ -28,6 +28,7 @@ EXIT_ERROR = 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
     from ext4box.fuse.mount import (
         MountConfig,
         MountSetupError,
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         backend, user_options = take_backend(split_options(args.options))
+        quota_types, user_options = take_quota_options(user_options)
         options = fuse_options(
             os.path.abspath(args.image),
             user_options,
@@ -50,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_mountpoint(args.mountpoint)
         config = MountConfig(args.mountpoint, options, backend)
         with open_image(args.image, writable="rw" in options) as (fs, engine):
+            apply_quota_options(fs, quota_types)
             ops = Operations(fs, engine)
             if backend == "pyfuse3":
                 serve_pyfuse3(ops, config)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
+from ext4box.ext4.caller import Caller, acting_as
 from ext4box.ext4.errors import Corrupt, Ext4Error
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.inode import ROOT_INO, replace_inode
@@ -289,14 +290,17 @@ def test_values_in_ea_inodes_answer_edquot(tmp_path: Path) -> None:
         with fs.lock:
             fs.quota.set_limits(USRQUOTA, 1000, inode_hard=2)
             fs.quota.set_limits(USRQUOTA, 1001, block_hard=12)  # KiB: three 4 KiB blocks
+        fs.quota.enforce(frozenset({USRQUOTA}))  # -o usrquota
         a = fs.create(ROOT_INO, b"a", stat.S_IFREG | 0o644, 1000, 1000).ino
         b = fs.create(ROOT_INO, b"b", stat.S_IFREG | 0o644, 1001, 1001).ino
-        fs.setxattr(a, b"user.one", b"1" * 9000)  # a and one EA inode: 2 inodes
-        with pytest.raises(QuotaExceeded):
-            fs.setxattr(a, b"user.two", b"2" * 9000)
-        with pytest.raises(QuotaExceeded):
-            fs.setxattr(b, b"user.big", b"3" * 13000)  # four blocks
-        fs.setxattr(b, b"user.fits", b"4" * 9000)  # three blocks
+        with acting_as(Caller(1000, 1000)):  # not root, whom limits never stop
+            fs.setxattr(a, b"user.one", b"1" * 9000)  # a and one EA inode: 2 inodes
+            with pytest.raises(QuotaExceeded):
+                fs.setxattr(a, b"user.two", b"2" * 9000)
+        with acting_as(Caller(1001, 1001)):
+            with pytest.raises(QuotaExceeded):
+                fs.setxattr(b, b"user.big", b"3" * 13000)  # four blocks
+            fs.setxattr(b, b"user.fits", b"4" * 9000)  # three blocks
         assert fs.listxattr(a) == [b"user.one"] and fs.listxattr(b) == [b"user.fits"]
     finally:
         facade.close()

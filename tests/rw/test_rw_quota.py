@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ from rw_support import assert_fsck_clean, rw_mount, skip_unless_possible
 from ext4box.ext4.quota_file import GRPQUOTA, PRJQUOTA, USRQUOTA
 from support.facade import Ours
 from support.kernel import kernel_mount
-from support.serve import ext4box_argv, served
+from support.serve import ServedMount, ext4box_argv, served
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -298,7 +299,8 @@ def test_limits_answer_edquot(variant: str, scratch: Path) -> None:
     image = _base_image(work / "base.img", VARIANTS[variant], project)
     _set_limits(image, project)
 
-    with rw_mount(image, work / "o") as handle:
+    mnt = work / "o"
+    with served(image, mnt, ext4box_argv(image, mnt, "rw,usrquota,grpquota,prjquota")) as handle:
         u, p = handle.mountpoint / "u", handle.mountpoint / "proj"
         # Hard limits: CAROL's blocks and inodes.
         (first,) = _as_user(*CAROL, [["write", str(u / "c1"), 0, 300_000, CHUNK]])
@@ -362,6 +364,52 @@ def test_limits_answer_edquot(variant: str, scratch: Path) -> None:
     space, _, _, inodes, _, _ = _row(image, "user", CAROL[0])
     assert space <= CAROL_BLOCK_LIMIT * 1024 and inodes == CAROL_INODE_LIMIT - 1  # c1 went
     assert _row(image, "group", ERIN[1])[0] <= ERIN_GROUP_BLOCK_LIMIT * 1024
+
+
+def test_limits_enforced_only_as_mounted(scratch: Path) -> None:
+    """As the kernel: limits only for the quota types named at mount (usage is
+    counted regardless), never for root, and chgrp by a user checks the new
+    group's limits (EDQUOT) while root's chown and chgrp pass them."""
+    skip_unless_possible()
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv missing")
+    work = scratch / "as-mounted"
+    work.mkdir()
+    image = _base_image(work / "base.img", VARIANTS["4k-quota-project"], True)
+    _set_limits(image, True)
+    mnt = work / "o"
+
+    def mount(options: str) -> AbstractContextManager[ServedMount]:
+        return served(image, mnt, ext4box_argv(image, mnt, options))
+
+    with mount("rw") as handle:  # counting only
+        u = handle.mountpoint / "u"
+        assert _as_user(*CAROL, [["write", str(u / "c1"), 0, 300_000, CHUNK],
+                                 ["unlink", str(u / "c1")]]) == [["ok", 300_000], ["ok", 0]]
+    with mount("rw,grpquota") as handle:  # group limits only
+        u = handle.mountpoint / "u"
+        assert _as_user(*CAROL, [["write", str(u / "c1"), 0, 300_000, CHUNK],
+                                 ["unlink", str(u / "c1")]]) == [["ok", 300_000], ["ok", 0]]
+        assert _as_user(*ERIN, [["write", str(u / "e1"), 0, 100_000, CHUNK],
+                                ["unlink", str(u / "e1")]]) == [
+            ["EDQUOT", _allowed(ERIN_GROUP_BLOCK_LIMIT, 0)], ["ok", 0]]
+    with mount("rw,quota,grpquota") as handle:  # "quota" is usrquota
+        u = handle.mountpoint / "u"
+        # root is never refused: it writes CAROL past her hard limit and hands it over.
+        assert _as_user(0, 0, [["write", str(u / "r1"), 0, 300_000, CHUNK],
+                               ["chown", str(u / "r1"), CAROL[0], CAROL[1]]]) == [
+            ["ok", 300_000], ["ok", 0]]
+        assert _as_user(*CAROL, [["write", str(u / "c1"), 0, CHUNK, CHUNK]]) == [["EDQUOT", 0]]
+        # A user's chgrp into a group with no room left: EDQUOT, nothing changes.
+        alice = (ALICE[0], ALICE[1])
+        assert _as_user(*alice, [["write", str(u / "a1"), 0, 100_000, CHUNK],
+                                 ["chown", str(u / "a1"), -1, ERIN[1]]],
+                        groups=(ALICE[1], ERIN[1])) == [["ok", 100_000], ["EDQUOT", 0]]
+        assert os.stat(u / "a1").st_gid == ALICE[1]
+        assert _as_user(0, 0, [["chown", str(u / "a1"), -1, ERIN[1]]]) == [["ok", 0]]
+    assert_fsck_clean(image)
+    assert _row(image, "user", CAROL[0])[0] > CAROL_BLOCK_LIMIT * 1024
+    assert _row(image, "group", ERIN[1])[0] > ERIN_GROUP_BLOCK_LIMIT * 1024
 
 
 # Runs as root in a child: files of many owners created, grown, chowned and removed,

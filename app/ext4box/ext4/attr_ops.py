@@ -216,6 +216,8 @@ def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | No
     inode = fs.inode(ino)
     now = fs.now_ns()
     before = inode
+    if fs.quota is not None and (uid is not None or gid is not None):
+        fs.quota.check_transfer(inode, uid=uid, gid=gid)  # EDQUOT before any change
     if size is not None and size != inode.size:
         inode = truncate(fs, inode, size, now)
     # One dataclasses.replace for all fields: each costs as much as a small request.

@@ -15,10 +15,11 @@ operations that allocate: creating an inode, a directory block, a slow
 symlink, a file's data blocks) and answered with QuotaExceeded (EDQUOT):
 a hard limit refuses an allocation that would pass it; a soft limit starts
 its grace period when usage passes it and refuses once the grace period is
-over, as the kernel does. Unlike the kernel, which enforces limits only when
-mounted with usrquota/grpquota/prjquota and never for a CAP_SYS_RESOURCE
-caller, limits are always enforced and for every caller (the filesystem does
-not know who calls).
+over, as the kernel does. As in the kernel, usage is always counted but
+limits only for the types the mount enforces (`enforce`: the usrquota,
+grpquota and prjquota mount options), never for a privileged caller (root,
+standing for CAP_SYS_RESOURCE; caller.py), and a change of owner is checked
+against the new owner's limits (`check_transfer`, chown and chgrp).
 
 The quota files are metadata: their 1 KiB blocks are read and written
 through the MetadataWriter inside the quota inodes' own blocks, so they
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ext4box.ext4 import features as F
+from ext4box.ext4.caller import FILESYSTEM, acting_as, current_caller
 from ext4box.ext4.errors import Corrupt, Ext4Error, NoSpace, inode_where
 from ext4box.ext4.inode import FL_EA_INODE, Inode, replace_inode
 from ext4box.ext4.quota_file import (
@@ -129,13 +131,16 @@ class QuotaInodeFile:
     def _grow(self, inode: Inode, lblk: int) -> int:
         fs = self.fs
         goal = self._pblks.get(lblk - 1)
-        pblk = fs.alloc_meta_block(goal + 1 if goal else fs.group_goal(self.ino))
-        tree = fs.tree_writer(inode)
-        try:
-            tree.insert(lblk, pblk, 1)
-        except BaseException:
-            fs.free_block(pblk)
-            raise
+        # A quota file is the filesystem's own metadata: it may use the reserved
+        # blocks whoever's usage it records (as ext4 lets quota writes do).
+        with acting_as(FILESYSTEM):
+            pblk = fs.alloc_meta_block(goal + 1 if goal else fs.group_goal(self.ino))
+            tree = fs.tree_writer(inode)
+            try:
+                tree.insert(lblk, pblk, 1)
+            except BaseException:
+                fs.free_block(pblk)
+                raise
         fs.writer.write(pblk, bytes(fs.block_size))
         self._inode = fs.store(fs.with_tree(inode, tree, 1))
         self._pblks[lblk] = pblk
@@ -181,6 +186,19 @@ class QuotaAccounting:
         self._positions: dict[tuple[int, int], EntryPos] = {}
         # The entries read or written so far: only this object writes the files.
         self._dquots: dict[tuple[int, int], Dquot] = {}
+        # The quota types whose limits are enforced (mount options); usage is
+        # counted for all.
+        self.enforced: frozenset[int] = frozenset()
+
+    def enforce(self, qtypes: frozenset[int]) -> None:
+        """Enforce the limits of `qtypes` (USRQUOTA...), as the kernel does for the
+        usrquota, grpquota and prjquota mount options; a type without a quota file
+        here is logged and ignored."""
+        missing = sorted(QUOTA_TYPE_NAMES[t] for t in qtypes - self.files.keys())
+        if missing:
+            log.warning("quota_not_enforced", quotas=",".join(missing),
+                        why="the image has no quota file for them")
+        self.enforced = frozenset(qtypes & self.files.keys())
 
     @classmethod
     def open(cls, fs: WritableFilesystem,
@@ -238,11 +256,28 @@ class QuotaAccounting:
               inodes: int = 0) -> None:
         """Raise QuotaExceeded if charging `space` bytes and `inodes` inodes to these
         ids would pass a hard limit, or a soft limit whose grace period is over."""
-        if space <= 0 and inodes <= 0:
+        self._check({USRQUOTA: uid, GRPQUOTA: gid, PRJQUOTA: projid}, space, inodes)
+
+    def check_transfer(self, inode: Inode, *, uid: int | None, gid: int | None) -> None:
+        """Raise QuotaExceeded if giving `inode` (its space and itself) to a new
+        owner or group would pass that id's limits, as dquot_transfer checks."""
+        if not self.counted(inode):
             return
-        ids = {USRQUOTA: uid, GRPQUOTA: gid, PRJQUOTA: projid}
+        ids: dict[int, int] = {}
+        if uid is not None and uid != inode.uid:
+            ids[USRQUOTA] = uid
+        if gid is not None and gid != inode.gid:
+            ids[GRPQUOTA] = gid
+        held = self.ea_values_of(inode) if self.ea_values_of is not None else 0
+        self._check(ids, inode.blocks_512 * 512, 1 + held)
+
+    def _check(self, ids: dict[int, int], space: int, inodes: int) -> None:
+        if (space <= 0 and inodes <= 0) or not self.enforced or current_caller().privileged:
+            return
         now = int(time.time())
         for qtype in list(self.files):
+            if qtype not in self.enforced or qtype not in ids:
+                continue
             qid = ids[qtype]
             try:
                 pos = self._find(qtype, qid)
@@ -313,8 +348,11 @@ class QuotaAccounting:
             if pos is None:
                 pos = self._positions[(qtype, qid)] = quota_file.add(Dquot(qid))
             dquot = self._read(qtype, qid, pos)
+            # Grace periods start only where limits are enforced (as in the kernel,
+            # whose limit check is what starts them).
             self._write(qtype, pos, _charged(dquot, space, inodes, quota_file.info.bgrace,
-                                             quota_file.info.igrace, int(time.time())))
+                                             quota_file.info.igrace, int(time.time()),
+                                             start_grace=qtype in self.enforced))
         except NoSpace as err:
             # Only a full filesystem stops a quota file from growing; the counts
             # of this id are then wrong until e2fsck recomputes them.
@@ -343,7 +381,7 @@ class QuotaAccounting:
 
 
 def _charged(dquot: Dquot, space: int, inodes: int, bgrace: int, igrace: int,
-             now: int) -> Dquot:
+             now: int, *, start_grace: bool = True) -> Dquot:
     """`dquot` with the usage changed and the grace deadlines started or cleared as
     usage crosses the soft limits (usage never goes below zero, as in the kernel)."""
     curspace = max(dquot.curspace + space, 0)
@@ -352,11 +390,11 @@ def _charged(dquot: Dquot, space: int, inodes: int, bgrace: int, igrace: int,
     soft_space = dquot.bsoftlimit * QUOTA_BLOCK_SIZE
     if not soft_space or curspace <= soft_space:
         btime = 0
-    elif space > 0 and not btime:
+    elif space > 0 and not btime and start_grace:
         btime = now + bgrace
     if not dquot.isoftlimit or curinodes <= dquot.isoftlimit:
         itime = 0
-    elif inodes > 0 and not itime:
+    elif inodes > 0 and not itime and start_grace:
         itime = now + igrace
     return Dquot(dquot.qid, dquot.ihardlimit, dquot.isoftlimit, curinodes, dquot.bhardlimit,
                  dquot.bsoftlimit, curspace, btime, itime)
