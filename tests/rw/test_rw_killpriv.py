@@ -3,7 +3,8 @@
 With FUSE_HANDLE_KILLPRIV_V2 (the native backend) the kernel tells the server
 when to clear set-user-ID/set-group-ID (OPEN with O_TRUNC, WRITE, SETATTR)
 and leaves file capabilities to it; with FUSE_SETXATTR_EXT it says when
-setting an access ACL must clear set-group-ID. Each case is compared with
+setting an access ACL must clear set-group-ID (pyfuse3, which loses that
+flag, decides from the request's ids). Each case is compared with
 the kernel's ext4 on a copy of the same image (test_rw_posix.py has chown,
 plain writes and truncate).
 """
@@ -25,8 +26,6 @@ from rw_support import (
     run_as,
     skip_unless_possible,
 )
-
-from support.serve import fuse_backend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -82,9 +81,6 @@ def _scenario(root: Path) -> list[object]:
     return obs
 
 
-@pytest.mark.xfail(fuse_backend() == "pyfuse3", strict=True,
-                   reason="libfuse does not negotiate FUSE_SETXATTR_EXT: the kernel's "
-                          "ACL_KILL_SGID never reaches the server")
 def test_privileges_cleared_as_on_the_kernel(tmp_path: Path) -> None:
     skip_unless_possible()
     image = make_image(tmp_path / "base.img", 16)
