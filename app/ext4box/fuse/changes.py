@@ -86,7 +86,7 @@ class NamespaceChanges:
     def _inode_attributes(self, inode: Inode) -> Attributes: ...
     def remember(self, ino: int) -> None: ...
     def new_handle(self, ino: int, *, writable: bool, uid: int,
-                   direct: bool = False) -> OpenResult: ...  # fmt: skip
+                   direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult: ...  # fmt: skip
 
     # -- new inodes ------------------------------------------------------------
 
@@ -129,7 +129,7 @@ class NamespaceChanges:
         attr = self._entry(node)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         handle = self.new_handle(node.ino, writable=writable, uid=ctx.uid,
-                                 direct=bool(flags & os.O_DIRECT))
+                                 direct=bool(flags & os.O_DIRECT), flags=flags)
         return handle, attr
 
     @fuse_errors("mknod")

@@ -7,8 +7,8 @@ operations.Operations, and returns the reply payload (bytes or a list of
 buffers), or NO_REPLY for the requests the kernel expects no answer to. It
 raises FuseError for an error reply. Opcodes not in the table get ENOSYS.
 
-Reserved places: FALLOCATE, LSEEK, COPY_FILE_RANGE (and STATX, protocol
-7.39) get a route when operations grows fallocate/seek/copy.
+STATX (protocol 7.39) has no route: the answered minor is 7.38, and a
+kernel never sends STATX to a server that answered below 7.39.
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ ROUTES: tuple[Route, ...] = (
     Route(Opcode.ACCESS, p.ACCESS_IN, "access"),
     Route(Opcode.INTERRUPT, p.INTERRUPT_IN, "interrupt"),
     Route(Opcode.SYNCFS, p.SYNCFS_IN, "syncfs"),
+    Route(Opcode.FALLOCATE, p.FALLOCATE_IN, "fallocate"),
+    Route(Opcode.LSEEK, p.LSEEK_IN, "lseek"),
+    Route(Opcode.COPY_FILE_RANGE, p.COPY_FILE_RANGE_IN, "copy_file_range"),
+    Route(Opcode.COPY_FILE_RANGE_64, p.COPY_FILE_RANGE_IN, "copy_file_range_64"),
     Route(Opcode.DESTROY, None, "destroy"),
 )
 
@@ -294,6 +298,27 @@ class Dispatcher:
     def syncfs(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         self.ops.fsync()
         return EMPTY
+
+    def fallocate(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        fh, offset, length, mode = p.FALLOCATE_IN.unpack_from(body)
+        self.ops.fallocate(fh, mode, offset, length)
+        return EMPTY
+
+    def lseek(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        fh, offset, whence = p.LSEEK_IN.unpack_from(body)
+        return p.LSEEK_OUT.pack(self.ops.seek(fh, offset, whence))
+
+    def copy_file_range(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        # fuse_write_out: the count is 32 bits; one copy never exceeds MAX_RW_COUNT.
+        return p.WRITE_OUT.pack(self._copy(body))
+
+    def copy_file_range_64(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        return p.COPY_FILE_RANGE_OUT.pack(self._copy(body))
+
+    def _copy(self, body: bytes) -> int:
+        fh_in, off_in, _nodeid_out, fh_out, off_out, length, flags = (
+            p.COPY_FILE_RANGE_IN.unpack_from(body))
+        return self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
 
     # -- directories -------------------------------------------------------------
 

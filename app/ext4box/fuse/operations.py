@@ -36,6 +36,7 @@ from ext4box.fuse.attrs import (
 )
 from ext4box.fuse.changes import NamespaceChanges, check_name
 from ext4box.fuse.errors import FuseError, fuse_errors, to_fuse_error
+from ext4box.fuse.file_ops import FileRangeOps
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
 from ext4box.iomap.engine import IOMapEngine, ReadPlan
 from ext4box.log import get_logger
@@ -76,6 +77,9 @@ class OpenFile:
     # Opened O_DIRECT: each read is the application's own, one at a time for
     # a synchronous reader, so a threaded backend executes it inline.
     direct: bool = False
+    # Open for reading, and opened O_APPEND: the copy_file_range checks.
+    readable: bool = True
+    append: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,7 @@ class OpenResult:
 EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
 
 
-class Operations(NamespaceChanges):
+class Operations(NamespaceChanges, FileRangeOps):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
     def __init__(self, fs: Filesystem, engine: IOMapEngine) -> None:
@@ -199,12 +203,14 @@ class Operations(NamespaceChanges):
             self.engine.invalidate(ino)
             self.dirty = True
         return self.new_handle(ino, writable=wants_write, uid=ctx.uid,
-                               direct=bool(flags & os.O_DIRECT))
+                               direct=bool(flags & os.O_DIRECT), flags=flags)
 
     def new_handle(self, ino: int, *, writable: bool, uid: int,
-                   direct: bool = False) -> OpenResult:
+                   direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult:
         fh = next(self._handle_ids)
-        self._open_files[fh] = OpenFile(ino, writable, uid, direct)
+        self._open_files[fh] = OpenFile(ino, writable, uid, direct,
+                                        readable=flags & os.O_ACCMODE != os.O_WRONLY,
+                                        append=bool(flags & os.O_APPEND))
         self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
         # Read-only: the image never changes, so cached pages stay valid.
         # Read-write: this server is the only writer and every write, truncate

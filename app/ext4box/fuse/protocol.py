@@ -172,6 +172,9 @@ COPY_FILE_RANGE_IN = Layout("fuse_copy_file_range_in", (
     ("len", "Q"), ("flags", "Q"),
 ))  # fmt: skip
 SYNCFS_IN = Layout("fuse_syncfs_in", (("padding", "8x"),))
+# fuse_copy_file_range_out (7.45, the COPY_FILE_RANGE_64 reply): one u64, the
+# bytes copied. Not a Layout, because the installed header cannot check it.
+COPY_FILE_RANGE_OUT = struct.Struct("<Q")
 
 # -- notifications (unique 0, error = the notify code) -----------------------
 
@@ -238,6 +241,14 @@ class Opcode(IntEnum):
     REMOVEMAPPING = 49
     SYNCFS = 50
     TMPFILE = 51
+    # Protocol 7.45, newer than the installed header (see NEWER_THAN_HEADER):
+    # the 6.18 kernel sends it first for every copy_file_range, and falls
+    # back to COPY_FILE_RANGE for good once answered ENOSYS.
+    COPY_FILE_RANGE_64 = 53
+
+
+# Opcodes this module names that /usr/include/linux/fuse.h (7.38) does not.
+NEWER_THAN_HEADER = frozenset({Opcode.COPY_FILE_RANGE_64})
 
 
 class NotifyCode(IntEnum):
