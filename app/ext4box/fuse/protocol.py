@@ -177,7 +177,7 @@ SYNCFS_IN = Layout("fuse_syncfs_in", (("padding", "8x"),))
 # The 6.18 kernel sends STATX (7.39) and COPY_FILE_RANGE_64 (7.45) whatever
 # minor INIT answered. These layouts are left out of LAYOUTS (the header cannot
 # check them); the kernel checks them instead: it takes a reply only if its
-# length is exactly the structure's, and tests/fuse/test_file_ranges.py compares
+# length is exactly the structure's, and tests/rw/test_rw_file_ranges.py compares
 # what it then reports with the kernel's own ext4.
 
 # fuse_copy_file_range_out: the bytes copied, as a u64.
