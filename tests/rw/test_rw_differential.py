@@ -8,6 +8,13 @@ link counts, symlink targets; not times or inode numbers), both images must
 pass `e2fsck -fn`, and the kernel's view of the ext4box image must match what
 the ext4box mount showed.
 
+Besides the namespace, data and attribute operations, the steps include
+fallocate in every mode the kernel's FUSE forwards (default, KEEP_SIZE,
+PUNCH_HOLE, ZERO_RANGE), SEEK_DATA/SEEK_HOLE maps (taken after fsync with the
+file's pages dropped: the kernel's ext4 counts a cached page over an unwritten
+extent as data, which a FUSE server cannot see), copy_file_range between any
+two paths, and truncates, which then cross unwritten extents.
+
 Cost: EXT4BOX_DIFF_EXAMPLES (default 6) sequences of EXT4BOX_DIFF_STEPS
 (default 300) steps. Set EXT4BOX_DIFF_STEPS=3000 for a long run, and
 EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing sequence.
@@ -15,6 +22,9 @@ EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing sequence.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import os
 import random
@@ -71,6 +81,10 @@ OFFSETS = st.one_of(
 )
 RENAME_FLAGS = st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE])
 SIZES = st.one_of(st.integers(0, 10_000), st.integers(0, 3 * 1024 * 1024))
+# fallocate modes fs/fuse forwards: none, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE,
+# ZERO_RANGE, ZERO_RANGE|KEEP_SIZE (and PUNCH_HOLE alone, EOPNOTSUPP on both).
+FALLOCATE_MODES = st.sampled_from([0, 0x01, 0x03, 0x03, 0x10, 0x11, 0x02])
+LENGTHS = st.one_of(st.integers(1, 20_000), st.integers(1, 256).map(lambda b: b * 4096))
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,54 @@ def _write(path: Path, offset: int, data: bytes, append: bool) -> int:
         return os.write(fd, data) if append else os.pwrite(fd, data, offset)
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fallocate(path: Path, mode: int, offset: int, length: int) -> str:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return "ok"
+
+
+def _seek_map(path: Path) -> list[tuple[int, int]]:
+    """(data, hole) pairs by SEEK_DATA/SEEK_HOLE, in the state a later mount sees."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        pairs, pos = [], 0
+        for _ in range(100_000):
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                return pairs
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+            pairs.append((data, pos))
+        raise AssertionError(f"{path}: SEEK_DATA/SEEK_HOLE never reached the end")
+    finally:
+        os.close(fd)
+
+
+def _copy_range(src: Path, dst: Path, src_pos: int, dst_pos: int, length: int) -> int:
+    fd_in = os.open(src, os.O_RDONLY)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY)
+        try:
+            return os.copy_file_range(fd_in, fd_out, length, src_pos, dst_pos)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
 
 
 def _read_hash(path: Path) -> tuple[int, str]:
@@ -256,6 +318,23 @@ class KernelVsExt4box(RuleBasedStateMachine):
     def truncate(self, path_pick: Pick, size: int) -> None:
         path = self.resolve(path_pick)
         self.both(truncate_by_fd, path, length=size)
+
+    @rule(path_pick=PICK, mode=FALLOCATE_MODES, offset=OFFSETS, length=LENGTHS)
+    def fallocate(self, path_pick: Pick, mode: int, offset: int, length: int) -> None:
+        path = self.resolve(path_pick)
+        self.both(_fallocate, path, mode=mode, offset=offset, length=length)
+
+    @rule(path_pick=PICK)
+    def seek_map(self, path_pick: Pick) -> None:
+        path = self.resolve(path_pick)
+        self.both(_seek_map, path)
+
+    @rule(src_pick=PICK, dst_pick=PICK, src_pos=OFFSETS, dst_pos=OFFSETS, length=LENGTHS)
+    def copy_file_range(self, src_pick: Pick, dst_pick: Pick, src_pos: int, dst_pos: int,
+                        length: int) -> None:  # fmt: skip
+        src = self.resolve(src_pick)
+        dst = self.resolve(dst_pick)
+        self.both(_copy_range, src, dst, src_pos=src_pos, dst_pos=dst_pos, length=length)
 
     @rule(path_pick=PICK)
     def read(self, path_pick: Pick) -> None:
