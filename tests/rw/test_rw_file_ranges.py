@@ -34,6 +34,8 @@ from rw_support import (
     syncfs,
 )
 
+from support.serve import fuse_backend
+
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 KEEP_SIZE = 0x01
@@ -51,6 +53,9 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 @pytest.fixture(scope="module")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     skip_unless_possible()
+    if fuse_backend() != "native":
+        pytest.skip(f"pyfuse3 has no fallocate/lseek/copy_file_range/statx handlers "
+                    f"(EXT4BOX_TEST_BACKEND={fuse_backend()})")
     return make_image(tmp_path_factory.mktemp("ranges-base") / "base.img", 32, "-b", "4096")
 
 
