@@ -29,6 +29,7 @@ from rw_support import (
     attempt,
     errno_name,
     make_image,
+    open_path_for_others,
     rw_mount,
     skip_unless_possible,
     syncfs,
@@ -284,3 +285,47 @@ def test_fuse_refuses_collapse_insert_and_unshare(tmp_path: Path, base_image: Pa
     assert answers == dict.fromkeys((COLLAPSE_RANGE, INSERT_RANGE, UNSHARE_RANGE),
                                     errno_name(OSError(errno.EOPNOTSUPP, "")))  # fmt: skip
     assert size == 8 * BLOCK
+
+
+_CHILD = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+op, target, source = sys.argv[1:] if len(sys.argv) > 3 else (*sys.argv[1:], None)
+fd = os.open(target, os.O_RDWR)
+if op == "fallocate":
+    assert libc.fallocate(fd, int(source), 0, 8192) == 0, ctypes.get_errno()
+else:
+    src = os.open(source, os.O_RDONLY)
+    os.copy_file_range(src, fd, 100, 0, 10)
+"""
+
+
+def test_suid_and_sgid_after_fallocate_and_copy_by_the_owner(tmp_path: Path,
+                                                            base_image: Path) -> None:
+    """A non-root owner's fallocate or copy into a set-id file: the bits as on ext4."""
+    open_path_for_others(tmp_path)
+
+    def scenario(root: Path) -> list:
+        out: list = []
+        src = root / "src"
+        src.write_bytes(b"s" * 100)
+        os.chmod(src, 0o644)
+        cases = [("fallocate", "0"), ("fallocate", str(KEEP_SIZE)),
+                 ("fallocate", str(PUNCH_HOLE | KEEP_SIZE)), ("fallocate", str(ZERO_RANGE)),
+                 ("copy", str(src))]  # fmt: skip
+        for index, (op, arg) in enumerate(cases):
+            target = root / f"t{index}"
+            target.write_bytes(b"t" * 5000)
+            os.chown(target, 1000, 1000)
+            os.chmod(target, 0o6775)
+            result = subprocess.run(
+                ["python3", "-c", _CHILD, op, str(target), arg], capture_output=True, text=True,
+                preexec_fn=lambda: (os.setgroups([]), os.setgid(1000), os.setuid(1000)),
+                timeout=60,
+            )  # fmt: skip
+            out.append((op, arg if op != "copy" else "src", result.returncode,
+                        oct(os.stat(target).st_mode)))  # fmt: skip
+        return out
+
+    assert_same_on_both(tmp_path, base_image, scenario)
