@@ -13,7 +13,8 @@ fallocate in every mode the kernel's FUSE forwards (default, KEEP_SIZE,
 PUNCH_HOLE, ZERO_RANGE), SEEK_DATA/SEEK_HOLE maps (taken after fsync with the
 file's pages dropped: the kernel's ext4 counts a cached page over an unwritten
 extent as data, which a FUSE server cannot see), copy_file_range between any
-two paths, and truncates, which then cross unwritten extents. pyfuse3 has no
+two paths, truncates, which then cross unwritten extents, stores through a
+shared mapping (msync), and aligned O_DIRECT writes and reads. pyfuse3 has no
 fallocate, lseek or copy_file_range handlers, so on EXT4BOX_TEST_BACKEND=pyfuse3
 those three rules are left out (the kernel answers EOPNOTSUPP there).
 
@@ -28,6 +29,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -198,6 +200,42 @@ def _copy_range(src: Path, dst: Path, src_pos: int, dst_pos: int, length: int) -
         os.close(fd_in)
 
 
+def _mmap_write(path: Path, offset: int, data: bytes) -> str:
+    """Store `data` at `offset` (clipped to the file) through a shared mapping, then msync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "empty"  # nothing to map
+        offset %= size
+        data = data[: size - offset]
+        with mmap.mmap(fd, size) as mapped:
+            mapped[offset : offset + len(data)] = data
+            mapped.flush()  # msync(MS_SYNC)
+        return f"{len(data)} stored"
+    finally:
+        os.close(fd)
+
+
+def _direct_io(path: Path, block: int, count: int, seed: int) -> tuple[int, str]:
+    """An O_DIRECT write of `count` aligned 4 KiB blocks at block `block`, then an
+    O_DIRECT read of them back (aligned, so both sides accept the request)."""
+    length = count * 4096
+    buffer = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+    try:
+        buffer[:] = _payload(seed, length)
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            written = os.pwritev(fd, [buffer], block * 4096)
+            buffer[:] = bytes(length)
+            read = os.preadv(fd, [buffer], block * 4096)
+        finally:
+            os.close(fd)
+        return written, f"{read} {hashlib.sha256(buffer[:read]).hexdigest()[:16]}"
+    finally:
+        buffer.close()
+
+
 def _read_hash(path: Path) -> tuple[int, str]:
     data = path.read_bytes()
     return len(data), hashlib.sha256(data).hexdigest()
@@ -349,6 +387,17 @@ class KernelVsExt4box(RuleBasedStateMachine):
         src = self.resolve(src_pick)
         dst = self.resolve(dst_pick)
         self.both(_copy_range, src, dst, src_pos=src_pos, dst_pos=dst_pos, length=length)
+
+    @rule(path_pick=PICK, offset=OFFSETS, size=st.integers(1, 20_000), seed=st.integers(0, 2**16))
+    def mmap_write(self, path_pick: Pick, offset: int, size: int, seed: int) -> None:
+        path = self.resolve(path_pick)
+        self.both(_mmap_write, path, offset=offset, data=_payload(seed, size))
+
+    @rule(path_pick=PICK, block=st.integers(0, 600), count=st.integers(1, 64),
+          seed=st.integers(0, 2**16))  # fmt: skip
+    def direct_io(self, path_pick: Pick, block: int, count: int, seed: int) -> None:
+        path = self.resolve(path_pick)
+        self.both(_direct_io, path, block=block, count=count, seed=seed)
 
     @rule(path_pick=PICK)
     def read(self, path_pick: Pick) -> None:
