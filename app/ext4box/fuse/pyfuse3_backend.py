@@ -5,6 +5,12 @@ translates: pyfuse3's arguments into an operations.Operations call, the
 result into pyfuse3's types, FuseError into pyfuse3.FUSEError. libfuse
 negotiates INIT itself (no FUSE_DONT_MASK, no FUSE_HANDLE_KILLPRIV_V2), so
 the umask is already applied and suid/sgid clearing is decided by caller.
+
+pyfuse3 (3.x) has no handlers for fallocate, lseek, copy_file_range, statx
+or syncfs, so Operations.fallocate/seek/copy_file_range are not reachable
+here: libfuse answers ENOSYS and the kernel falls back (EOPNOTSUPP for
+fallocate, the whole file as data for SEEK_DATA/SEEK_HOLE, a splice copy,
+no btime). The native backend serves them.
 """
 
 from __future__ import annotations
