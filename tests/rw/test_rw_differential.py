@@ -236,6 +236,12 @@ def _direct_io(path: Path, block: int, count: int, seed: int) -> tuple[int, str]
         buffer.close()
 
 
+def _within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
+    """Every range of `inner` lies inside one range of `outer` (both sorted, disjoint)."""
+    return all(any(start >= o_start and end <= o_end for o_start, o_end in outer)
+               for start, end in inner)  # fmt: skip
+
+
 def _read_hash(path: Path) -> tuple[int, str]:
     data = path.read_bytes()
     return len(data), hashlib.sha256(data).hexdigest()
@@ -254,6 +260,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
     steps_run: list[int] = []  # steps of each finished sequence, for the report
     outcomes: dict[str, int] = {}  # "ok" or errno name -> count, over all sequences
     block_differences = 0  # entries whose st_blocks differ (reported, not failed)
+    seek_differences = 0  # data maps where the kernel zeroed out more (see seek_map)
 
     def __init__(self) -> None:
         super().__init__()
@@ -377,8 +384,29 @@ class KernelVsExt4box(RuleBasedStateMachine):
     @precondition(lambda self: RANGE_OPS)
     @rule(path_pick=PICK)
     def seek_map(self, path_pick: Pick) -> None:
+        """Data maps agree, except that the kernel may report more data.
+
+        Seen once in ~80 sequences (1 KiB blocks, after mmap, O_DIRECT and
+        copy steps over fallocated ranges): the kernel's ext4 reported a
+        64 KiB-aligned range as data where ext4box has unwritten blocks, with
+        equal contents. The cause is not established: a cached large folio the
+        fadvise could not drop, or ext4 writing zeros over small unwritten
+        neighbours instead of splitting an extent (extent_max_zeroout_kb),
+        which ext4box never does. Either way ext4box's data must lie within the
+        kernel's; wider kernel maps are counted (seek_differences), not failed.
+        """
         path = self.resolve(path_pick)
-        self.both(_seek_map, path)
+        self.steps += 1
+        kernel = attempt(_seek_map, self.kroot / path)
+        ours = attempt(_seek_map, self.oroot / path)
+        step = f"step {self.steps} seek_map {path}"
+        if isinstance(kernel, list) and isinstance(ours, list):
+            assert _within(ours, kernel), f"{step}: kernel={kernel!r:.600} ext4box={ours!r:.600}"
+            type(self).seek_differences += ours != kernel
+        else:
+            assert ours == kernel, f"{step}: kernel={kernel!r:.300} ext4box={ours!r:.300}"
+        outcome = ours if isinstance(ours, str) else "ok"
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     @precondition(lambda self: RANGE_OPS)
     @rule(src_pick=PICK, dst_pick=PICK, src_pos=OFFSETS, dst_pos=OFFSETS, length=LENGTHS)
@@ -497,3 +525,4 @@ def test_kernel_vs_ext4box(tmp_path: Path) -> None:
     print(f"differential: {len(runs)} sequences, {sum(runs)} steps ({runs})")
     print(f"differential outcomes: {sorted(KernelVsExt4box.outcomes.items())}")
     print(f"differential: entries with different st_blocks: {KernelVsExt4box.block_differences}")
+    print(f"differential: data maps wider on the kernel: {KernelVsExt4box.seek_differences}")
