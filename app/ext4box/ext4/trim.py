@@ -120,14 +120,17 @@ class _GroupTrimmer:
         if group in blocks.trimmed_groups and minlen >= blocks.last_trim_minlen:
             return 0
         last = nbits - 1
+        used = B.bitmap_int(bitmap, nbits)
+        free_bits = ~used & ((1 << nbits) - 1)
         whole = low == 0 and high >= last
         count = seen = 0
         at = low
         while at <= high:
-            run_start = B.find_first_zero(bitmap, high + 1, at)
-            if run_start is None:
+            run_start = _first_bit_from(free_bits, at)
+            if run_start is None or run_start > high:
                 break
-            run_end = _next_set(bitmap, run_start, last)
+            found_end = _first_bit_from(used, run_start)
+            run_end = last + 1 if found_end is None else found_end
             if low == 0 and run_end >= last:
                 whole = True
             length = run_end - run_start
@@ -158,19 +161,9 @@ class _GroupTrimmer:
         return True
 
 
-def _next_set(bitmap: bytearray, start: int, last: int) -> int:
-    """The first set bit at or after `start` up to `last`, or last + 1."""
-    at = start
-    byte_count = len(bitmap)
-    while at <= last:
-        index = at >> 3
-        if index >= byte_count:
-            return last + 1
-        byte = bitmap[index]
-        if byte == 0 and at & 7 == 0:
-            at += 8
-            continue
-        if byte >> (at & 7) & 1:
-            return at
-        at += 1
-    return last + 1
+def _first_bit_from(bits: int, start: int) -> int | None:
+    """The lowest set bit of `bits` at or above `start`, or None."""
+    above = bits >> start
+    if not above:
+        return None
+    return start + (above & -above).bit_length() - 1
