@@ -23,12 +23,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from flag_drivers import as_user, errno_name
 
 from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.ext4.trim import TrimRange
 from support.facade import Ours, assert_clean, make_image, need_kernel
+from support.flag_drivers import as_user, errno_name
 from support.kernel import kernel_mount
 
 pytestmark = pytest.mark.kernel

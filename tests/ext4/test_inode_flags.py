@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from flag_drivers import FacadeFlags, KernelFlags
 
 from ext4box.ext4.errors import NotFound
 from ext4box.ext4.inode_flags import FsxAttr
 from support.facade import Ours, assert_clean, make_image, need_kernel
+from support.flag_drivers import FacadeFlags, KernelFlags
 from support.kernel import kernel_mount
 
 pytestmark = pytest.mark.kernel

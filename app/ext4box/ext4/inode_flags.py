@@ -49,6 +49,7 @@ from ext4box.ext4.inline_writer import empty_extent_root
 from ext4box.ext4.inode import FL_EXTENTS, FL_IMMUTABLE, Inode, replace_inode
 
 if TYPE_CHECKING:
+    from ext4box.ext4.filesystem import Filesystem
     from ext4box.ext4.writable import WritableFilesystem
 
 # i_flags bits (EXT4_*_FL, the same values as FS_*_FL).
@@ -133,12 +134,12 @@ def visible_flags(inode: Inode) -> int:
     return flags
 
 
-def has_projid_field(fs: WritableFilesystem, inode: Inode) -> bool:
+def has_projid_field(fs: Filesystem, inode: Inode) -> bool:
     """Whether `inode` stores i_projid (i_extra_isize reaches it)."""
     return fs.sb.inode_size > 128 and inode.extra_isize >= 32
 
 
-def get_fsxattr(fs: WritableFilesystem, inode: Inode) -> FsxAttr:
+def get_fsxattr(fs: Filesystem, inode: Inode) -> FsxAttr:
     """What FS_IOC_FSGETXATTR answers: the flag subset, and the project id when the
     filesystem has the project feature."""
     projid = inode.projid if fs.sb.has_ro_compat(F.RO_COMPAT_PROJECT) else 0
