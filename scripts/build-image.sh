@@ -11,6 +11,9 @@
 #   EXT4BOX_PYTHON      host Python 3.11 used for `pip wheel` (default: .venv/bin/python)
 #   EXT4BOX_BASE_IMAGE  base image (default localhost/ext4box-base:bookworm)
 #   EXT4BOX_IMAGE       image repository (default localhost/ext4box)
+#   EXT4BOX_IMAGE_TAG   image tag (default: the version in pyproject.toml). The
+#                       tests tag by content (tests/support/server_image.py), so
+#                       checkouts building side by side never share a name.
 #   EXT4BOX_SKIP_BASE=1 use an existing base image as is
 # Prints the image reference on the last line of stdout.
 set -euo pipefail
@@ -54,7 +57,7 @@ tar -C "$repo" --exclude='__pycache__' --exclude='*.egg-info' -cf - app | tar -C
 "$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$context/wheels" "$context/src" >&2
 "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$context/wheels" pip >&2
 
-image="$image_repo:$version"
+image="$image_repo:${EXT4BOX_IMAGE_TAG:-$version}"
 echo "ext4box: podman build $image from $base_image" >&2
 podman build --quiet \
     --pull=never --network=none \

@@ -31,6 +31,13 @@ from appliance.helper_support import ext4box_as, podman_env, run_as
 
 ALICE = "ext4box-alice"
 BOB = "ext4box-bob"
+# A server image no storage has: a broker given it stops at the image check,
+# right after the decision, and never starts a container.
+ABSENT_IMAGE = "localhost/ext4box-absent:0"
+PODMAN_GATE = (
+    f"podman has no image {ABSENT_IMAGE} for uid 0 (build it with scripts/build-image.sh,"
+    " or podman load it)"
+)
 _LENGTH = struct.Struct(">I")
 
 

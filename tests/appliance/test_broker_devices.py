@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from appliance.broker_support import (
+    ABSENT_IMAGE,
     ALICE,
     BOB,
+    PODMAN_GATE,
     broker_log,
     error_line,
     make_image,
@@ -36,11 +38,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates users, loop devices and /dev links"),
 ]
 
-ABSENT_IMAGE = "localhost/ext4box-absent:0"  # the broker's server image: stops before podman run
-PODMAN_GATE = (
-    f"podman has no image {ABSENT_IMAGE} for uid 0 (build it with scripts/build-image.sh,"
-    " or podman load it)"
-)
 BY_ID = Path("/dev/disk/by-id")
 
 

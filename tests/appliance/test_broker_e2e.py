@@ -54,8 +54,11 @@ def test_alice_mounts_lists_reads_unmounts_and_bob_cannot_touch_it():
     fake = home / "podman"
     fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
     fake.chmod(0o755)
+    # The server image is root's setting too (the tests' content-tagged build):
+    # alice's EXT4BOX_SERVER_IMAGE never reaches the broker.
     hostile = {"EXT4BOX_PODMAN": str(fake), "EXT4BOX_USERNS": "host",
-               "EXT4BOX_SECCOMP_PROFILE": "/dev/null", "CONTAINERS_CONF": "/dev/null"}  # fmt: skip
+               "EXT4BOX_SECCOMP_PROFILE": "/dev/null", "CONTAINERS_CONF": "/dev/null",
+               "EXT4BOX_SERVER_IMAGE": "localhost/ext4box-hostile:0"}  # fmt: skip
     try:
         with running_broker(scene, env={"EXT4BOX_SERVER_IMAGE": server_image}) as broker:
             proc = scene.ext4box(alice, "mount", str(image), str(mnt), **hostile)
@@ -105,6 +108,40 @@ def test_alice_mounts_lists_reads_unmounts_and_bob_cannot_touch_it():
         remove_scene(scene)
 
 
+def test_a_feature_refusing_rule_admits_roots_image_and_the_server_is_told():
+    """A rule with refuse_features admits an image only root can write (pinned.py),
+    and the broker's MOUNT carries the refused features to the server, which
+    refuses them again on the bytes it parses (its log shows what it was told)."""
+    server_image = build_server_image()
+    alice, bob = real_user(ALICE), real_user(BOB)
+    scene = make_scene(alice, bob)
+    mnt = scene.home(alice) / "mnt"
+    shared = scene.root / "shared"
+    shared.mkdir(mode=0o755)
+    image = make_image(shared / "tools.img", {"tool": "tool\n"}, None, 0o644)
+    (scene.policy / "05-pinned.toml").write_text(
+        f'[[rule]]\nname = "pinned"\nimages = ["{shared}/*.img"]\nusers = ["{alice.pw_name}"]\n'
+        f'refuse_features = ["casefold", "encrypt"]\nmountpoints = ["{mnt}"]\n'
+    )
+    try:
+        with running_broker(scene, env={"EXT4BOX_SERVER_IMAGE": server_image}):
+            proc = scene.ext4box(alice, "mount", str(image), str(mnt))
+            assert proc.returncode == 0, proc.stderr + broker_log(scene)
+            try:
+                [row] = listed(scene.ext4box(alice, "list", "--json"))
+                assert run_as(alice, "cat", str(mnt / "tool")).stdout == "tool\n"
+                server_log = (scene.root / "state" / f"{row['container']}.log").read_text()
+                told = [json.loads(line[line.index("{"):]) for line in server_log.splitlines()
+                        if '"handoff"' in line]  # fmt: skip
+                assert [entry["refused_features"] for entry in told] == [["casefold", "encrypt"]]
+            finally:
+                done = scene.ext4box(alice, "umount", str(mnt))
+            assert done.returncode == 0, done.stderr + broker_log(scene)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        remove_scene(scene)
+
+
 SWAPPER = """
 import os, sys, time
 home, uid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -127,11 +164,16 @@ while time.monotonic() < deadline:
 """
 
 
+SWAP_TRIES = 50  # each mount starts a container; test_broker_swap_race.py runs 200 without
+
+
 def test_bob_swapping_his_mountpoint_for_a_link_to_etc_never_mounts_on_etc():
     """While each request is in flight bob keeps renaming his mountpoint away and
     putting a link to /etc in its place. Each request is decided on the directory
-    the open reached: refused (/etc is root's), or mounted on bob's own directory
-    wherever he renamed it, and then unmounted through the broker at that path."""
+    the open reached: refused (/etc is root's, or a link appeared after realpath),
+    or mounted on bob's own directory wherever he renamed it (the mount is attached
+    to the held fd, through the container start in between), and then unmounted
+    through the broker at that path."""
     server_image = build_server_image()
     alice, bob = real_user(ALICE), real_user(BOB)
     scene = make_scene(alice, bob)
@@ -144,7 +186,7 @@ def test_bob_swapping_his_mountpoint_for_a_link_to_etc_never_mounts_on_etc():
     outcomes: dict[str, int] = {}
     try:
         with running_broker(scene, env={"EXT4BOX_SERVER_IMAGE": server_image}) as broker:
-            for attempt in range(10):
+            for attempt in range(SWAP_TRIES):
                 swapper = subprocess.Popen(
                     [*as_user(bob), "/usr/bin/python3", "-c", SWAPPER, str(home),
                      str(bob.pw_uid), str(0.2 + 0.1 * (attempt % 5))],
@@ -155,9 +197,10 @@ def test_bob_swapping_his_mountpoint_for_a_link_to_etc_never_mounts_on_etc():
                 swapper.wait(60)
                 assert not os.path.ismount("/etc")
                 if proc.returncode == 0:
-                    outcomes["mounted"] = outcomes.get("mounted", 0) + 1
                     [row] = listed(scene.ext4box(bob, "list", "--json"))
                     where = Path(str(row["mountpoint"]))
+                    landed = "mounted on " + ("mnt" if where.name == "mnt" else "a renamed mnt")
+                    outcomes[landed] = outcomes.get(landed, 0) + 1
                     assert where.parent == home and where.name.startswith("mnt"), where
                     assert mounted_at(where)  # root may not stat it: it is bob's FUSE mount
                     done = scene.ext4box(bob, "umount", str(where))
@@ -170,6 +213,8 @@ def test_bob_swapping_his_mountpoint_for_a_link_to_etc_never_mounts_on_etc():
                         "mountpoint /etc belongs to uid 0: the broker mounts only on"
                         " directories you own",
                         f"mountpoint {home / 'mnt'}: No such file or directory",
+                        f"mountpoint {home / 'mnt'}: {home / 'mnt'} now goes through a symbolic"
+                        " link; refusing (was it swapped?)",
                     ), line
             assert broker.poll() is None
         print(f"\nswap outcomes: {outcomes}")

@@ -348,8 +348,9 @@ def test_each_user_lists_and_unmounts_only_their_own(scene, broker):
         assert sorted(r["container"] for r in root_rows) == ["alice-0", "alice-1", "bob-0"]
         assert {r["status"] for r in root_rows} == {"not mounted"}
         # The CLI shows the same, as a table.
-        table = scene.ext4box(scene.bob, "list").stdout
-        assert "bob-0" in table and "alice" not in table
+        shown = scene.ext4box(scene.bob, "list")
+        table = shown.stdout
+        assert "bob-0" in table and "alice" not in table, shown.stderr
         target = alice_rows[0]["mountpoint"]
         assert error_line(scene.ext4box(scene.bob, "umount", target)) == (
             f"{target} is not your mount (it belongs to uid {scene.alice.pw_uid});"
@@ -450,4 +451,35 @@ def test_an_image_on_bobs_own_fuse_mount_gets_one_line(scene, broker):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+    still_serving(scene, broker)
+
+
+def test_a_rule_that_judges_the_bytes_admits_no_image_bob_can_change(scene, broker):
+    """Issue 14 finding 4 through the broker: a rule refusing casefold judges bytes
+    that bob could rewrite after the decision (his own image, or one his group may
+    write), so the broker refuses, as the root helper does (helper/pinned.py)."""
+    home, bob = scene.home(scene.bob), scene.bob
+    own = make_image(home / "pinned-own.img", {"x": "x\n"}, bob, 0o600)
+    shared = make_image(scene.root / "pinned-shared.img", {"x": "x\n"}, None, 0o664)
+    os.chown(shared, 0, bob.pw_gid)
+    rule = scene.policy / "05-pinned.toml"
+    rule.write_text(
+        f'[[rule]]\nname = "pinned"\nimages = ["{scene.root}/**/pinned-*.img"]\n'
+        f'users = ["{bob.pw_name}"]\nrefuse_features = ["casefold"]\n'
+        f'mountpoints = ["{scene.root}/home/*/mnt"]\n'
+    )
+    judged = 'rule "pinned" judges its bytes (sha256 or refuse_features), but'
+    try:
+        proc = scene.ext4box(bob, "mount", str(own), str(home / "mnt"))
+        assert error_line(proc) == (
+            f"refusing image {own}: {judged} it belongs to uid {bob.pw_uid};"
+            " only images no one but root can write qualify"
+        )
+        proc = scene.ext4box(bob, "mount", str(shared), str(home / "mnt"))
+        assert error_line(proc) == (
+            f"refusing image {shared}: {judged} its mode 0664 lets others write it"
+        )
+    finally:
+        rule.unlink()
+    assert not mounted_at(home / "mnt")
     still_serving(scene, broker)

@@ -75,6 +75,17 @@ def test_policy_control_characters_are_escaped_in_every_message():
 
 
 @pytest.mark.skipif(why_no_fuse() is not None, reason=str(why_no_fuse()))
+def test_list_shows_a_users_mountpoint_without_its_control_characters():
+    """A user names their mountpoint; root's `list` table must not replay its escapes."""
+    from ext4box.helper.listing import format_table
+
+    hostile = "/home/eve/\x1b]0;owned\x07mnt"
+    row = dict.fromkeys(("image", "mode", "user", "container", "since", "status"), "x")
+    table = format_table([{**row, "mountpoint": hostile}])
+    assert "\x1b" not in table and "\x07" not in table
+    assert "/home/eve/\\x1b]0;owned\\x07mnt" in table
+
+
 def test_umount_of_someone_elses_mount_says_so_and_leaves_it():
     stranger = local_user(STRANGER)
     service = [*SERVICE_MODULE, "--handoff-fd", "3", "--allow-privileged", "--timeout", "30"]

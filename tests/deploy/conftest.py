@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from appliance.helper_support import podman_env as appliance_podman_env
+from support.server_image import default_server_image as tag_as_default
 from support.server_image import server_image as build_server_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +53,12 @@ def fuse_mounted(path: Path) -> bool:
 @pytest.fixture(scope="session")
 def server_image() -> str:
     return build_server_image()
+
+
+@pytest.fixture
+def default_server_image() -> str:
+    """This checkout's image under the name shipped text uses (localhost/ext4box:VERSION)."""
+    return tag_as_default()
 
 
 @dataclass(frozen=True, slots=True)

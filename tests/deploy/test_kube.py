@@ -58,9 +58,9 @@ def localised(scene, tmp_path: Path) -> Path:
     return out
 
 
-def test_kube_play_app_reads_through_the_sidecar(server_image, tmp_path):
-    if server_image != "localhost/ext4box:0.1.0":
-        pytest.skip(f"the manifest names localhost/ext4box:0.1.0, the build made {server_image}")
+def test_kube_play_app_reads_through_the_sidecar(default_server_image, tmp_path):
+    if default_server_image != "localhost/ext4box:0.1.0":
+        pytest.skip(f"the manifest names localhost/ext4box:0.1.0, not {default_server_image}")
     if run("podman", "image", "exists", "localhost/ext4box-base:bookworm").returncode != 0:
         pytest.skip("the app container uses localhost/ext4box-base:bookworm, which is missing")
     profiles = tmp_path / "seccomp"

@@ -21,7 +21,7 @@ pytestmark = [
 HANDOFF_DIR = Path("/run/ext4box-handoff")  # the snippet creates it on the real /run
 
 
-def test_readme_compose_snippet_runs_as_written(server_image):
+def test_readme_compose_snippet_runs_as_written(default_server_image):
     tool = podman_compose()
     code = snippet("Deployments", "source scripts/podman-env.sh")
     existed = HANDOFF_DIR.exists()

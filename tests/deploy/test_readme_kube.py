@@ -15,7 +15,7 @@ pytestmark = [
 ]
 
 
-def test_kube_readme_snippet_runs_as_written(server_image):
+def test_kube_readme_snippet_runs_as_written(default_server_image):
     code = snippet("Run it here (podman 4.3)", "source scripts/podman-env.sh",
                    REPO / "compose/k8s/README.md")  # fmt: skip
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root",

@@ -24,6 +24,7 @@ import pytest
 
 from deploy.conftest import REPO, podman_env, run
 from deploy.test_systemd import analyze, unit_directives
+from docs.snippets import snippet
 
 UNITS = REPO / "compose/systemd"
 SERVICE = "ext4box-broker.service"
@@ -61,6 +62,18 @@ def test_broker_unit_directives():
     assert argv[argv.index("--policy") + 1] == "/etc/ext4box/policy.d"
     present = [key for key in NAMESPACING if unit_directives(service, key)]
     assert present == [], f"these would hide the broker's mounts from users: {present}"
+
+
+def test_readme_systemd_form_enables_these_units():
+    """The README's broker section shows a systemd form next to the foreground one
+    (tests/docs/test_readme_broker.py runs that); the form cannot run on a host
+    without systemd, so what it names is checked here, against the units tested
+    below: it enables the socket (activation), not the service."""
+    code = snippet("Broker or direct: which mode am I in?", "systemctl daemon-reload")
+    commands = [part.split() for part in code.split("#")[0].split("&&")]
+    assert commands == [["systemctl", "daemon-reload"],
+                        ["systemctl", "enable", "--now", SOCKET]], code  # fmt: skip
+    assert (UNITS / SOCKET).exists() and (UNITS / SERVICE).exists()
 
 
 def test_socket_activated_broker_answers_and_refuses_garbage(tmp_path):

@@ -7,7 +7,9 @@ that failed (with its status), so a test can say exactly which commands are
 expected to fail (a policy denial exits 1 by design) and nothing else may.
 Run inside `fresh_namespace`, /tmp, /mnt, /srv (and whatever else is named)
 are empty tmpfs mounts of a private mount namespace: the state of a fresh
-machine, and nothing the snippet mounts is seen by other processes.
+machine, and nothing the snippet mounts is seen by other processes. `fresh`
+directories are world-writable and sticky like /tmp; `private` ones are
+root's alone (0755), as /run/ext4box must be for the broker.
 """
 
 from __future__ import annotations
@@ -45,23 +47,25 @@ class Outcome:
 
 def run_snippet(code: str, *, cwd: Path = REPO, fresh: tuple[str, ...] = ("/tmp", "/mnt", "/srv"),
                 prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                timeout: float = 900) -> Outcome:  # fmt: skip
-    """Run `code` in bash in a private mount namespace with `fresh` tmpfs directories
-    (a missing one is created for the tmpfs to sit on, and removed afterwards)."""
-    created = [path for path in fresh if not os.path.exists(path)]
+                timeout: float = 900, private: tuple[str, ...] = ()) -> Outcome:  # fmt: skip
+    """Run `code` in bash in a private mount namespace with `fresh` and `private`
+    tmpfs directories (a missing one is created for the tmpfs to sit on, and
+    removed afterwards)."""
+    created = [path for path in (*fresh, *private) if not os.path.exists(path)]
     for path in created:
         os.makedirs(path)
     try:
-        return _run_in_namespace(code, cwd, fresh, prefix, env, timeout)
+        modes = {**dict.fromkeys(fresh, "1777"), **dict.fromkeys(private, "0755")}
+        return _run_in_namespace(code, cwd, modes, prefix, env, timeout)
     finally:
         for path in reversed(created):
             with contextlib.suppress(OSError):
                 os.removedirs(path)
 
 
-def _run_in_namespace(code: str, cwd: Path, fresh: tuple[str, ...], prefix: tuple[str, ...],
+def _run_in_namespace(code: str, cwd: Path, modes: dict[str, str], prefix: tuple[str, ...],
                       env: dict[str, str] | None, timeout: float) -> Outcome:  # fmt: skip
-    setup = "".join(f"mount -t tmpfs -o mode=1777 fresh {path}\n" for path in fresh)
+    setup = "".join(f"mount -t tmpfs -o mode={mode} fresh {path}\n" for path, mode in modes.items())
     script = f"trap 'echo \"{FAILED} $? $BASH_COMMAND\" >&2' ERR\n{code}"
     inner = ["bash", "-c", script] if not prefix else [*prefix, "bash", "-c", script]
     quoted = " ".join(_quote(arg) for arg in inner)

@@ -421,7 +421,6 @@ def _refused(image: Path, expected: type[Exception], words: str, *, ro_ok: bool 
     [
         ("ssv state 3", ReadOnly, "errors flag"),
         ("ssv feature_ro_compat 0x80000001", ReadOnly, "unknown_0x80000000"),
-        ("feature quota", ReadOnly, "quota"),
     ],
 )
 def test_refuses_read_write(tmp_path: Path, setup: str, expected: type[Exception],

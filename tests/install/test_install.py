@@ -21,7 +21,7 @@ import pytest
 
 from appliance.helper_support import as_user, fuse_access, public_dir, rootless_user
 from docs.snippets import FAILED, run_snippet, snippet
-from support.server_image import server_image
+from support.server_image import default_server_image
 
 pytestmark = [
     pytest.mark.timeout(1500),
@@ -69,7 +69,7 @@ def installed() -> Iterator[str]:
         reason = "an ext4box install is already on this host; the test does not touch it"
         print(reason)
         pytest.skip(reason)
-    image = server_image()
+    image = default_server_image()
     before = _state()
     done = _make("install")
     try:

@@ -28,9 +28,11 @@ from ext4box.ext4.acl import (
 from ext4box.ext4.errors import Corrupt, NoData, inode_where
 from ext4box.ext4.file_data import truncate
 from ext4box.ext4.inode import Inode, replace_inode
+from ext4box.ext4.quota import ea_values_held
 from ext4box.ext4.xattr_writer import (
     ACL_ACCESS,
     ACL_DEFAULT,
+    BlockAction,
     XattrState,
     XattrUpdate,
     apply_block_update,
@@ -72,6 +74,10 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
             ea_inode_writer.abandon(fs, new_ea_inode)
         raise
     ea_inode_writer.apply_changes(fs, ref_changes)
+    if fs.quota is not None and state.ea_inode:  # one inode per value in an EA inode
+        fs.quota.charge_inodes(inode, ea_values_held(
+            (*update.ibody_entries, *update.block_entries)) - ea_values_held(
+            (*state.ibody_entries, *state.block_entries)))
     raw = bytearray(inode.raw)
     if update.ibody is not None:
         area = inode.ibody_xattr_area
@@ -84,11 +90,27 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
         blocks_512=inode.blocks_512 + outcome.blocks_512_delta + ea_charge_delta(state, update))
 
 
+def _check_quota(fs: WritableFilesystem, inode: Inode, state: XattrState,
+                 update: XattrUpdate) -> None:
+    """EDQUOT before a change that charges the owner more: a new xattr block, and
+    values moved to EA inodes (their blocks and one inode each)."""
+    if fs.quota is None or not update.changed:
+        return
+    blocks = 1 if update.block_action is BlockAction.ALLOCATE else 0
+    inodes = 0
+    if state.ea_inode:
+        blocks += ea_charge_delta(state, update) * 512 // fs.block_size
+        inodes = ea_values_held((*update.ibody_entries, *update.block_entries)) - (
+            ea_values_held((*state.ibody_entries, *state.block_entries)))
+    fs.check_quota(inode, blocks=blocks, inodes=inodes)
+
+
 def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags: int) -> Inode:
     inode = fs.inode(ino)
     flag_guards.check_xattr_change(inode)
     state = _state(fs, inode)
     update = set_xattr(state, name, value, flags)
+    _check_quota(fs, inode, state, update)
     return fs.store(_apply(fs, inode, state, update, fs.now_ns()))
 
 

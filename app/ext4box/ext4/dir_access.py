@@ -108,6 +108,7 @@ class DirHandle:
         if run.pblk is not None:  # i_size says the directory ends before a mapped block
             raise Corrupt("directory", inode_where(self.inode.ino),
                           f"block {lblk} past i_size {self.inode.size} is already mapped")
+        fs.check_quota(self.inode, blocks=1)  # charged to the directory's owners
         pblk = fs.alloc_meta_block(goal)
         tree = fs.tree_writer(self.inode)
         try:

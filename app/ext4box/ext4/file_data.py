@@ -92,6 +92,9 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
     holes = sum(r.length for r in runs if r.pblk is None)
     if not holes and not any(r.unwritten for r in runs):
         return [WriteRun(r.lblk, r.length, r.pblk, False) for r in runs]  # type: ignore[arg-type]
+    # The kernel reserves quota for the data blocks at write time; tree blocks are
+    # charged as they are allocated, without a check.
+    fs.check_quota(inode, blocks=holes)
     need = holes + _tree_slack(inode) * sum(1 for r in runs if r.pblk is None)
     available = fs.blocks.free_blocks - fs.sb.r_blocks_count
     if holes and available < need:

@@ -5,8 +5,9 @@ writing without the missing machinery would damage the image:
 - a journal that still needs recovery (Filesystem.open replays it before
   checking, see ext4/journal/recovery.py), an external journal;
 - the errors flag (the image wants e2fsck first);
-- RO_COMPAT features we do not write correctly (unknown bits, quota files we
-  would not update, readonly, bigalloc, snapshots, replica, shared blocks);
+- RO_COMPAT features we do not write correctly (unknown bits, readonly,
+  bigalloc, snapshots, replica, shared blocks); quota is written (quota.py
+  keeps the usage in the hidden quota inodes);
 - MMP (the multi-mount protection protocol is not implemented, and a
   sequence other than "clean" means another node or e2fsck has it);
 - orphan_file with inodes recorded in it (processing it is not implemented).
@@ -59,6 +60,7 @@ _RO_COMPAT_WRITABLE = (
     | F.RO_COMPAT_ORPHAN_PRESENT
     | F.RO_COMPAT_PROJECT
     | F.RO_COMPAT_VERITY
+    | F.RO_COMPAT_QUOTA
 )
 _MMP_MAGIC = 0x004D4D50
 _MMP_SEQ_CLEAN = 0xFF4D4D50

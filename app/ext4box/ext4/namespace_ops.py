@@ -122,6 +122,15 @@ def _new_inode(fs: WritableFilesystem, parent: Inode, ino: int, mode: int, uid: 
         projid=parent.projid if parent.flags & _FL_PROJINHERIT else 0)
 
 
+def _check_quota_new(fs: WritableFilesystem, parent: Inode, uid: int, gid: int, *,
+                     blocks: int = 0) -> None:
+    """EDQUOT before anything is taken, as the kernel charges a new inode (and its
+    first block) to its owners before it is linked."""
+    if fs.quota is not None:
+        projid = parent.projid if parent.flags & _FL_PROJINHERIT else 0
+        fs.quota.check(uid, gid, projid, space=blocks * fs.block_size, inodes=1)
+
+
 def _parent_for_new(fs: WritableFilesystem, parent: int, name: bytes) -> DirHandle:
     validate_name(name)
     handle = DirHandle(fs, parent)
@@ -168,6 +177,7 @@ def create(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int
         raise InvalidArgument(f"create of file type 0o{fmt:o}")
     mode = fmt | (mode & 0o7777)
     handle = _parent_for_new(fs, parent, name)
+    _check_quota_new(fs, handle.inode, uid, gid)
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=False)
     inode = _new_inode(fs, handle.inode, ino, mode, uid, gid, now)
@@ -201,6 +211,8 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
     if dir_link_max(handle.inode.links_count, handle.is_dx,
                     sb.has_ro_compat(F.RO_COMPAT_DIR_NLINK)):
         raise TooManyLinks(f"directory inode {parent} has {handle.inode.links_count} links")
+    _check_quota_new(fs, handle.inode, uid, gid,
+                     blocks=0 if sb.has_incompat(F.INCOMPAT_INLINE_DATA) else 1)
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=True)
     inode = _new_inode(fs, handle.inode, ino, stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
@@ -251,6 +263,8 @@ def symlink(fs: WritableFilesystem, parent: int, name: bytes, target: bytes, uid
     if len(target) + 1 > fs.block_size:  # the kernel counts the terminating NUL
         raise NameTooLong(f"symlink target of {len(target)} bytes")
     handle = _parent_for_new(fs, parent, name)
+    _check_quota_new(fs, handle.inode, uid, gid,
+                     blocks=0 if len(target) <= FAST_SYMLINK_MAX else 1)
     now = fs.now_ns()
     ino = fs.inodes.alloc(parent, is_dir=False)
     inode = _new_inode(fs, handle.inode, ino, stat.S_IFLNK | 0o777, uid, gid, now)

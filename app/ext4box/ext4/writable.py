@@ -71,6 +71,7 @@ from ext4box.ext4.inode import Inode, replace_inode
 from ext4box.ext4.inode_alloc import InodeAllocator
 from ext4box.ext4.inode_table import InodeTable
 from ext4box.ext4.metawriter import MetadataWriter
+from ext4box.ext4.quota import QuotaAccounting, ea_values_held
 from ext4box.ext4.superblock import Superblock
 from ext4box.ext4.xattr import unread_ea_value
 from ext4box.ext4.xattr_writer import BlockAction, XattrUpdate, apply_block_update, xattr_state
@@ -121,6 +122,7 @@ def _mutation_before_data(method: Callable[P, R]) -> Callable[P, R]:
 class WritableFilesystem(Filesystem):
     def __init__(self, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> None:
         self._rw: MetadataWriter | None = None  # read_meta_block runs in the base __init__
+        self.quota: QuotaAccounting | None = None
         super().__init__(dev, sb, caches)
         self.readonly = False
         self.writer = MetadataWriter(dev, self.meta, sb, self.groups)
@@ -139,6 +141,9 @@ class WritableFilesystem(Filesystem):
         self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
         self.ea_values = ea_inode_writer.EaInodeIndex()  # EA inodes seen, for sharing values
         self.closed = False
+        # Usage per uid/gid/project in the quota files (the quota feature), or None.
+        self.quota = QuotaAccounting.open(
+            self, self._ea_values_of if sb.has_incompat(F.INCOMPAT_EA_INODE) else None)
 
     @classmethod
     def open_rw(cls, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> WritableFilesystem:
@@ -162,6 +167,10 @@ class WritableFilesystem(Filesystem):
         cached = self._inodes.get(ino)
         if cached is not None:
             return cached
+        if self.quota is not None and ino in self.quota.quota_inodes:
+            # Only quota.py writes these (as metadata); a name leading to one is damage,
+            # as the kernel's iget says.
+            raise Corrupt("inode", inode_where(ino), "a quota inode referenced")
         inode = self.table.read(ino)
         if inode.links_count == 0 and ino not in self.open_orphans:
             raise Corrupt("inode", inode_where(ino), "deleted inode (links_count 0) referenced")
@@ -188,9 +197,12 @@ class WritableFilesystem(Filesystem):
         return time.time_ns()
 
     def store(self, inode: Inode) -> Inode:
-        """Write an inode (checksummed) and refresh the caches that derive from it."""
-        stored = self.table.write(inode)
+        """Write an inode (checksummed) and refresh the caches that derive from it;
+        with quotas, charge the change to its owners (quota.py)."""
         ino = inode.ino
+        if self.quota is not None and self.quota.counted(inode):
+            self._charge_quota(inode)
+        stored = self.table.write(inode)
         mapper = self._mappers.get(ino)
         if mapper is not None and not _mapping_kept(mapper[1]):
             self._mappers.pop(ino)
@@ -208,6 +220,37 @@ class WritableFilesystem(Filesystem):
         else:
             self._inodes.pop(ino)
         return stored
+
+    def _charge_quota(self, inode: Inode) -> None:
+        assert self.quota is not None
+        ino = inode.ino
+        old: Inode | None = self._inodes.get(ino)
+        if old is None:
+            try:
+                old = self.table.read(ino)
+            except Corrupt:
+                old = None  # a slot never used or freed long ago: nothing was charged for it
+        new_live = inode.links_count > 0 or ino in self.open_orphans
+        # An unlinked inode was charged while open (still in open_orphans), and so was
+        # one stored with no links again: only an inode in use is (its eviction drops
+        # it from open_orphans first). A slot taken by a new inode was not.
+        old_live = old is not None and old.mode != 0 and (
+            old.links_count > 0 or ino in self.open_orphans or inode.links_count == 0)
+        self.quota.inode_stored(old, inode, old_live=old_live, new_live=new_live)
+
+    def _ea_values_of(self, inode: Inode) -> int:
+        """Inodes charged to `inode`'s owners for its values in EA inodes (quota.py)."""
+        state = xattr_state(
+            inode, read_meta=self.writer.read, block_size=self.block_size,
+            csum_seed=self.sb.csum_seed, goal=self.group_goal(inode.ino), ea_inode=True,
+            cluster_size=self.sb.cluster_size, read_ea_inode=unread_ea_value)
+        return ea_values_held((*state.ibody_entries, *state.block_entries))
+
+    def check_quota(self, inode: Inode, *, blocks: int = 0, inodes: int = 0) -> None:
+        """Raise QuotaExceeded (EDQUOT) before allocating `blocks` blocks and `inodes`
+        inodes charged to `inode`'s owners would pass their limits."""
+        if self.quota is not None:
+            self.quota.check_inode(inode, blocks=blocks, inodes=inodes)
 
     def group_goal(self, ino: int) -> int:
         """Where blocks for inode `ino` should go when nothing better is known."""
@@ -294,7 +337,13 @@ class WritableFilesystem(Filesystem):
         """Release what the inode's xattrs hold: its references to EA inodes (freeing
         those nothing else names) and its xattr block (free it, or drop our reference
         to a shared one). The inode itself is about to be freed or discarded."""
+        held = 0
+        if self.quota is not None and self.quota.ea_values_of is not None:
+            held = self.quota.ea_values_of(inode)
         ea_inode_writer.release_all(self, inode)
+        if held and self.quota is not None:
+            # Each EA inode reference counted one inode to the owner (quota.py).
+            self.quota.charge_inodes(inode, -held)
         if not inode.file_acl:
             return inode
         ea_inode = self.sb.has_incompat(F.INCOMPAT_EA_INODE)

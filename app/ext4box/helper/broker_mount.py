@@ -2,22 +2,26 @@
 
 The caller is who SO_PEERCRED says; everything else is the broker's own
 (`BrokerSettings`, fixed at start). A mount, in order:
-  1. open the image and the mountpoint as the caller (peer.open_as: the
-     kernel checks every permission as them) and decide on the fds' real
-     paths, read back from /proc/self/fd;
-  2. the mountpoint must be a directory the caller owns, not already ours;
-  3. lock the image, ask the policy (the broker's directory), refuse features;
-  4. start the server container (root podman: a non-root host uid), mount
-     FUSE on the held directory fd owned by the caller, hand the fds over
-     the container's socketpair, wait for READY;
-  5. record the mount with its owner's uid and its mount id.
+  1. open the mountpoint and the image as the caller (peer.open_as: the
+     kernel checks every permission as them); the mountpoint exactly as the
+     root helper opens it (mountpoint_fd.hold: no link in any component),
+     then judged on the fd: its path from /proc/self/fd, its owner, who
+     must be the caller, and not already an ext4box mount;
+  2. lock the image, ask the policy (the broker's directory); a rule that
+     judges the image's bytes admits only an image no one but root can
+     change (pinned.py); refuse the features the rule names;
+  3. start the server container (root podman: a non-root host uid), attach
+     FUSE to the held directory fd with the new mount API
+     (fusemount.mount_held), hand the fds and the refused features over the
+     container's socketpair, wait for READY;
+  4. record the mount with its owner's uid and its mount id, read from the
+     mount's own fd. A failure after the mount undoes it through that fd.
 Unmounting and listing are in broker_unmount.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import errno
 import fcntl
@@ -27,17 +31,24 @@ import stat
 import time
 from dataclasses import dataclass
 
-from ext4box.helper import container, devices, fusemount, handoff, mount_ids, state
+from ext4box.helper import (
+    container,
+    devices,
+    fusemount,
+    handoff,
+    mount_ids,
+    mountpoint_fd,
+    pinned,
+    state,
+)
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
 from ext4box.helper.peer import Caller, open_as
 from ext4box.log import get_logger
-from ext4box.policy import Policy, PolicyLoadError, Request, load_policy, sha256_of_fd
-from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
+from ext4box.policy import Decision, Policy, PolicyLoadError, Request, load_policy, sha256_of_fd
+from ext4box.service.protocol import HandoffError, PeerRefused
 
 log = get_logger("ext4box.broker")
-
-_DELETED = " (deleted)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,57 +68,88 @@ def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
               settings: BrokerSettings) -> dict[str, object]:  # fmt: skip
     policy = _load_policy(settings.policy_dir)
     _check_mount_count(caller, settings)
-    dir_fd = _open_mountpoint_as(caller, mountpoint_arg)
+    held = _hold_mountpoint_as(caller, mountpoint_arg)
     try:
-        mountpoint = _check_mountpoint(caller, dir_fd, mountpoint_arg)
-        device = devices.device_name(image_arg)
-        # As the caller first: the kernel decides what they may open. Only a
-        # device named under /dev may then be opened by the broker, and it is
-        # kept only if a grant_access rule allows exactly this request.
-        refused: HelperError | None = None
+        image, refused, device = _open_image_for(caller, image_arg, mode)
         try:
-            image = _open_image_as(caller, device.node if device else image_arg, mode)
-        except HelperError as as_caller:
-            if device is None:
-                raise
-            refused, image = as_caller, devices.open_device(device, mode)
-        try:
-            try:
-                lock_image(image)
-            except HelperError:
-                if refused is not None:
-                    raise refused from None  # say nothing about a device not granted
-                raise
-            decision = policy.decide(
-                Request(
-                    image=image.path,
-                    image_size=image.size,
-                    uid=caller.uid,
-                    user=caller.identity.user,
-                    gids=caller.identity.gids,
-                    groups=caller.identity.groups,
-                    mode=mode,
-                    mountpoint=mountpoint,
-                    is_block_device=image.is_block_device,
-                    sha256=lambda: sha256_of_fd(image.fd),
-                    image_links=device.links if device else (),
-                )
-            )
-            if refused is not None and not (decision.allowed and decision.grant_access):
-                raise refused  # what the caller could not open stays unopened for them
-            if not decision.allowed:
-                raise HelperError(decision.reason)
-            check_features(image, decision.refused_features, decision.rule)
+            decision = _decide(policy, caller, image, held.path, device, refused)
             container.check_image(settings.podman)
-            flags = tuple(decision.mount_flags)
-            record, ready = _serve(caller, settings, image, dir_fd, mountpoint, flags,
-                                   decision.rule, decision.sha256)  # fmt: skip
+            spec = fusemount.MountSpec(
+                mountpoint=held.path,
+                dir_fd=held.fd,
+                source=image.path,
+                mode=image.mode,
+                noexec="noexec" in decision.mount_flags,
+                allow_other="allow_other" in decision.mount_flags,
+                uid=caller.uid,
+                gid=caller.gid,
+            )
+            record, ready = _serve(caller, settings, image, spec, decision)
         finally:
             image.close()
     finally:
-        os.close(dir_fd)
+        held.close()
     return {"image": record.image, "mountpoint": record.mountpoint, "mode": record.mode,
             "container": record.name, "ready_seconds": round(ready, 3)}  # fmt: skip
+
+
+def _open_image_for(
+    caller: Caller, image_arg: str, mode: str
+) -> tuple[OpenedImage, HelperError | None, devices.DeviceName | None]:
+    """The image, opened as the caller first: the kernel decides what they may open.
+
+    Only a device named under /dev may then be opened by the broker itself;
+    the caller's refusal comes back with it, and _decide keeps the device only
+    if a grant_access rule allows exactly this request."""
+    device = devices.device_name(image_arg)
+    try:
+        return _open_image_as(caller, device.node if device else image_arg, mode), None, device
+    except HelperError as as_caller:
+        if device is None:
+            raise
+        return devices.open_device(device, mode), as_caller, device
+
+
+def _decide(
+    policy: Policy,
+    caller: Caller,
+    image: OpenedImage,
+    mountpoint: str,
+    device: devices.DeviceName | None,
+    refused: HelperError | None,
+) -> Decision:
+    """Lock the image and ask the broker's policy; enforce what it decided."""
+    try:
+        lock_image(image)
+    except HelperError:
+        if refused is not None:
+            raise refused from None  # say nothing about a device not granted
+        raise
+    decision = policy.decide(
+        Request(
+            image=image.path,
+            image_size=image.size,
+            uid=caller.uid,
+            user=caller.identity.user,
+            gids=caller.identity.gids,
+            groups=caller.identity.groups,
+            mode=image.mode,
+            mountpoint=mountpoint,
+            is_block_device=image.is_block_device,
+            sha256=lambda: sha256_of_fd(image.fd),
+            image_links=device.links if device else (),
+        )
+    )
+    if refused is not None and not (decision.allowed and decision.grant_access):
+        raise refused  # what the caller could not open stays unopened for them
+    if not decision.allowed:
+        raise HelperError(decision.reason)
+    # The caller may own the image: a rule that judges its bytes must not
+    # trust bytes they can change after this decision (helper/pinned.py).
+    if pinned.pins_bytes(decision):
+        pinned.check_unchangeable(image, decision)
+    check_features(image, decision.refused_features, decision.rule)
+    return decision
 
 
 def _check_mount_count(caller: Caller, settings: BrokerSettings) -> None:
@@ -170,36 +212,29 @@ def _access_mode(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
-def _open_mountpoint_as(caller: Caller, mountpoint_arg: str) -> int:
+def _hold_mountpoint_as(caller: Caller, mountpoint_arg: str) -> mountpoint_fd.HeldMountpoint:
+    """The mountpoint opened once, as the caller, the way the root helper opens it
+    (mountpoint_fd.hold: no symbolic link in any component); then judged on the
+    fd: its path as the kernel reports it, and its owner, who must be the caller."""
+
     def opener() -> tuple[int, str]:
-        try:
-            fd = os.open(mountpoint_arg, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as err:
-            if err.errno == errno.ENOTCONN:
-                raise HelperError(
-                    f"mountpoint {mountpoint_arg} is a FUSE mount whose server is gone;"
-                    f" run: ext4box umount {mountpoint_arg}"
-                ) from None
-            raise HelperError(f"mountpoint {mountpoint_arg}: {err.strerror}") from None
-        return fd, ""
+        held = mountpoint_fd.hold(mountpoint_arg)  # every refusal is a HelperError line
+        return held.fd, held.path
 
-    return open_as(caller, opener).fd
-
-
-def _check_mountpoint(caller: Caller, dir_fd: int, mountpoint_arg: str) -> str:
-    """The directory's real path; it must be the caller's and not an ext4box mount."""
-    st = os.fstat(dir_fd)
-    path = fd_path(dir_fd)
-    if not stat.S_ISDIR(st.st_mode) or path.endswith(_DELETED) or not path.startswith("/"):
-        raise HelperError(f"mountpoint {mountpoint_arg} is not a directory")
-    if st.st_uid != caller.uid:
-        raise HelperError(
-            f"mountpoint {path} belongs to uid {st.st_uid}: the broker mounts only on"
-            " directories you own"
-        )
-    if fusemount.mounted_fstype(path) == fusemount.FSTYPE:
-        raise HelperError(f"{path} is already an ext4box mount (see ext4box list)")
-    return path
+    fd = open_as(caller, opener).fd
+    try:
+        held = mountpoint_fd.adopt(fd, mountpoint_arg)  # read anew here, not the child's word
+        if held.owner != caller.uid:
+            raise HelperError(
+                f"mountpoint {held.path} belongs to uid {held.owner}: the broker mounts only on"
+                " directories you own"
+            )
+        if fusemount.mounted_fstype(held.path) == fusemount.FSTYPE:
+            raise HelperError(f"{held.path} is already an ext4box mount (see ext4box list)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return held
 
 
 def fd_path(fd: int) -> str:
@@ -210,14 +245,16 @@ def fd_path(fd: int) -> str:
 # -- serving -------------------------------------------------------------------------
 
 
-def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd: int,
-           mountpoint: str, flags: tuple[str, ...], rule: str | None,
-           sha256: str | None) -> tuple[state.MountRecord, float]:  # fmt: skip
+def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage,
+           spec: fusemount.MountSpec,
+           decision: Decision) -> tuple[state.MountRecord, float]:  # fmt: skip
     podman = settings.podman
     name = f"ext4box-{secrets.token_hex(6)}"
     log_file = state.log_path(name)
     labels = {container.LABEL: "1", "org.ext4box.image": image.path,
               "org.ext4box.owner": str(caller.uid)}  # fmt: skip
+    flags = tuple(decision.mount_flags)
+    request = handoff.mount_request(image, decision)  # with the features the server refuses
     started = time.monotonic()
     # The container starts before the mount exists, so conmon's copy of our
     # mount namespace holds no copy of the FUSE mount (see commands.py).
@@ -228,24 +265,21 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
         raise
     with sock:
         try:
-            fuse_fd = mount_fuse_on(dir_fd, image, flags, caller)
+            # Attached to the held fd (fsmount + move_mount): the very directory
+            # the caller opened and the policy judged, whatever was renamed since.
+            mounted = fusemount.mount_held(spec)
         except BaseException:
             _discard(podman, name, log_file)
             raise
         # The caller may have renamed their directory since the decision; the
         # mount went onto that directory all the same. Record where it is now.
-        where = mountpoint
+        where = spec.mountpoint
         try:
-            where = fd_path(dir_fd)
-            mount_id = _new_mount_id(dir_fd, where)
-            request = MountRequest(
-                Mode.RO if image.mode == "ro" else Mode.RW,
-                ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
-                image.size,
-                flags,
-            )
+            where = fd_path(mounted.mount_fd if mounted.mount_fd is not None else spec.dir_fd)
+            mount_id = mount_ids.id_of_new_mount(mounted.mount_fd, spec.dir_fd, where)
             try:
-                handoff.hand_off(sock, fuse_fd, image.fd, request, timeout=settings.timeout)
+                handoff.hand_off(sock, mounted.fuse_fd, image.fd, request,
+                                 timeout=settings.timeout)  # fmt: skip
                 handoff.wait_ready(sock, timeout=settings.timeout)
             except (PeerRefused, HandoffError) as failed:
                 tail = container.log_tail(log_file)
@@ -254,11 +288,12 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
                     + (f"; its log: {tail}" if tail else "")
                 ) from None
         except BaseException:
-            _undo_mount(where)
+            _undo_mount(mounted, where)
             _discard(podman, name, log_file)
             raise
         finally:
-            os.close(fuse_fd)
+            os.close(mounted.fuse_fd)
+            mounted.release_mount_fd()
     ready = time.monotonic() - started
     record = state.MountRecord(
         name=name,
@@ -270,62 +305,24 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage, dir_fd:
         pid=container.container_pid(podman, name),
         uid=caller.uid,
         flags=flags,
-        rule=rule,
-        sha256=sha256,
+        rule=decision.rule,
+        sha256=decision.sha256,
         mount_id=mount_id,
     )
     state.save(record)
     log.info("mounted", owner=caller.uid, container=name, image=image.path, mountpoint=where,
-             decided_on=mountpoint, mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
+             decided_on=spec.mountpoint, mode=image.mode, mount_id=mount_id,
+             ready_seconds=round(ready, 3))  # fmt: skip
     return record, ready
 
 
-def mount_fuse_on(dir_fd: int, image: OpenedImage, flags: tuple[str, ...], caller: Caller) -> int:
-    """mount(2) a FUSE filesystem owned by the caller onto the held directory fd.
-
-    Through /proc/self/fd/N the kernel mounts on the very directory the
-    caller opened and the policy judged, whatever was renamed since.
-    """
-    try:
-        fuse_fd = os.open(fusemount.FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as err:
-        raise HelperError(f"cannot open {fusemount.FUSE_DEVICE}: {err.strerror}") from None
-    options = [f"fd={fuse_fd}", "rootmode=40000", f"user_id={caller.uid}",
-               f"group_id={caller.gid}", "default_permissions"]  # fmt: skip
-    if "allow_other" in flags:
-        options.append("allow_other")
-    mount_flags = fusemount.MS_NOSUID | fusemount.MS_NODEV
-    if image.mode == "ro":
-        mount_flags |= fusemount.MS_RDONLY
-    if "noexec" in flags:
-        mount_flags |= fusemount.MS_NOEXEC
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.mount(
-        os.fsencode(image.path), f"/proc/self/fd/{dir_fd}".encode(), fusemount.FSTYPE.encode(),
-        ctypes.c_ulong(mount_flags), ",".join(options).encode(),
-    )  # fmt: skip
-    if result != 0:
-        err = ctypes.get_errno()
-        os.close(fuse_fd)
-        raise HelperError(f"cannot mount on {fd_path(dir_fd)}: {os.strerror(err)}")
-    return fuse_fd
-
-
-def _new_mount_id(dir_fd: int, mountpoint: str) -> int:
-    """The id of the FUSE mount just stacked on dir_fd's directory."""
-    mount_id = mount_ids.mount_id_at(mountpoint)
-    info = mount_ids.mount_infos().get(mount_id)
-    if (
-        info is None
-        or info.fstype != fusemount.FSTYPE
-        or info.parent_id != mount_ids.mount_id_of(dir_fd)
-    ):
-        raise HelperError(f"cannot find the new mount on {mountpoint}")
-    return mount_id
-
-
-def _undo_mount(mountpoint: str) -> None:
-    """Undo a mount whose hand-off failed."""
+def _undo_mount(mounted: fusemount.Mounted, mountpoint: str) -> None:
+    """Undo a mount whose hand-off failed: through the mount's own fd (new mount
+    API); after the mount(2) fallback, by id through a link-free parent fd
+    (never by a path the caller could redirect meanwhile)."""
+    if mounted.mount_fd is not None:
+        fusemount.unmount_mounted(mounted, mountpoint)
+        return
     with contextlib.suppress(HelperError, OSError):
         mount_ids.unmount_exact(mountpoint, mount_ids.mount_id_at(mountpoint))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ext4box.helper import container, fusemount, mount_ids, state
+from ext4box.helper import container, fusemount, listing, mount_ids, state
 from ext4box.helper.broker_mount import BrokerSettings
 from ext4box.helper.errors import HelperError
 from ext4box.helper.peer import Caller
@@ -57,7 +57,8 @@ def list_for(caller: Caller, settings: BrokerSettings) -> dict[str, object]:
         else:
             status = "serving" if statuses.get(record.name) == "running" else "server gone"
         rows.append({"image": record.image, "mountpoint": record.mountpoint,
-                     "mode": record.mode, "container": record.name,
+                     "mode": record.mode, "user": listing.user_name(record.uid),
+                     "container": record.name,
                      "container_id": record.container_id, "since": record.since,
                      "pid": record.pid, "uid": record.uid, "status": status})  # fmt: skip
     return {"mounts": rows}

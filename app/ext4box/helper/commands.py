@@ -55,7 +55,7 @@ from ext4box.policy import (
     load_policy,
     sha256_of_fd,
 )
-from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
+from ext4box.service.protocol import HandoffError, MountRequest, PeerRefused
 
 log = get_logger("ext4box.helper")
 
@@ -176,16 +176,6 @@ def _mount_spec(
     )
 
 
-def _mount_request(image: OpenedImage, decision: Decision) -> MountRequest:
-    return MountRequest(
-        Mode.RO if image.mode == "ro" else Mode.RW,
-        ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
-        image.size,
-        tuple(decision.mount_flags),
-        refused_features=tuple(decision.refused_features),
-    )
-
-
 def _mount_external(
     endpoint: external.Endpoint,
     image: OpenedImage,
@@ -199,10 +189,10 @@ def _mount_external(
     sock, peer = external.open_channel(endpoint, timeout)
     name = f"ext4box-{secrets.token_hex(6)}"
     try:
+        request = handoff.mount_request(image, decision)
         mounted = fusemount.mount_held(spec)
         try:
-            handoff.hand_off(sock, mounted.fuse_fd, image.fd, _mount_request(image, decision),
-                             timeout=timeout)  # fmt: skip
+            handoff.hand_off(sock, mounted.fuse_fd, image.fd, request, timeout=timeout)
             handoff.wait_ready(sock, timeout=timeout)
         except (PeerRefused, HandoffError) as failed:
             fusemount.unmount_mounted(mounted, mountpoint)
@@ -285,7 +275,7 @@ def _mount_and_serve(
     timeout: float,
 ) -> MountResult:
     mountpoint = spec.mountpoint
-    request = _mount_request(image, decision)
+    request = handoff.mount_request(image, decision)
     name = f"ext4box-{secrets.token_hex(6)}"
     log_file = state.log_path(name)
     labels = {container.LABEL: "1", "org.ext4box.image": image.path}

@@ -17,12 +17,16 @@ from __future__ import annotations
 import errno
 import socket
 
+from ext4box.helper.image import OpenedImage
+from ext4box.policy import Decision
 from ext4box.service.protocol import (
     DEFAULT_TIMEOUT,
     MAGIC_ERROR,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     HandoffError,
+    ImageKind,
+    Mode,
     MountRequest,
     PeerRefused,
     check_socket,
@@ -39,7 +43,7 @@ from ext4box.service.protocol import (
     verify_image_fd,
 )
 
-__all__ = ["HandoffError", "PeerRefused", "hand_off", "wait_ready"]
+__all__ = ["HandoffError", "PeerRefused", "hand_off", "mount_request", "wait_ready"]
 
 
 def hand_off(
@@ -92,3 +96,15 @@ def _reply(sock: socket.socket) -> bytes:
         raise decode_error(packet)
     # Any other unexpected message is named by the caller's decode_*.
     return packet
+
+
+def mount_request(image: OpenedImage, decision: Decision) -> MountRequest:
+    """What MOUNT declares, from the opened image and the policy's decision: the
+    server refuses the features the rule refuses, on the bytes it parses."""
+    return MountRequest(
+        Mode.RO if image.mode == "ro" else Mode.RW,
+        ImageKind.BLOCK if image.is_block_device else ImageKind.REGULAR,
+        image.size,
+        tuple(decision.mount_flags),
+        refused_features=tuple(decision.refused_features),
+    )

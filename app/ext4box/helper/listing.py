@@ -15,6 +15,7 @@ import pwd
 
 from ext4box.helper import container, external, fusemount, state
 from ext4box.helper.errors import HelperError
+from ext4box.policy.text import printable
 
 NO_RECORD = "-"
 
@@ -63,7 +64,7 @@ def _row(record: state.MountRecord, container_state: str | None) -> dict[str, ob
         "image": record.image,
         "mountpoint": record.mountpoint,
         "mode": record.mode,
-        "user": _user_name(record.uid),
+        "user": user_name(record.uid),
         "uid": record.uid,
         "container": record.name,
         "container_id": record.container_id,
@@ -115,7 +116,7 @@ def _status(mountpoint: str, container_id: str | None, container_state: str | No
     return "serving" if container_state == "running" else container_state
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -125,20 +126,13 @@ def _user_name(uid: int) -> str:
 def format_table(rows: list[dict[str, object]]) -> str:
     header = ("IMAGE", "MOUNTPOINT", "MODE", "USER", "CONTAINER", "SINCE", "STATUS")
     keys = ("image", "mountpoint", "mode", "user", "container", "since", "status")
-    table = [header] + [tuple(str(_cell(row, key)) for key in keys) for row in rows]
+    # Paths are users' names: an escape sequence in one must not reach root's terminal.
+    table = [header] + [tuple(printable(str(row[key])) for key in keys) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in table
     )
-
-
-def _cell(row: dict[str, object], key: str) -> object:
-    """A row's value for one column; the broker's rows name the owner by uid only."""
-    uid = row.get("uid")
-    if key == "user" and key not in row and isinstance(uid, int):
-        return _user_name(uid)
-    return row.get(key, NO_RECORD)
 
 
 def format_json(rows: list[dict[str, object]]) -> str:

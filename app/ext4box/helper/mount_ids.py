@@ -8,13 +8,11 @@ be the one expected before umount2 goes through that same parent fd.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from dataclasses import dataclass
 
-from ext4box.helper import fusemount
-from ext4box.helper import image as image_module
+from ext4box.helper import fusemount, syscalls
 from ext4box.helper.errors import HelperError
 
 
@@ -63,10 +61,29 @@ def mount_id_at(mountpoint: str) -> int:
 
 def open_no_symlinks(path: str) -> int:
     """An O_PATH fd of a directory; a symbolic link anywhere in `path` fails (ELOOP)."""
-    fd = image_module._openat2(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    if fd is None:  # no openat2: refuse rather than walk links as root
-        raise HelperError("this kernel lacks openat2(2); the broker needs it")
-    return fd
+    try:
+        return syscalls.openat2(
+            syscalls.AT_FDCWD, path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+            syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS,
+        )  # fmt: skip
+    except OSError as err:
+        if err.errno in (errno.ENOSYS, errno.EPERM):  # refuse rather than walk links as root
+            raise HelperError("this kernel lacks openat2(2); the broker needs it") from None
+        raise
+
+
+def id_of_new_mount(mount_fd: int | None, dir_fd: int, mountpoint: str) -> int:
+    """The id of the FUSE mount just attached on the directory dir_fd holds.
+
+    Read from the mount's own fd (the new mount API); after the mount(2)
+    fallback, which gives no such fd, found at `mountpoint`. Either way it
+    must be an ext4box mount stacked on dir_fd's mount.
+    """
+    mount_id = mount_id_of(mount_fd) if mount_fd is not None else mount_id_at(mountpoint)
+    info = mount_infos().get(mount_id)
+    if info is None or info.fstype != fusemount.FSTYPE or info.parent_id != mount_id_of(dir_fd):
+        raise HelperError(f"cannot find the new mount on {mountpoint}")
+    return mount_id
 
 
 def unmount_exact(mountpoint: str, mount_id: int | None) -> str:
@@ -101,15 +118,17 @@ def unmount_exact(mountpoint: str, mount_id: int | None) -> str:
             raise HelperError(
                 f"{mountpoint} is no longer the ext4box mount the broker made; not unmounting it"
             )
-        libc = ctypes.CDLL(None, use_errno=True)
+        # Not through the child fd itself: an open fd of the mount makes a
+        # plain (not lazy) umount2 fail with EBUSY.
         target = f"/proc/self/fd/{parent_fd}/{name}"
-        if libc.umount2(os.fsencode(target), ctypes.c_int(fusemount.UMOUNT_NOFOLLOW)) != 0:
-            err = ctypes.get_errno()
-            if err == errno.EBUSY:
+        try:
+            syscalls.umount2(target, fusemount.UMOUNT_NOFOLLOW)
+        except OSError as err:
+            if err.errno == errno.EBUSY:
                 raise HelperError(
                     f"cannot unmount {mountpoint}: it is busy (files open or a cwd in it)"
-                )
-            raise HelperError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
+                ) from None
+            raise HelperError(f"cannot unmount {mountpoint}: {err.strerror}") from None
         return info.device
     finally:
         os.close(parent_fd)

@@ -57,18 +57,24 @@ def hold(arg: str, *, resolve_links: bool = True) -> HeldMountpoint:
         raise _mountpoint_error(arg, err, absolute) from None
     fd = _open_without_links(arg, real)
     try:
-        try:
-            st = os.fstat(fd)
-        except OSError as err:
-            raise _mountpoint_error(arg, err) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise HelperError(f"mountpoint {arg} is not a directory")
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        if not path.startswith("/") or path.endswith(" (deleted)"):
-            raise HelperError(f"mountpoint {arg} was removed while it was being opened")
+        return adopt(fd, arg)
     except BaseException:
         os.close(fd)
         raise
+
+
+def adopt(fd: int, arg: str) -> HeldMountpoint:
+    """What an fd opened by hold() refers to, read from the fd itself (the broker
+    calls this on the fd its child opened as the caller). Leaves fd open on error."""
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        raise _mountpoint_error(arg, err) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise HelperError(f"mountpoint {arg} is not a directory")
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    if not path.startswith("/") or path.endswith(" (deleted)"):
+        raise HelperError(f"mountpoint {arg} was removed while it was being opened")
     return HeldMountpoint(fd, path, st.st_uid)
 
 
