@@ -27,7 +27,7 @@ import pytest
 from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.ext4.trim import TrimRange
-from support.facade import Ours, assert_clean, make_image, need_kernel
+from support.facade import Ours, assert_clean, make_image, need_kernel, pattern
 from support.flag_drivers import as_user, errno_name
 from support.kernel import kernel_mount
 
@@ -210,3 +210,30 @@ def test_fitrim_matches_the_kernel(tmp_path: Path, mkfs: list[str]) -> None:
     # only the blocks the files had used were allocated in the image file).
     assert allocated_after < allocated_before
     assert allocated_before - allocated_after <= trimmed
+
+
+def test_fitrim_never_discards_blocks_in_use(tmp_path: Path) -> None:
+    """Blocks allocated and written but not yet committed, and blocks freed but
+    still pending, keep their contents through FITRIM (a journaled image)."""
+    need_kernel()
+    image = make_image(tmp_path / "img", ["-t", "ext4", "-b", "4096"], 64)
+    ours = Ours(image)
+    try:
+        ours.create("/keep")
+        ours.write("/keep", 0, pattern(1, 300_000))  # uncommitted allocation
+        ours.create("/gone")
+        ours.write("/gone", 0, pattern(2, 200_000))
+        ours.fs.commit(durable=True)
+        ours.unlink("/gone")  # its blocks: a pending free until the next commit
+        ours.create("/late")
+        ours.write("/late", 0, pattern(3, 100_000))
+        trimmed = ours.fs.trim(TrimRange(0, (1 << 64) - 1, 0), 0)
+        ours.write("/late", 100_000, pattern(4, 50_000))
+    finally:
+        ours.close()
+    assert trimmed > 0
+    assert_clean(image)
+    with kernel_mount(image, tmp_path / "m", readonly=True) as root:
+        assert (root / "keep").read_bytes() == pattern(1, 300_000)
+        assert (root / "late").read_bytes() == pattern(3, 100_000) + pattern(4, 50_000)
+        assert not (root / "gone").exists()
