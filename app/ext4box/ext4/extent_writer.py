@@ -14,13 +14,16 @@ Shape rules kept after every operation, which e2fsck checks:
 - every index key equals the first logical block of its child;
 - nodes other than the root are never empty (an emptied node is freed and its
   index entry removed; an emptied root becomes an empty depth-0 leaf);
-- when the root has a single child whose entries fit in the root, they move
-  up into the root and the child is freed (repeated, so a tree shrinks by as
-  many levels as it can);
-- an overfull node is split in two (the rightmost leaf, when appended to,
-  keeps its entries and gives only the new one to a fresh leaf, so sequential
-  files pack their leaves), and a full root moves its entries into a new block
-  and becomes an index with one entry (the tree grows one level).
+- a tree gets shallower only where the kernel's ext4 makes it so, for the
+  same i_blocks: after an insert or a conversion, a depth-1 tree whose only
+  leaf fits in the root moves back into the inode (ext4_ext_try_to_merge_up);
+  removals leave the depth alone;
+- an overfull node is split where the kernel splits it: the entries after the
+  ones just inserted or changed move to a fresh node, and when those were the
+  last entries only the last one moves (so appending packs leaves, and a
+  file punched or converted left to right fills them as the kernel's does);
+  a full root moves its entries into a new block and becomes an index with
+  one entry (the tree grows one level).
 
 Accounting: tree blocks are allocated only through `alloc_block` and freed
 only through `free_block`; `tree_blocks_delta` is the running net count
@@ -32,7 +35,7 @@ inserts and frees what `punch` returns.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +94,53 @@ def _mergeable(left: Extent, right: Extent) -> bool:
     return (left.end == right.lblk and left.unwritten == right.unwritten
             and left.pblk + left.length == right.pblk
             and left.length + right.length <= max_extent_length(left.unwritten))
+
+
+def _remover(freed: list[tuple[int, int]]) -> Callable[[Extent, int, int], list[Extent]]:
+    """An _edit_range transform unmapping [lo, hi); the data runs it drops go to `freed`."""
+
+    def remove(extent: Extent, lo: int, hi: int) -> list[Extent]:
+        start = max(extent.lblk, lo)
+        stop = min(extent.end, hi)
+        append_physical_run(freed, extent.pblk + (start - extent.lblk), stop - start)
+        kept = []
+        if extent.lblk < start:
+            kept.append(Extent(extent.lblk, start - extent.lblk, extent.pblk, extent.unwritten))
+        if stop < extent.end:
+            kept.append(Extent(stop, extent.end - stop, extent.pblk + (stop - extent.lblk),
+                               extent.unwritten))
+        return kept
+
+    return remove
+
+
+def _to_unwritten(extent: Extent, lo: int, hi: int) -> list[Extent]:
+    """The _edit_range transform of mark_unwritten (an unwritten extent holds one
+    block less than a written one, so a full-length extent becomes two)."""
+    if extent.unwritten:
+        return [extent]
+    start = max(extent.lblk, lo)
+    stop = min(extent.end, hi)
+    pieces = []
+    if extent.lblk < start:
+        pieces.append(Extent(extent.lblk, start - extent.lblk, extent.pblk, False))
+    at = start
+    while at < stop:  # each pass converts at least one block
+        count = min(UNWRITTEN_MAX_LEN, stop - at)
+        pieces.append(Extent(at, count, extent.pblk + (at - extent.lblk), True))
+        at += count
+    if stop < extent.end:
+        pieces.append(Extent(stop, extent.end - stop, extent.pblk + (stop - extent.lblk), False))
+    return pieces
+
+
+def _split_at(extent: Extent, lo: int, _hi: int) -> list[Extent]:
+    """The _edit_range transform of insert_gap: cut the extent holding `lo` at `lo`."""
+    if not extent.lblk < lo < extent.end:
+        return [extent]
+    head = lo - extent.lblk
+    return [Extent(extent.lblk, head, extent.pblk, extent.unwritten),
+            Extent(lo, extent.length - head, extent.pblk + head, extent.unwritten)]
 
 
 class ExtentTreeWriter:
@@ -158,34 +208,58 @@ class ExtentTreeWriter:
                 count = min(limit, length - done)
                 self._insert_extent(Extent(lblk + done, count, pblk + done, unwritten))
                 done += count
+            self._merge_up()
 
     def mark_written(self, lblk: int, length: int) -> None:
         """Convert the unwritten parts of [lblk, lblk+length) to written (holes stay holes)."""
         self._check_range(lblk, length)
         with self._operation():
-            self._edit_range(lblk, lblk + length, self._to_written, merge=True)
+            if self._edit_range(lblk, lblk + length, self._to_written, merge=True):
+                self._merge_up()
+
+    def mark_unwritten(self, lblk: int, length: int) -> None:
+        """Convert the written parts of [lblk, lblk+length) to unwritten (holes stay holes).
+
+        FALLOC_FL_ZERO_RANGE: the blocks stay allocated but read as zeros.
+        """
+        self._check_range(lblk, length)
+        with self._operation():
+            if self._edit_range(lblk, lblk + length, _to_unwritten, merge=True):
+                self._merge_up()
 
     def punch(self, lblk: int, length: int) -> list[tuple[int, int]]:
         """Unmap [lblk, lblk+length); returns the data runs (pblk, count) for the caller to free."""
         self._check_range(lblk, length)
         freed: list[tuple[int, int]] = []
-
-        def remove(extent: Extent, lo: int, hi: int) -> list[Extent]:
-            start = max(extent.lblk, lo)
-            stop = min(extent.end, hi)
-            append_physical_run(freed, extent.pblk + (start - extent.lblk), stop - start)
-            kept = []
-            if extent.lblk < start:
-                kept.append(Extent(extent.lblk, start - extent.lblk, extent.pblk,
-                                   extent.unwritten))
-            if stop < extent.end:
-                kept.append(Extent(stop, extent.end - stop, extent.pblk + (stop - extent.lblk),
-                                   extent.unwritten))
-            return kept
-
         with self._operation():
-            self._edit_range(lblk, lblk + length, remove, merge=False)
+            self._punch_range(lblk, lblk + length, freed)
         return freed
+
+    def collapse(self, lblk: int, length: int) -> list[tuple[int, int]]:
+        """Unmap [lblk, lblk+length) and move every extent after it `length` blocks
+        down (FALLOC_FL_COLLAPSE_RANGE); returns the freed data runs. An extent
+        that comes to touch its neighbour in the same leaf merges with it when
+        they are contiguous on disk too, as the kernel's shift does."""
+        self._check_range(lblk, length)
+        freed: list[tuple[int, int]] = []
+        with self._operation():
+            self._punch_range(lblk, lblk + length, freed)
+            self._shift(lblk + length, -length)
+        return freed
+
+    def insert_gap(self, lblk: int, length: int) -> None:
+        """Split the extent holding `lblk` there and move everything from `lblk` on
+        `length` blocks up, leaving [lblk, lblk+length) a hole (FALLOC_FL_INSERT_RANGE).
+        ValueError when the last extent would end past block 2^32 - 2 (the kernel
+        keeps 2^32 - 1 unmapped; its shift answers EINVAL there)."""
+        self._check_range(lblk, length)
+        with self._operation():
+            last_leaf = self._descend(LBLK_LIMIT - 1)[0][-1][0]
+            if last_leaf.entries and last_leaf.entries[-1].end + length > LBLK_LIMIT - 1:
+                raise ValueError(f"inode {self.ino}: extents would move past block "
+                                 f"{LBLK_LIMIT - 2}, the last one the kernel maps")
+            self._edit_range(lblk, lblk + 1, _split_at, merge=False)
+            self._shift(lblk, length)
 
     def truncate(self, lblk: int) -> list[tuple[int, int]]:
         """Unmap everything from `lblk` on; returns the freed data runs."""
@@ -245,10 +319,9 @@ class ExtentTreeWriter:
                 or extent.end > limit):
             raise ValueError(f"inode {self.ino}: [{extent.lblk}, {extent.end}) is not a hole")
         entries.insert(pos, extent)
-        appended = pos == len(entries) - 1
         self._merge_span(entries, pos, pos + 1)
         self._mark_dirty(leaf)
-        self._settle(path, append=appended)
+        self._settle(path, changed_end=min(pos + 1, len(entries)))
 
     def _to_written(self, extent: Extent, lo: int, hi: int) -> list[Extent]:
         if not extent.unwritten:
@@ -266,8 +339,10 @@ class ExtentTreeWriter:
 
     def _edit_range(self, lo: int, hi: int,
                     transform: Callable[[Extent, int, int], list[Extent]], *,
-                    merge: bool) -> None:
-        """Replace each extent overlapping [lo, hi) by `transform(extent, lo, hi)`, per leaf."""
+                    merge: bool) -> bool:
+        """Replace each extent overlapping [lo, hi) by `transform(extent, lo, hi)`, per leaf;
+        whether anything changed."""
+        changed = False
         cur = lo
         while cur < hi:  # each pass moves cur to the end of a leaf's key range
             path, limit = self._descend(cur)
@@ -287,8 +362,24 @@ class ExtentTreeWriter:
                 if merge:
                     self._merge_span(entries, first, first + len(replacement))
                 self._mark_dirty(leaf)
-                self._settle(path, append=False)
+                self._settle(path, changed_end=first + len(replacement))
+                changed = True
             cur = stop
+        return changed
+
+    def _punch_range(self, lo: int, hi: int, freed: list[tuple[int, int]]) -> None:
+        """Unmap [lo, hi) inside an operation, the freed data runs going to `freed`.
+
+        In the kernel's order, for the same tree shape: first the extent
+        reaching past `hi` is split there (which may grow the tree, and never
+        merges it up: ext4_force_split_extent_at), then [lo, hi) is removed.
+        """
+        path, _ = self._descend(hi - 1)
+        leaf = path[-1][0]
+        slot = bisect_right(leaf.entries, hi - 1, key=_ENTRY_KEY) - 1
+        if slot >= 0 and leaf.entries[slot].lblk < hi < leaf.entries[slot].end:
+            self._edit_range(hi, hi + 1, _split_at, merge=False)
+        self._edit_range(lo, hi, _remover(freed), merge=False)
 
     @staticmethod
     def _merge_span(entries: list[Extent], start: int, stop: int) -> None:
@@ -304,6 +395,46 @@ class ExtentTreeWriter:
                 end -= 1
             else:
                 slot += 1
+
+    def _shift(self, start: int, delta: int) -> None:
+        """Add `delta` to the logical start of every extent at or after `start`.
+
+        The caller has made sure nothing lands on anything else: [start + delta,
+        start) is a hole for a move down, and no extent straddles `start`. Keys
+        keep their order, so only keys change: leaves in place, index keys
+        recomputed from their children.
+        """
+        self._shift_node(self._root, 0, LBLK_LIMIT, start, delta)
+
+    def _shift_node(self, node: _Node, first: int, limit: int, start: int, delta: int) -> None:
+        entries = node.entries
+        if node.depth == 0:
+            at = bisect_left(entries, start, key=_ENTRY_KEY)
+            if at == len(entries):
+                return
+            entries[at:] = [Extent(e.lblk + delta, e.length, e.pblk, e.unwritten)
+                            for e in entries[at:]]
+            if delta < 0:
+                self._merge_span(entries, at, len(entries))
+            self._mark_dirty(node)
+            return
+        # Child ranges come from the keys as they were before this shift (a
+        # child is validated against them when read).
+        moved: list[tuple[int, _Node, int, int]] = []
+        for slot, index in enumerate(entries):
+            child_limit = entries[slot + 1].lblk if slot + 1 < len(entries) else limit
+            if child_limit <= start:
+                continue  # everything below this entry lies before `start`
+            child_first = max(first, index.lblk)
+            child = self._child(index.child, node.depth - 1, child_first, child_limit)
+            moved.append((slot, child, child_first, child_limit))
+        for _slot, child, child_first, child_limit in moved:
+            self._shift_node(child, child_first, child_limit, start, delta)
+        for slot, child, _first, _limit in moved:
+            key = child.entries[0].lblk
+            if entries[slot].lblk != key:
+                entries[slot] = ExtentIndex(key, entries[slot].child)
+                self._mark_dirty(node)
 
     # -- tree shape ---------------------------------------------------------------------------
 
@@ -326,8 +457,9 @@ class ExtentTreeWriter:
             node = self._child(entries[slot].child, node.depth - 1, first, limit)
         raise Corrupt("extent tree", inode_where(self.ino), f"deeper than {MAX_DEPTH}")
 
-    def _settle(self, path: _Path, *, append: bool) -> None:
-        """Restore the shape rules bottom-up along `path` after its leaf changed."""
+    def _settle(self, path: _Path, *, changed_end: int) -> None:
+        """Restore the shape rules bottom-up along `path` after its leaf changed;
+        `changed_end` is the slot after the leaf's last new or changed entry."""
         for level in range(len(path) - 1, 0, -1):
             node = path[level][0]
             parent, slot = path[level - 1]
@@ -342,22 +474,23 @@ class ExtentTreeWriter:
                 parent.entries[slot] = ExtentIndex(key, node.block)
                 self._mark_dirty(parent)
             if len(node.entries) > node.capacity:
-                rightmost = all(s == len(n.entries) - 1 for n, s in path[:level])
-                sibling = self._split(node, tail=append and rightmost)
+                sibling = self._split(node, changed_end)
                 parent.entries.insert(slot + 1, ExtentIndex(sibling.entries[0].lblk,
                                                             self._block_of(sibling)))
                 self._mark_dirty(parent)
+                changed_end = slot + 2  # the new index entry is the parent's change
         root = self._root
         if root.depth > 0 and not root.entries:
             root.depth = 0  # everything was removed: back to an empty in-inode leaf
         elif len(root.entries) > root.capacity:
             self._grow()
-        self._collapse()
 
-    def _split(self, node: _Node, *, tail: bool) -> _Node:
-        """Move the upper part of an overfull node into a new block; returns the new node."""
+    def _split(self, node: _Node, changed_end: int) -> _Node:
+        """Move the entries after the changed ones (or, when the change was at the
+        end, the last entry) of an overfull node into a new block; returns it."""
         count = len(node.entries)
-        at = node.capacity if tail else count // 2
+        at = changed_end if changed_end < count else count - 1
+        at = min(max(at, count - node.capacity, 1), node.capacity)
         assert node.block is not None
         sibling = self._new_node(node.depth, goal=node.block + 1)
         sibling.entries = node.entries[at:]
@@ -375,20 +508,22 @@ class ExtentTreeWriter:
         root.entries = [ExtentIndex(child.entries[0].lblk, self._block_of(child))]
         root.depth += 1
 
-    def _collapse(self) -> None:
-        """While the root's only child fits in the root, pull its entries up and free it."""
+    def _merge_up(self) -> None:
+        """A depth-1 tree whose only leaf fits in the root moves back into the inode
+        and the leaf is freed: the kernel's ext4_ext_try_to_merge_up, which runs
+        after inserts and conversions (never after removals, so a punched or
+        truncated tree keeps its depth, as the kernel's does)."""
         root = self._root
-        for _level in range(MAX_DEPTH):
-            if root.depth == 0 or len(root.entries) != 1:
-                return
-            index = root.entries[0]
-            child = self._child(index.child, root.depth - 1, index.lblk, LBLK_LIMIT)
-            if len(child.entries) > root.capacity:
-                return
-            root.entries = list(child.entries)
-            root.depth = child.depth
-            assert child.block is not None
-            self._drop(child.block)
+        if root.depth != 1 or len(root.entries) != 1:
+            return
+        index = root.entries[0]
+        child = self._child(index.child, 0, index.lblk, LBLK_LIMIT)
+        if len(child.entries) > root.capacity:
+            return
+        root.entries = list(child.entries)
+        root.depth = 0
+        assert child.block is not None
+        self._drop(child.block)
 
     def _goal_below(self, node: _Node) -> int:
         """Where a new tree block under `node` should go: near what the node maps."""

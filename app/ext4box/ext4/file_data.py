@@ -11,6 +11,7 @@ new block never shows another file's old bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from ext4box.ext4.errors import (
     Unsupported,
     inode_where,
 )
+from ext4box.ext4.extent_writer import ExtentTreeWriter
 from ext4box.ext4.extents import LBLK_LIMIT
 from ext4box.ext4.inline_writer import (
     InlineLayout,
@@ -53,6 +55,7 @@ class WriteRun:
     length: int
     pblk: int
     new: bool  # just allocated (or was unwritten): the executor writes it whole
+    converted: bool = False  # was unwritten: write_abort makes it unwritten again
 
 
 def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
@@ -92,14 +95,42 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
     holes = sum(r.length for r in runs if r.pblk is None)
     if not holes and not any(r.unwritten for r in runs):
         return [WriteRun(r.lblk, r.length, r.pblk, False) for r in runs]  # type: ignore[arg-type]
-    # The kernel reserves quota for the data blocks at write time; tree blocks are
-    # charged as they are allocated, without a check.
+    pieces = allocate_holes(fs, inode, lblk, runs)
+    tree = fs.tree_writer(inode)
+    done: list[tuple[int, int, int]] = []
+    marked: list[BlockRun] = []
+    try:
+        for at, pblk, got in pieces:
+            tree.insert(at, pblk, got)
+            done.append((at, pblk, got))
+        for run in runs:
+            if run.pblk is not None and run.unwritten:
+                tree.mark_written(run.lblk, run.length)
+                marked.append(run)
+    except BaseException:
+        kept = undo_mapping(fs, tree, done, pieces, marked)
+        fs.store(fs.with_tree(inode, tree, kept))
+        raise
+    fs.store(fs.with_tree(inode, tree, sum(got for _, _, got in pieces)))
+    return _write_runs(runs, pieces)
+
+
+def allocate_holes(fs: WritableFilesystem, inode: Inode, lblk: int,
+                   runs: list[BlockRun]) -> list[tuple[int, int, int]]:
+    """Allocate data blocks for every hole among `runs` (a mapping of `inode` from
+    `lblk`), before anything touches the tree: (lblk, pblk, length) pieces, placed
+    after the blocks mapped before them. All or nothing: NoSpace (checked first,
+    with room for the tree blocks the inserts may need) allocates nothing."""
+    holes = sum(r.length for r in runs if r.pblk is None)
+    if not holes:
+        return []
+    # The kernel reserves quota for the data blocks at write (and fallocate) time;
+    # tree blocks are charged as they are allocated, without a check.
     fs.check_quota(inode, blocks=holes)
     need = holes + _tree_slack(inode) * sum(1 for r in runs if r.pblk is None)
     available = fs.blocks.free_blocks - fs.sb.r_blocks_count
-    if holes and available < need:
+    if available < need:
         raise NoSpace(f"{available} blocks available, up to {need} needed")
-    # Allocate every hole's blocks before touching the tree, so a shortage leaves it as it was.
     pieces: list[tuple[int, int, int]] = []  # (lblk, pblk, length) newly allocated
     try:
         goal = _goal(fs, inode, lblk)
@@ -116,27 +147,11 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
         for _, pblk, got in pieces:
             fs.blocks.free(pblk, got)
         raise
-    tree = fs.tree_writer(inode)
-    done: list[tuple[int, int, int]] = []
-    marked: list[BlockRun] = []
-    try:
-        for at, pblk, got in pieces:
-            tree.insert(at, pblk, got)
-            done.append((at, pblk, got))
-        for run in runs:
-            if run.pblk is not None and run.unwritten:
-                tree.mark_written(run.lblk, run.length)
-                marked.append(run)
-    except BaseException:
-        kept = _undo(fs, tree, done, pieces, marked)
-        fs.store(fs.with_tree(inode, tree, kept))
-        raise
-    fs.store(fs.with_tree(inode, tree, sum(got for _, _, got in pieces)))
-    return _write_runs(runs, pieces)
+    return pieces
 
 
-def _undo(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, int]],
-          pieces: list[tuple[int, int, int]], marked: list[BlockRun]) -> int:
+def undo_mapping(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, int]],
+                 pieces: list[tuple[int, int, int]], marked: list[BlockRun]) -> int:
     """Unmap what a failed write_begin mapped and free the blocks it allocated; returns
     how many stay mapped (a punch that fails, only on a damaged tree, keeps them zeroed)."""
     bs = fs.block_size
@@ -156,12 +171,16 @@ def _undo(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, i
     return sum(got for _, pblk, got in pieces if pblk in kept)
 
 
-def write_abort(fs: WritableFilesystem, ino: int, ranges: list[tuple[int, int]]) -> None:
-    """The data for the (lblk, length) `ranges` that write_begin reported new could
-    not be written: unmap and free their blocks, which hold whatever an earlier
-    owner left there. (The kernel's ext4 likewise truncates the blocks a failed
-    write allocated.)"""
-    if not ranges:
+def write_abort(fs: WritableFilesystem, ino: int, ranges: Sequence[tuple[int, int]],
+                converted: Sequence[tuple[int, int]] = ()) -> None:
+    """The data for the (lblk, length) ranges write_begin reported new could not be
+    written. `ranges` were holes: unmap and free their blocks, which hold whatever
+    an earlier owner left there (the kernel's ext4 likewise truncates the blocks
+    a failed write allocated). `converted` were unwritten extents: they become
+    unwritten again, still allocated, as the kernel's ext4 leaves an unwritten
+    extent whose I/O failed; if the tree has no room for that, their blocks are
+    zeroed on the device instead (the kernel's zero-out fallback)."""
+    if not ranges and not converted:
         return
     inode = fs.inode(ino)
     tree = fs.tree_writer(inode)
@@ -170,6 +189,16 @@ def write_abort(fs: WritableFilesystem, ino: int, ranges: list[tuple[int, int]])
         for pblk, count in tree.punch(lblk, length):
             fs.blocks.free(pblk, count)
             freed += count
+    for lblk, length in converted:
+        try:
+            if not isinstance(tree, ExtentTreeWriter):
+                raise NoSpace("a block map has no unwritten state")
+            tree.mark_unwritten(lblk, length)
+        except NoSpace:
+            bs = fs.block_size
+            for run in fs.mapper_for(fs.with_tree(inode, tree)).map(lblk, length):
+                if run.pblk is not None:
+                    fs.dev.pwrite(run.pblk * bs, bytes(run.length * bs))
     fs.store(fs.with_tree(inode, tree, -freed))
 
 
@@ -178,7 +207,7 @@ def _write_runs(runs: list[BlockRun], pieces: list[tuple[int, int, int]]) -> lis
     new_by_lblk = {at: (pblk, got) for at, pblk, got in pieces}
     for run in runs:
         if run.pblk is not None:
-            out.append(WriteRun(run.lblk, run.length, run.pblk, run.unwritten))
+            out.append(WriteRun(run.lblk, run.length, run.pblk, run.unwritten, run.unwritten))
             continue
         at = run.lblk
         while at < run.end:
@@ -212,11 +241,11 @@ def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | N
     inode = check_file_write(fs, ino)
     now = fs.now_ns() if now_ns is None else now_ns
     size = max(inode.size, end_pos)
-    _note_large_file(fs, size)
+    note_large_file(fs, size)
     return fs.store(replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now))
 
 
-def _note_large_file(fs: WritableFilesystem, size: int) -> None:
+def note_large_file(fs: WritableFilesystem, size: int) -> None:
     if size >= _LARGE_FILE_SIZE and not fs.writer.superblock().has_ro_compat(
             F.RO_COMPAT_LARGE_FILE):
         current = int(fs.writer.superblock().fields["feature_ro_compat"])
@@ -291,7 +320,7 @@ def convert_inline(fs: WritableFilesystem, inode: Inode) -> Inode:
 # ---- truncate ----------------------------------------------------------------------
 
 
-def _zero_tail(fs: WritableFilesystem, inode: Inode, size: int) -> None:
+def zero_tail(fs: WritableFilesystem, inode: Inode, size: int) -> None:
     """Zero the bytes of the block holding `size` from `size` to its end (data write)."""
     bs = fs.block_size
     offset = size % bs
@@ -320,9 +349,9 @@ def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode
             return replace_inode(_apply_layout(inode, plan), mtime_ns=now, ctime_ns=now)
         inode = convert_inline(fs, inode)
     if size < inode.size:
-        _zero_tail(fs, inode, size)
+        zero_tail(fs, inode, size)
         inode = fs.truncate_blocks(inode, -(-size // fs.block_size))
     elif size > inode.size:
-        _zero_tail(fs, inode, inode.size)
-    _note_large_file(fs, size)
+        zero_tail(fs, inode, inode.size)
+    note_large_file(fs, size)
     return replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now)

@@ -20,8 +20,9 @@ checks to us. Each writing operation calls the one check of its kind here:
 - file data: `check_data_write` — immutable: EPERM (ext4_write_checks);
 - opening, and each write with the file's current flags: `check_open` —
   writing or truncating an immutable file, or writing an append-only file
-  without O_APPEND, or truncating it at open: EPERM (may_open, setfl);
-- fallocate: `check_fallocate` (vfs_fallocate).
+  without O_APPEND, or truncating it at open: EPERM (may_open, setfl).
+
+(fallocate makes vfs_fallocate's two checks itself, in fallocate.py.)
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ import os
 
 from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.inode import FL_APPEND, FL_IMMUTABLE, Inode
-
-# fallocate(2) mode bit that changes no size (the only one an append-only file allows).
-FALLOC_FL_KEEP_SIZE = 0x01
 
 
 class FlagForbids(Ext4Error):
@@ -107,11 +105,3 @@ def check_open(inode: Inode, flags: int) -> None:
         raise _refuse(inode, "open for writing")
     if _is_append(inode) and ((writes and not flags & os.O_APPEND) or truncates):
         raise _refuse(inode, "open for writing without O_APPEND")
-
-
-def check_fallocate(inode: Inode, mode: int) -> None:
-    """fallocate(2) with `mode`: only plain KEEP_SIZE preallocation on append-only."""
-    if _is_immutable(inode):
-        raise _refuse(inode, "fallocate")
-    if _is_append(inode) and mode & ~FALLOC_FL_KEEP_SIZE:
-        raise _refuse(inode, "fallocate")

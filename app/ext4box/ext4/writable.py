@@ -25,8 +25,12 @@ Deviations from / additions to the contract in docs/design.md:
   open) whether to keep the inode on the orphan list instead of freeing it.
 - `write_begin` is all-or-nothing: NoSpace maps nothing (no short mapping);
   an inline-data inode is converted to blocks first. Unwritten extents in
-  the range are converted to written and reported with `new=True` (the
-  executor must zero-fill what the request does not cover, as for holes).
+  the range are converted to written and reported with `new=True` and
+  `converted=True` (the executor must zero-fill what the request does not
+  cover, as for holes). No commit can happen before the data is written, so
+  on the device this is the kernel's ioend conversion; if the data write
+  fails, `write_abort(ino, ranges, converted)` frees the new blocks and makes
+  the converted ones unwritten again.
 - `write_inline` also accepts an empty blockless regular file when the
   filesystem has inline_data (it becomes inline, as the kernel's first write
   to a new file does) and returns False without changes when the data does
@@ -57,6 +61,7 @@ from ext4box.ext4 import (
     orphans,
     trim,
 )
+from ext4box.ext4 import fallocate as fallocate_ops
 from ext4box.ext4 import features as F
 from ext4box.ext4.alloc import BlockAllocator
 from ext4box.ext4.blockmap import BlockMapMapper
@@ -491,8 +496,9 @@ class WritableFilesystem(Filesystem):
         return file_data.write_begin(self, ino, lblk, count)
 
     @_mutation
-    def write_abort(self, ino: int, ranges: list[tuple[int, int]]) -> None:
-        file_data.write_abort(self, ino, ranges)
+    def write_abort(self, ino: int, ranges: list[tuple[int, int]],
+                    converted: list[tuple[int, int]] | None = None) -> None:
+        file_data.write_abort(self, ino, ranges, converted or [])
 
     @_mutation
     def write_end(self, ino: int, end_pos: int, *, now_ns: int | None = None) -> Inode:
@@ -501,6 +507,13 @@ class WritableFilesystem(Filesystem):
     @_mutation
     def write_inline(self, ino: int, pos: int, data: bytes) -> bool:
         return file_data.write_inline(self, ino, pos, data)
+
+    @_mutation
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
+                  now_ns: int | None = None) -> Inode:
+        """fallocate(2) `mode` on bytes [offset, offset + length) of a regular file;
+        the rules per mode are in ext4/fallocate.py. Returns the stored inode."""
+        return fallocate_ops.fallocate(self, ino, mode, offset, length, now_ns=now_ns)
 
     # ---- durability --------------------------------------------------------
 

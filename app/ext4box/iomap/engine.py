@@ -20,6 +20,7 @@ import structlog
 from ext4box.blockdev import BlockDevice, DeviceRangeError
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
+from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
@@ -29,6 +30,12 @@ log = structlog.get_logger("ext4box.iomap")
 # Beyond a cache miss, map this many bytes ahead so a sequential reader walks
 # the mapping tree once per window rather than once per request.
 MAP_AHEAD_BYTES = 16 * 1024 * 1024
+
+# Write mappings: MAPPED is overwritten in place; NEW (just allocated) and
+# UNWRITTEN (converted by this write) hold no file data yet, so the writer
+# fills their blocks whole, zeros where the request does not reach.
+_FILLED_KINDS = frozenset({IOMapKind.NEW, IOMapKind.UNWRITTEN})
+_WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
 
 # os.preadv accepts at most IOV_MAX buffers per call.
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -59,6 +66,7 @@ class WriteRunLike(Protocol):
     length: int
     pblk: int | None
     new: bool  # allocated (or converted from unwritten) by this call: contents are garbage
+    converted: bool  # was unwritten before this call (an abort makes it unwritten again)
 
 
 class WritableSource(MappingSource, Protocol):
@@ -77,9 +85,13 @@ class WritableSource(MappingSource, Protocol):
 
     def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
 
-    def write_abort(self, ino: int, ranges: list[tuple[int, int]]) -> None: ...
+    def write_abort(self, ino: int, ranges: list[tuple[int, int]],
+                    converted: list[tuple[int, int]] | None = None) -> None: ...
 
     def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
+                  now_ns: int | None = None) -> MappedInode: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +151,9 @@ class IOMapEngine:
         """Byte-granular mappings that exactly tile [pos, pos + length).
 
         With `write=True` every block of the range is allocated first (through
-        the filesystem's `write_begin`): the answer holds only MAPPED and NEW
-        ranges (or one INLINE range), never a hole.
+        the filesystem's `write_begin`): the answer holds only MAPPED, NEW and
+        UNWRITTEN (converted by this write) ranges, or one INLINE range, never
+        a hole.
         """
         if pos < 0 or length < 0:
             raise ValueError("negative position or length")
@@ -314,7 +327,8 @@ class IOMapEngine:
 
     # -- writing ---------------------------------------------------------------
 
-    def _writable_source(self) -> WritableSource:
+    def writable_source(self) -> WritableSource:
+        """The filesystem as a writable source; ReadOnly when it is mounted read-only."""
         source = self.source
         if not hasattr(source, "write_begin"):
             raise ReadOnly("the filesystem is mounted read-only")
@@ -326,10 +340,10 @@ class IOMapEngine:
         end_block = -(-(pos + length) // block_size)
         end = pos + length
         maps: list[IOMap] = []
-        for lblk, run_len, pblk, new in self._write_runs(inode, first, end_block):
+        for lblk, run_len, pblk, new, converted in self._write_runs(inode, first, end_block):
             start = max(lblk * block_size, pos)
             stop = min((lblk + run_len) * block_size, end)
-            kind = IOMapKind.NEW if new else IOMapKind.MAPPED
+            kind = _write_kind(new=new, converted=converted)
             addr = pblk * block_size + (start - lblk * block_size)
             previous = maps[-1] if maps else None
             if (
@@ -347,8 +361,8 @@ class IOMapEngine:
 
     def _write_runs(
         self, inode: MappedInode, first: int, end: int
-    ) -> list[tuple[int, int, int, bool]]:
-        """(lblk, length, pblk, new) tiling [first, end), every block allocated.
+    ) -> list[tuple[int, int, int, bool, bool]]:
+        """(lblk, length, pblk, new, converted) tiling [first, end), every block allocated.
 
         An overwrite of blocks already known to be written is answered from
         the mapping cache; anything else goes to `write_begin`, which may
@@ -361,16 +375,16 @@ class IOMapEngine:
             # An overwrite inside i_size the cache does not know yet: map it as
             # a read would (mapping ahead, so the next random overwrites of the
             # file hit the cache). write_begin on written blocks only maps them.
-            self._writable_source()  # a read-only filesystem refuses, as write_begin would
+            self.writable_source()  # a read-only filesystem refuses, as write_begin would
             found, gaps = self._runs(inode, first, end), []
         if not gaps and all(r.pblk is not None and not r.unwritten for r in found):
-            return [(r.lblk, r.length, r.pblk, False) for r in found]  # type: ignore[misc]
-        runs = self._writable_source().write_begin(inode, first, end - first)
+            return [(r.lblk, r.length, r.pblk, False, False) for r in found]  # type: ignore[misc]
+        runs = self.writable_source().write_begin(inode, first, end - first)
         # write_begin maps (allocates, converts) only [first, end): what is cached
         # around it stays right, so a random fill of a fragmented file does not
         # map 16 MiB ahead again after every allocating write.
         self.cache.invalidate_range(inode.ino, first, end)
-        result: list[tuple[int, int, int, bool]] = []
+        result: list[tuple[int, int, int, bool, bool]] = []
         cursor = first
         for run in runs:
             if run.lblk != cursor or run.length <= 0 or run.pblk is None:
@@ -380,7 +394,8 @@ class IOMapEngine:
                     f"write_begin runs do not tile blocks {first}..{end} with allocated "
                     f"blocks at {cursor}",
                 )
-            result.append((run.lblk, run.length, run.pblk, bool(run.new)))
+            converted = bool(getattr(run, "converted", False))
+            result.append((run.lblk, run.length, run.pblk, bool(run.new) or converted, converted))
             cursor = run.lblk + run.length
         if cursor != end:
             raise Corrupt(
@@ -399,7 +414,7 @@ class IOMapEngine:
         were written: all of `data`, or fewer when the file's size limit cuts
         the write short (a write starting at the limit raises instead).
         """
-        source = self._writable_source()
+        source = self.writable_source()
         if pos < 0:
             raise ValueError("negative position")
         if not data:
@@ -433,19 +448,46 @@ class IOMapEngine:
             # mapped (the device refused the write, e.g. the host disk is full).
             self.cache.invalidate(ino)
             try:
-                source.write_abort(ino, self._new_block_ranges(maps))
+                source.write_abort(ino, self._block_ranges(maps, IOMapKind.NEW),
+                                   self._block_ranges(maps, IOMapKind.UNWRITTEN))
             except Exception as err:  # the write's own error is the one to report
                 log.error("write_abort_failed", ino=ino, error=str(err))
             raise
         source.write_end(ino, pos + length, now_ns=now_ns)
         return length
 
-    def _new_block_ranges(self, maps: list[IOMap]) -> list[tuple[int, int]]:
-        """(lblk, length) of the blocks behind the NEW mappings."""
+    # -- space management, seeking, copying ----------------------------------------
+    # The entry points a FUSE layer calls for fallocate, lseek(SEEK_DATA/SEEK_HOLE)
+    # and copy_file_range; the rules live in ext4/fallocate.py, iomap/seek.py and
+    # iomap/copy_range.py.
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
+                  now_ns: int) -> MappedInode:
+        """fallocate(2) on inode `ino`; returns the updated inode (size, blocks, times)."""
+        source = self.writable_source()
+        try:
+            return source.fallocate(ino, mode, offset, length, now_ns=now_ns)
+        finally:
+            # Blocks were allocated, unmapped, converted or moved (or, on a
+            # failure, perhaps converted back): nothing cached of `ino` holds.
+            self.cache.invalidate(ino)
+
+    def seek(self, inode: MappedInode, pos: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE; NoSuchOffset (ENXIO) past the data/EOF."""
+        return seek.seek(self, inode, pos, whence)
+
+    def copy_file_range(self, src_ino: int, src_pos: int, dst_ino: int, dst_pos: int,
+                        length: int, *, now_ns: int) -> int:
+        """copy_file_range(2) between two inodes of this filesystem; bytes copied."""
+        return copy_range.copy_file_range(self, src_ino, src_pos, dst_ino, dst_pos, length,
+                                    now_ns=now_ns)
+
+    def _block_ranges(self, maps: list[IOMap], kind: IOMapKind) -> list[tuple[int, int]]:
+        """(lblk, length) of the blocks behind the mappings of `kind`."""
         block_size = self.block_size
         ranges: list[tuple[int, int]] = []
         for mapping in maps:
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind is kind:
                 first = mapping.offset // block_size
                 ranges.append((first, -(-mapping.end // block_size) - first))
         return ranges
@@ -480,20 +522,20 @@ class IOMapEngine:
         # back again and again.
         fresh: list[tuple[int, int]] = []
         for mapping in maps:
-            if mapping.kind not in (IOMapKind.MAPPED, IOMapKind.NEW) or mapping.addr is None:
+            if mapping.kind not in _WRITABLE_KINDS or mapping.addr is None:
                 raise Corrupt(
                     "write mapping", inode_where(ino), f"unallocated {mapping.kind.value}"
                 )
             parts: list[memoryview] = []
             addr = mapping.addr
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind in _FILLED_KINDS:
                 head = mapping.offset % block_size
                 if head:
                     parts.append(memoryview(bytes(head)))
                     addr -= head
             body = data[mapping.offset - pos : mapping.end - pos]
             parts.append(body)
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind in _FILLED_KINDS:
                 tail = -mapping.end % block_size
                 if tail:
                     parts.append(memoryview(bytes(tail)))
@@ -507,7 +549,7 @@ class IOMapEngine:
                 seg_addr = addr
                 views = parts
                 fresh = []
-            if mapping.kind is IOMapKind.NEW:
+            if mapping.kind in _FILLED_KINDS:
                 fresh.append((addr, length))
             seg_end = addr + length
         if views:
@@ -534,6 +576,12 @@ class IOMapEngine:
                 raise OSError(f"short write at device byte {addr}")
             views = _drop_prefix(views, done)
             addr += done
+
+
+def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
+    if converted:
+        return IOMapKind.UNWRITTEN
+    return IOMapKind.NEW if new else IOMapKind.MAPPED
 
 
 def _empty_and_blockless(inode: MappedInode) -> bool:

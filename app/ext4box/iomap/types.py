@@ -13,7 +13,10 @@ from dataclasses import dataclass
 class IOMapKind(enum.Enum):
     HOLE = "hole"  # nothing allocated: reads as zeros
     MAPPED = "mapped"  # data lives at `addr` on the device
-    UNWRITTEN = "unwritten"  # allocated at `addr` but not yet written: reads as zeros
+    # Allocated at `addr` but not yet written: reads as zeros. In a write
+    # mapping: converted to written by this write (filled whole like NEW; a
+    # failed write makes it unwritten again).
+    UNWRITTEN = "unwritten"
     INLINE = "inline"  # data lives inside the inode (no device address)
     # Write mappings only: blocks allocated (or converted from unwritten) by
     # this write. Their old contents are garbage, so the writer must fill
