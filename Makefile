@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml scripts/install-deps.sh
 demo: deps
 	bash scripts/demo.sh
 
+# The FUSE-level suite and the kernel-vs-ext4box differential run a second
+# time on the pyfuse3 backend, so both transports keep checking each other.
 test: deps
 	$(VENV)/bin/ruff check app tests bench
 	PYTHON=$(PY) bash scripts/run-tests.sh
+	EXT4BOX_TEST_BACKEND=pyfuse3 PYTHON=$(PY) bash scripts/run-tests.sh tests/fuse tests/rw/test_rw_differential.py
 
 # Unit, policy, CLI and FUSE tests: no containers, no podman, no test user (root
 # for the FUSE and kernel-compared tests; 6-7 minutes on 2 busy cores).

@@ -41,7 +41,8 @@ MOUNT_LABELS = {"meta-phases": ("create", "stat", "readdir", "unlink")}
 # Leaf frames that wait for the kernel's next request: the server is idle there.
 # So are worker threads parked on their queue or on a lock (trio's thread cache).
 IDLE = re.compile(r"(EpollIOManager\.get_events|_io_epoll\.py|select\.epoll"
-                  r"|^WorkerThread\._work |^Condition\.wait |^_wait_for_tstate_lock )")
+                  r"|^WorkerThread\._work |^Condition\.wait |^_wait_for_tstate_lock "
+                  r"|^Session\._read |^Session\._wait_for_request )")
 # A stack importing modules or running a module's body is the server starting up
 # (a fixed cost per mount, large beside a short workload): counted apart.
 _STARTUP = re.compile(r"^(<module> |_find_and_load |_load_unlocked )")
@@ -49,6 +50,8 @@ _STARTUP = re.compile(r"^(<module> |_find_and_load |_load_unlocked )")
 CATEGORIES = (
     ("device I/O (blockdev)", re.compile(r"ext4box/blockdev\.py")),
     ("data path (iomap)", re.compile(r"ext4box/iomap/")),
+    ("native FUSE loop and replies (fuse/session.py, dispatch.py)",
+     re.compile(r"ext4box/fuse/(session|dispatch|protocol)\.py")),
     ("FUSE handlers (ext4box/fuse)", re.compile(r"ext4box/fuse/")),
     ("ext4 format code (ext4box/ext4)", re.compile(r"ext4box/ext4/")),
     ("pyfuse3 request loop and replies", re.compile(r"pyfuse3")),
@@ -58,7 +61,7 @@ CATEGORIES = (
 )
 # Frames worth an inclusive figure: handlers, the ext4 code, the data path (not
 # the entry points every request passes through, not module imports).
-_INCLUSIVE = re.compile(r"^(?!<module>).*ext4box/(ext4/|iomap/|fuse/ops\.py)")
+_INCLUSIVE = re.compile(r"^(?!<module>).*ext4box/(ext4/|iomap/|fuse/(operations|changes)\.py)")
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
 

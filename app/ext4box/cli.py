@@ -33,21 +33,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         MountSetupError,
         check_mountpoint,
         fuse_options,
-        serve,
+        serve_pyfuse3,
         split_options,
+        take_backend,
     )
-    from ext4box.fuse.ops import Ext4Operations
+    from ext4box.fuse.operations import Operations
 
     try:
+        backend, user_options = take_backend(split_options(args.options))
         options = fuse_options(
             os.path.abspath(args.image),
-            split_options(args.options),
+            user_options,
             as_root=os.geteuid() == 0,
-            debug=args.debug,
+            debug=args.debug and backend == "pyfuse3",
         )
         check_mountpoint(args.mountpoint)
+        config = MountConfig(args.mountpoint, options, backend)
         with open_image(args.image, writable="rw" in options) as (fs, engine):
-            serve(Ext4Operations(fs, engine), MountConfig(args.mountpoint, options))
+            ops = Operations(fs, engine)
+            if backend == "pyfuse3":
+                serve_pyfuse3(ops, config)
+            else:
+                from ext4box.direct_mount import serve_native
+
+                serve_native(ops, config, os.path.abspath(args.image), trace=args.debug)
     except MountSetupError as err:
         raise CliError(str(err)) from None
     return EXIT_OK
@@ -251,10 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPT[,OPT...]",
         help="mount options: ro, rw, noexec, allow_other, noatime (default: ro;"
-        " always nosuid,nodev)",
+        " always nosuid,nodev); backend=native (default) or backend=pyfuse3 picks"
+        " the FUSE transport",
     )
     serve.add_argument(
-        "--debug", action="store_true", help="debug logs and libfuse tracing (default: off)"
+        "--debug", action="store_true",
+        help="debug logs and one line per FUSE request (default: off)",
     )
     serve.set_defaults(handler=cmd_serve, default_level="info")
 

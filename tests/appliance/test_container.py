@@ -133,14 +133,13 @@ def _handoff_into_container(image: str, image_path: Path, fuse_fd: int, user=Non
             )
         finally:
             os.close(image_fd)
-        try:
+        # The fd was never mounted: the server receives and verifies both fds
+        # inside the container, finds no FUSE connection where INIT should
+        # be, and refuses; it never says READY (issue 14, finding 5).
+        with pytest.raises(PeerRefused) as refused:
             handoff.wait_ready(helper_end, timeout=60)
-            outcome = "READY"  # the FUSE server is wired in: serving an unmounted fd
-        except PeerRefused as refused:
-            # No FUSE server in this build: the refusal comes after the fds
-            # were received and verified inside the container.
-            assert "no FUSE server" in refused.reason, refused.reason
-            outcome = "verified (no FUSE server yet)"
+        assert "cannot serve /dev/fuse fd" in refused.value.reason, refused.value.reason
+        outcome = "received, verified, refused (no mount behind the fd)"
     print(f"\nhand-off {outcome} after {time.monotonic() - start:.2f} s")
     try:
         _, err = proc.communicate(timeout=60)

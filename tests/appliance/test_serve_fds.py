@@ -152,3 +152,33 @@ def test_image_that_is_not_ext4_is_refused(tmp_path: Path) -> None:
     assert "cannot serve the image" in refusal.reason
     assert code == 5, err
     assert "Traceback" not in err
+
+
+def test_unmounted_fuse_fd_is_refused_before_ready(tmp_path: Path) -> None:
+    """A /dev/fuse fd that carries no mount: ERROR to the helper, never READY
+    (issue 14, finding 5: READY used to come first, then exit 5). READY is
+    sent only once FUSE_INIT has been answered."""
+    image = mkfs(make_tree(tmp_path), tmp_path / "img.ext4")
+    request = MountRequest(Mode.RO, ImageKind.REGULAR, image.stat().st_size)
+    helper_end, proc = start_service(SERVICE)
+    try:
+        hello(helper_end, 30)
+        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)  # opened, never mounted
+        image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            send_mount(helper_end, fuse_fd, image_fd, request)
+        finally:
+            os.close(image_fd)
+            os.close(fuse_fd)
+        with pytest.raises(PeerRefused) as refused:
+            handoff.wait_ready(helper_end, timeout=30)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        helper_end.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "cannot serve /dev/fuse fd" in refused.value.reason, refused.value.reason
+    assert proc.returncode == 5, err
+    assert "Traceback" not in err
+    assert '"event": "ready"' not in err

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.serve import fuse_backend
+
 EXT4BOX = [sys.executable, "-m", "ext4box"]
 MOUNT_TIMEOUT = 20.0
 
@@ -76,7 +78,8 @@ def start_server(image: Path, mountpoint: Path, *options: str) -> Server:
     stderr_path = mountpoint.parent / f"{mountpoint.name}.stderr"
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(
-            [*EXT4BOX, "serve", str(image), str(mountpoint), *options],
+            [*EXT4BOX, "serve", str(image), str(mountpoint), *options,
+             "-o", f"backend={fuse_backend()}"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             text=True,

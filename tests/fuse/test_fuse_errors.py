@@ -71,7 +71,7 @@ def test_sigterm_unmounts_and_exits_zero(tmp_path: Path) -> None:
     tree.mkdir()
     (tree / "f").write_bytes(b"x")
     image = mkfs(tree, tmp_path / "img.ext4", "8M")
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         server = start_server(image, tmp_path / "mnt")
         assert (server.mountpoint / "f").read_bytes() == b"x"
         server.proc.send_signal(signum)

@@ -13,6 +13,7 @@ e2fsck-clean.
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -24,7 +25,7 @@ import pytest
 
 from support.fileops import syncfs
 from support.kernel import kernel_mount, why_no_kernel_mounts
-from support.serve import ext4box_argv, served, why_no_fuse
+from support.serve import ext4box_argv, fuse_backend, served, why_no_fuse
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -148,19 +149,31 @@ def test_streaming_writes_match_the_kernel(tmp_path: Path) -> None:
     assert on_image == expected
     assert direct_reads == expected
 
-    # libfuse answered INIT with 1 MiB writes, and the server got requests of
+    # INIT was answered with 1 MiB writes, and the server got requests of
     # that size: the 3 MiB write arrived in pieces no larger than max_write.
-    init_reply = re.search(r"INIT: 7\.\d+\n(?:\s+\S+\n)*?\s+max_write=0x([0-9a-f]+)", log)
-    assert init_reply is not None, log[:2000]
-    max_write = int(init_reply.group(1), 16)
+    max_write, sizes = _negotiated_write_sizes(log)
     assert max_write == MIB
-    sizes = [int(n) - FUSE_IN_HEADER
-             for n in re.findall(r"opcode: WRITE \(16\), nodeid: \d+, insize: (\d+)", log)]
     assert sizes and max(sizes) == MIB
     assert all(0 < size <= max_write for size in sizes)
     total = sum(len(data) for data in payloads.values())
     assert sum(sizes) == total
 
+
+
+def _negotiated_write_sizes(log: str) -> tuple[int, list[int]]:
+    """(max_write agreed at INIT, data bytes of every WRITE) from a --debug log."""
+    if fuse_backend() == "pyfuse3":
+        # libfuse's own trace.
+        init_reply = re.search(r"INIT: 7\.\d+\n(?:\s+\S+\n)*?\s+max_write=0x([0-9a-f]+)", log)
+        assert init_reply is not None, log[:2000]
+        sizes = [int(n) - FUSE_IN_HEADER
+                 for n in re.findall(r"opcode: WRITE \(16\), nodeid: \d+, insize: (\d+)", log)]
+        return int(init_reply.group(1), 16), sizes
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    (session,) = [e for e in events if e.get("event") == "session"]
+    sizes = [e["insize"] - FUSE_IN_HEADER for e in events
+             if e.get("event") == "request" and e.get("opcode") == "WRITE"]
+    return session["max_write"], sizes
 
 
 def test_random_fill_of_a_sparse_file_through_the_mapping_cache(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from ext4box.blockdev import BlockDevice
 from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.filesystem import ACL_XATTRS, Filesystem
 from ext4box.fuse.attrs import entry_attributes
+from ext4box.fuse.dispatch import pack_entry
 from ext4box.iomap.engine import IOMapEngine
 
 T = TypeVar("T")
@@ -177,7 +178,9 @@ def _visit(s: _Session, fs: Filesystem, engine: IOMapEngine, ino: int) -> bool:
     inode = s.op(f"inode {ino}", lambda: fs.inode(ino))
     if inode is None:
         return False
-    s.op(f"getattr {ino}", lambda: entry_attributes(inode, fs.block_size))
+    # Packed as the native session packs a LOOKUP reply: any inode field the
+    # protocol cannot carry (a time before 1970, a huge id) must not crash it.
+    s.op(f"getattr {ino}", lambda: pack_entry(entry_attributes(inode, fs.block_size)))
     names = s.op(f"listxattr {ino}", lambda: fs.listxattr(ino)) or []
     for name in [*names, *ACL_XATTRS]:
         s.op(f"getxattr {ino} {name!r}", lambda n=name: fs.getxattr(ino, n))

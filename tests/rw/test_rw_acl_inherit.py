@@ -7,10 +7,10 @@ in them with assorted create modes. Both sides must report the same modes and
 ACLs (getxattr), walk the same trees (the walk includes every xattr), and both
 images must pass `e2fsck -fn`.
 
-The process umask is 0 while the scenario runs: with a default ACL the kernel's
-ext4 ignores the umask, but FUSE applies it before ext4box sees the mode
-unless the connection sets FUSE_DONT_MASK, which pyfuse3 cannot ask for (see
-test_umask_ignored_under_default_acl).
+The process umask is 0 while the scenario runs; test_umask_ignored_under_default_acl
+covers the umask: with a default ACL the kernel's ext4 ignores it. FUSE applies
+it before the server sees the mode unless the connection sets FUSE_DONT_MASK,
+which the native backend does and pyfuse3 cannot.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from rw_support import (
     on_both,
     skip_unless_possible,
 )
+
+from support.serve import fuse_backend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -122,25 +124,45 @@ def test_default_acl_inheritance_matches_kernel(tmp_path: Path, features: str) -
     assert by_path["minimal/f0666"][3][0] == "ENODATA"
 
 
-@pytest.mark.xfail(reason="FUSE applies the umask before ext4box sees the mode: pyfuse3 "
-                   "cannot set FUSE_DONT_MASK", strict=True)
+@pytest.mark.xfail(fuse_backend() == "pyfuse3", strict=True,
+                   reason="pyfuse3 cannot set FUSE_DONT_MASK: the kernel applies the umask "
+                          "before ext4box sees the mode")
 def test_umask_ignored_under_default_acl(tmp_path: Path) -> None:
-    """With a default ACL the kernel's ext4 ignores the umask (posix_acl_create)."""
+    """With a default ACL the kernel's ext4 ignores the umask (posix_acl_create);
+    without one it applies it. With FUSE_DONT_MASK the server decides, so both
+    cases, for files, directories, fifos, device-less nodes and symlinks, must
+    come out as on the kernel."""
     skip_unless_possible()
     image = make_image(tmp_path / "base.img", 16)
+
+    def make_all(root: Path, directory: str) -> list[tuple]:
+        top = root / directory
+        os.close(os.open(top / "f", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(top / "sub", 0o777)
+        os.mkfifo(top / "fifo", 0o666)
+        os.mknod(top / "node", 0o666 | stat.S_IFREG)
+        os.symlink("f", top / "link")
+        return [_observe(root, f"{directory}/{name}")
+                for name in ("f", "sub", "fifo", "node", "link")]
 
     def scenario(root: Path) -> list[tuple]:
         previous = os.umask(0o077)
         try:
             os.mkdir(root / "d", 0o755)
             os.setxattr(root / "d", DEFAULT, DEFAULT_NAMED)
-            os.close(os.open(root / "d" / "f", os.O_CREAT | os.O_WRONLY, 0o666))
-            return [_observe(root, "d/f")]
+            os.mkdir(root / "plain", 0o755)
+            seen = make_all(root, "d")
+            os.umask(0o027)
+            return seen + make_all(root, "plain")
         finally:
             os.umask(previous)
 
     (kernel_obs, _), (ours_obs, _) = on_both(tmp_path, image, scenario)
     assert ours_obs == kernel_obs
+    # The umask really was in play on the plain side, and ignored under the ACL.
+    by_path = {entry[0]: entry for entry in kernel_obs}
+    assert by_path["plain/f"][1] == oct(stat.S_IFREG | 0o640)
+    assert by_path["d/f"][1] != oct(stat.S_IFREG | 0o600)
 
 
 @pytest.mark.parametrize(("operation", "allowed"),

@@ -33,7 +33,20 @@ def ext4box_executable() -> list[str]:
     return [sys.executable, "-m", "ext4box"]
 
 
+def fuse_backend() -> str:
+    """The FUSE transport `ext4box serve` runs in tests: EXT4BOX_TEST_BACKEND, else native.
+
+    `make test` runs the FUSE-level suite and the kernel-vs-ext4box
+    differential a second time with EXT4BOX_TEST_BACKEND=pyfuse3.
+    """
+    backend = os.environ.get("EXT4BOX_TEST_BACKEND", "native")
+    if backend not in ("native", "pyfuse3"):
+        raise ValueError(f"EXT4BOX_TEST_BACKEND must be native or pyfuse3, not {backend!r}")
+    return backend
+
+
 def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro") -> list[str]:
+    options = f"{options},backend={fuse_backend()}"
     return [*ext4box_executable(), "serve", str(image), str(mountpoint), "-o", options]
 
 

@@ -1,4 +1,4 @@
-"""Inode → pyfuse3.EntryAttributes, and the FUSE node id rules.
+"""Inode → the attributes FUSE replies carry, and the FUSE node id rules.
 
 FUSE reserves node id 1 for the root; ext4's root is inode 2. Every other node
 id is the ext4 inode number itself, so st_ino matches what the kernel's ext4
@@ -8,11 +8,11 @@ shows. Inode 1 (bad blocks) can never appear in a directory.
 from __future__ import annotations
 
 import stat
-
-import pyfuse3
+from dataclasses import dataclass
 
 from ext4box.ext4.errors import Corrupt, inode_where
 from ext4box.ext4.inode import Inode
+from ext4box.fuse.protocol import ROOT_ID
 
 EXT4_ROOT_INO = 2
 BAD_BLOCKS_INO = 1
@@ -46,9 +46,35 @@ _FTYPE_TO_S_IFMT = {
 }
 
 
+@dataclass(slots=True)
+class Attributes:
+    """What a FUSE entry or attribute reply says about one inode (backend-neutral).
+
+    Timeouts are seconds the kernel may cache the name (entry) and the
+    attributes; times are nanoseconds since the epoch.
+    """
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int = 0
+    gid: int = 0
+    rdev: int = 0
+    size: int = 0
+    blksize: int = 4096
+    blocks: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    crtime_ns: int = 0
+    generation: int = 0
+    entry_timeout: float = 0.0
+    attr_timeout: float = 0.0
+
+
 def ext4_ino(node_id: int) -> int:
     """The ext4 inode behind a FUSE node id."""
-    return EXT4_ROOT_INO if node_id == pyfuse3.ROOT_INODE else node_id
+    return EXT4_ROOT_INO if node_id == ROOT_ID else node_id
 
 
 def check_child_ino(ino: int, dir_ino: int, name: bytes) -> None:
@@ -67,41 +93,41 @@ def check_child_ino(ino: int, dir_ino: int, name: bytes) -> None:
 
 def entry_attributes(
     inode: Inode, block_size: int, *, timeouts: tuple[float, float] = (ENTRY_TIMEOUT, ATTR_TIMEOUT)
-) -> pyfuse3.EntryAttributes:
+) -> Attributes:
     """Attributes of a facade Inode, exact to the nanosecond and the 512-byte block.
 
     `timeouts` is (entry, attribute) validity in seconds.
     """
-    attr = pyfuse3.EntryAttributes()
-    attr.st_ino = inode.ino
-    attr.generation = inode.generation
-    attr.entry_timeout, attr.attr_timeout = timeouts
-    attr.st_mode = inode.mode
-    attr.st_nlink = inode.links_count
-    attr.st_uid = inode.uid
-    attr.st_gid = inode.gid
-    attr.st_rdev = inode.rdev
-    attr.st_size = inode.size
-    attr.st_blksize = block_size
-    attr.st_blocks = inode.stat_blocks
-    attr.st_atime_ns = inode.atime_ns
-    attr.st_mtime_ns = inode.mtime_ns
-    attr.st_ctime_ns = inode.ctime_ns
-    attr.st_birthtime_ns = inode.crtime_ns
-    return attr
+    return Attributes(
+        ino=inode.ino,
+        mode=inode.mode,
+        nlink=inode.links_count,
+        uid=inode.uid,
+        gid=inode.gid,
+        rdev=inode.rdev,
+        size=inode.size,
+        blksize=block_size,
+        blocks=inode.stat_blocks,
+        atime_ns=inode.atime_ns,
+        mtime_ns=inode.mtime_ns,
+        ctime_ns=inode.ctime_ns,
+        crtime_ns=inode.crtime_ns,
+        generation=inode.generation,
+        entry_timeout=timeouts[0],
+        attr_timeout=timeouts[1],
+    )
 
 
-def placeholder_attributes(ino: int, file_type: int) -> pyfuse3.EntryAttributes:
+def placeholder_attributes(ino: int, file_type: int) -> Attributes:
     """Attributes for a listed name whose inode cannot be read.
 
     The name still shows up in the listing (as with the kernel's ext4, where
     readdir does not read inodes); zero timeouts make the kernel come back
     for real attributes, and that lookup/getattr reports the error.
     """
-    attr = pyfuse3.EntryAttributes()
-    attr.st_ino = ino
-    attr.entry_timeout = 0
-    attr.attr_timeout = 0
-    attr.st_mode = _FTYPE_TO_S_IFMT.get(file_type, stat.S_IFREG)
-    attr.st_nlink = 1
-    return attr
+    return Attributes(ino=ino, mode=file_type_mode(file_type), nlink=1)
+
+
+def file_type_mode(file_type: int) -> int:
+    """The S_IFMT bits of an ext4 directory entry's file type (regular if unknown)."""
+    return _FTYPE_TO_S_IFMT.get(file_type, stat.S_IFREG)

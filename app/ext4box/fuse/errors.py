@@ -3,16 +3,16 @@
 A request must never take the server down: ext4 errors become their errno,
 `Corrupt` additionally gets one structured log line naming what, where and
 why, and anything unexpected is logged with its traceback and answered EIO.
+`FuseError` is the one exception the operations layer lets out; each backend
+turns it into its own reply (an out header's error, pyfuse3.FUSEError).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import ParamSpec, TypeVar
-
-import pyfuse3
 
 from ext4box.ext4.errors import Corrupt, Ext4Error, NoData, NotFound, Unsupported
 from ext4box.log import get_logger
@@ -27,13 +27,26 @@ _QUIET = (NotFound, NoData)
 _DEVICE_ERRNOS_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
-def to_fuse_error(err: BaseException, op: str) -> pyfuse3.FUSEError:
-    """The FUSEError to answer for `err`, after logging it as it deserves."""
-    if isinstance(err, pyfuse3.FUSEError):
+class FuseError(Exception):
+    """The answer to a request is this errno (positive)."""
+
+    __slots__ = ("errno",)
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.errno = err
+
+    def __str__(self) -> str:
+        return errno.errorcode.get(self.errno, str(self.errno))
+
+
+def to_fuse_error(err: BaseException, op: str) -> FuseError:
+    """The FuseError to answer for `err`, after logging it as it deserves."""
+    if isinstance(err, FuseError):
         return err
     if isinstance(err, Corrupt):
         log.error("corrupt", what=err.what, where=err.where, why=err.why, op=op)
-        return pyfuse3.FUSEError(err.errno)
+        return FuseError(err.errno)
     if isinstance(err, Ext4Error):
         if isinstance(err, _QUIET):
             log.debug("request failed", op=op, error=str(err))
@@ -43,28 +56,26 @@ def to_fuse_error(err: BaseException, op: str) -> pyfuse3.FUSEError:
             )
         else:
             log.info("request failed", op=op, error=str(err), errno=err.errno)
-        return pyfuse3.FUSEError(err.errno)
+        return FuseError(err.errno)
     if isinstance(err, OSError) and err.errno is not None:
         # The device (image file) refused I/O. A full host disk is worth telling the
         # user as such; anything else is an I/O error of the device.
         log.error("device_io_failed", op=op, errno=errno.errorcode.get(err.errno, err.errno),
                   error=err.strerror)
-        return pyfuse3.FUSEError(err.errno if err.errno in _DEVICE_ERRNOS_PASSED else errno.EIO)
+        return FuseError(err.errno if err.errno in _DEVICE_ERRNOS_PASSED else errno.EIO)
     log.error("unexpected error", op=op, exc_info=err)
-    return pyfuse3.FUSEError(errno.EIO)
+    return FuseError(errno.EIO)
 
 
-def fuse_errors(
-    op: str,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Decorate an async handler so it only ever raises `FUSEError`."""
+def fuse_errors(op: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a handler so it only ever raises `FuseError`."""
 
-    def decorate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def decorate(handler: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(handler)
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
-                return await handler(*args, **kwargs)
-            except pyfuse3.FUSEError:
+                return handler(*args, **kwargs)
+            except FuseError:
                 raise
             except Exception as err:  # the server must survive any request
                 raise to_fuse_error(err, op) from None

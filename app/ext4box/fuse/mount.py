@@ -1,25 +1,24 @@
-"""Mount options and the serving loop of `ext4box serve`.
+"""Mount options of `ext4box serve`, and its pyfuse3 serving path.
 
-The user's -o options are checked against a short allow-list before libfuse
-sees them, so a typo is one clear error line rather than a libfuse usage dump,
-and nosuid,nodev can never be turned off.
+The user's -o options are checked against a short allow-list before any
+backend sees them, so a typo is one clear error line rather than a libfuse
+usage dump, and nosuid,nodev can never be turned off. `backend=native|pyfuse3`
+picks the FUSE transport (native, ours, by default).
 """
 
 from __future__ import annotations
 
-import gc
 import os
-import signal
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-import pyfuse3
-import trio
+from typing import TYPE_CHECKING
 
 from ext4box.bdi import set_read_ahead
-from ext4box.fuse.ops import Ext4Operations
 from ext4box.log import get_logger
+
+if TYPE_CHECKING:
+    from ext4box.fuse.operations import Operations
 
 log = get_logger("ext4box.fuse")
 
@@ -31,8 +30,9 @@ FORCED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions"})
 PASSTHROUGH_OPTIONS = frozenset({"noexec", "allow_other", "noatime", "nodiratime"})
 # Accepted and implied by FORCED_OPTIONS (or simply the default).
 IMPLIED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "exec"})
-# ext4's default commit interval: changes are made durable at least this often.
-COMMIT_INTERVAL_S = 5.0
+# The FUSE transports: our own on /dev/fuse (session.py), or libfuse via pyfuse3.
+BACKENDS = ("native", "pyfuse3")
+DEFAULT_BACKEND = "native"
 REFUSED_OPTIONS = {
     "suid": "option 'suid' is not allowed: mounts are always nosuid",
     "dev": "option 'dev' is not allowed: mounts are always nodev",
@@ -49,6 +49,7 @@ class MountSetupError(Exception):
 class MountConfig:
     mountpoint: str
     fuse_options: frozenset[str]
+    backend: str = DEFAULT_BACKEND
 
 
 def split_options(values: Iterable[str]) -> list[str]:
@@ -59,7 +60,7 @@ def split_options(values: Iterable[str]) -> list[str]:
 def fuse_options(
     image_path: str, user_options: Iterable[str], *, as_root: bool, debug: bool = False
 ) -> frozenset[str]:
-    """The option set for pyfuse3.init, or MountSetupError naming the bad option."""
+    """The option set (libfuse names), or MountSetupError naming the bad option."""
     options = set(FORCED_OPTIONS)
     options.add("fsname=" + _escape_option_value(image_path))
     options.add("subtype=ext4box")
@@ -109,82 +110,44 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountSetupError(f"mountpoint {mountpoint} is not a directory")
 
 
-def serve(ops: Ext4Operations, config: MountConfig) -> None:
-    """Mount, serve in the foreground until unmounted or signalled, unmount."""
+def take_backend(options: Iterable[str]) -> tuple[str, list[str]]:
+    """Split `backend=NAME` (the last one wins) from the mount options."""
+    backend, rest = DEFAULT_BACKEND, []
+    for opt in options:
+        if opt.startswith("backend="):
+            backend = opt.partition("=")[2]
+            if backend not in BACKENDS:
+                raise MountSetupError(
+                    f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        else:
+            rest.append(opt)
+    return backend, rest
+
+
+def is_fd_mountpoint(mountpoint: str) -> bool:
+    return mountpoint.startswith(_FD_MOUNTPOINT_PREFIX)
+
+
+def serve_pyfuse3(ops: Operations, config: MountConfig) -> None:
+    """Mount through libfuse, serve in the foreground until unmounted or signalled."""
+    from ext4box.fuse.pyfuse3_backend import serve_mounted
+
     # Resolved now: once mounted, any lookup of the mountpoint from this process
     # waits on our own request loop.
     resolved = os.path.realpath(config.mountpoint)
+    tune = None
+    if not is_fd_mountpoint(config.mountpoint) and os.geteuid() == 0:
+        def tune() -> bool:
+            return set_read_ahead(resolved)
+    log.info("mounting", mountpoint=config.mountpoint, backend="pyfuse3",
+             options=",".join(sorted(config.fuse_options)))
     try:
-        pyfuse3.init(ops, config.mountpoint, set(config.fuse_options))
+        # Unmounts if we stop for a signal; a no-op after an external umount.
+        serve_mounted(ops, config.mountpoint, set(config.fuse_options), unmount=True, tune=tune)
     except RuntimeError as err:
         # libfuse has already printed its own reason on stderr.
         raise MountSetupError(f"cannot mount on {config.mountpoint}: {err}") from None
-    log.info("mounted", mountpoint=config.mountpoint, options=",".join(sorted(config.fuse_options)))
-    tune = None
-    if not config.mountpoint.startswith(_FD_MOUNTPOINT_PREFIX) and os.geteuid() == 0:
-        def tune() -> bool:
-            return set_read_ahead(resolved)
-    try:
-        trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None, tune)
-    finally:
-        # Unmounts if we stop for a signal; a no-op after an external umount.
-        pyfuse3.close(unmount=True)
     log.info("unmounted", mountpoint=config.mountpoint)
-
-
-async def serve_until_unmounted(commit: Callable[[], None] | None = None,
-                                 tune: Callable[[], bool] | None = None) -> None:
-    """Run pyfuse3's loop until the kernel unmounts or SIGINT/SIGTERM/SIGHUP arrives.
-
-    `commit` (read-write mounts) runs every COMMIT_INTERVAL_S in the loop,
-    between requests. `tune` adjusts the mount once the kernel has processed
-    our FUSE_INIT reply (which would undo it). Shared with ext4box.fuse.serve
-    (the appliance's fd hand-off path).
-    """
-    # Everything alive now (modules, the opened filesystem) lives as long as
-    # the session: out of the collector's sight, a full collection walks only
-    # what requests create (cheaper per request: a cold readdirplus entry
-    # spent ~2.5 µs of 14 in the collector).
-    gc.freeze()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
-        if commit is not None:
-            nursery.start_soon(_commit_periodically, commit)
-        if tune is not None:
-            nursery.start_soon(_tune_after_init, tune)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-
-
-async def _tune_after_init(tune: Callable[[], bool]) -> None:
-    # FUSE_INIT is the kernel's first request and is answered as soon as the loop
-    # runs; its reply caps the read-ahead, so set it after that, and once more
-    # later in case the reply was slow.
-    for delay in (0.2, 1.0):
-        await trio.sleep(delay)
-        try:
-            if not tune():
-                return
-        except Exception as err:  # tuning must never stop the server
-            log.warning("tuning failed", exc_info=err)
-            return
-
-
-async def _commit_periodically(commit: Callable[[], None]) -> None:
-    while True:
-        await trio.sleep(COMMIT_INTERVAL_S)
-        try:
-            commit()
-        except Exception as err:  # a failed commit must not stop the server
-            log.error("commit failed", exc_info=err)
-
-
-async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("terminating", signal=signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
 
 
 def _escape_option_value(value: str) -> str:

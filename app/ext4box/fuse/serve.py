@@ -1,16 +1,20 @@
 """Serve a FUSE session on descriptors handed over by the host helper.
 
 The helper has opened the image and /dev/fuse and performed the mount; the
-service (ext4box.service.main) received both fds and verified them. Here:
+service (ext4box.service.main) received both fds and verified them. Here, on
+the native backend (the default):
 
-    trio loop starts          (its wakeup socketpair and epoll fd exist now)
     confine()                 (stage-2 seccomp: from here no path, no socket)
     parse the image           (first untrusted byte is read here)
-    pyfuse3 session on /dev/fd/N, ready(), serve until the kernel unmounts
+    FUSE_INIT answered        (the fd really carries a mount)
+    ready()                   (READY to the helper), serve until the kernel unmounts
 
-The session never mounts or unmounts anything: pyfuse3 treats a mountpoint
-of /dev/fd/N as an already-mounted /dev/fuse descriptor, and at the end the
-helper's umount (or a dead server's ENOTCONN) is the host's business.
+The session never mounts or unmounts anything, and at the end the helper's
+umount (or a dead server's ENOTCONN) is the host's business. The pyfuse3
+backend (backend="pyfuse3") runs the same steps inside a trio loop that is
+started before confine() (its wakeup socketpair and epoll fd exist then);
+pyfuse3 treats a mountpoint of /dev/fd/N as an already-mounted descriptor
+and the session exists (READY) before INIT is answered.
 """
 
 from __future__ import annotations
@@ -20,14 +24,11 @@ import errno
 import os
 from collections.abc import Callable
 
-import pyfuse3
-import trio
-
 from ext4box.blockdev import BlockDevice
 from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.filesystem import Filesystem
-from ext4box.fuse.mount import serve_until_unmounted
-from ext4box.fuse.ops import Ext4Operations
+from ext4box.fuse.operations import Operations
+from ext4box.fuse.session import NotMounted, Session
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.log import get_logger
 from ext4box.service.protocol import Mode, ReceivedMount
@@ -57,13 +58,14 @@ def serve_fds(
     ready: Callable[[], None],
     *,
     confine: Callable[[], None] | None = None,
+    backend: str = "native",
 ) -> int:
     """Serve `received` until the kernel side unmounts; returns the exit code (0).
 
-    `confine` (the service's stage-2 seccomp filter) runs inside the trio
-    loop before the image is parsed. `ready` runs once the pyfuse3 session
-    exists on the fuse fd. Raises ServeRefused (both fds closed) when the
-    request cannot be served; the caller tells the helper.
+    `confine` (the service's stage-2 seccomp filter) runs before the image is
+    parsed. `ready` runs once the session is up: on the native backend after
+    FUSE_INIT has been answered. Raises ServeRefused (both fds closed) when
+    the request cannot be served; the caller tells the helper.
     """
     request = received.request
     try:
@@ -73,13 +75,29 @@ def serve_fds(
     except ServeRefused:
         received.close()
         raise
-    trio.run(_serve, received, ready, confine)
+    if backend == "pyfuse3":
+        import trio
+
+        trio.run(_serve_pyfuse3, received, ready, confine)
+        return 0
+    fs = _confine_and_open(received, confine)
+    try:
+        session = Session(Operations(fs, IOMapEngine(fs, fs.dev)), received.fuse_fd,
+                          after_init=ready)
+        try:
+            session.run()
+        except NotMounted as exc:
+            raise ServeRefused(f"cannot serve /dev/fuse fd {received.fuse_fd}: {exc}",
+                               errno.ENOTCONN) from None
+        log.info("unmounted")
+    finally:
+        _close_quietly(received.fuse_fd)
+        fs.close()
+        fs.dev.close()
     return 0
 
 
-async def _serve(
-    received: ReceivedMount, ready: Callable[[], None], confine: Callable[[], None] | None
-) -> None:
+def _confine_and_open(received: ReceivedMount, confine: Callable[[], None] | None) -> Filesystem:
     try:
         if confine is not None:
             confine()
@@ -89,13 +107,40 @@ async def _serve(
         received.close()
         raise
     try:
-        fs = _open_filesystem(dev, received.fuse_fd)
-        try:
-            await _run_session(fs, IOMapEngine(fs, fs.dev), received.fuse_fd, ready)
-        finally:
-            fs.close()
-    finally:
+        return _open_filesystem(dev, received.fuse_fd)
+    except BaseException:
         dev.close()
+        raise
+
+
+async def _serve_pyfuse3(
+    received: ReceivedMount, ready: Callable[[], None], confine: Callable[[], None] | None
+) -> None:
+    from ext4box.fuse import pyfuse3_backend
+
+    fs = _confine_and_open(received, confine)
+    try:
+        ops = Operations(fs, IOMapEngine(fs, fs.dev))
+        try:
+            pyfuse3_backend.start_on_fd(ops, received.fuse_fd)
+        except RuntimeError as exc:
+            _close_quietly(received.fuse_fd)
+            reason = f"cannot start the FUSE session on /dev/fd/{received.fuse_fd}: {exc}"
+            raise ServeRefused(reason, errno.EIO) from None
+        try:
+            log.info("session", backend="pyfuse3", fuse_fd=received.fuse_fd,
+                     block_size=fs.block_size)
+            ready()
+            await pyfuse3_backend.serve_until_unmounted(
+                ops.commit_tick if ops.writable else None)
+        finally:
+            # Never unmount: this process may not (and must not) name a path.
+            # fuse_session_destroy closes the fuse fd.
+            pyfuse3_backend.close_session()
+        log.info("unmounted")
+    finally:
+        fs.close()
+        fs.dev.close()
 
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
@@ -107,31 +152,6 @@ def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
     except BaseException:
         _close_quietly(fuse_fd)
         raise
-
-
-async def _run_session(
-    fs: Filesystem, engine: IOMapEngine, fuse_fd: int, ready: Callable[[], None]
-) -> None:
-    mountpoint = f"/dev/fd/{fuse_fd}"
-    try:
-        # Options are the helper's, applied at mount(2); none is needed here.
-        ops = Ext4Operations(fs, engine)
-        pyfuse3.init(ops, mountpoint, set())
-    except RuntimeError as exc:
-        _close_quietly(fuse_fd)
-        reason = f"cannot start the FUSE session on {mountpoint}: {exc}"
-        raise ServeRefused(reason, errno.EIO) from None
-    try:
-        log.info("session", fuse_fd=fuse_fd, block_size=fs.block_size)
-        ready()
-        # Read-write: commit every few seconds; fs.close() (the caller's) marks
-        # the image clean after the kernel unmounts or a signal stops us.
-        await serve_until_unmounted(ops.commit_tick if ops.writable else None)
-    finally:
-        # Never unmount: this process may not (and must not) name a path.
-        # fuse_session_destroy closes the fuse fd.
-        pyfuse3.close(unmount=False)
-    log.info("unmounted")
 
 
 def _close_quietly(fd: int) -> None:

@@ -19,8 +19,9 @@ fails with EPERM. In particular:
 
 Callers must have imported every module and dlopen()ed every library they
 will use before calling lock_down(): afterwards Python can open no file.
-trio's run loop must already be running (its wakeup socketpair and epoll fd
-are created when it starts).
+The native FUSE loop needs nothing more; with backend="pyfuse3", trio's run
+loop must already be running (its wakeup socketpair and epoll fd are created
+when it starts) and threads, epoll and socket reads are allowed too.
 """
 
 from __future__ import annotations
@@ -42,23 +43,22 @@ FIONBIO = 0x5421
 FIOCLEX = 0x5451
 FIONCLEX = 0x5450
 
-# Syscalls on descriptors the process already holds, memory, threads, time
-# and signals. Measured (seccomp/measure.sh) plus the close relatives a libc
-# may pick instead (e.g. epoll_pwait for epoll_wait).
+# Syscalls on descriptors the process already holds, memory, time and
+# signals: what the native FUSE loop (ext4box.fuse.session: blocking readv,
+# one writev per reply, poll only while a commit is pending) measurably does
+# (seccomp/measure.sh), plus the close relatives a libc may pick instead
+# (e.g. ppoll for poll, preadv for multi-segment reads).
 READ_ONLY_SYSCALLS = (
-    # I/O on held fds: /dev/fuse, the image, the hand-off socket, trio's
-    # wakeup socketpair and epoll fd, stderr.
+    # I/O on held fds: /dev/fuse, the image, the hand-off socket (READY or
+    # ERROR is its last message), stderr.
     "read", "readv", "pread64", "preadv", "preadv2", "write", "writev",
     "lseek", "close", "fstat", "newfstatat", "statx", "fcntl", "fstatfs",
-    "sendmsg", "sendto", "recvmsg", "recvfrom", "getsockopt", "getsockname",
-    "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll",
-    "select", "pselect6",
+    "sendmsg", "sendto", "poll", "ppoll",
     # memory
     "mmap", "munmap", "mprotect", "madvise", "mremap", "brk",
-    # threads (trio's worker threads for large reads) and their locks
-    "futex", "set_robust_list", "get_robust_list", "rseq", "sched_yield",
-    "sched_getaffinity", "membarrier",
-    # signals (trio's signal receiver, SIGTERM from catatonit)
+    # the allocator's and the interpreter's locks
+    "futex",
+    # signals (SIGTERM from catatonit ends the session between requests)
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
     # identity, time, randomness
     "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid",
@@ -67,15 +67,34 @@ READ_ONLY_SYSCALLS = (
     "exit", "exit_group",
 )  # fmt: skip
 
+# Only for backend="pyfuse3": trio's epoll loop, wakeup socketpair and worker
+# threads (large reads), libfuse's poll of the fd.
+PYFUSE3_SYSCALLS = (
+    "recvmsg", "recvfrom", "getsockopt", "getsockname",
+    "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "select", "pselect6",
+    "set_robust_list", "get_robust_list", "rseq", "sched_yield", "sched_getaffinity",
+    "membarrier",
+)  # fmt: skip
+
 # Added for read-write mounts: writes, early writeback (iomap/writeback.py) and
 # flushes on the held image fd.
 WRITE_SYSCALLS = ("pwrite64", "pwritev", "pwritev2", "sync_file_range", "fsync", "fdatasync",
                   "fallocate")
 
 
-def rules(*, writable: bool) -> list[Rule]:
+def rules(*, writable: bool, backend: str = "native") -> list[Rule]:
     names = READ_ONLY_SYSCALLS + (WRITE_SYSCALLS if writable else ())
     out = [Rule(name, ACT_ALLOW) for name in names]
+    out += [
+        # socket.setblocking() and os.set_inheritable() on held fds.
+        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIONBIO),)),
+        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIOCLEX),)),
+        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIONCLEX),)),
+    ]
+    if backend != "pyfuse3":
+        # The native loop is one thread: no clone, no thread names, no tgkill.
+        return out
+    out += [Rule(name, ACT_ALLOW) for name in PYFUSE3_SYSCALLS]
     pid = os.getpid()
     out += [
         # A thread, never a process, never a namespace.
@@ -91,10 +110,6 @@ def rules(*, writable: bool) -> list[Rule]:
         # Worker threads name themselves (trio: pthread_setname_np on self).
         Rule("prctl", ACT_ALLOW, (ArgCmp(0, libseccomp.CMP_EQ, PR_SET_NAME),)),
         Rule("prctl", ACT_ALLOW, (ArgCmp(0, libseccomp.CMP_EQ, PR_GET_NAME),)),
-        # socket.setblocking() and os.set_inheritable() on held fds.
-        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIONBIO),)),
-        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIOCLEX),)),
-        Rule("ioctl", ACT_ALLOW, (ArgCmp(1, libseccomp.CMP_EQ, FIONCLEX),)),
     ]
     return out
 
@@ -103,22 +118,27 @@ def rules(*, writable: bool) -> list[Rule]:
 # front, so a late `import` inside a function (the read-write facade, say)
 # cannot fail once open() is denied.
 _SERVING_PACKAGES = ("ext4box.ext4", "ext4box.iomap", "ext4box.fuse")
+# Imported only for that backend: pyfuse3 and trio (whose import probes
+# ctypes with `ldconfig -p`, a fork and exec the native server never needs).
+_BACKEND_ONLY_MODULES = {"ext4box.fuse.pyfuse3_backend": "pyfuse3"}
 
 
-def prepare() -> None:
+def prepare(backend: str = "native") -> None:
     """Load what lock_down() and the server need while files can still be opened."""
     libseccomp.load_library()
     libseccomp.resolve("read")
     for package_name in _SERVING_PACKAGES:
         package = importlib.import_module(package_name)
         for module in pkgutil.iter_modules(package.__path__, package_name + "."):
-            importlib.import_module(module.name)
+            if _BACKEND_ONLY_MODULES.get(module.name, backend) == backend:
+                importlib.import_module(module.name)
 
 
-def lock_down(*, writable: bool = False) -> None:
+def lock_down(*, writable: bool = False, backend: str = "native") -> None:
     """Install the stage-2 filter on every thread of this process.
 
     Raises libseccomp.SeccompError if it cannot be installed: the caller must
     then refuse to serve (untrusted bytes are parsed only under this filter).
     """
-    libseccomp.install(act_errno(errno.EPERM), rules(writable=writable), all_threads=True)
+    libseccomp.install(act_errno(errno.EPERM), rules(writable=writable, backend=backend),
+                       all_threads=True)

@@ -1,0 +1,83 @@
+"""`ext4box serve` on the native backend: mount /dev/fuse ourselves, then serve it.
+
+Direct mode has no helper process, so the server mounts: as root with
+mount(2) ("fd=N,rootmode=...,user_id=,group_id=" on an O_PATH fd of the
+directory), otherwise through fusermount3's _FUSE_COMMFD hand-back — the
+helper's own code (helper/fusemount.py), not a copy. A MOUNTPOINT of
+/dev/fd/N is an already mounted /dev/fuse descriptor and is served as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+from ext4box.bdi import set_read_ahead
+from ext4box.fuse.mount import MountConfig, MountSetupError, is_fd_mountpoint
+from ext4box.fuse.operations import Operations
+from ext4box.fuse.session import NotMounted, Session
+from ext4box.helper.errors import HelperError
+from ext4box.helper.fusemount import MountSpec, mount, unmount
+from ext4box.log import get_logger
+
+log = get_logger("ext4box.fuse")
+
+
+def serve_native(ops: Operations, config: MountConfig, image_path: str, *,
+                 trace: bool = False) -> None:  # fmt: skip
+    """Mount (unless given an fd), serve in the foreground until unmounted or signalled."""
+    if is_fd_mountpoint(config.mountpoint):
+        fuse_fd = int(config.mountpoint.rpartition("/")[2])
+        _serve(ops, fuse_fd, tune=None, trace=trace)
+        return
+    # Resolved now: once mounted, any lookup of the mountpoint from this
+    # process waits on our own request loop.
+    resolved = os.path.realpath(config.mountpoint)
+    spec = MountSpec(
+        mountpoint=resolved,
+        source=image_path,
+        mode="rw" if "rw" in config.fuse_options else "ro",
+        noexec="noexec" in config.fuse_options,
+        allow_other="allow_other" in config.fuse_options,
+        uid=os.getuid(),
+        gid=os.getgid(),
+    )
+    ignored = sorted(config.fuse_options & {"noatime", "nodiratime"})
+    if ignored:
+        # The helper's MountSpec carries no atime flags; FUSE never updates
+        # atime on its own (the server would), so reads leave it unchanged anyway.
+        log.info("mount option not applied", options=",".join(ignored), backend="native")
+    try:
+        fuse_fd = mount(spec)
+    except HelperError as err:
+        raise MountSetupError(str(err)) from None
+    log.info("mounted", mountpoint=config.mountpoint, backend="native",
+             options=",".join(sorted(config.fuse_options)))
+
+    def tune() -> None:
+        # The INIT reply caps the read-ahead, and it has just been processed.
+        if os.geteuid() == 0:
+            set_read_ahead(resolved)
+
+    try:
+        session = _serve(ops, fuse_fd, tune=tune, trace=trace)
+    finally:
+        # Closing first aborts the connection, so an unmount cannot wait on us.
+        os.close(fuse_fd)
+    if session.stopped_by is not None:
+        # Stopped for a signal: the mount is still there (an external umount
+        # ends the session with ENODEV instead).
+        with contextlib.suppress(HelperError):
+            unmount(resolved)
+    log.info("unmounted", mountpoint=config.mountpoint)
+
+
+def _serve(ops: Operations, fuse_fd: int, *, tune: Callable[[], None] | None,
+           trace: bool) -> Session:  # fmt: skip
+    session = Session(ops, fuse_fd, after_init=tune, trace=trace)
+    try:
+        session.run()
+    except NotMounted as err:
+        raise MountSetupError(f"cannot serve: {err}") from None
+    return session

@@ -1,0 +1,289 @@
+"""The requests that change the namespace or an inode's attributes.
+
+Part of the transport-neutral operations (operations.Operations inherits
+this class): create, mknod, mkdir, symlink, link, unlink, rmdir, rename and
+setattr, with the rules the VFS leaves to a FUSE server: names longer than
+ext4 holds, the umask when the kernel passes it (FUSE_DONT_MASK), ownership
+of new inodes in set-group-ID directories, and suid/sgid clearing on
+truncate and chown.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ext4box.ext4.errors import NotFound
+from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.inode import Inode
+from ext4box.fuse.attrs import Attributes, ext4_ino
+from ext4box.fuse.errors import FuseError, fuse_errors
+from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
+from ext4box.iomap.engine import IOMapEngine
+
+if TYPE_CHECKING:
+    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.fuse.operations import Context, OpenResult
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+POSIX_ACL_DEFAULT = b"system.posix_acl_default"
+_PERMISSION_BITS = 0o7777
+NAME_MAX = 255
+
+
+def check_name(name: bytes) -> None:
+    """ENAMETOOLONG for a name ext4 cannot hold, as the kernel's ext4 answers.
+
+    (The kernel passes FUSE names up to 1024 bytes; ext4's limit is 255.)
+    """
+    if len(name) > NAME_MAX:
+        raise FuseError(errno.ENAMETOOLONG)
+
+
+@dataclass(frozen=True, slots=True)
+class SetattrRequest:
+    """The attributes a SETATTR changes (None: unchanged), times already resolved.
+
+    `kill_suidgid` is the kernel's FATTR_KILL_SUIDGID, or None when the
+    transport cannot say (then: chown of a non-directory always, truncate by
+    anyone but root, as the VFS decides).
+    """
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    kill_suidgid: bool | None = None
+
+    def changes_nothing(self) -> bool:
+        return (self.mode is None and self.uid is None and self.gid is None
+                and self.size is None and self.atime_ns is None and self.mtime_ns is None
+                and self.ctime_ns is None)  # fmt: skip
+
+
+class NamespaceChanges:
+    """Mixin of operations.Operations: the state it uses is declared there."""
+
+    fs: Filesystem
+    engine: IOMapEngine
+    lookup_counts: dict[int, int]
+    _open_counts: dict[int, int]
+    _orphans: set[int]
+    _dead: dict[int, Attributes]
+
+    # Provided by Operations.
+    rw: WritableFilesystem
+
+    def _require_writable(self) -> None: ...
+    def _attributes(self, ino: int) -> Attributes: ...
+    def _inode_attributes(self, inode: Inode) -> Attributes: ...
+    def remember(self, ino: int) -> None: ...
+    def new_handle(self, ino: int, *, writable: bool, uid: int,
+                   direct: bool = False) -> OpenResult: ...  # fmt: skip
+
+    # -- new inodes ------------------------------------------------------------
+
+    def _new_owner(self, parent: int, mode: int, ctx: Context) -> tuple[int, int]:
+        """(mode, gid) of a new inode, as the kernel's inode_init_owner decides.
+
+        The umask first, when the kernel left it to us (FUSE_DONT_MASK): not
+        under a default ACL, which replaces it (ext4's posix_acl_create), and
+        never for a symlink. In a set-group-ID directory the new inode takes
+        the directory's group, and a new subdirectory inherits the bit. (The
+        VFS has already stripped an S_ISGID the caller may not set.)
+        """
+        parent_node = self.fs.inode(parent)
+        if ctx.umask is not None and not stat.S_ISLNK(mode) and not (
+            may_have_xattrs(parent_node)
+            and self.fs.find_xattr(parent, POSIX_ACL_DEFAULT) is not None
+        ):
+            mode &= ~ctx.umask
+        if parent_node.mode & stat.S_ISGID:
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+            return mode, parent_node.gid
+        return mode, ctx.gid
+
+    def _entry(self, inode: Inode) -> Attributes:
+        self.engine.invalidate(inode.ino)  # an inode number may be reused
+        self._dead.pop(inode.ino, None)
+        attr = self._inode_attributes(inode)
+        self.remember(inode.ino)
+        return attr
+
+    @fuse_errors("create")
+    def create(self, parent_id: int, name: bytes, mode: int, flags: int, ctx: Context
+               ) -> tuple[OpenResult, Attributes]:  # fmt: skip
+        check_name(name)
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        mode, gid = self._new_owner(parent, stat.S_IFREG | (mode & _PERMISSION_BITS), ctx)
+        node = self.rw.create(parent, name, mode, ctx.uid, gid)
+        attr = self._entry(node)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        handle = self.new_handle(node.ino, writable=writable, uid=ctx.uid,
+                                 direct=bool(flags & os.O_DIRECT))
+        return handle, attr
+
+    @fuse_errors("mknod")
+    def mknod(self, parent_id: int, name: bytes, mode: int, rdev: int, ctx: Context
+              ) -> Attributes:  # fmt: skip
+        check_name(name)
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        mode, gid = self._new_owner(parent, mode, ctx)
+        is_device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        node = self.rw.create(parent, name, mode, ctx.uid, gid, rdev=rdev if is_device else 0)
+        return self._entry(node)
+
+    @fuse_errors("mkdir")
+    def mkdir(self, parent_id: int, name: bytes, mode: int, ctx: Context) -> Attributes:
+        check_name(name)
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        mode, gid = self._new_owner(parent, stat.S_IFDIR | (mode & _PERMISSION_BITS), ctx)
+        node = self.rw.mkdir(parent, name, mode, ctx.uid, gid)
+        return self._entry(node)
+
+    @fuse_errors("symlink")
+    def symlink(self, parent_id: int, name: bytes, target: bytes, ctx: Context) -> Attributes:
+        check_name(name)
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        _, gid = self._new_owner(parent, stat.S_IFLNK, ctx)
+        node = self.rw.symlink(parent, name, target, ctx.uid, gid)
+        return self._entry(node)
+
+    @fuse_errors("link")
+    def link(self, node_id: int, new_parent_id: int, new_name: bytes) -> Attributes:
+        check_name(new_name)
+        self._require_writable()
+        node = self.rw.link(ext4_ino(node_id), ext4_ino(new_parent_id), new_name)
+        attr = self._inode_attributes(node)
+        self.remember(node.ino)
+        return attr
+
+    # -- removing names ------------------------------------------------------
+
+    def _bury(self, ino: int, before: Inode) -> None:
+        """`ino` lost its last name: keep answering getattr (nlink 0) while looked up."""
+        if ino in self.lookup_counts:
+            attr = self._inode_attributes(before)
+            attr.nlink = 0
+            self._dead[ino] = attr
+
+    @fuse_errors("unlink")
+    def unlink(self, parent_id: int, name: bytes) -> None:
+        check_name(name)
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        ino = self.fs.lookup(parent, name)
+        still_open = self._open_counts.get(ino, 0) > 0
+        node = self.rw.unlink(parent, name, still_open=still_open)
+        if node.links_count == 0:
+            if still_open:
+                self._orphans.add(ino)
+            else:
+                self.engine.invalidate(ino)
+                self._bury(ino, node)
+
+    @fuse_errors("rmdir")
+    def rmdir(self, parent_id: int, name: bytes) -> None:
+        check_name(name)
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        ino = self.fs.lookup(parent, name)
+        before = self.fs.inode(ino)
+        self.rw.rmdir(parent, name)
+        self.engine.invalidate(ino)
+        self._bury(ino, before)
+
+    @fuse_errors("rename")
+    def rename(self, old_parent_id: int, old_name: bytes, new_parent_id: int,
+               new_name: bytes, flags: int) -> None:  # fmt: skip
+        check_name(old_name)
+        check_name(new_name)
+        self._require_writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FuseError(errno.EINVAL)
+        old_parent = ext4_ino(old_parent_id)
+        new_parent = ext4_ino(new_parent_id)
+        source = self.fs.lookup(old_parent, old_name)
+        try:
+            target: int | None = self.fs.lookup(new_parent, new_name)
+        except NotFound:
+            target = None
+        victim = self.fs.inode(target) if target is not None else None
+        self.rw.rename(old_parent, old_name, new_parent, new_name, flags)
+        if victim is not None and victim.ino != source and not flags & RENAME_EXCHANGE:
+            # The replaced inode lost a name; if that was its last, it is
+            # gone, or (still open) on the orphan list until its last release.
+            remaining = 0 if victim.is_dir else victim.links_count - 1
+            if remaining <= 0:
+                if self._open_counts.get(victim.ino, 0) > 0:
+                    self._orphans.add(victim.ino)
+                else:
+                    self.engine.invalidate(victim.ino)
+                    self._bury(victim.ino, victim)
+
+    # -- attributes ----------------------------------------------------------
+
+    @fuse_errors("setattr")
+    def setattr(self, node_id: int, req: SetattrRequest, ctx: Context) -> Attributes:
+        ino = ext4_ino(node_id)
+        if req.changes_nothing() and not self.writable:
+            return self._attributes(ino)
+        # A SETATTR naming no field is chown(path, -1, -1) (FATTR_CTIME comes only
+        # with the writeback cache): ctime still becomes now below, as on ext4.
+        self._require_writable()
+        node = self.fs.inode(ino)
+        changes: dict[str, int] = {}
+        mode = node.mode
+        if req.mode is not None:
+            mode = stat.S_IFMT(node.mode) | (req.mode & _PERMISSION_BITS)
+        if req.uid is not None and req.uid != node.uid:
+            changes["uid"] = req.uid
+        if req.gid is not None and req.gid != node.gid:
+            changes["gid"] = req.gid
+        # An empty SETATTR is chown(path, -1, -1): a chown all the same.
+        empty = req.changes_nothing()
+        chown = req.uid is not None or req.gid is not None or empty
+        if req.kill_suidgid is None:
+            # chown(2) clears suid (always) and sgid (with group-exec), even
+            # for root, as notify_change does for ATTR_KILL_SUID/SGID; a
+            # truncate only for a caller without CAP_FSETID.
+            kill = (chown and not node.is_dir) or (req.size is not None and ctx.uid != 0)
+        else:
+            # The kernel's FATTR_KILL_SUIDGID comes with a chown that names an
+            # owner, never with chown(-1, -1), which clears the bits on ext4 too.
+            kill = (req.kill_suidgid or empty) and not node.is_dir
+        if kill and req.mode is None:
+            mode = killpriv_mode(mode) or mode
+        if req.size is not None:
+            if not node.is_reg:
+                raise FuseError(errno.EISDIR if node.is_dir else errno.EINVAL)
+            if req.size > node.size:
+                # Bytes past the old EOF in its last block must read as zeros.
+                self.engine.zero_tail(node, req.size)
+            changes["size"] = req.size
+        if mode != node.mode:
+            changes["mode"] = mode
+        if req.atime_ns is not None:
+            changes["atime_ns"] = req.atime_ns
+        if req.mtime_ns is not None:
+            changes["mtime_ns"] = req.mtime_ns
+        # Every attribute change moves ctime to now, as notify_change does.
+        changes["ctime_ns"] = req.ctime_ns if req.ctime_ns is not None else now_ns()
+        node = self.rw.setattr(ino, **changes)
+        if "size" in changes:
+            self.engine.invalidate(ino)
+        return self._inode_attributes(node)

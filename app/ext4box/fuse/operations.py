@@ -1,0 +1,422 @@
+"""What each FUSE request does to an ext4 filesystem, whichever transport carries it.
+
+Plain synchronous methods: arguments are node ids, names, modes and a
+`Context`; results are `Attributes`, `OpenResult`, bytes; failures are one
+exception, `FuseError(errno)`. The native session (session.py, dispatch.py)
+and the pyfuse3 backend (pyfuse3_backend.py) both call this class, and the
+ext4 side never learns which one is in use.
+
+The state kept here is what FUSE itself defines (lookup counts, open
+handles, open counts per inode) plus the POSIX rules the VFS leaves to a
+FUSE server; namespace changes and setattr are in changes.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from ext4box.ext4.filesystem import Filesystem, StatFs
+from ext4box.ext4.inode import Inode
+from ext4box.fuse.attrs import (
+    ATTR_TIMEOUT,
+    ENTRY_TIMEOUT,
+    RW_ATTR_TIMEOUT,
+    RW_ENTRY_TIMEOUT,
+    Attributes,
+    check_child_ino,
+    entry_attributes,
+    ext4_ino,
+    placeholder_attributes,
+)
+from ext4box.fuse.changes import NamespaceChanges, check_name
+from ext4box.fuse.errors import FuseError, fuse_errors, to_fuse_error
+from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
+from ext4box.iomap.engine import IOMapEngine, ReadPlan
+from ext4box.log import get_logger
+
+if TYPE_CHECKING:
+    from ext4box.ext4.writable import WritableFilesystem
+
+log = get_logger("ext4box.fuse")
+
+_DOT_NAMES = (b".", b"..")
+SECURITY_CAPABILITY = b"security.capability"
+_S_ISUID_SGID = stat.S_ISUID | stat.S_ISGID
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who asks: the caller's ids, and the umask when the server must apply it.
+
+    `umask` is None when the kernel has already applied it to the mode
+    (pyfuse3; the native session without FUSE_DONT_MASK).
+    """
+
+    uid: int
+    gid: int
+    pid: int = 0
+    umask: int | None = None
+
+
+@dataclass(slots=True)
+class OpenFile:
+    """One open file handle: which inode, and who opened it how."""
+
+    ino: int
+    writable: bool
+    # The opener's uid decides suid/sgid clearing on write when the transport
+    # does not say (FUSE_WRITE carries no credentials, and root keeps the bits).
+    uid: int
+    # Opened O_DIRECT: each read is the application's own, one at a time for
+    # a synchronous reader, so a threaded backend executes it inline.
+    direct: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult:
+    fh: int
+    # Keep the kernel's page cache across opens (see _new_handle).
+    keep_cache: bool = True
+
+
+# emit(name, ino, file_type, attributes or None, cookie) -> False when the reply is full.
+EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
+
+
+class Operations(NamespaceChanges):
+    """The transport-neutral FUSE operations on one filesystem (see module doc)."""
+
+    def __init__(self, fs: Filesystem, engine: IOMapEngine) -> None:
+        self.fs = fs
+        self.engine = engine
+        self.block_size = fs.block_size
+        self.writable = not getattr(fs, "readonly", True)
+        self.timeouts = (
+            (RW_ENTRY_TIMEOUT, RW_ATTR_TIMEOUT) if self.writable else (ENTRY_TIMEOUT, ATTR_TIMEOUT)
+        )
+        self.lookup_counts: dict[int, int] = {}
+        self._open_files: dict[int, OpenFile] = {}
+        self._open_dirs: dict[int, int] = {}
+        self._handle_ids = itertools.count(1)
+        # Open handles per inode: an unlinked inode stays (on the orphan list)
+        # until its last release.
+        self._open_counts: dict[int, int] = {}
+        self._orphans: set[int] = set()
+        # Last attributes of inodes already freed while the kernel still holds
+        # a lookup reference (a removed directory someone's cwd is in): answer
+        # getattr with nlink 0 as ext4 does, until forget.
+        self._dead: dict[int, Attributes] = {}
+        # Set by every change; the commit timer commits only when set.
+        self.dirty = False
+        # Inodes whose attributes changed without the kernel asking for it
+        # (suid/sgid cleared or capabilities dropped by a write): a transport
+        # that can tell the kernel (FUSE_NOTIFY_INVAL_INODE) drains this.
+        self.changed_behind_kernel: list[int] = []
+        if self.writable:
+            # rename() asks this when the target it replaces loses its last link.
+            self.rw.is_open = lambda ino: self._open_counts.get(ino, 0) > 0
+
+    # -- names and attributes ------------------------------------------------
+
+    @property
+    def rw(self) -> WritableFilesystem:
+        """The facade's read-write side (only reached after `_require_writable`)."""
+        return cast("WritableFilesystem", self.fs)
+
+    def _attributes(self, ino: int) -> Attributes:
+        dead = self._dead.get(ino)
+        if dead is not None:
+            return dead
+        return entry_attributes(self.fs.inode(ino), self.block_size, timeouts=self.timeouts)
+
+    def _inode_attributes(self, inode: Inode) -> Attributes:
+        return entry_attributes(inode, self.block_size, timeouts=self.timeouts)
+
+    def remember(self, ino: int) -> None:
+        """The kernel took one more lookup reference on `ino`."""
+        self.lookup_counts[ino] = self.lookup_counts.get(ino, 0) + 1
+
+    @fuse_errors("lookup")
+    def lookup(self, parent: int, name: bytes) -> Attributes:
+        check_name(name)
+        dir_ino = ext4_ino(parent)
+        ino = self.fs.find(dir_ino, name)
+        if ino is None:
+            # Straight to the errno: a missing name is an answer, not an incident.
+            raise FuseError(errno.ENOENT)
+        check_child_ino(ino, dir_ino, name)
+        attr = self._attributes(ino)
+        self.remember(ino)
+        return attr
+
+    def forget(self, node_id: int, nlookup: int) -> None:
+        counts = self.lookup_counts
+        left = counts.get(node_id, 0) - nlookup
+        if left > 0:
+            counts[node_id] = left
+        else:
+            counts.pop(node_id, None)
+            self._dead.pop(node_id, None)
+
+    @fuse_errors("getattr")
+    def getattr(self, node_id: int) -> Attributes:
+        return self._attributes(ext4_ino(node_id))
+
+    @fuse_errors("readlink")
+    def readlink(self, node_id: int) -> bytes:
+        return self.fs.readlink(ext4_ino(node_id))
+
+    # -- files -------------------------------------------------------------------
+
+    @fuse_errors("open")
+    def open(self, node_id: int, flags: int, ctx: Context,
+             kill_suidgid: bool | None = None) -> OpenResult:
+        """Open a file; O_TRUNC truncates here (FUSE_ATOMIC_O_TRUNC).
+
+        `kill_suidgid`: the kernel's FUSE_OPEN_KILL_SUIDGID, or None to decide
+        by the caller (not root) as the VFS would.
+        """
+        wants_write = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if wants_write and not self.writable:
+            raise FuseError(errno.EROFS)
+        ino = ext4_ino(node_id)
+        node = self.fs.inode(ino)
+        if node.is_dir:
+            raise FuseError(errno.EISDIR)
+        if flags & os.O_TRUNC and node.is_reg:
+            # The truncate comes with the open, not as a separate setattr;
+            # times as for truncate(2).
+            now = now_ns()
+            kill = ctx.uid != 0 if kill_suidgid is None else kill_suidgid
+            mode = killpriv_mode(node.mode) if kill else None
+            self.rw.setattr(ino, size=0, mode=mode, mtime_ns=now, ctime_ns=now)
+            self.engine.invalidate(ino)
+            self.dirty = True
+        return self.new_handle(ino, writable=wants_write, uid=ctx.uid,
+                               direct=bool(flags & os.O_DIRECT))
+
+    def new_handle(self, ino: int, *, writable: bool, uid: int,
+                   direct: bool = False) -> OpenResult:
+        fh = next(self._handle_ids)
+        self._open_files[fh] = OpenFile(ino, writable, uid, direct)
+        self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
+        # Read-only: the image never changes, so cached pages stay valid.
+        # Read-write: this server is the only writer and every write, truncate
+        # and mmap store goes through this kernel's page cache (which FUSE
+        # keeps coherent for buffered writes), so the pages are still valid.
+        return OpenResult(fh=fh, keep_cache=True)
+
+    @fuse_errors("read")
+    def read_plan(self, fh: int, off: int, size: int) -> tuple[ReadPlan, bool]:
+        """The plan of a read, and whether the handle was opened O_DIRECT."""
+        handle = self._open_files.get(fh)
+        if handle is None:
+            raise FuseError(errno.EBADF)
+        # The current inode: its size may have changed since the open.
+        return self.engine.plan_read(self.fs.inode(handle.ino), off, size), handle.direct
+
+    @fuse_errors("read")
+    def execute_read(self, plan: ReadPlan) -> bytes:
+        return self.engine.execute(plan)
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        plan, _ = self.read_plan(fh, off, size)
+        return self.execute_read(plan)
+
+    @fuse_errors("write")
+    def write(self, fh: int, off: int, data: bytes | memoryview,
+              kill_suidgid: bool | None = None) -> int:
+        """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener)."""
+        handle = self._open_files.get(fh)
+        if handle is None or not handle.writable:
+            raise FuseError(errno.EBADF)
+        ino = handle.ino
+        node = self.fs.inode(ino)
+        # Synchronous from write_begin to write_end: no other request may
+        # truncate (and free) the blocks between allocation and the data write.
+        self.dirty = True
+        kill = handle.uid != 0 if kill_suidgid is None else kill_suidgid
+        if kill and node.mode & _S_ISUID_SGID:
+            mode = killpriv_mode(node.mode)
+            if mode is not None:
+                node = self.rw.setattr(ino, mode=mode, ctime_ns=now_ns())
+                self.changed_behind_kernel.append(ino)
+        # A write drops file capabilities whoever writes, as file_remove_privs
+        # does. (With HANDLE_KILLPRIV_V2 the kernel still removes them itself
+        # unless it has marked the inode S_NOSEC; this keeps the rule either way.)
+        if may_have_xattrs(node) and self.fs.find_xattr(ino, SECURITY_CAPABILITY) is not None:
+            self.rw.removexattr(ino, SECURITY_CAPABILITY)
+            node = self.fs.inode(ino)
+            self.changed_behind_kernel.append(ino)
+        # Fewer bytes than asked when the file's size limit cuts the write short.
+        return self.engine.write(node, off, data, now_ns=now_ns())
+
+    @fuse_errors("fsync")
+    def fsync(self) -> None:
+        self.commit(durable=True)
+
+    def commit(self, *, durable: bool) -> None:
+        if not self.writable:
+            return
+        self.dirty = False
+        self.rw.commit(durable=durable)
+
+    def commit_tick(self) -> None:
+        """The periodic commit (ext4's commit interval): make changes durable."""
+        if self.writable and self.dirty:
+            self.commit(durable=True)
+
+    @fuse_errors("release")
+    def release(self, fh: int) -> None:
+        handle = self._open_files.pop(fh, None)
+        if handle is None:
+            return
+        ino = handle.ino
+        left = self._open_counts.get(ino, 0) - 1
+        if left > 0:
+            self._open_counts[ino] = left
+            return
+        self._open_counts.pop(ino, None)
+        if ino in self._orphans:
+            self._orphans.discard(ino)
+            self.engine.invalidate(ino)
+            self.dirty = True
+            self.rw.release_orphan(ino)
+
+    # -- directories ---------------------------------------------------------
+
+    @fuse_errors("opendir")
+    def opendir(self, node_id: int) -> int:
+        """A handle for readdir (backends whose kernel sends OPENDIR)."""
+        dir_ino = ext4_ino(node_id)
+        if not self.fs.inode(dir_ino).is_dir:
+            raise FuseError(errno.ENOTDIR)
+        fh = next(self._handle_ids)
+        self._open_dirs[fh] = dir_ino
+        return fh
+
+    def releasedir(self, fh: int) -> None:
+        self._open_dirs.pop(fh, None)
+
+    def dir_of_handle(self, fh: int) -> int:
+        """The node id a directory handle was opened on."""
+        dir_ino = self._open_dirs.get(fh)
+        if dir_ino is None:
+            raise FuseError(errno.EBADF)
+        return dir_ino
+
+    @fuse_errors("readdir")
+    def readdir(self, node_id: int, offset: int, emit: EmitEntry, *, plus: bool) -> None:
+        """List directory `node_id` from cookie `offset` through `emit` until it is full.
+
+        With `plus`, each entry carries its attributes and counts as a lookup
+        (except "." and "..", which the kernel never links).
+        """
+        dir_ino = ext4_ino(node_id)
+        emitted = 0
+        try:
+            for item in self.fs.readdir(dir_ino, offset):
+                is_dot = item.name in _DOT_NAMES
+                if not is_dot:
+                    check_child_ino(item.ino, dir_ino, item.name)
+                attr = (self._listing_attributes(item.ino, item.file_type)
+                        if plus else None)  # fmt: skip
+                if not emit(item.name, item.ino, item.file_type, attr, item.cookie):
+                    return
+                emitted += 1
+                if plus and not is_dot:
+                    self.remember(item.ino)
+        except Exception as err:
+            if not emitted:
+                raise
+            # Hand back what was listed; the kernel asks again from the last
+            # cookie and gets the error then, with nothing half-counted.
+            to_fuse_error(err, "readdir")
+
+    def _listing_attributes(self, ino: int, file_type: int) -> Attributes:
+        try:
+            return self._attributes(ino)
+        except Exception as err:
+            # One unreadable inode must not hide its siblings: list the name,
+            # let lookup/getattr of it report the error.
+            to_fuse_error(err, "readdir")
+            return placeholder_attributes(ino, file_type)
+
+    # -- filesystem-wide -----------------------------------------------------
+
+    @fuse_errors("statfs")
+    def statfs(self) -> StatFs:
+        return self.fs.statfs()
+
+    # -- extended attributes -------------------------------------------------
+
+    @fuse_errors("getxattr")
+    def getxattr(self, node_id: int, name: bytes) -> bytes:
+        value = self.fs.find_xattr(ext4_ino(node_id), name)
+        if value is None:
+            # Most files have no security.selinux or ACL, and `ls -l` asks for both.
+            raise FuseError(errno.ENODATA)
+        return value
+
+    @fuse_errors("listxattr")
+    def listxattr(self, node_id: int) -> list[bytes]:
+        return self.fs.listxattr(ext4_ino(node_id))
+
+    @fuse_errors("setxattr")
+    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int = 0,
+                 kill_sgid: bool = False) -> None:
+        """Set an xattr; `flags` XATTR_CREATE / XATTR_REPLACE (0 when already checked).
+
+        `kill_sgid`: the kernel's FUSE_SETXATTR_ACL_KILL_SGID (setting an
+        access ACL by a caller outside the file's group).
+        """
+        self._require_writable()
+        ino = ext4_ino(node_id)
+        if flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
+            exists = self.fs.find_xattr(ino, name) is not None
+            if flags & os.XATTR_CREATE and exists:
+                raise FuseError(errno.EEXIST)
+            if flags & os.XATTR_REPLACE and not exists:
+                raise FuseError(errno.ENODATA)
+        self.rw.setxattr(ino, name, value)
+        if kill_sgid:
+            node = self.fs.inode(ino)
+            if node.mode & stat.S_ISGID:
+                self.rw.setattr(ino, mode=node.mode & ~stat.S_ISGID, ctime_ns=now_ns())
+
+    @fuse_errors("removexattr")
+    def removexattr(self, node_id: int, name: bytes) -> None:
+        self._require_writable()
+        self.rw.removexattr(ext4_ino(node_id), name)
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise FuseError(errno.EROFS)
+        self.dirty = True
+
+    # -- permissions ---------------------------------------------------------
+
+    @fuse_errors("access")
+    def access(self, node_id: int, mode: int, ctx: Context, groups: Callable[[], list[int]]
+               ) -> bool:  # fmt: skip
+        """Only reached without default_permissions (which serve always sets);
+        kept correct for mounts that drop it. `groups`: the caller's groups."""
+        node = self.fs.inode(ext4_ino(node_id))
+        if mode & os.W_OK and not self.writable:
+            raise FuseError(errno.EROFS)
+        if ctx.uid == 0:
+            # root may read anything, and execute anything with some x bit.
+            return not (mode & os.X_OK) or node.is_dir or bool(node.mode & 0o111)
+        if ctx.uid == node.uid:
+            granted = (node.mode >> 6) & 0o7
+        elif node.gid == ctx.gid or node.gid in groups():
+            granted = (node.mode >> 3) & 0o7
+        else:
+            granted = node.mode & 0o7
+        return mode & granted == mode
