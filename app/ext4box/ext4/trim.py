@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ext4box.ext4")
 
 _ROOT = 0
+# The first discard failing so means the storage (or the sandbox, which allows
+# no BLKDISCARD) cannot discard at all: EOPNOTSUPP, as for a device without it.
+_CANNOT_DISCARD = (errno.EOPNOTSUPP, errno.EPERM, errno.ENOTTY)
 
 
 class NotPermitted(Ext4Error):
@@ -153,7 +156,7 @@ class _GroupTrimmer:
         try:
             fs.dev.discard(pblk * fs.block_size, length * fs.block_size)
         except OSError as err:
-            if err.errno == errno.EOPNOTSUPP and not self.discarded_any:
+            if err.errno in _CANNOT_DISCARD and not self.discarded_any:
                 raise Unsupported("FITRIM", "the image", "the storage cannot discard") from err
             log.warning("trim_discard_failed", block=pblk, count=length, why=err.strerror)
             return err.errno == errno.EOPNOTSUPP  # counted anyway, as the kernel does
