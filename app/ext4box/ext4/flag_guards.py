@@ -27,17 +27,14 @@ checks to us. Each writing operation calls the one check of its kind here:
 
 from __future__ import annotations
 
-import errno
 import os
 
-from ext4box.ext4.errors import Ext4Error
+from ext4box.ext4.errors import NotPermitted
 from ext4box.ext4.inode import FL_APPEND, FL_IMMUTABLE, Inode
 
 
-class FlagForbids(Ext4Error):
+class FlagForbids(NotPermitted):
     """An immutable or append-only flag forbids the change (EPERM)."""
-
-    errno = errno.EPERM
 
 
 def _is_immutable(inode: Inode) -> bool:

@@ -13,14 +13,13 @@ metadata writer and a durable commit, then each backup block's copy edited
 
 from __future__ import annotations
 
-import errno
 import struct
 from typing import TYPE_CHECKING
 
 import structlog
 
 from ext4box.ext4.checksum import crc32c_raw
-from ext4box.ext4.errors import Ext4Error
+from ext4box.ext4.errors import InvalidArgument, NotPermitted
 from ext4box.ext4.group_desc import group_first_block
 from ext4box.ext4.superblock import SUPERBLOCK_SIZE, field_span
 
@@ -34,14 +33,6 @@ _LABEL_OFFSET, _LABEL_SIZE = field_span("volume_name")
 _CSUM_OFFSET, _ = field_span("checksum")
 _U32 = struct.Struct("<I")
 _ROOT = 0
-
-
-class NotPermitted(Ext4Error):
-    errno = errno.EPERM
-
-
-class LabelTooLong(Ext4Error):
-    errno = errno.EINVAL
 
 
 def get_label(fs: WritableFilesystem) -> bytes:
@@ -58,7 +49,7 @@ def parse_label(buffer: bytes) -> bytes:
     if end < 0:
         end = len(head)
     if end > LABEL_MAX:
-        raise LabelTooLong(f"label longer than {LABEL_MAX} bytes")
+        raise InvalidArgument(f"label longer than {LABEL_MAX} bytes")
     return head[:end].ljust(LABEL_MAX, b"\0")
 
 

@@ -35,7 +35,6 @@ ext4_ioctl_setproject (Linux 6.18):
 
 from __future__ import annotations
 
-import errno
 import stat
 import struct
 from dataclasses import dataclass
@@ -44,7 +43,14 @@ from typing import TYPE_CHECKING
 from ext4box.ext4 import features as F
 from ext4box.ext4.blockmap import BlockMapMapper
 from ext4box.ext4.dir_access import DirHandle
-from ext4box.ext4.errors import Ext4Error, NotADirectory, NotEmpty, Unsupported, inode_where
+from ext4box.ext4.errors import (
+    InvalidArgument,
+    NotADirectory,
+    NotEmpty,
+    NotPermitted,
+    Unsupported,
+    inode_where,
+)
 from ext4box.ext4.inline_writer import empty_extent_root
 from ext4box.ext4.inode import FL_EXTENTS, FL_IMMUTABLE, Inode, replace_inode
 
@@ -87,14 +93,6 @@ _PROJID_INVALID = 0xFFFFFFFF  # (projid_t)-1
 _DIRECT_BLOCKS = 12
 _EXTENT_MAX_WRITTEN = 32768  # ee_len above this marks an unwritten extent
 _ROOT = 0
-
-
-class NotPermitted(Ext4Error):
-    errno = errno.EPERM
-
-
-class InvalidArgument(Ext4Error):
-    errno = errno.EINVAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ import structlog
 
 from ext4box.ext4 import bitmap as B
 from ext4box.ext4.alloc import blocks_in_group
-from ext4box.ext4.errors import Ext4Error, Unsupported
+from ext4box.ext4.errors import Ext4Error, InvalidArgument, NotPermitted, Unsupported
 from ext4box.ext4.group_desc import group_first_block
 
 if TYPE_CHECKING:
@@ -44,14 +44,6 @@ _ROOT = 0
 # The first discard failing so means the storage (or the sandbox, which allows
 # no BLKDISCARD) cannot discard at all: EOPNOTSUPP, as for a device without it.
 _CANNOT_DISCARD = (errno.EOPNOTSUPP, errno.EPERM, errno.ENOTTY)
-
-
-class NotPermitted(Ext4Error):
-    errno = errno.EPERM
-
-
-class InvalidRange(Ext4Error):
-    errno = errno.EINVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +67,7 @@ def trim(fs: WritableFilesystem, request: TrimRange, uid: int) -> int:
     end = start + (request.length >> bits) - 1
     minlen = request.minlen >> bits
     if minlen > per_group or start >= sb.blocks_count or request.length < fs.block_size:
-        raise InvalidRange(f"FITRIM range {request.start}+{request.length} "
+        raise InvalidArgument(f"FITRIM range {request.start}+{request.length} "
                            f"minlen {request.minlen}")
     granularity = fs.dev.discard_granularity
     if request.minlen < granularity:
