@@ -27,6 +27,7 @@ from rw_support import assert_fsck_clean, make_image, rw_mount, skip_unless_poss
 
 from support.flag_drivers import KernelFlags, as_user, errno_name
 from support.kernel import kernel_mount
+from support.serve import fuse_backend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -38,6 +39,13 @@ OWNER = 1000
 PATHS = ("f", "small", "big", "d", "d/x", "e", "ad", "ad/y")
 
 Step = Callable[[KernelFlags], object]
+
+
+def _skip_unless_possible() -> None:
+    skip_unless_possible()
+    if fuse_backend() != "native":
+        pytest.skip("FUSE_IOCTL is served by the native transport only (pyfuse3 has no "
+                    "ioctl handler)")
 
 
 def _seed(root: Path) -> None:
@@ -108,7 +116,7 @@ STEPS: list[Step] = [
 
 
 def test_chattr_lsattr_and_blocked_operations_match_the_kernel(tmp_path: Path) -> None:
-    skip_unless_possible()
+    _skip_unless_possible()
     if shutil.which("chattr") is None or shutil.which("lsattr") is None:
         pytest.skip("chattr/lsattr not installed")
     ours_img, kernel_img = _images(tmp_path, "-b", "1024", "-I", "256")
@@ -146,7 +154,7 @@ def _label_steps(root: Path) -> list[object]:
 
 
 def test_label_matches_the_kernel(tmp_path: Path) -> None:
-    skip_unless_possible()
+    _skip_unless_possible()
     ours_img, kernel_img = _images(tmp_path, "-b", "1024", "-L", "before")
     with rw_mount(ours_img, tmp_path / "ours") as served:
         ours = _label_steps(served.mountpoint)
@@ -187,7 +195,7 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 def test_fstrim_matches_the_kernel_and_keeps_every_file(tmp_path: Path) -> None:
-    skip_unless_possible()
+    _skip_unless_possible()
     if shutil.which("fstrim") is None:
         pytest.skip("fstrim not installed")
     ours_img, kernel_img = _images(tmp_path, "-b", "4096")
