@@ -4,7 +4,8 @@
 runs mount.fuse3, which runs `ext4box IMAGE DIR -o OPTS` through /bin/sh with
 the standard PATH, after dropping the options only mount(8) cares about
 (noauto, nofail, _netdev, x-*, ...; `user` arrives as noexec,nosuid,nodev).
-That form is `ext4box serve IMAGE DIR -o OPTS`, which returns once the mount is
+(as root it adds "dev,suid", mount(8)'s defaults, and "rw" when no ro/rw was
+given). That form is `ext4box serve IMAGE DIR -o OPTS`, which returns once the mount is
 live, as a mount helper must. With `-o appliance` it is `ext4box mount`: the
 sandboxed server, where the policy, not the mount line, decides the options.
 """
@@ -14,6 +15,10 @@ from __future__ import annotations
 from ext4box.fuse.mount import FSTAB_ONLY_OPTIONS, FSTAB_ONLY_PREFIXES, split_options
 
 APPLIANCE_OPTION = "appliance"
+# mount(8) run by root spells out its defaults: mount.fuse3 receives "dev,suid"
+# unless the line says nodev/nosuid. ext4box mounts are nosuid,nodev whatever
+# is asked, so in this form they are defaults to drop, not requests to refuse.
+_MOUNT8_DEFAULTS = frozenset({"dev", "suid"})
 # What `-o appliance` takes from the mount line besides ro/rw: options every
 # appliance mount has anyway, and those meant for mount(8) alone.
 _APPLIANCE_IMPLIED = frozenset({"nosuid", "nodev", "default_permissions"})
@@ -31,7 +36,7 @@ def is_helper_form(argv: list[str], commands: set[str]) -> bool:
 def translate(argv: list[str]) -> list[str]:
     """Our own command line for the helper form (argv without the program name)."""
     positional, option_values, rest = _split(argv)
-    options = split_options(option_values)
+    options = [opt for opt in split_options(option_values) if opt not in _MOUNT8_DEFAULTS]
     if APPLIANCE_OPTION not in options:
         flags = ["-o", ",".join(options)] if options else []
         return ["serve", *positional, *flags, *rest]
