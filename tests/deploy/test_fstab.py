@@ -157,3 +157,21 @@ def test_appliance_option_takes_only_ro_or_rw(tmp_path: Path):
         "ext4box: error: option 'noatime' cannot be used with -o appliance: the policy decides"
         " the appliance's mount options (only ro or rw may be asked for)"
     ]
+
+
+def test_appliance_option_routes_to_the_appliance(tmp_path: Path):
+    """The same missing image: `serve` says it cannot open it, while the
+    appliance route answers first with its policy (a decision or an error)."""
+    missing, mnt = str(tmp_path / "missing.img"), str(tmp_path)
+
+    def error_line(*options: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "ext4box", missing, mnt, "-o", *options],
+                              capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        return lines[0]
+
+    assert error_line("ro").startswith(f"ext4box: error: cannot open image {missing}")
+    routed = error_line("ro,appliance")
+    assert routed.startswith("ext4box: error: ") and "cannot open image" not in routed, routed
+    assert "polic" in routed or "denied" in routed, routed
