@@ -71,7 +71,14 @@ def background() -> Readiness:
         os.setsid()  # no terminal: the caller's ^C or hangup is not ours
         return Readiness(pipe_fd=write_fd)
     os.close(write_fd)
-    os._exit(_wait_for_child(read_fd, pid))
+    try:
+        verdict = _wait_for_child(read_fd, pid)
+    except KeyboardInterrupt:
+        # ^C while mounting: the child, in its own session, did not get it.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        os._exit(130)
+    os._exit(verdict)
 
 
 def _wait_for_child(read_fd: int, pid: int) -> int:
