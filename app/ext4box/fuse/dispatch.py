@@ -88,6 +88,7 @@ ROUTES: tuple[Route, ...] = (
     Route(Opcode.LSEEK, p.LSEEK_IN, "lseek"),
     Route(Opcode.COPY_FILE_RANGE, p.COPY_FILE_RANGE_IN, "copy_file_range"),
     Route(Opcode.COPY_FILE_RANGE_64, p.COPY_FILE_RANGE_IN, "copy_file_range_64"),
+    Route(Opcode.IOCTL, p.IOCTL_IN, "ioctl"),
     Route(Opcode.DESTROY, None, "destroy"),
 )
 
@@ -229,6 +230,8 @@ class Dispatcher:
             if valid & p.FATTR_MTIME else None,
             ctime_ns=ctime * 1_000_000_000 + ctimensec if valid & p.FATTR_CTIME else None,
             kill_suidgid=self._kill(bool(valid & p.FATTR_KILL_SUIDGID)),
+            times_now=not ((valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW)
+                           or (valid & p.FATTR_MTIME and not valid & p.FATTR_MTIME_NOW)),
         )  # fmt: skip
         return pack_attr_out(self.ops.setattr(nodeid, request, self._context(caller, 0)))
 
@@ -301,13 +304,14 @@ class Dispatcher:
         return self.ops.read(fh, offset, size)
 
     def write(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
-        fh, offset, size, write_flags = p.WRITE_IN.unpack_from(body)[:4]
+        fh, offset, size, write_flags, _lock_owner, file_flags = p.WRITE_IN.unpack_from(body)
         if len(body) - p.WRITE_IN.size < size:
             raise FuseError(errno.EINVAL)
         # A view, not a second copy of up to 1 MiB: `body` is immutable bytes.
         data = memoryview(body)[p.WRITE_IN.size : p.WRITE_IN.size + size]
         written = self.ops.write(fh, offset, data,
-                                 self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)))
+                                 self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)),
+                                 file_flags=file_flags)
         return p.WRITE_OUT.pack(written)
 
     def flush(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
@@ -436,6 +440,16 @@ class Dispatcher:
                                lambda: _groups_of(caller[2])):
             raise FuseError(errno.EACCES)
         return EMPTY
+
+    def ioctl(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        _fh, flags, cmd, _arg, in_size, out_size = p.IOCTL_IN.unpack_from(body)
+        if flags & p.IOCTL_UNRESTRICTED:
+            raise FuseError(errno.ENOTTY)  # CUSE only: every ioctl we serve is sized
+        data = body[p.IOCTL_IN.size : p.IOCTL_IN.size + in_size]
+        if len(data) != in_size:
+            raise FuseError(errno.EINVAL)
+        out = self.ops.ioctl(nodeid, cmd, data, out_size, self._context(caller, 0))
+        return [p.IOCTL_OUT.pack(0, 0, 0, 0), out]
 
     # -- session-level -----------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 from ext4box.ext4.filesystem import Filesystem, StatFs
 from ext4box.ext4.inode import Inode
+from ext4box.fuse import ioctls
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
     ENTRY_TIMEOUT,
@@ -193,6 +194,9 @@ class Operations(NamespaceChanges, FileRangeOps):
         node = self.fs.inode(ino)
         if node.is_dir:
             raise FuseError(errno.EISDIR)
+        if self.writable:
+            # may_open's immutable/append-only rules (the kernel cannot see the flags).
+            self.rw.check_open(ino, flags)
         if flags & os.O_TRUNC and node.is_reg:
             # The truncate comes with the open, not as a separate setattr;
             # times as for truncate(2).
@@ -237,12 +241,17 @@ class Operations(NamespaceChanges, FileRangeOps):
 
     @fuse_errors("write")
     def write(self, fh: int, off: int, data: bytes | memoryview,
-              kill_suidgid: bool | None = None) -> int:
-        """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener)."""
+              kill_suidgid: bool | None = None, *, file_flags: int | None = None) -> int:
+        """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener).
+        `file_flags`: the file's open flags now (FUSE_WRITE carries them), so a
+        write to an append-only file from an fd whose O_APPEND fcntl cleared is
+        refused here, as the kernel refuses that fcntl."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:
             raise FuseError(errno.EBADF)
         ino = handle.ino
+        if file_flags is not None:
+            self.rw.check_open(ino, file_flags)
         node = self.fs.inode(ino)
         # Synchronous from write_begin to write_end: no other request may
         # truncate (and free) the blocks between allocation and the data write.
@@ -262,6 +271,17 @@ class Operations(NamespaceChanges, FileRangeOps):
             self.changed_behind_kernel.append(ino)
         # Fewer bytes than asked when the file's size limit cuts the write short.
         return self.engine.write(node, off, data, now_ns=now_ns())
+
+    @fuse_errors("ioctl")
+    def ioctl(self, node_id: int, cmd: int, data: bytes, out_size: int, ctx: Context) -> bytes:
+        """FUSE_IOCTL: the few ioctls ext4 answers that make sense here (ioctls.py)."""
+        ino = ext4_ino(node_id)
+        result = ioctls.answer(self.fs, ioctls.IoctlCall(ino, cmd, data, out_size, ctx.uid))
+        if result.changed_inode:
+            self.dirty = True
+            self.engine.invalidate(ino)  # an EXTENTS change rewrote the mapping
+            self.changed_behind_kernel.append(ino)  # ctime, and attributes cached
+        return result.out
 
     @fuse_errors("fsync")
     def fsync(self) -> None:

@@ -172,6 +172,13 @@ COPY_FILE_RANGE_IN = Layout("fuse_copy_file_range_in", (
     ("len", "Q"), ("flags", "Q"),
 ))  # fmt: skip
 SYNCFS_IN = Layout("fuse_syncfs_in", (("padding", "8x"),))
+IOCTL_IN = Layout("fuse_ioctl_in", (
+    ("fh", "Q"), ("flags", "I"), ("cmd", "I"), ("arg", "Q"), ("in_size", "I"),
+    ("out_size", "I"),
+))  # fmt: skip
+IOCTL_OUT = Layout("fuse_ioctl_out", (
+    ("result", "i"), ("flags", "I"), ("in_iovs", "I"), ("out_iovs", "I"),
+))  # fmt: skip
 
 # -- newer than the installed header (7.38) ----------------------------------
 # The 6.18 kernel sends STATX (7.39) and COPY_FILE_RANGE_64 (7.45) whatever
@@ -373,6 +380,13 @@ SETXATTR_ACL_KILL_SGID = 1 << 0
 GETATTR_FH = 1 << 0
 # fuse_fsync_in.fsync_flags
 FSYNC_FDATASYNC = 1 << 0
+
+# fuse_ioctl_in.flags
+IOCTL_COMPAT = 1 << 0
+IOCTL_UNRESTRICTED = 1 << 1
+IOCTL_RETRY = 1 << 2
+IOCTL_32BIT = 1 << 3
+IOCTL_DIR = 1 << 4
 
 # statx(2) mask bits (linux/stat.h) a STATX reply sets.
 STATX_BASIC_STATS = 0x7FF
