@@ -97,6 +97,13 @@ def describe(fd: int) -> tuple:
     return st.st_size, st.st_blocks, hashlib.sha256(content).hexdigest()[:16], data_map
 
 
+def cached_view(fd: int) -> tuple[int, str]:
+    """Size and content digest as read through whatever the page cache holds:
+    after a fallocate or a copy, stale cached pages would show here."""
+    size = os.fstat(fd).st_size
+    return size, hashlib.sha256(os.pread(fd, size + 1, 0)).hexdigest()[:16]
+
+
 def _pattern(blocks: int, seed: int) -> bytes:
     return bytes((seed + i) % 251 + 1 for i in range(blocks * BLOCK))
 
@@ -133,7 +140,9 @@ def test_fallocate_modes_match_the_kernel(tmp_path: Path, base_image: Path) -> N
         out: list = [describe(fd)]
         try:
             for mode, offset, length in FALLOCATE_STEPS:
+                cached_view(fd)  # every page of the file in the cache
                 out.append(((mode, offset, length), attempt(fallocate, fd, mode, offset, length)))
+                out.append(cached_view(fd))
                 out.append(describe(fd))
                 # Data written over the unwritten and punched ranges reads back.
                 os.pwrite(fd, b"w" * 10, offset + length // 2)
@@ -202,7 +211,11 @@ def test_copy_file_range_matches_the_kernel(tmp_path: Path, base_image: Path) ->
             out.append(attempt(copy, src, dst, 1 << 20, 9 * BLOCK, 100))  # clipped at EOF
             out.append(attempt(copy, src, dst, BLOCK, 20 * BLOCK, 0))     # past EOF: 0
             out.append(describe(dst))
+            cached_view(dst)
             out.append(attempt(copy, src, dst, 3000, 7, 40 * BLOCK + 3))  # extends dst
+            out.append(cached_view(dst))
+            out.append(attempt(copy, src, dst, 5000, 100, 2 * BLOCK + 1))  # over cached pages
+            out.append(cached_view(dst))
             out.append(describe(dst))
             # Within one file: apart is fine, overlapping is EINVAL.
             out.append(attempt(copy, src, src, BLOCK, 0, 20 * BLOCK))
