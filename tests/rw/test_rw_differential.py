@@ -402,7 +402,9 @@ class KernelVsExt4box(RuleBasedStateMachine):
         step = f"step {self.steps} seek_map {path}"
         if isinstance(kernel, list) and isinstance(ours, list):
             assert _within(ours, kernel), f"{step}: kernel={kernel!r:.600} ext4box={ours!r:.600}"
-            type(self).seek_differences += ours != kernel
+            if ours != kernel:
+                type(self).seek_differences += 1
+                print(f"{step}: wider on the kernel: kernel={kernel!r:.600} ext4box={ours!r:.600}")
         else:
             assert ours == kernel, f"{step}: kernel={kernel!r:.300} ext4box={ours!r:.300}"
         outcome = ours if isinstance(ours, str) else "ok"
