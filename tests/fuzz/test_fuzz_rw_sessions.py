@@ -58,6 +58,7 @@ from fuzz.regions import Mutation, reseal
 from fuzz.rw_driver import (
     COMMIT,
     CREATE,
+    JOURNAL_INO,
     KIND_NAMES,
     LINK,
     MKDIR,
@@ -441,3 +442,22 @@ def test_write_to_a_directory_through_a_damaged_dot_entry(
     report, _ = run_checked(materialise(seeds, program), facts[index],
                             (RwOp(WRITE, 0, 2, 0), RwOp(WRITE, 0, 3, 0)), scratch)
     assert report.errnos.get("IsADirectory") == 1, report
+
+
+def test_unused_inodes_count_beyond_the_group_is_refused(
+        seeds: list[Seed], facts: list[SeedFacts], scratch: Path) -> None:
+    """Found by the fuzzer (oracle 5): group 1's bg_itable_unused set to 127 in a group
+    of 64 inodes (descriptor re-sealed, table never zeroed). The first inode taken in
+    group 1 "zeroed the slots newly brought under the used mark" from slot 64 - 127 =
+    -63 on, i.e. the tail of group 0's table, the journal inode (8) among them; e2fsck
+    then found no journal. Now the allocation is Corrupt and nothing is zeroed."""
+    index = seed_index(seeds, SEED_CSUM)
+    seed = seeds[index]
+    # op 4 at offset 28: bg_itable_unused_lo = interesting_values[41 % 31] = 127.
+    program = Program(index, True, (Mutation(_region(seed, "group_desc", index=1), 28, 4, 41),))
+    image = materialise(seeds, program)
+    report, after = run_checked(image, facts[index],
+                                (RwOp(CREATE, 0, 5, 0), RwOp(CREATE, 1, 0, 0)), scratch)
+    assert report.errnos.get("Corrupt", 0) >= 1, report
+    start, size = facts[index].inode_offsets[JOURNAL_INO]
+    assert after[start:start + size] == image[start:start + size], "the journal inode changed"
