@@ -33,7 +33,7 @@ mkfs.ext4 -q -F -t ext4 -b 4096 -L ext4box-demo -d "$repo/examples/tree" "$image
 mkdir "$mnt"
 
 echo "==> ext4box serve $image $mnt -o ro"
-"$ext4box" serve "$image" "$mnt" -o ro 2>"$work/serve.log" &
+"$ext4box" serve -f "$image" "$mnt" -o ro 2>"$work/serve.log" &
 server_pid=$!
 
 before="$(stat -c %d "$work")"

@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 
-from ext4box import __version__
+from ext4box import __version__, mount_helper
 from ext4box import log as logsetup
 from ext4box.extract import cmd_extract
 from ext4box.offline import EXIT_OK, CliError, cmd_cat, cmd_inspect, cmd_ls, open_image
@@ -28,6 +28,7 @@ EXIT_ERROR = 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ext4box import daemon
     from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
     from ext4box.fuse.mount import (
         MountConfig,
@@ -51,15 +52,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         check_mountpoint(args.mountpoint)
         config = MountConfig(args.mountpoint, options, backend)
+        # Type=notify waits for READY=1 from the process systemd started.
+        foreground = args.foreground or daemon.under_systemd_notify()
+        # Background: from here on the parent only waits for the child's verdict.
+        readiness = daemon.Readiness() if foreground else daemon.background()
         with open_image(args.image, writable="rw" in options) as (fs, engine):
             apply_quota_options(fs, quota_types)
             ops = Operations(fs, engine)
             if backend == "pyfuse3":
-                serve_pyfuse3(ops, config)
+                serve_pyfuse3(ops, config, on_ready=readiness.ready)
             else:
                 from ext4box.direct_mount import serve_native
 
-                serve_native(ops, config, os.path.abspath(args.image), trace=args.debug)
+                serve_native(ops, config, os.path.abspath(args.image), trace=args.debug,
+                             on_ready=readiness.ready)  # fmt: skip
     except MountSetupError as err:
         raise CliError(str(err)) from None
     return EXIT_OK
@@ -229,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  ext4box serve disk.img /mnt/disk -o ro\n"
         "  ext4box mount /srv/images/a.img /mnt/a --ro\n"
         "  ext4box doctor /mnt/a\n"
+        "  ext4box disk.img /mnt/disk -o ro     # mount(8)'s helper form: serve\n"
+        "  mount -t fuse.ext4box disk.img /mnt/disk -o ro,appliance   # the appliance\n"
         "\nRun `ext4box COMMAND --help` for a command's options and examples.",
         formatter_class=HelpFormatter,
     )
@@ -248,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = _command(
-        commands, "serve", "mount IMAGE on MOUNTPOINT with the server in this process",
-        "  ext4box serve disk.img /mnt/disk &            # read-only\n"
-        "  ext4box serve disk.img /mnt/disk -o rw &      # read-write; umount /mnt/disk ends it\n",
+        commands, "serve",
+        "mount IMAGE on MOUNTPOINT, serve it in the background once the mount is live",
+        "  ext4box serve disk.img /mnt/disk              # read-only; returns once mounted\n"
+        "  ext4box serve disk.img /mnt/disk -o rw        # read-write; umount /mnt/disk ends it\n"
+        "  ext4box serve disk.img /mnt/disk -f           # stay in the foreground\n",
     )  # fmt: skip
     _image(serve)
     serve.add_argument(
@@ -262,10 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: ro, rw, noexec, allow_other, noatime (default: ro;"
-        " always nosuid,nodev); backend=native (default) or backend=pyfuse3 picks"
+        help="mount options: ro, rw, noexec, allow_other, noatime, nodiratime (default: ro;"
+        " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
+        " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
         " the FUSE transport",
     )
+    serve.add_argument(
+        "-f", "--foreground", action="store_true",
+        help="serve in this process until unmounted or signalled, logging to stderr"
+        " (default: return once the mount is live and serve in the background; under"
+        " systemd, with NOTIFY_SOCKET set, always foreground and READY=1 once live)",
+    )  # fmt: skip
     serve.add_argument(
         "--debug", action="store_true",
         help="debug logs and one line per FUSE request (default: off)",
@@ -441,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_names(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["service"]:
@@ -450,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return service_main(argv[1:])
     parser = build_parser()
+    if mount_helper.is_helper_form(argv, _command_names(parser)):
+        try:
+            argv = mount_helper.translate(argv)
+        except mount_helper.HelperFormError as err:
+            print(f"ext4box: error: {err}", file=sys.stderr)
+            return EXIT_ERROR
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:

@@ -24,12 +24,15 @@ from ext4box.log import get_logger
 log = get_logger("ext4box.fuse")
 
 
-def serve_native(ops: Operations, config: MountConfig, image_path: str, *,
-                 trace: bool = False) -> None:  # fmt: skip
-    """Mount (unless given an fd), serve in the foreground until unmounted or signalled."""
+def serve_native(ops: Operations, config: MountConfig, image_path: str, *, trace: bool = False,
+                 on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Mount (unless given an fd), serve until unmounted or signalled.
+
+    `on_ready` runs once the kernel has our INIT reply: the mount is live.
+    """
     if is_fd_mountpoint(config.mountpoint):
         fuse_fd = int(config.mountpoint.rpartition("/")[2])
-        _serve(ops, fuse_fd, tune=None, trace=trace)
+        _serve(ops, fuse_fd, tune=on_ready, trace=trace)
         return
     # Resolved now: once mounted, any lookup of the mountpoint from this
     # process waits on our own request loop.
@@ -42,12 +45,14 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *,
         allow_other="allow_other" in config.fuse_options,
         uid=os.getuid(),
         gid=os.getgid(),
+        noatime="noatime" in config.fuse_options,
+        nodiratime="nodiratime" in config.fuse_options,
     )
-    ignored = sorted(config.fuse_options & {"noatime", "nodiratime"})
-    if ignored:
-        # The helper's MountSpec carries no atime flags; FUSE never updates
-        # atime on its own (the server would), so reads leave it unchanged anyway.
-        log.info("mount option not applied", options=",".join(ignored), backend="native")
+    if spec.nodiratime and not spec.noatime and os.geteuid() != 0:
+        # fusermount3 has no nodiratime; FUSE never updates atime on its own
+        # (the server would), so reads leave it unchanged anyway.
+        log.info("mount option not applied", options="nodiratime", backend="native",
+                 why="fusermount3 does not know it")  # fmt: skip
     try:
         fuse_fd = mount(spec)
     except HelperError as err:
@@ -59,6 +64,8 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *,
         # The INIT reply caps the read-ahead, and it has just been processed.
         if os.geteuid() == 0:
             set_read_ahead(resolved)
+        if on_ready is not None:
+            on_ready()
 
     try:
         session = _serve(ops, fuse_fd, tune=tune, trace=trace)

@@ -429,7 +429,8 @@ def test_an_image_on_bobs_own_fuse_mount_gets_one_line(scene, broker):
     os.chown(view, scene.bob.pw_uid, scene.bob.pw_gid)
     with fuse_access(scene.bob):
         server = subprocess.Popen(
-            [*as_user(scene.bob), USER_PYTHON, "-m", "ext4box", "serve", str(outer), str(view)],
+            [*as_user(scene.bob), USER_PYTHON, "-m", "ext4box", "serve", "-f", str(outer),
+             str(view)],
             env=user_env(scene.bob), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, cwd="/",
         )  # fmt: skip

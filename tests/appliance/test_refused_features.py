@@ -291,3 +291,38 @@ def test_a_loop_device_of_a_users_file_is_refused_for_a_judging_rule():
         f" refuse_features), but it is a loop device of {backing}, and it belongs to uid"
         f" {alice.pw_uid}; only images no one but root can write qualify"
     )
+
+
+# -- the check is on the superblock the server parses --------------------------
+
+
+def test_serve_fds_refuses_a_refused_feature_of_the_superblock_it_parsed(tmp_path: Path):
+    """serve_fds itself, not only the service around it, refuses the image; the
+    session never starts (no READY) and both descriptors are closed."""
+    from ext4box.fuse.serve import ServeRefused, serve_fds
+    from ext4box.service.protocol import ImageKind, Mode, MountRequest, ReceivedMount
+
+    image = tmp_path / "casefold.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "casefold", str(image), "8M"], check=True,
+                   capture_output=True)  # fmt: skip
+    kernel_end, fuse_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    image_fd = os.open(image, os.O_RDONLY)
+    request = MountRequest(Mode.RO, ImageKind.REGULAR, image.stat().st_size,
+                           refused_features=("metadata_csum", "casefold"))  # fmt: skip
+    received = ReceivedMount(2, request, fuse_end.detach(), image_fd)
+    kernel_end.shutdown(socket.SHUT_WR)  # a session that did start would end at once
+    started = []
+    try:
+        with pytest.raises(ServeRefused) as refused:
+            serve_fds(received, lambda: started.append(True))
+    finally:
+        kernel_end.close()
+    assert refused.value.reason == (
+        "the image has ext4 feature(s) metadata_csum, casefold, which the helper's policy"
+        " refuses"
+    )
+    assert refused.value.errno == errno.EPERM and not started
+    for fd in (received.fuse_fd, received.image_fd):
+        with pytest.raises(OSError) as closed:
+            os.fstat(fd)
+        assert closed.value.errno == errno.EBADF

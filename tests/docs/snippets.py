@@ -18,6 +18,8 @@ import contextlib
 import os
 import re
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +67,32 @@ def run_snippet(code: str, *, cwd: Path = REPO, fresh: tuple[str, ...] = ("/tmp"
 
 def _run_in_namespace(code: str, cwd: Path, modes: dict[str, str], prefix: tuple[str, ...],
                       env: dict[str, str] | None, timeout: float) -> Outcome:  # fmt: skip
-    setup = "".join(f"mount -t tmpfs -o mode={mode} fresh {path}\n" for path, mode in modes.items())
+    with _checkout_kept_visible(modes) as (before, after):
+        tmpfs = "".join(f"mount -t tmpfs -o mode={mode} fresh {path}\n"
+                        for path, mode in modes.items())  # fmt: skip
+        return _run_unshared(code, cwd, before + tmpfs + after, prefix, env, timeout)
+
+
+@contextlib.contextmanager
+def _checkout_kept_visible(modes: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """Shell lines to run before and after the tmpfs mounts so that a checkout
+    that lives under one of them (a clone in /tmp) stays where it is: the
+    snippets run its .venv, and its editable install names its app/ by path."""
+    if not any(Path(path) == REPO or Path(path) in REPO.parents for path in modes):
+        yield "", ""
+        return
+    hold = tempfile.mkdtemp(prefix="ext4box-checkout-", dir="/var/tmp")
+    try:
+        repo, held = _quote(str(REPO)), _quote(hold)
+        yield (f"mount --bind {repo} {held}\n",
+               f"mkdir -p {repo} && mount --bind {held} {repo}\n")  # fmt: skip
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(hold)
+
+
+def _run_unshared(code: str, cwd: Path, setup: str, prefix: tuple[str, ...],
+                  env: dict[str, str] | None, timeout: float) -> Outcome:  # fmt: skip
     script = f"trap 'echo \"{FAILED} $? $BASH_COMMAND\" >&2' ERR\n{code}"
     inner = ["bash", "-c", script] if not prefix else [*prefix, "bash", "-c", script]
     quoted = " ".join(_quote(arg) for arg in inner)

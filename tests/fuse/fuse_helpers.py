@@ -78,7 +78,7 @@ def start_server(image: Path, mountpoint: Path, *options: str) -> Server:
     stderr_path = mountpoint.parent / f"{mountpoint.name}.stderr"
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(
-            [*EXT4BOX, "serve", str(image), str(mountpoint), *options,
+            [*EXT4BOX, "serve", "-f", str(image), str(mountpoint), *options,
              "-o", f"backend={fuse_backend()}"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,

@@ -99,7 +99,7 @@ def test_dev_fd_mountpoint(tmp_path: Path) -> None:
         pytest.skip(f"mount(2) failed: {os.strerror(ctypes.get_errno())}")
     try:
         proc = subprocess.Popen(
-            [*EXT4BOX, "serve", str(image), f"/dev/fd/{fuse_fd}"],
+            [*EXT4BOX, "serve", "-f", str(image), f"/dev/fd/{fuse_fd}"],
             pass_fds=(fuse_fd,),
             stderr=subprocess.PIPE,
             text=True,

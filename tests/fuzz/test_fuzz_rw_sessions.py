@@ -58,6 +58,7 @@ from fuzz.regions import Mutation, reseal
 from fuzz.rw_driver import (
     COMMIT,
     CREATE,
+    JOURNAL_INO,
     KIND_NAMES,
     LINK,
     MKDIR,
@@ -441,3 +442,29 @@ def test_write_to_a_directory_through_a_damaged_dot_entry(
     report, _ = run_checked(materialise(seeds, program), facts[index],
                             (RwOp(WRITE, 0, 2, 0), RwOp(WRITE, 0, 3, 0)), scratch)
     assert report.errnos.get("IsADirectory") == 1, report
+
+
+@pytest.mark.parametrize("op, value", [(4, 41), (1, 63)], ids=["above-the-group", "over-live"])
+def test_unused_inodes_count_beyond_the_group_is_refused(
+        seeds: list[Seed], facts: list[SeedFacts], scratch: Path, op: int, value: int) -> None:
+    """Found by the fuzzer (oracle 5): group 1's bg_itable_unused set to 127 in a group
+    of 64 inodes (descriptor re-sealed, table never zeroed). The first inode taken in
+    group 1 "zeroed the slots newly brought under the used mark" from slot 64 - 127 =
+    -63 on, i.e. the tail of group 0's table, the journal inode (8) among them; e2fsck
+    then found no journal. Its sibling: 63 unused of 64 while 22 slots are in use
+    zeroed 21 live inodes. Now the allocation is Corrupt and nothing is zeroed."""
+    index = seed_index(seeds, SEED_CSUM)
+    seed = seeds[index]
+    # At offset 28, bg_itable_unused_lo: op 4 sets interesting_values[41 % 31] = 127,
+    # op 1 sets 63.
+    program = Program(index, True,
+                      (Mutation(_region(seed, "group_desc", index=1), 28, op, value),))
+    image = materialise(seeds, program)
+    report, after = run_checked(image, facts[index],
+                                (RwOp(CREATE, 0, 5, 0), RwOp(CREATE, 1, 0, 0)), scratch)
+    start, size = facts[index].inode_offsets[JOURNAL_INO]
+    assert after[start:start + size] == image[start:start + size], "the journal inode changed"
+    # Oracle 5 even without a Corrupt answer: the zeroing was silent on live inodes.
+    new = problem_classes(fsck(after, scratch)[1]) - problem_classes(fsck(bytes(image), scratch)[1])
+    assert not new, new
+    assert report.errnos.get("Corrupt", 0) >= 1, report

@@ -255,8 +255,8 @@ def _server_argv(image: Path, mountpoint: Path) -> list[str]:
     if app is None:
         return ext4box_argv(image, mountpoint, "rw")
     # env execs the server: the pid stays the one we kill.
-    return ["env", f"PYTHONPATH={app}", sys.executable, "-m", "ext4box", "serve", str(image),
-            str(mountpoint), "-o", "rw"]
+    return ["env", f"PYTHONPATH={app}", sys.executable, "-m", "ext4box", "serve", "-f",
+            str(image), str(mountpoint), "-o", "rw"]
 
 
 def crash(plan: Plan, image: Path, work: Path, result: IterationResult) -> Model:

@@ -8,6 +8,16 @@ link counts, symlink targets; not times or inode numbers), both images must
 pass `e2fsck -fn`, and the kernel's view of the ext4box image must match what
 the ext4box mount showed.
 
+Besides the namespace, data and attribute operations, the steps include
+fallocate in every mode the kernel's FUSE forwards (default, KEEP_SIZE,
+PUNCH_HOLE, ZERO_RANGE), SEEK_DATA/SEEK_HOLE maps (taken after fsync with the
+file's pages dropped: the kernel's ext4 counts a cached page over an unwritten
+extent as data, which a FUSE server cannot see), copy_file_range between any
+two paths, truncates, which then cross unwritten extents, stores through a
+shared mapping (msync), and aligned O_DIRECT writes and reads. pyfuse3 has no
+fallocate, lseek or copy_file_range handlers, so on EXT4BOX_TEST_BACKEND=pyfuse3
+those three rules are left out (the kernel answers EOPNOTSUPP there).
+
 Cost: EXT4BOX_DIFF_EXAMPLES (default 6) sequences of EXT4BOX_DIFF_STEPS
 (default 300) steps. Set EXT4BOX_DIFF_STEPS=3000 for a long run, and
 EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing sequence.
@@ -15,7 +25,11 @@ EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing sequence.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -26,7 +40,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from rw_support import (
     ACL_MINIMAL,
     ACL_NAMED_USER,
@@ -47,6 +67,7 @@ from rw_support import (
 
 from support.fileops import truncate_by_fd
 from support.kernel import kernel_mount
+from support.serve import fuse_backend
 from support.walk import walk
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
@@ -71,6 +92,12 @@ OFFSETS = st.one_of(
 )
 RENAME_FLAGS = st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE])
 SIZES = st.one_of(st.integers(0, 10_000), st.integers(0, 3 * 1024 * 1024))
+# fallocate modes fs/fuse forwards: none, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE,
+# ZERO_RANGE, ZERO_RANGE|KEEP_SIZE (and PUNCH_HOLE alone, EOPNOTSUPP on both).
+FALLOCATE_MODES = st.sampled_from([0, 0x01, 0x03, 0x03, 0x10, 0x11, 0x02])
+# The backend under test answers FALLOCATE, LSEEK and COPY_FILE_RANGE.
+RANGE_OPS = fuse_backend() == "native"
+LENGTHS = st.one_of(st.integers(1, 20_000), st.integers(1, 256).map(lambda b: b * 4096))
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,96 @@ def _write(path: Path, offset: int, data: bytes, append: bool) -> int:
         os.close(fd)
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fallocate(path: Path, mode: int, offset: int, length: int) -> str:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return "ok"
+
+
+def _seek_map(path: Path) -> list[tuple[int, int]]:
+    """(data, hole) pairs by SEEK_DATA/SEEK_HOLE, in the state a later mount sees."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        pairs, pos = [], 0
+        for _ in range(100_000):
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                return pairs
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+            pairs.append((data, pos))
+        raise AssertionError(f"{path}: SEEK_DATA/SEEK_HOLE never reached the end")
+    finally:
+        os.close(fd)
+
+
+def _copy_range(src: Path, dst: Path, src_pos: int, dst_pos: int, length: int) -> int:
+    fd_in = os.open(src, os.O_RDONLY)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY)
+        try:
+            return os.copy_file_range(fd_in, fd_out, length, src_pos, dst_pos)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def _mmap_write(path: Path, offset: int, data: bytes) -> str:
+    """Store `data` at `offset` (clipped to the file) through a shared mapping, then msync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "empty"  # nothing to map
+        offset %= size
+        data = data[: size - offset]
+        with mmap.mmap(fd, size) as mapped:
+            mapped[offset : offset + len(data)] = data
+            mapped.flush()  # msync(MS_SYNC)
+        return f"{len(data)} stored"
+    finally:
+        os.close(fd)
+
+
+def _direct_io(path: Path, block: int, count: int, seed: int) -> tuple[int, str]:
+    """An O_DIRECT write of `count` aligned 4 KiB blocks at block `block`, then an
+    O_DIRECT read of them back (aligned, so both sides accept the request)."""
+    length = count * 4096
+    buffer = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+    try:
+        buffer[:] = _payload(seed, length)
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            written = os.pwritev(fd, [buffer], block * 4096)
+            buffer[:] = bytes(length)
+            read = os.preadv(fd, [buffer], block * 4096)
+        finally:
+            os.close(fd)
+        return written, f"{read} {hashlib.sha256(buffer[:read]).hexdigest()[:16]}"
+    finally:
+        buffer.close()
+
+
+def _within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
+    """Every range of `inner` lies inside one range of `outer` (both sorted, disjoint)."""
+    return all(any(start >= o_start and end <= o_end for o_start, o_end in outer)
+               for start, end in inner)  # fmt: skip
+
+
 def _read_hash(path: Path) -> tuple[int, str]:
     data = path.read_bytes()
     return len(data), hashlib.sha256(data).hexdigest()
@@ -143,6 +260,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
     steps_run: list[int] = []  # steps of each finished sequence, for the report
     outcomes: dict[str, int] = {}  # "ok" or errno name -> count, over all sequences
     block_differences = 0  # entries whose st_blocks differ (reported, not failed)
+    seek_differences = 0  # data maps where the kernel zeroed out more (see seek_map)
 
     def __init__(self) -> None:
         super().__init__()
@@ -257,6 +375,60 @@ class KernelVsExt4box(RuleBasedStateMachine):
         path = self.resolve(path_pick)
         self.both(truncate_by_fd, path, length=size)
 
+    @precondition(lambda self: RANGE_OPS)
+    @rule(path_pick=PICK, mode=FALLOCATE_MODES, offset=OFFSETS, length=LENGTHS)
+    def fallocate(self, path_pick: Pick, mode: int, offset: int, length: int) -> None:
+        path = self.resolve(path_pick)
+        self.both(_fallocate, path, mode=mode, offset=offset, length=length)
+
+    @precondition(lambda self: RANGE_OPS)
+    @rule(path_pick=PICK)
+    def seek_map(self, path_pick: Pick) -> None:
+        """Data maps agree, except that the kernel may report more data.
+
+        Seen once in ~80 sequences (1 KiB blocks, after mmap, O_DIRECT and
+        copy steps over fallocated ranges): the kernel's ext4 reported a
+        64 KiB-aligned range as data where ext4box has unwritten blocks, with
+        equal contents. The cause is not established: a cached large folio the
+        fadvise could not drop, or ext4 writing zeros over small unwritten
+        neighbours instead of splitting an extent (extent_max_zeroout_kb),
+        which ext4box never does. Either way ext4box's data must lie within the
+        kernel's; wider kernel maps are counted (seek_differences), not failed.
+        """
+        path = self.resolve(path_pick)
+        self.steps += 1
+        kernel = attempt(_seek_map, self.kroot / path)
+        ours = attempt(_seek_map, self.oroot / path)
+        step = f"step {self.steps} seek_map {path}"
+        if isinstance(kernel, list) and isinstance(ours, list):
+            assert _within(ours, kernel), f"{step}: kernel={kernel!r:.600} ext4box={ours!r:.600}"
+            if ours != kernel:
+                type(self).seek_differences += 1
+                print(f"{step}: wider on the kernel: kernel={kernel!r:.600} ext4box={ours!r:.600}")
+        else:
+            assert ours == kernel, f"{step}: kernel={kernel!r:.300} ext4box={ours!r:.300}"
+        outcome = ours if isinstance(ours, str) else "ok"
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    @precondition(lambda self: RANGE_OPS)
+    @rule(src_pick=PICK, dst_pick=PICK, src_pos=OFFSETS, dst_pos=OFFSETS, length=LENGTHS)
+    def copy_file_range(self, src_pick: Pick, dst_pick: Pick, src_pos: int, dst_pos: int,
+                        length: int) -> None:  # fmt: skip
+        src = self.resolve(src_pick)
+        dst = self.resolve(dst_pick)
+        self.both(_copy_range, src, dst, src_pos=src_pos, dst_pos=dst_pos, length=length)
+
+    @rule(path_pick=PICK, offset=OFFSETS, size=st.integers(1, 20_000), seed=st.integers(0, 2**16))
+    def mmap_write(self, path_pick: Pick, offset: int, size: int, seed: int) -> None:
+        path = self.resolve(path_pick)
+        self.both(_mmap_write, path, offset=offset, data=_payload(seed, size))
+
+    @rule(path_pick=PICK, block=st.integers(0, 600), count=st.integers(1, 64),
+          seed=st.integers(0, 2**16))  # fmt: skip
+    def direct_io(self, path_pick: Pick, block: int, count: int, seed: int) -> None:
+        path = self.resolve(path_pick)
+        self.both(_direct_io, path, block=block, count=count, seed=seed)
+
     @rule(path_pick=PICK)
     def read(self, path_pick: Pick) -> None:
         path = self.resolve(path_pick)
@@ -355,3 +527,4 @@ def test_kernel_vs_ext4box(tmp_path: Path) -> None:
     print(f"differential: {len(runs)} sequences, {sum(runs)} steps ({runs})")
     print(f"differential outcomes: {sorted(KernelVsExt4box.outcomes.items())}")
     print(f"differential: entries with different st_blocks: {KernelVsExt4box.block_differences}")
+    print(f"differential: data maps wider on the kernel: {KernelVsExt4box.seek_differences}")

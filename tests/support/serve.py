@@ -46,8 +46,9 @@ def fuse_backend() -> str:
 
 
 def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro") -> list[str]:
+    """`ext4box serve -f`: in the foreground, so that its exit status is ours to check."""
     options = f"{options},backend={fuse_backend()}"
-    return [*ext4box_executable(), "serve", str(image), str(mountpoint), "-o", options]
+    return [*ext4box_executable(), "serve", "-f", str(image), str(mountpoint), "-o", options]
 
 
 def fuse2fs_argv(image: Path, mountpoint: Path) -> list[str]:

@@ -117,6 +117,10 @@ class BlockAllocator:
         self._bad = BadGroups("block")
         self._pending: dict[int, bytearray] = {}  # group -> bits with a free pending
         self._pending_count = 0
+        # FITRIM's memory (trim.py): groups discarded whole since their last free,
+        # and the minlen that discarded them.
+        self.trimmed_groups: set[int] = set()
+        self.last_trim_minlen = 0
         self.free_blocks = sum(writer.group_desc(g).free_blocks_count for g in self._groups())
         # Like the kernel, trust the descriptors over the lazily updated superblock total.
         if self.free_blocks != sb.free_blocks_count:
@@ -330,6 +334,7 @@ class BlockAllocator:
                 delta = B.count_zeros(bitmap, nbits) - before
                 if delta:
                     self._store(group, bitmap, delta)
+                    self.trimmed_groups.discard(group)
                 changed += abs(delta)
                 start += length
                 left -= length
@@ -391,6 +396,7 @@ class BlockAllocator:
                 self._store(group, bitmap, length)
                 B.clear_range(self._pending[group], offset, length)
                 self._pending_count -= length
+                self.trimmed_groups.discard(group)
                 self.writer.block_released(group_first_block(self.sb, group) + offset, length,
                                            forget=metadata)
 

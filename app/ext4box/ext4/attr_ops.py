@@ -14,7 +14,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
-from ext4box.ext4 import ea_inode_writer
+from ext4box.ext4 import ea_inode_writer, flag_guards
 from ext4box.ext4 import features as F
 from ext4box.ext4.acl import (
     ACL_GROUP,
@@ -107,6 +107,7 @@ def _check_quota(fs: WritableFilesystem, inode: Inode, state: XattrState,
 
 def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags: int) -> Inode:
     inode = fs.inode(ino)
+    flag_guards.check_xattr_change(inode)
     state = _state(fs, inode)
     update = set_xattr(state, name, value, flags)
     _check_quota(fs, inode, state, update)
@@ -115,6 +116,7 @@ def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags:
 
 def removexattr(fs: WritableFilesystem, ino: int, name: bytes) -> Inode:
     inode = fs.inode(ino)
+    flag_guards.check_xattr_change(inode)
     state = _state(fs, inode)
     update = remove_xattr(state, name)
     return fs.store(_apply(fs, inode, state, update, fs.now_ns()))
@@ -212,8 +214,12 @@ def inherit_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
 
 def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | None,
             gid: int | None, size: int | None, atime_ns: int | None, mtime_ns: int | None,
-            ctime_ns: int | None) -> Inode:
+            ctime_ns: int | None, times_now: bool = False) -> Inode:
     inode = fs.inode(ino)
+    flag_guards.check_setattr(
+        inode, owner_or_mode=mode is not None or uid is not None or gid is not None,
+        size=size is not None, times=atime_ns is not None or mtime_ns is not None,
+        times_now=times_now)
     now = fs.now_ns()
     before = inode
     if fs.quota is not None and (uid is not None or gid is not None):

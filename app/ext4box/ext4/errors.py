@@ -103,6 +103,16 @@ class FileTooBig(Ext4Error):
     errno = errno.EFBIG
 
 
+class NotPermitted(Ext4Error):
+    """The caller may not do this (an owner or privilege check, a flag forbids it)."""
+
+    errno = errno.EPERM
+
+
+class InvalidArgument(Ext4Error):
+    errno = errno.EINVAL
+
+
 class Exists(Ext4Error):
     errno = errno.EEXIST
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ext4box.ext4 import features as F
-from ext4box.ext4 import limits
+from ext4box.ext4 import flag_guards, limits
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import (
     Corrupt,
@@ -67,6 +67,7 @@ def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
         raise Corrupt("inode", inode_where(ino), "file data write to a non-regular inode")
     if inode.is_encrypted or inode.is_verity:
         raise Unsupported("encrypted or verity inode", inode_where(ino), "writing")
+    flag_guards.check_data_write(inode)
     return inode
 
 

@@ -222,12 +222,14 @@ class InodeAllocator:
             raise Corrupt("inode bitmap", group_where(group),
                           f"marks inode {ino} free, but it has links")
         if self._csum:
+            used_end = ipg - desc.itable_unused  # slots [0, used_end) are "initialised"
+            if not desc.flags & BG_INODE_ZEROED:
+                self._check_zeroable(group, bitmap, used_end, index)
             if desc.flags & BG_BLOCK_UNINIT:
                 # e2fsck rejects a group whose inode bitmap is in use while its
                 # block bitmap is still uninitialised.
                 self.blocks.initialise_group(group)
                 desc = self.writer.group_desc(group)
-            used_end = ipg - desc.itable_unused  # slots [0, used_end) are "initialised"
             if not desc.flags & BG_INODE_ZEROED:
                 # Slots newly brought under the used mark must not hold garbage.
                 for slot in range(used_end, index + 1):
@@ -247,6 +249,19 @@ class InodeAllocator:
         self._store(group, bitmap, desc, -1)
         return ino
 
+    def _check_zeroable(self, group: int, bitmap: bytearray, used_end: int, index: int) -> None:
+        """Raise Corrupt unless slots [used_end, index] of the group's never-zeroed table
+        are all free, before the caller zeroes them. used_end comes from bg_itable_unused:
+        a damaged count (above the group's size, or below its last inode in use) would
+        otherwise zero the previous group's table or live inodes of this one."""
+        ipg = self.sb.inodes_per_group
+        if used_end < 0:
+            raise Corrupt("group descriptor", group_where(group),
+                          f"{ipg - used_end} unused inodes in a group of {ipg}")
+        if used_end < index and not B.range_is_clear(bitmap, used_end, index - used_end):
+            raise Corrupt("group descriptor", group_where(group),
+                          f"{ipg - used_end} unused inodes, but an inode in use lies among them")
+
     # ---- recovery: set a bit directly ------------------------------------
 
     def mark_used(self, ino: int, is_dir: bool) -> bool:
@@ -265,10 +280,12 @@ class InodeAllocator:
                 return False
             desc = self.writer.group_desc(group)
             if self._csum:
+                used_end = 0 if desc.flags & BG_INODE_UNINIT else ipg - desc.itable_unused
+                if not desc.flags & BG_INODE_ZEROED:
+                    self._check_zeroable(group, bitmap, used_end, index)
                 if desc.flags & BG_BLOCK_UNINIT:
                     self.blocks.initialise_group(group)
                     desc = self.writer.group_desc(group)
-                used_end = 0 if desc.flags & BG_INODE_UNINIT else ipg - desc.itable_unused
                 if not desc.flags & BG_INODE_ZEROED:
                     for slot in range(used_end, index + 1):
                         self.table.zero(group * ipg + slot + 1)

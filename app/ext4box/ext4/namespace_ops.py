@@ -16,7 +16,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
-from ext4box.ext4 import attr_ops, orphans
+from ext4box.ext4 import attr_ops, flag_guards, orphans
 from ext4box.ext4 import features as F
 from ext4box.ext4.dir_access import (
     LINK_MAX,
@@ -136,6 +136,7 @@ def _parent_for_new(fs: WritableFilesystem, parent: int, name: bytes) -> DirHand
     handle = DirHandle(fs, parent)
     if name in (b".", b"..") or handle.writer.lookup(name) is not None:
         raise Exists(f"{name!r} exists in directory inode {parent}")
+    flag_guards.check_may_add(handle.inode)
     return handle
 
 
@@ -308,6 +309,7 @@ def link(fs: WritableFilesystem, ino: int, new_parent: int, new_name: bytes) -> 
         raise NotFound(f"inode {ino} has no name left to link")
     if inode.links_count >= LINK_MAX:
         raise TooManyLinks(f"inode {ino} has {inode.links_count} links")
+    flag_guards.check_may_link(inode)
     handle = _parent_for_new(fs, new_parent, new_name)
     _add_or_undo(handle, new_name, ino, file_type(inode.mode), lambda: None)
     now = fs.now_ns()
@@ -341,6 +343,7 @@ def unlink(fs: WritableFilesystem, parent: int, name: bytes, *, still_open: bool
     if entry is None or name in (b".", b".."):
         raise NotFound(f"{name!r} not in directory inode {parent}")
     target = fs.inode(entry.inode)
+    flag_guards.check_may_delete(handle.inode, target)
     if target.is_dir:
         raise IsADirectory(f"{name!r} is a directory")
     if target.links_count <= 1 and not still_open:
@@ -365,6 +368,7 @@ def rmdir(fs: WritableFilesystem, parent: int, name: bytes) -> None:
     entry = handle.writer.lookup(name)
     if entry is None:
         raise NotFound(f"{name!r} not in directory inode {parent}")
+    flag_guards.check_may_delete(handle.inode, fs.inode(entry.inode))
     if not fs.inode(entry.inode).is_dir:
         raise NotADirectory(f"{name!r} is not a directory")
     if not _empty_dir(fs, entry.inode):
@@ -430,12 +434,14 @@ def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent:
     if flags & RENAME_EXCHANGE:
         if target is None:
             raise NotFound(f"{new_name!r} not in directory inode {new_parent}")
+        _check_rename_flags(fs, src_dir, dst_dir, src, target.inode)
         _exchange(fs, src_dir, dst_dir, old_name, new_name, src, fs.inode(target.inode),
                   dir_nlink)
         return
     dst: Inode | None = None
     if target is not None and flags & RENAME_NOREPLACE:
         raise Exists(f"{new_name!r} exists in directory inode {new_parent}")
+    _check_rename_flags(fs, src_dir, dst_dir, src, None if target is None else target.inode)
     # The VFS checks the tree shape before the file types (do_renameat2's traps).
     if src.is_dir and not same_dir:
         _check_not_ancestor(fs, src.ino, new_parent)
@@ -482,6 +488,19 @@ def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent:
             fs.evict(replace_inode(fs.inode(dst.ino), links_count=0))
         else:
             _drop_link(fs, dst.ino, now, still_open=fs.is_open(dst.ino))
+
+
+def _check_rename_flags(fs: WritableFilesystem, src_dir: DirHandle, dst_dir: DirHandle,
+                        src: Inode, target_ino: int | None) -> None:
+    """vfs_rename's flag checks: nothing for two names of one inode; else may_delete
+    of the source, then may_delete of the target or may_create in its directory."""
+    if target_ino == src.ino:
+        return
+    flag_guards.check_may_delete(src_dir.inode, src)
+    if target_ino is None:
+        flag_guards.check_may_add(dst_dir.inode)
+    else:
+        flag_guards.check_may_delete(dst_dir.inode, fs.inode(target_ino))
 
 
 def _exchange(fs: WritableFilesystem, src_dir: DirHandle, dst_dir: DirHandle, old_name: bytes,

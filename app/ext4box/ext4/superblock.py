@@ -140,6 +140,18 @@ CHECKSUM_OFFSET = SUPERBLOCK_SIZE - 4
 assert _STRUCT.size == SUPERBLOCK_SIZE
 
 
+def field_span(name: str) -> tuple[int, int]:
+    """(offset, size) of raw field `name` in the 1024 superblock bytes (for code that
+    edits a copy, such as a backup superblock, without re-encoding it)."""
+    offset = 0
+    for field, fmt in _LAYOUT:
+        size = struct.calcsize("<" + fmt)
+        if field == name:
+            return offset, size
+        offset += size
+    raise KeyError(f"no superblock field {name!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Superblock:
     """Every superblock field, as stored, plus derived geometry (see `parse`)."""

@@ -49,7 +49,18 @@ from typing import ParamSpec, TypeVar
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import attr_ops, ea_inode_writer, file_data, mount_state, namespace_ops, orphans
+from ext4box.ext4 import (
+    attr_ops,
+    ea_inode_writer,
+    file_data,
+    flag_guards,
+    fs_label,
+    inode_flags,
+    mount_state,
+    namespace_ops,
+    orphans,
+    trim,
+)
 from ext4box.ext4 import fallocate as fallocate_ops
 from ext4box.ext4 import features as F
 from ext4box.ext4.alloc import BlockAllocator
@@ -405,9 +416,13 @@ class WritableFilesystem(Filesystem):
     @_mutation
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+                mtime_ns: int | None = None, ctime_ns: int | None = None,
+                times_now: bool = False) -> Inode:
+        """`times_now`: the times are "now" (utimes(NULL), UTIME_NOW), which an
+        append-only inode allows where it refuses explicit times."""
         return attr_ops.setattr(self, ino, mode=mode, uid=uid, gid=gid, size=size,
-                                atime_ns=atime_ns, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
+                                atime_ns=atime_ns, mtime_ns=mtime_ns, ctime_ns=ctime_ns,
+                                times_now=times_now)
 
     @_mutation
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Inode:
@@ -416,6 +431,45 @@ class WritableFilesystem(Filesystem):
     @_mutation
     def removexattr(self, ino: int, name: bytes) -> Inode:
         return attr_ops.removexattr(self, ino, name)
+
+    # ---- inode flags, label, trim (the ioctls; rules in their modules) -------
+
+    def get_flags(self, ino: int) -> int:
+        """FS_IOC_GETFLAGS (inode_flags.py)."""
+        return inode_flags.visible_flags(self.inode(ino))
+
+    def get_fsxattr(self, ino: int) -> inode_flags.FsxAttr:
+        """FS_IOC_FSGETXATTR (inode_flags.py)."""
+        return inode_flags.get_fsxattr(self, self.inode(ino))
+
+    @_mutation
+    def set_flags(self, ino: int, flags: int, uid: int) -> Inode:
+        """FS_IOC_SETFLAGS by a caller of `uid` (inode_flags.py)."""
+        return inode_flags.set_flags(self, ino, flags, uid)
+
+    @_mutation
+    def set_fsxattr(self, ino: int, attr: inode_flags.FsxAttr, uid: int) -> Inode:
+        """FS_IOC_FSSETXATTR by a caller of `uid` (inode_flags.py)."""
+        return inode_flags.set_fsxattr(self, ino, attr, uid)
+
+    def get_label(self) -> bytes:
+        """FS_IOC_GETFSLABEL: the label NUL-padded to 17 bytes (fs_label.py)."""
+        with self.lock:
+            return fs_label.get_label(self)
+
+    def set_label(self, buffer: bytes, uid: int) -> None:
+        """FS_IOC_SETFSLABEL by a caller of `uid`; durable on return (fs_label.py)."""
+        fs_label.set_label(self, buffer, uid)
+
+    def trim(self, request: trim.TrimRange, uid: int) -> int:
+        """FITRIM by a caller of `uid`: the bytes discarded (trim.py)."""
+        return trim.trim(self, request, uid)
+
+    def check_open(self, ino: int, flags: int) -> None:
+        """EPERM where an immutable/append-only flag forbids opening `ino` with `flags`
+        (or writing through a file whose flags are now `flags`): flag_guards.py."""
+        with self.lock:
+            flag_guards.check_open(self.inode(ino), flags)
 
     @_mutation
     def release_orphan(self, ino: int) -> None:

@@ -61,6 +61,9 @@ class SetattrRequest:
     mtime_ns: int | None = None
     ctime_ns: int | None = None
     kill_suidgid: bool | None = None
+    # The given times are "now" (utimes(NULL), UTIME_NOW: FATTR_*TIME_NOW), which
+    # an append-only inode allows; False when the transport cannot say.
+    times_now: bool = False
 
     def changes_nothing(self) -> bool:
         return (self.mode is None and self.uid is None and self.gid is None
@@ -86,7 +89,7 @@ class NamespaceChanges:
     def _inode_attributes(self, inode: Inode) -> Attributes: ...
     def remember(self, ino: int) -> None: ...
     def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
-                   direct: bool = False) -> OpenResult: ...  # fmt: skip
+                   direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult: ...  # fmt: skip
 
     # -- new inodes ------------------------------------------------------------
 
@@ -129,7 +132,7 @@ class NamespaceChanges:
         attr = self._entry(node)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         handle = self.new_handle(node.ino, writable=writable, uid=ctx.uid, gid=ctx.gid,
-                                 direct=bool(flags & os.O_DIRECT))
+                                 direct=bool(flags & os.O_DIRECT), flags=flags)
         return handle, attr
 
     @fuse_errors("mknod")
@@ -283,7 +286,7 @@ class NamespaceChanges:
             changes["mtime_ns"] = req.mtime_ns
         # Every attribute change moves ctime to now, as notify_change does.
         changes["ctime_ns"] = req.ctime_ns if req.ctime_ns is not None else now_ns()
-        node = self.rw.setattr(ino, **changes)
+        node = self.rw.setattr(ino, **changes, times_now=req.times_now)
         if "size" in changes:
             self.engine.invalidate(ino)
         return self._inode_attributes(node)

@@ -7,8 +7,9 @@ operations.Operations, and returns the reply payload (bytes or a list of
 buffers), or NO_REPLY for the requests the kernel expects no answer to. It
 raises FuseError for an error reply. Opcodes not in the table get ENOSYS.
 
-Reserved places: FALLOCATE, LSEEK, COPY_FILE_RANGE (and STATX, protocol
-7.39) get a route when operations grows fallocate/seek/copy.
+STATX (7.39) and COPY_FILE_RANGE_64 (7.45) are newer than the installed
+header and the minor INIT answers (7.38); the 6.18 kernel sends them anyway,
+and they are answered here (protocol.NEWER_LAYOUTS).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ROUTES: tuple[Route, ...] = (
     Route(Opcode.FORGET, p.FORGET_IN, "forget"),
     Route(Opcode.BATCH_FORGET, p.BATCH_FORGET_IN, "batch_forget"),
     Route(Opcode.GETATTR, p.GETATTR_IN, "getattr"),
+    Route(Opcode.STATX, p.STATX_IN, "statx"),
     Route(Opcode.SETATTR, p.SETATTR_IN, "setattr"),
     Route(Opcode.READLINK, None, "readlink"),
     Route(Opcode.SYMLINK, None, "symlink"),
@@ -82,6 +84,11 @@ ROUTES: tuple[Route, ...] = (
     Route(Opcode.ACCESS, p.ACCESS_IN, "access"),
     Route(Opcode.INTERRUPT, p.INTERRUPT_IN, "interrupt"),
     Route(Opcode.SYNCFS, p.SYNCFS_IN, "syncfs"),
+    Route(Opcode.FALLOCATE, p.FALLOCATE_IN, "fallocate"),
+    Route(Opcode.LSEEK, p.LSEEK_IN, "lseek"),
+    Route(Opcode.COPY_FILE_RANGE, p.COPY_FILE_RANGE_IN, "copy_file_range"),
+    Route(Opcode.COPY_FILE_RANGE_64, p.COPY_FILE_RANGE_IN, "copy_file_range_64"),
+    Route(Opcode.IOCTL, p.IOCTL_IN, "ioctl"),
     Route(Opcode.DESTROY, None, "destroy"),
 )
 
@@ -116,6 +123,28 @@ def pack_attr_values(attr: Attributes) -> tuple[int, ...]:
         attr.ctime_ns % 1_000_000_000,
         attr.mode, attr.nlink, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF, attr.blksize,
         _ATTR_FLAGS,
+    )  # fmt: skip
+
+
+def _sx_time(time_ns: int) -> tuple[int, int]:
+    return time_ns // 1_000_000_000, time_ns % 1_000_000_000
+
+
+def pack_statx_out(attr: Attributes) -> bytes:
+    """fuse_statx_out: every basic field, and btime when the inode records one.
+
+    ext4 reports btime only when the inode is large enough to hold i_crtime;
+    an inode without it reads as crtime 0 here, so 0 means "none".
+    """
+    attr_s, attr_ns = _valid(attr.attr_timeout)
+    mask = p.STATX_BASIC_STATS | (p.STATX_BTIME if attr.crtime_ns else 0)
+    return p.STATX_OUT.pack(
+        attr_s, attr_ns, 0,
+        mask, attr.blksize, 0, attr.nlink, attr.uid, attr.gid, attr.mode, attr.ino,
+        attr.size, attr.blocks, 0,
+        *_sx_time(attr.atime_ns), *_sx_time(attr.crtime_ns), *_sx_time(attr.ctime_ns),
+        *_sx_time(attr.mtime_ns),
+        os.major(attr.rdev), os.minor(attr.rdev), 0, 0,
     )  # fmt: skip
 
 
@@ -179,6 +208,10 @@ class Dispatcher:
     def getattr(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         return pack_attr_out(self.ops.getattr(nodeid))
 
+    def statx(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        # Everything is cheap to fill, so sx_mask (what the caller wants) is not consulted.
+        return pack_statx_out(self.ops.getattr(nodeid))
+
     def readlink(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         return self.ops.readlink(nodeid)
 
@@ -197,6 +230,8 @@ class Dispatcher:
             if valid & p.FATTR_MTIME else None,
             ctime_ns=ctime * 1_000_000_000 + ctimensec if valid & p.FATTR_CTIME else None,
             kill_suidgid=self._kill(bool(valid & p.FATTR_KILL_SUIDGID)),
+            times_now=not ((valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW)
+                           or (valid & p.FATTR_MTIME and not valid & p.FATTR_MTIME_NOW)),
         )  # fmt: skip
         return pack_attr_out(self.ops.setattr(nodeid, request, self._context(caller, 0)))
 
@@ -269,13 +304,14 @@ class Dispatcher:
         return self.ops.read(fh, offset, size)
 
     def write(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
-        fh, offset, size, write_flags = p.WRITE_IN.unpack_from(body)[:4]
+        fh, offset, size, write_flags, _lock_owner, file_flags = p.WRITE_IN.unpack_from(body)
         if len(body) - p.WRITE_IN.size < size:
             raise FuseError(errno.EINVAL)
         # A view, not a second copy of up to 1 MiB: `body` is immutable bytes.
         data = memoryview(body)[p.WRITE_IN.size : p.WRITE_IN.size + size]
         written = self.ops.write(fh, offset, data,
-                                 self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)))
+                                 self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)),
+                                 file_flags=file_flags)
         return p.WRITE_OUT.pack(written)
 
     def flush(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
@@ -294,6 +330,27 @@ class Dispatcher:
     def syncfs(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         self.ops.fsync()
         return EMPTY
+
+    def fallocate(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        fh, offset, length, mode = p.FALLOCATE_IN.unpack_from(body)
+        self.ops.fallocate(fh, mode, offset, length)
+        return EMPTY
+
+    def lseek(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        fh, offset, whence = p.LSEEK_IN.unpack_from(body)
+        return p.LSEEK_OUT.pack(self.ops.seek(fh, offset, whence))
+
+    def copy_file_range(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        # fuse_write_out: the count is 32 bits; one copy never exceeds MAX_RW_COUNT.
+        return p.WRITE_OUT.pack(self._copy(body))
+
+    def copy_file_range_64(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        return p.COPY_FILE_RANGE_OUT.pack(self._copy(body))
+
+    def _copy(self, body: bytes) -> int:
+        fh_in, off_in, _nodeid_out, fh_out, off_out, length, flags = (
+            p.COPY_FILE_RANGE_IN.unpack_from(body))
+        return self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags)
 
     # -- directories -------------------------------------------------------------
 
@@ -383,6 +440,16 @@ class Dispatcher:
                                lambda: _groups_of(caller[2])):
             raise FuseError(errno.EACCES)
         return EMPTY
+
+    def ioctl(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        _fh, flags, cmd, _arg, in_size, out_size = p.IOCTL_IN.unpack_from(body)
+        if flags & p.IOCTL_UNRESTRICTED:
+            raise FuseError(errno.ENOTTY)  # CUSE only: every ioctl we serve is sized
+        data = body[p.IOCTL_IN.size : p.IOCTL_IN.size + in_size]
+        if len(data) != in_size:
+            raise FuseError(errno.EINVAL)
+        out = self.ops.ioctl(nodeid, cmd, data, out_size, self._context(caller, 0))
+        return [p.IOCTL_OUT.pack(0, 0, 0, 0), out]
 
     # -- session-level -----------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,11 @@ FORCED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions"})
 PASSTHROUGH_OPTIONS = frozenset({"noexec", "allow_other", "noatime", "nodiratime"})
 # Accepted and implied by FORCED_OPTIONS (or simply the default).
 IMPLIED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "exec"})
+# Meant for mount(8) and fstab, not for the filesystem: accepted and dropped,
+# as mount(8) expects of a helper (mount.fuse3 strips most of them already).
+FSTAB_ONLY_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev",
+                                "user", "users", "nouser", "owner", "group"})  # fmt: skip
+FSTAB_ONLY_PREFIXES = ("x-", "comment=")
 # The FUSE transports: our own on /dev/fuse (session.py), or libfuse via pyfuse3.
 BACKENDS = ("native", "pyfuse3")
 DEFAULT_BACKEND = "native"
@@ -80,6 +85,8 @@ def fuse_options(
             options.add(opt)
         elif opt in IMPLIED_OPTIONS:
             exec_requested |= opt == "exec"
+        elif opt in FSTAB_ONLY_OPTIONS or opt.startswith(FSTAB_ONLY_PREFIXES):
+            continue
         else:
             raise MountSetupError(f"unknown mount option {opt!r}")
     if exec_requested:
@@ -128,8 +135,12 @@ def is_fd_mountpoint(mountpoint: str) -> bool:
     return mountpoint.startswith(_FD_MOUNTPOINT_PREFIX)
 
 
-def serve_pyfuse3(ops: Operations, config: MountConfig) -> None:
-    """Mount through libfuse, serve in the foreground until unmounted or signalled."""
+def serve_pyfuse3(ops: Operations, config: MountConfig,
+                  on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Mount through libfuse, serve until unmounted or signalled.
+
+    `on_ready` runs once the mount answers (see pyfuse3_backend.serve_mounted).
+    """
     from ext4box.fuse.pyfuse3_backend import serve_mounted
 
     # Resolved now: once mounted, any lookup of the mountpoint from this process
@@ -143,11 +154,23 @@ def serve_pyfuse3(ops: Operations, config: MountConfig) -> None:
              options=",".join(sorted(config.fuse_options)))
     try:
         # Unmounts if we stop for a signal; a no-op after an external umount.
-        serve_mounted(ops, config.mountpoint, set(config.fuse_options), unmount=True, tune=tune)
+        serve_mounted(ops, config.mountpoint, _libfuse_options(config.fuse_options),
+                      unmount=True, tune=tune,
+                      on_ready=on_ready,
+                      probe=None if is_fd_mountpoint(config.mountpoint) else resolved)
     except RuntimeError as err:
         # libfuse has already printed its own reason on stderr.
         raise MountSetupError(f"cannot mount on {config.mountpoint}: {err}") from None
     log.info("unmounted", mountpoint=config.mountpoint)
+
+
+def _libfuse_options(options: frozenset[str]) -> set[str]:
+    """libfuse 3 rejects nodiratime as unknown; noatime (which covers
+    directories too) it passes to the kernel."""
+    if "nodiratime" in options:
+        log.info("mount option not applied", options="nodiratime", backend="pyfuse3",
+                 why="libfuse does not know it")  # fmt: skip
+    return set(options - {"nodiratime"})
 
 
 def _escape_option_value(value: str) -> str:

@@ -57,6 +57,8 @@ WANTED: tuple[tuple[InitFlag, str], ...] = (
                          "does (default_permissions alone ignores them)"),
     (InitFlag.SETXATTR_EXT, "SETXATTR carries FUSE_SETXATTR_ACL_KILL_SGID"),
     (InitFlag.INIT_EXT, "flags2 (bits 32-63) is read"),
+    (InitFlag.HAS_IOCTL_DIR, "ioctls on directories: chattr/lsattr of a directory, the "
+                             "label and FITRIM on the mountpoint"),
     *(((InitFlag.DO_READDIRPLUS, "READDIRPLUS: listings carry attributes"),
         (InitFlag.READDIRPLUS_AUTO, "plus only where lookups follow the listing"))
       if USE_READDIRPLUS else ()),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 from ext4box.ext4.caller import Caller, acting_as
 from ext4box.ext4.filesystem import Filesystem, StatFs
 from ext4box.ext4.inode import Inode
+from ext4box.fuse import ioctls
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
     ENTRY_TIMEOUT,
@@ -37,6 +38,7 @@ from ext4box.fuse.attrs import (
 )
 from ext4box.fuse.changes import NamespaceChanges, check_name
 from ext4box.fuse.errors import FuseError, fuse_errors, to_fuse_error
+from ext4box.fuse.file_ops import FileRangeOps
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
 from ext4box.iomap.engine import IOMapEngine, ReadPlan
 from ext4box.log import get_logger
@@ -80,6 +82,9 @@ class OpenFile:
     # Opened O_DIRECT: each read is the application's own, one at a time for
     # a synchronous reader, so a threaded backend executes it inline.
     direct: bool = False
+    # Open for reading, and opened O_APPEND: the copy_file_range checks.
+    readable: bool = True
+    append: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,7 @@ class OpenResult:
 EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
 
 
-class Operations(NamespaceChanges):
+class Operations(NamespaceChanges, FileRangeOps):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
     def __init__(self, fs: Filesystem, engine: IOMapEngine) -> None:
@@ -193,6 +198,9 @@ class Operations(NamespaceChanges):
         node = self.fs.inode(ino)
         if node.is_dir:
             raise FuseError(errno.EISDIR)
+        if self.writable:
+            # may_open's immutable/append-only rules (the kernel cannot see the flags).
+            self.rw.check_open(ino, flags)
         if flags & os.O_TRUNC and node.is_reg:
             # The truncate comes with the open, not as a separate setattr;
             # times as for truncate(2).
@@ -203,12 +211,14 @@ class Operations(NamespaceChanges):
             self.engine.invalidate(ino)
             self.dirty = True
         return self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
-                               direct=bool(flags & os.O_DIRECT))
+                               direct=bool(flags & os.O_DIRECT), flags=flags)
 
     def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
-                   direct: bool = False) -> OpenResult:
+                   direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult:
         fh = next(self._handle_ids)
-        self._open_files[fh] = OpenFile(ino, writable, uid, gid, direct)
+        self._open_files[fh] = OpenFile(ino, writable, uid, gid=gid, direct=direct,
+                                        readable=flags & os.O_ACCMODE != os.O_WRONLY,
+                                        append=bool(flags & os.O_APPEND))
         self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
         # Read-only: the image never changes, so cached pages stay valid.
         # Read-write: this server is the only writer and every write, truncate
@@ -235,12 +245,17 @@ class Operations(NamespaceChanges):
 
     @fuse_errors("write")
     def write(self, fh: int, off: int, data: bytes | memoryview,
-              kill_suidgid: bool | None = None) -> int:
-        """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener)."""
+              kill_suidgid: bool | None = None, *, file_flags: int | None = None) -> int:
+        """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener).
+        `file_flags`: the file's open flags now (FUSE_WRITE carries them), so a
+        write to an append-only file from an fd whose O_APPEND fcntl cleared is
+        refused here, as the kernel refuses that fcntl."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:
             raise FuseError(errno.EBADF)
         ino = handle.ino
+        if file_flags is not None:
+            self.rw.check_open(ino, file_flags)
         node = self.fs.inode(ino)
         # Synchronous from write_begin to write_end: no other request may
         # truncate (and free) the blocks between allocation and the data write.
@@ -261,6 +276,17 @@ class Operations(NamespaceChanges):
         # Fewer bytes than asked when the file's size limit cuts the write short.
         with acting_as(Caller(handle.uid, handle.gid)):
             return self.engine.write(node, off, data, now_ns=now_ns())
+
+    @fuse_errors("ioctl")
+    def ioctl(self, node_id: int, cmd: int, data: bytes, out_size: int, ctx: Context) -> bytes:
+        """FUSE_IOCTL: the few ioctls ext4 answers that make sense here (ioctls.py)."""
+        ino = ext4_ino(node_id)
+        result = ioctls.answer(self.fs, ioctls.IoctlCall(ino, cmd, data, out_size, ctx.uid))
+        if result.changed_inode:
+            self.dirty = True
+            self.engine.invalidate(ino)  # an EXTENTS change rewrote the mapping
+            self.changed_behind_kernel.append(ino)  # ctime, and attributes cached
+        return result.out
 
     @fuse_errors("fsync")
     def fsync(self) -> None:

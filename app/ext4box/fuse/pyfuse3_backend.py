@@ -5,6 +5,12 @@ translates: pyfuse3's arguments into an operations.Operations call, the
 result into pyfuse3's types, FuseError into pyfuse3.FUSEError. libfuse
 negotiates INIT itself (no FUSE_DONT_MASK, no FUSE_HANDLE_KILLPRIV_V2), so
 the umask is already applied and suid/sgid clearing is decided by caller.
+
+pyfuse3 (3.x) has no handlers for fallocate, lseek, copy_file_range, statx
+or syncfs, so Operations.fallocate/seek/copy_file_range are not reachable
+here: libfuse answers ENOSYS and the kernel falls back (EOPNOTSUPP for
+fallocate, the whole file as data for SEEK_DATA/SEEK_HOLE, a splice copy,
+no btime). The native backend serves them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import errno
 import functools
 import gc
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import ParamSpec, TypeVar
@@ -288,15 +295,21 @@ def _device_bytes(plan: ReadPlan) -> int:
 
 
 def serve_mounted(ops: Operations, mountpoint: str, options: set[str], *,
-                  unmount: bool, tune: Callable[[], bool] | None = None) -> None:  # fmt: skip
+                  unmount: bool, tune: Callable[[], bool] | None = None,
+                  on_ready: Callable[[], None] | None = None,
+                  probe: str | None = None) -> None:  # fmt: skip
     """Start libfuse on `mountpoint` (or /dev/fd/N), serve until unmounted or signalled.
 
     Raises RuntimeError when libfuse cannot start (it has said why on stderr).
-    `unmount`: unmount at the end when we stopped for a signal.
+    `unmount`: unmount at the end when we stopped for a signal. `on_ready`
+    runs once a stat of `probe` (the resolved mountpoint) has come back
+    through the mount, which the kernel holds until our INIT reply; without
+    a probe path (/dev/fd/N), as soon as the loop runs.
     """
     pyfuse3.init(Pyfuse3Operations(ops), mountpoint, options)
+    ready = None if on_ready is None else functools.partial(_announce_ready, on_ready, probe)
     try:
-        trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None, tune)
+        trio.run(serve_until_unmounted, ops.commit_tick if ops.writable else None, tune, ready)
     finally:
         pyfuse3.close(unmount=unmount)
 
@@ -307,7 +320,9 @@ def start_on_fd(ops: Operations, fuse_fd: int) -> None:
 
 
 async def serve_until_unmounted(commit: Callable[[], None] | None = None,
-                                tune: Callable[[], bool] | None = None) -> None:
+                                tune: Callable[[], bool] | None = None,
+                                ready: Callable[[], Awaitable[None]] | None = None,
+                                ) -> None:  # fmt: skip
     """Run pyfuse3's loop until the kernel unmounts or SIGINT/SIGTERM/SIGHUP arrives.
 
     `commit` (read-write mounts) runs every COMMIT_INTERVAL_S in the loop,
@@ -324,8 +339,21 @@ async def serve_until_unmounted(commit: Callable[[], None] | None = None,
             nursery.start_soon(_commit_periodically, commit)
         if tune is not None:
             nursery.start_soon(_tune_after_init, tune)
+        if ready is not None:
+            nursery.start_soon(ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _announce_ready(on_ready: Callable[[], None], probe: str | None) -> None:
+    if probe is not None:
+        try:
+            # In a thread: the stat waits for INIT, which this loop answers.
+            await trio.to_thread.run_sync(os.stat, probe, abandon_on_cancel=True)
+        except OSError as err:
+            log.warning("mount did not answer", mountpoint=probe, why=err.strerror)
+            return
+    on_ready()
 
 
 async def _tune_after_init(tune: Callable[[], bool]) -> None:

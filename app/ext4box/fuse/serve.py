@@ -6,6 +6,7 @@ the native backend (the default):
 
     confine()                 (stage-2 seccomp: from here no path, no socket)
     parse the image           (first untrusted byte is read here)
+    refuse policy features    (on the very superblock the session will serve)
     FUSE_INIT answered        (the fd really carries a mount)
     ready()                   (READY to the helper), serve until the kernel unmounts
 
@@ -32,6 +33,7 @@ from ext4box.fuse.session import NotMounted, Session
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.log import get_logger
 from ext4box.service.protocol import Mode, ReceivedMount
+from ext4box.service.refusals import FeatureRefused, refuse_features
 
 log = get_logger("ext4box.fuse")
 
@@ -107,10 +109,20 @@ def _confine_and_open(received: ReceivedMount, confine: Callable[[], None] | Non
         received.close()
         raise
     try:
-        return _open_filesystem(dev, received.fuse_fd)
+        fs = _open_filesystem(dev, received.fuse_fd)
     except BaseException:
         dev.close()
         raise
+    try:
+        # The helper judged the image before the mount; the bytes may have
+        # changed since. Judge the superblock parsed here, which is the one served.
+        refuse_features(fs.sb, received.request.refused_features)
+    except FeatureRefused as exc:
+        _close_quietly(received.fuse_fd)
+        fs.close()
+        dev.close()
+        raise ServeRefused(exc.reason, exc.errno) from None
+    return fs
 
 
 async def _serve_pyfuse3(

@@ -37,6 +37,8 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 UMOUNT_NOFOLLOW = 0x8
 MNT_DETACH = 0x2
 
@@ -55,6 +57,10 @@ class MountSpec:
     # The mountpoint the decision was made on (ext4box.helper.mountpoint_fd.hold);
     # as root the mount is attached to exactly this fd. None: held here.
     dir_fd: int | None = None
+    # Access-time flags of the mount (`ext4box serve -o noatime`); the broker
+    # never sets them. fusermount3 knows noatime but not nodiratime.
+    noatime: bool = False
+    nodiratime: bool = False
 
 
 @dataclass(slots=True)
@@ -180,6 +186,10 @@ def _attach_new_api(spec: MountSpec, fuse_fd: int, dir_fd: int) -> int:
             attrs |= syscalls.MOUNT_ATTR_RDONLY
         if spec.noexec:
             attrs |= syscalls.MOUNT_ATTR_NOEXEC
+        if spec.noatime:
+            attrs |= syscalls.MOUNT_ATTR_NOATIME
+        if spec.nodiratime:
+            attrs |= syscalls.MOUNT_ATTR_NODIRATIME
         mount_fd = syscalls.fsmount(fs_fd, attrs)
     finally:
         os.close(fs_fd)
@@ -199,6 +209,10 @@ def _attach_mount2(spec: MountSpec, fuse_fd: int, dir_fd: int) -> None:
         flags |= MS_RDONLY
     if spec.noexec:
         flags |= MS_NOEXEC
+    if spec.noatime:
+        flags |= MS_NOATIME
+    if spec.nodiratime:
+        flags |= MS_NODIRATIME
     syscalls.mount2(spec.source, f"/proc/self/fd/{dir_fd}", FSTYPE, flags,
                     ",".join(_options(spec, fuse_fd)))  # fmt: skip
 
@@ -221,6 +235,8 @@ def fusermount_options(spec: MountSpec) -> str:
     options = ["nosuid", "nodev", "default_permissions", spec.mode, f"subtype={SUBTYPE}"]
     if spec.noexec:
         options.append("noexec")
+    if spec.noatime:
+        options.append("noatime")
     if spec.allow_other:
         options.append("allow_other")
     # fusermount3 splits on commas and treats backslashes specially: name the

@@ -142,7 +142,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
 
         writable = request.mode is protocol.Mode.RW
         # Imported here: --version/--self-report must work without cffi.
-        from ext4box.service import libseccomp, lockdown, refusals
+        from ext4box.service import libseccomp, lockdown
 
         def confine() -> None:
             # Stage 2: from here on only the fds already held are usable.
@@ -153,8 +153,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             finally:
                 os.close(status_fd)
             _log("stage2", seconds=round(time.monotonic() - started, 3), **state)
-            # The helper's policy refused these features: check the image as it is now.
-            refusals.check_image_fd(received.image_fd, request.refused_features)
+            # The refused features are judged by serve_fds, on the superblock it parses.
 
         try:
             lockdown.prepare()
