@@ -214,12 +214,7 @@ def check_freeable(fs: WritableFilesystem, inode: Inode) -> None:
     where = inode_where(inode.ino)
     if inode.file_acl or owned_refs(fs, inode):
         raise Corrupt(_WHAT, where, "EA inode has extended attributes of its own")
-    mapper = fs.mapper_for(inode)
-    for pblk in mapper.tree_blocks():
-        fs.blocks.check_free(pblk, 1)
-    for run in mapper.extents():
-        if run.pblk is not None:
-            fs.blocks.check_free(run.pblk, run.length)
+    fs.check_blocks_freeable(inode)
 
 
 def check_release(fs: WritableFilesystem, inode: Inode) -> None:

@@ -124,12 +124,7 @@ def check_evictable(fs: WritableFilesystem, inode: Inode) -> None:
     xattr block): the operation is then refused whole instead of leaving a name removed
     and the inode neither linked nor freed."""
     if fs.has_block_tree(inode):
-        mapper = fs.mapper_for(inode)
-        for pblk in mapper.tree_blocks():
-            fs.blocks.check_free(pblk, 1)
-        for run in mapper.extents():
-            if run.pblk is not None:
-                fs.blocks.check_free(run.pblk, run.length)
+        fs.check_blocks_freeable(inode)
     ea_inode_writer.check_release(fs, inode)  # parses the xattr block too
     if inode.file_acl:
         fs.blocks.check_free(inode.file_acl, 1)

@@ -278,6 +278,16 @@ class WritableFilesystem(Filesystem):
             return not self._is_fast_symlink(inode)
         return inode.is_reg or inode.is_dir or inode.uses_extents
 
+    def check_blocks_freeable(self, inode: Inode) -> None:
+        """Raise Corrupt if freeing the tree and data blocks of `inode` would fail
+        half-way (a bitmap failing its checks, a block not allocated)."""
+        mapper = self.mapper_for(inode)
+        for pblk in mapper.tree_blocks():
+            self.blocks.check_free(pblk, 1)
+        for run in mapper.extents():
+            if run.pblk is not None:
+                self.blocks.check_free(run.pblk, run.length)
+
     def tree_writer(self, inode: Inode) -> TreeWriter:
         if inode.uses_extents:
             return ExtentTreeWriter(
