@@ -507,15 +507,16 @@ class KernelVsExt4box(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_kernel_vs_ext4box(tmp_path: Path) -> None:
+def run_machine(machine: type[KernelVsExt4box], workdir: Path, examples: int, steps: int) -> None:
+    """Run `machine` for `examples` sequences of at most `steps` steps in `workdir`."""
     skip_unless_possible()
-    KernelVsExt4box.workdir = tmp_path
+    machine.workdir = workdir
     phases = [Phase.generate] + ([Phase.shrink] if SHRINK else [])
     run_state_machine_as_test(
-        KernelVsExt4box,
+        machine,
         settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
+            max_examples=examples,
+            stateful_step_count=steps,
             deadline=None,
             database=None,
             phases=phases,
@@ -523,6 +524,10 @@ def test_kernel_vs_ext4box(tmp_path: Path) -> None:
             print_blob=False,
         ),
     )
+
+
+def test_kernel_vs_ext4box(tmp_path: Path) -> None:
+    run_machine(KernelVsExt4box, tmp_path, EXAMPLES, STEPS)
     runs = KernelVsExt4box.steps_run
     print(f"differential: {len(runs)} sequences, {sum(runs)} steps ({runs})")
     print(f"differential outcomes: {sorted(KernelVsExt4box.outcomes.items())}")

@@ -32,11 +32,10 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize, rule, run_state_machine_as_test
-from rw_support import fsck, skip_unless_possible
-from test_rw_differential import PICK, SHRINK, XATTR_NAMES, KernelVsExt4box, Pick
+from hypothesis.stateful import initialize, rule
+from rw_support import fsck
+from test_rw_differential import PICK, XATTR_NAMES, KernelVsExt4box, Pick, run_machine
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -127,22 +126,8 @@ class KernelVsExt4boxEaInode(KernelVsExt4box):
 
 
 def test_kernel_vs_ext4box_ea_inode(tmp_path: Path) -> None:
-    skip_unless_possible()
     machine = KernelVsExt4boxEaInode
-    machine.workdir = tmp_path
-    phases = [Phase.generate] + ([Phase.shrink] if SHRINK else [])
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            database=None,
-            phases=phases,
-            suppress_health_check=list(HealthCheck),
-            print_blob=False,
-        ),
-    )
+    run_machine(machine, tmp_path, EXAMPLES, STEPS)
     runs = machine.steps_run
     print(f"differential (ea_inode): {len(runs)} sequences, {sum(runs)} steps ({runs})")
     print(f"differential (ea_inode) outcomes: {sorted(machine.outcomes.items())}")
