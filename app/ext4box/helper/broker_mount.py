@@ -46,7 +46,6 @@ from ext4box.helper.image import OpenedImage, check_features, lock_image, open_i
 from ext4box.helper.peer import Caller, open_as
 from ext4box.log import get_logger
 from ext4box.policy import Decision, Policy, PolicyLoadError, Request, load_policy, sha256_of_fd
-from ext4box.service.protocol import HandoffError, PeerRefused
 
 log = get_logger("ext4box.broker")
 
@@ -261,7 +260,7 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage,
     try:
         container_id, sock = container.start(podman, name, log_file, labels, settings.timeout)
     except BaseException:
-        _discard(podman, name, log_file)
+        container.discard(podman, name, log_file)
         raise
     with sock:
         try:
@@ -269,7 +268,7 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage,
             # the caller opened and the policy judged, whatever was renamed since.
             mounted = fusemount.mount_held(spec)
         except BaseException:
-            _discard(podman, name, log_file)
+            container.discard(podman, name, log_file)
             raise
         # The caller may have renamed their directory since the decision; the
         # mount went onto that directory all the same. Record where it is now.
@@ -277,19 +276,11 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage,
         try:
             where = fd_path(mounted.mount_fd if mounted.mount_fd is not None else spec.dir_fd)
             mount_id = mount_ids.id_of_new_mount(mounted.mount_fd, spec.dir_fd, where)
-            try:
-                handoff.hand_off(sock, mounted.fuse_fd, image.fd, request,
-                                 timeout=settings.timeout)  # fmt: skip
-                handoff.wait_ready(sock, timeout=settings.timeout)
-            except (PeerRefused, HandoffError) as failed:
-                tail = container.log_tail(log_file)
-                raise HelperError(
-                    f"the server container {name} failed: {failed.reason}"
-                    + (f"; its log: {tail}" if tail else "")
-                ) from None
+            handoff.hand_off_to_container(name, log_file, sock, mounted.fuse_fd, image.fd,
+                                          request, settings.timeout)  # fmt: skip
         except BaseException:
             _undo_mount(mounted, where)
-            _discard(podman, name, log_file)
+            container.discard(podman, name, log_file)
             raise
         finally:
             os.close(mounted.fuse_fd)
@@ -325,10 +316,3 @@ def _undo_mount(mounted: fusemount.Mounted, mountpoint: str) -> None:
         return
     with contextlib.suppress(HelperError, OSError):
         mount_ids.unmount_exact(mountpoint, mount_ids.mount_id_at(mountpoint))
-
-
-def _discard(podman: container.Podman, name: str, log_file: object) -> None:
-    with contextlib.suppress(HelperError):
-        container.remove(podman, name)
-    with contextlib.suppress(OSError):
-        os.unlink(str(log_file))

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import os
 import secrets
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ext4box import bdi
 from ext4box.helper import (
@@ -55,7 +53,7 @@ from ext4box.policy import (
     load_policy,
     sha256_of_fd,
 )
-from ext4box.service.protocol import HandoffError, MountRequest, PeerRefused
+from ext4box.service.protocol import HandoffError, PeerRefused
 
 log = get_logger("ext4box.helper")
 
@@ -286,19 +284,20 @@ def _mount_and_serve(
     try:
         container_id, sock = container.start(podman, name, log_file, labels, timeout)
     except BaseException:
-        _discard(podman, name, log_file)
+        container.discard(podman, name, log_file)
         raise
     with sock:
         try:
             mounted = fusemount.mount_held(spec)
         except BaseException:
-            _discard(podman, name, log_file)
+            container.discard(podman, name, log_file)
             raise
         try:
-            _hand_off(podman, name, log_file, sock, mounted.fuse_fd, image, request, timeout)
+            handoff.hand_off_to_container(name, log_file, sock, mounted.fuse_fd, image.fd,
+                                          request, timeout)  # fmt: skip
         except BaseException:
             fusemount.unmount_mounted(mounted, mountpoint)
-            _discard(podman, name, log_file)
+            container.discard(podman, name, log_file)
             raise
         finally:
             os.close(mounted.fuse_fd)  # the server holds its own copy now (or nobody does)
@@ -321,54 +320,6 @@ def _mount_and_serve(
     log.info("mounted", container=name, image=image.path, mountpoint=mountpoint,
              mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
     return MountResult(record, ready)
-
-
-def _hand_off(
-    podman: container.Podman,
-    name: str,
-    log_file: Path,
-    sock: socket.socket,
-    fuse_fd: int,
-    image: OpenedImage,
-    request: MountRequest,
-    timeout: float,
-) -> None:
-    try:
-        handoff.hand_off(sock, fuse_fd, image.fd, request, timeout=timeout)
-        handoff.wait_ready(sock, timeout=timeout)
-    except PeerRefused as refused:
-        if refused.errno == errno.ENOSYS:
-            raise HelperError(
-                f"the server in container {name} verified the fds but cannot serve:"
-                f" {refused.reason}"
-            ) from None
-        raise HelperError(f"the server in container {name} refused: {refused.reason}") from None
-    except HandoffError as broken:
-        tail = _tail_after_exit(log_file)
-        if broken.errno == errno.ETIMEDOUT:
-            line = f"the server container {name} did not become ready within {timeout:g} s"
-        elif broken.errno in (errno.ECONNRESET, errno.EPIPE):
-            line = f"the server container {name} exited during the hand-off"
-        else:
-            line = f"the server container {name} failed to start ({broken.reason})"
-        raise HelperError(line + (f"; its log: {tail}" if tail else "")) from None
-
-
-def _tail_after_exit(log_file: Path) -> str:
-    # conmon writes the log as the server runs; give it a moment to flush the last lines.
-    deadline = time.monotonic() + 2.0
-    tail = container.log_tail(log_file)
-    while not tail and time.monotonic() < deadline:
-        time.sleep(0.1)
-        tail = container.log_tail(log_file)
-    return tail
-
-
-def _discard(podman: container.Podman, name: str, log_file: Path) -> None:
-    with contextlib.suppress(HelperError):
-        container.remove(podman, name)
-    with contextlib.suppress(FileNotFoundError):
-        log_file.unlink()
 
 
 def _load_policy(policy_dir: str | None) -> Policy:

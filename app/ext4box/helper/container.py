@@ -380,3 +380,22 @@ def _summarise(text: str) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:400] if lines else "no error message"
+
+
+def discard(podman: Podman, name: str, log_file: Path) -> None:
+    """Remove a container that will not serve, and its log: a failed mount leaves nothing."""
+    with contextlib.suppress(HelperError):
+        remove(podman, name)
+    with contextlib.suppress(FileNotFoundError):
+        log_file.unlink()
+
+
+def log_tail_after_exit(log_file: Path) -> str:
+    """The end of a container's log once it has stopped writing it."""
+    # conmon writes the log as the server runs; give it a moment to flush the last lines.
+    deadline = time.monotonic() + 2.0
+    tail = log_tail(log_file)
+    while not tail and time.monotonic() < deadline:
+        time.sleep(0.1)
+        tail = log_tail(log_file)
+    return tail

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 
+from ext4box.helper import container
+from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage
 from ext4box.policy import Decision
 from ext4box.service.protocol import (
@@ -43,7 +46,10 @@ from ext4box.service.protocol import (
     verify_image_fd,
 )
 
-__all__ = ["HandoffError", "PeerRefused", "hand_off", "mount_request", "wait_ready"]
+__all__ = [
+    "HandoffError", "PeerRefused", "hand_off", "hand_off_to_container", "mount_request",
+    "wait_ready",
+]
 
 
 def hand_off(
@@ -88,6 +94,31 @@ def wait_ready(sock: socket.socket, *, timeout: float = DEFAULT_TIMEOUT) -> None
     """Wait for READY; the server's ERROR becomes PeerRefused with its reason."""
     sock.settimeout(timeout)
     decode_ready(_reply(sock))
+
+
+def hand_off_to_container(name: str, log_file: Path, sock: socket.socket, fuse_fd: int,
+                          image_fd: int, request: MountRequest, timeout: float) -> None:
+    """Hand the fds to the server in container `name` and wait for READY; a refusal
+    or a broken hand-off becomes one HelperError line with the end of its log."""
+    try:
+        hand_off(sock, fuse_fd, image_fd, request, timeout=timeout)
+        wait_ready(sock, timeout=timeout)
+    except PeerRefused as refused:
+        if refused.errno == errno.ENOSYS:
+            raise HelperError(
+                f"the server in container {name} verified the fds but cannot serve:"
+                f" {refused.reason}"
+            ) from None
+        raise HelperError(f"the server in container {name} refused: {refused.reason}") from None
+    except HandoffError as broken:
+        tail = container.log_tail_after_exit(log_file)
+        if broken.errno == errno.ETIMEDOUT:
+            line = f"the server container {name} did not become ready within {timeout:g} s"
+        elif broken.errno in (errno.ECONNRESET, errno.EPIPE):
+            line = f"the server container {name} exited during the hand-off"
+        else:
+            line = f"the server container {name} failed to start ({broken.reason})"
+        raise HelperError(line + (f"; its log: {tail}" if tail else "")) from None
 
 
 def _reply(sock: socket.socket) -> bytes:
