@@ -1,0 +1,226 @@
+"""File handles after a cache drop and a remount: kernel ext4 vs ext4box (FUSE export).
+
+fstests generic/426, 467, 477, 756 and 777 take handles with
+name_to_handle_at(2), drop the dentry and inode caches or remount, and open
+the handles again with open_by_handle_at(2). Without FUSE_EXPORT_SUPPORT
+the FUSE kernel module cannot find an inode it has forgotten, so every such
+open is ESTALE. Here one scenario runs on a kernel rw mount and on an
+ext4box rw mount of copies of one image, and what each step gives (content
+read through the handle, the directory's reconnected path, its listing, its
+parent, or the errno) must be the same on both:
+
+- handles of a file, of directories (one of them htree-indexed) and of the
+  root, opened after `echo 2 > /proc/sys/vm/drop_caches` and again after an
+  unmount and a mount by a new server process;
+- a directory handle reconnects to the tree (LOOKUP "..", then the
+  parent's listing), so its /proc/self/fd path and its ".." are right;
+- the handle of a file unlinked and gone is ESTALE;
+- the handle of a file whose inode number a new file took (another
+  generation) is ESTALE, and so is a handle with its generation changed;
+- forged handles naming inode 0, reserved inodes (1, 7, 8, 10), one past
+  the last inode and 2^32-1 are ESTALE, and the mount keeps serving.
+
+Both images must be e2fsck-clean afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import pytest
+from rw_support import (
+    assert_fsck_clean,
+    attempt,
+    make_image,
+    rw_mount,
+    skip_unless_possible,
+    syncfs,
+)
+
+from support.handles import Handle, drop_dentries_and_inodes, name_to_handle, open_by_handle
+from support.kernel import kernel_mount
+
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
+
+Mount = Callable[[], AbstractContextManager[Path]]
+
+CONTENT = b"kept across remounts\n" * 100
+# Directory entries enough to make a 4 KiB-block directory htree-indexed.
+BIG_DIR_ENTRIES = 300
+# New files tried until one takes the unlinked victim's inode number.
+REUSE_ATTEMPTS = 64
+RESERVED_INODES = (0, 1, 7, 8, 10)
+
+
+def _kernel(image: Path, mountpoint: Path) -> Mount:
+    return lambda: kernel_mount(image, mountpoint, readonly=False)
+
+
+def _ext4box(image: Path, mountpoint: Path) -> Mount:
+    @contextmanager
+    def mount() -> Iterator[Path]:
+        with rw_mount(image, mountpoint) as handle:
+            yield handle.mountpoint
+
+    return mount
+
+
+def _open_file(root: Path, handle: Handle) -> object:
+    """What reading through `handle` gives: a summary of the content, or the errno."""
+
+    def read(mount_fd: int) -> str:
+        fd = open_by_handle(mount_fd, handle, os.O_RDONLY)
+        try:
+            data = os.read(fd, len(CONTENT) + 1)
+        finally:
+            os.close(fd)
+        return "content ok" if data == CONTENT else f"{len(data)} other bytes"
+
+    return _with_mount_fd(root, read)
+
+
+def _open_dir(root: Path, handle: Handle) -> object:
+    """(path under the mount, listing, parent's inode == the expected one's) or the errno."""
+
+    def inspect(mount_fd: int) -> tuple[str, list[str], int]:
+        fd = open_by_handle(mount_fd, handle, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            path = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), root)
+            names = sorted(os.listdir(fd))[:5]
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            try:
+                parent_ino = os.fstat(parent).st_ino
+            finally:
+                os.close(parent)
+        finally:
+            os.close(fd)
+        return path, names, parent_ino
+
+    seen = _with_mount_fd(root, inspect)
+    if isinstance(seen, tuple):
+        path, names, parent_ino = seen
+        expected_parent = (root / path).parent
+        return path, names, parent_ino == os.stat(expected_parent).st_ino
+    return seen
+
+
+def _with_mount_fd(root: Path, use: Callable[[int], object]) -> object:
+    mount_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return attempt(use, mount_fd)
+    finally:
+        os.close(mount_fd)
+
+
+def _build(root: Path) -> dict[str, Handle]:
+    """The tree, the handles to open later, and two files gone since their handle was taken."""
+    (root / "file").write_bytes(CONTENT)
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "inner").write_bytes(CONTENT)
+    big = root / "a" / "big"
+    big.mkdir()
+    for index in range(BIG_DIR_ENTRIES):
+        (big / f"entry-with-a-long-name-{index:04}").write_bytes(b"")
+    (big / "sub").mkdir()
+    handles = {
+        "file": name_to_handle(root / "file"),
+        "inner": name_to_handle(root / "a" / "b" / "inner"),
+        "dir a/b": name_to_handle(root / "a" / "b"),
+        "dir a/big": name_to_handle(big),
+        "dir a/big/sub": name_to_handle(big / "sub"),
+        "dir root": name_to_handle(root),
+    }
+    gone = root / "gone"
+    gone.write_bytes(CONTENT)
+    handles["gone"] = name_to_handle(gone)
+    gone.unlink()
+    return handles
+
+
+def _reuse_inode(root: Path) -> tuple[Handle, Handle | None]:
+    """A victim's handle, and the handle of a new file that took its inode number (or None)."""
+    work = root / "reuse"
+    work.mkdir()
+    victim = work / "victim"
+    victim.write_bytes(CONTENT)
+    victim_handle = name_to_handle(victim)
+    victim_ino = victim.stat().st_ino
+    victim.unlink()
+    # Committed, so the number is free to take again (FUSE sends no SYNCFS: fsync).
+    directory = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    for index in range(REUSE_ATTEMPTS):
+        candidate = work / f"new-{index}"
+        candidate.write_bytes(CONTENT)
+        if candidate.stat().st_ino == victim_ino:
+            return victim_handle, name_to_handle(candidate)
+    return victim_handle, None
+
+
+def _observe(root: Path, handles: dict[str, Handle]) -> list[tuple[str, object]]:
+    seen: list[tuple[str, object]] = []
+    for name, handle in handles.items():
+        opener = _open_dir if name.startswith("dir ") else _open_file
+        seen.append((name, opener(root, handle)))
+    return seen
+
+
+def _forged(root: Path, real: Handle) -> list[tuple[str, object]]:
+    """Opening handles no file of this filesystem has, built from a real one."""
+    ino, generation = real.inode_and_generation()
+    inodes_count = os.statvfs(root).f_files
+    cases = {
+        "other generation": real.forged(ino, (generation + 1) & 0xFFFFFFFF),
+        "one past the last inode": real.forged(inodes_count + 1, generation),
+        "inode 2^32-1": real.forged(0xFFFFFFFF, generation),
+        **{f"reserved inode {n}": real.forged(n, generation) for n in RESERVED_INODES},
+    }
+    seen = [(name, _open_file(root, handle)) for name, handle in cases.items()]
+    seen.append(("still serving", (root / "file").read_bytes() == CONTENT))
+    return seen
+
+
+def _scenario(mount: Mount) -> list[tuple[str, object]]:
+    seen: list[tuple[str, object]] = []
+    with mount() as root:
+        handles = _build(root)
+        victim, successor = _reuse_inode(root)
+        seen.append(("inode number reused", successor is not None))
+        handles["victim"] = victim
+        if successor is not None:
+            handles["successor"] = successor
+        syncfs(root)
+        drop_dentries_and_inodes()
+        seen += [("after drop_caches", step) for step in _observe(root, handles)]
+        seen += [("forged", step) for step in _forged(root, handles["file"])]
+    with mount() as root:
+        seen += [("after remount", step) for step in _observe(root, handles)]
+        seen += [("forged after remount", step) for step in _forged(root, handles["file"])]
+    return seen
+
+
+def test_handles_survive_cache_drop_and_remount_as_on_the_kernel(tmp_path: Path) -> None:
+    skip_unless_possible()
+    image = make_image(tmp_path / "base.img", 32)
+    kernel_image, ours_image = tmp_path / "kernel.img", tmp_path / "ext4box.img"
+    kernel_image.write_bytes(image.read_bytes())
+    ours_image.write_bytes(image.read_bytes())
+
+    kernel_seen = _scenario(_kernel(kernel_image, tmp_path / "kmnt"))
+    ours_seen = _scenario(_ext4box(ours_image, tmp_path / "omnt"))
+
+    assert ours_seen == kernel_seen
+    # The reference really resolved the handles and really refused the stale ones.
+    by_step = dict(kernel_seen)
+    assert by_step["inode number reused"] is True
+    assert ("file", "content ok") in [s for p, s in kernel_seen if p == "after remount"]
+    assert ("gone", "ESTALE") in [s for p, s in kernel_seen if p == "after remount"]
+    assert ("victim", "ESTALE") in [s for p, s in kernel_seen if p == "after drop_caches"]
+    assert_fsck_clean(kernel_image)
+    assert_fsck_clean(ours_image)
