@@ -17,15 +17,23 @@ parent, or the errno) must be the same on both:
 - the handle of a file unlinked and gone is ESTALE;
 - the handle of a file whose inode number a new file took (another
   generation) is ESTALE, and so is a handle with its generation changed;
-- forged handles naming inode 0, reserved inodes (1, 7, 8, 10), one past
-  the last inode and 2^32-1 are ESTALE, and the mount keeps serving.
+- forged handles naming inode 0, reserved inodes (1, 7, 8, 10), the last
+  inode (never used), one past it and 2^32-1 are ESTALE, and the mount
+  keeps serving.
 
-Both images must be e2fsck-clean afterwards.
+Both images must be e2fsck-clean afterwards. On an image with ea_inode and
+orphan_file, handles forged to name the EA inode or the orphan file (with
+their true generations) are ESTALE on both, as ext4 refuses them. And the
+FUSE-only cases: node id 2 (ext4's root, whose node id is 1) and one above
+2^32 are ESTALE, each with a log line, and the server keeps serving.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -40,8 +48,15 @@ from rw_support import (
     syncfs,
 )
 
-from support.handles import Handle, drop_dentries_and_inodes, name_to_handle, open_by_handle
+from support.handles import (
+    FUSE_FILEID,
+    Handle,
+    drop_dentries_and_inodes,
+    name_to_handle,
+    open_by_handle,
+)
 from support.kernel import kernel_mount
+from support.serve import ext4box_argv, served
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
@@ -53,6 +68,8 @@ BIG_DIR_ENTRIES = 300
 # New files tried until one takes the unlinked victim's inode number.
 REUSE_ATTEMPTS = 64
 RESERVED_INODES = (0, 1, 7, 8, 10)
+EXT4_EA_INODE_FL = 0x200000
+EA_VALUE_BYTES = 8000  # more than a 4 KiB block holds: stored in an EA inode
 
 
 def _kernel(image: Path, mountpoint: Path) -> Mount:
@@ -177,6 +194,7 @@ def _forged(root: Path, real: Handle) -> list[tuple[str, object]]:
     inodes_count = os.statvfs(root).f_files
     cases = {
         "other generation": real.forged(ino, (generation + 1) & 0xFFFFFFFF),
+        "last inode (never used)": real.forged(inodes_count, generation),
         "one past the last inode": real.forged(inodes_count + 1, generation),
         "inode 2^32-1": real.forged(0xFFFFFFFF, generation),
         **{f"reserved inode {n}": real.forged(n, generation) for n in RESERVED_INODES},
@@ -224,3 +242,76 @@ def test_handles_survive_cache_drop_and_remount_as_on_the_kernel(tmp_path: Path)
     assert ("victim", "ESTALE") in [s for p, s in kernel_seen if p == "after drop_caches"]
     assert_fsck_clean(kernel_image)
     assert_fsck_clean(ours_image)
+
+
+def _debugfs_inode(image: Path, ino: int) -> tuple[int, int]:
+    """(i_flags, i_generation) of inode `ino` as debugfs reads them."""
+    out = subprocess.run(["debugfs", "-R", f"stat <{ino}>", str(image)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    flags = re.search(r"Flags: (0x[0-9a-f]+)", out)
+    generation = re.search(r"Generation: (\d+)", out)
+    assert flags and generation, out
+    return int(flags.group(1), 16), int(generation.group(1))
+
+
+def _metadata_inodes_image(tmp_path: Path) -> tuple[Path, int, int]:
+    """An ea_inode + orphan_file image with a file whose xattr lives in an EA inode:
+    (image, EA inode number, orphan file inode number)."""
+    image = make_image(tmp_path / "meta.img", 32, "-O", "ea_inode,orphan_file")
+    with kernel_mount(image, tmp_path / "setup", readonly=False) as root:
+        (root / "file").write_bytes(CONTENT)
+        os.setxattr(root / "file", "user.big", b"v" * EA_VALUE_BYTES)
+    dumped = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
+    orphan_file = re.search(r"Orphan file inode:\s+(\d+)", dumped)
+    assert orphan_file, dumped
+    ea_inodes = [ino for ino in range(12, 40) if _debugfs_inode(image, ino)[0] & EXT4_EA_INODE_FL]
+    assert len(ea_inodes) == 1, ea_inodes
+    return image, ea_inodes[0], int(orphan_file.group(1))
+
+
+def _metadata_handles(root: Path, image: Path, ea_inode: int, orphan_file: int) -> list:
+    real = name_to_handle(root / "file")
+    seen = []
+    for name, ino in (("EA inode", ea_inode), ("orphan file", orphan_file)):
+        forged = real.forged(ino, _debugfs_inode(image, ino)[1])
+        seen.append((name, _open_file(root, forged)))
+    seen.append(("real file", _open_file(root, real)))
+    return seen
+
+
+def test_ea_inode_and_orphan_file_handles_are_stale_as_on_the_kernel(tmp_path: Path) -> None:
+    skip_unless_possible()
+    image, ea_inode, orphan_file = _metadata_inodes_image(tmp_path)
+    with kernel_mount(image, tmp_path / "kmnt") as root:
+        kernel_seen = _metadata_handles(root, image, ea_inode, orphan_file)
+    mountpoint = tmp_path / "omnt"
+    with served(image, mountpoint, ext4box_argv(image, mountpoint, "ro")) as handle:
+        ours_seen = _metadata_handles(handle.mountpoint, image, ea_inode, orphan_file)
+    assert ours_seen == kernel_seen
+    assert kernel_seen == [("EA inode", "ESTALE"), ("orphan file", "ESTALE"),
+                           ("real file", "content ok")]  # fmt: skip
+
+
+def test_forged_node_ids_are_stale_logged_and_harmless(tmp_path: Path) -> None:
+    """FUSE-only handles: node 2 would be a second node of the root, node 2^40 is no
+    inode. Each is ESTALE with a stale_handle log line, and the server serves on."""
+    skip_unless_possible()
+    image = make_image(tmp_path / "base.img", 16)
+    mountpoint = tmp_path / "omnt"
+    with served(image, mountpoint, ext4box_argv(image, mountpoint, "rw")) as handle:
+        root = handle.mountpoint
+        (root / "file").write_bytes(CONTENT)
+        real = name_to_handle(root / "file")
+        assert real.handle_type == FUSE_FILEID
+        _, generation = real.inode_and_generation()
+        forged = {2: 0, 1 << 40: generation}
+        seen = [_open_file(root, real.forged(node, gen)) for node, gen in forged.items()]
+        still_serving = (root / "file").read_bytes() == CONTENT
+        events = [json.loads(line) for line in handle.stderr_text().splitlines()
+                  if line.startswith("{")]  # fmt: skip
+    assert_fsck_clean(image)
+    assert seen == ["ESTALE", "ESTALE"]
+    assert still_serving
+    logged = {e["node"] for e in events if e.get("event") == "stale_handle"}
+    assert logged == set(forged)
