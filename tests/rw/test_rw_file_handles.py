@@ -9,12 +9,18 @@ ext4box rw mount of copies of one image, and what each step gives (content
 read through the handle, the directory's reconnected path, its listing, its
 parent, or the errno) must be the same on both:
 
-- handles of a file, of directories (one of them htree-indexed) and of the
+- handles of files, of directories (one of them htree-indexed) and of the
   root, opened after `echo 2 > /proc/sys/vm/drop_caches` and again after an
-  unmount and a mount by a new server process;
+  unmount and a mount by a new server process; files renamed since, or
+  with one of their two links removed, still open;
 - a directory handle reconnects to the tree (LOOKUP "..", then the
-  parent's listing), so its /proc/self/fd path and its ".." are right;
-- the handle of a file unlinked and gone is ESTALE;
+  parent's listing), so its /proc/self/fd path and its ".." are right, also
+  after the directory moved;
+- connectable handles (AT_HANDLE_CONNECTABLE: the parent's handle too)
+  reconnect a file to its parent; one whose file moved to another parent
+  since fails as on the kernel;
+- the handle of a file unlinked and gone is ESTALE, of one unlinked but
+  still held open opens until it is closed;
 - the handle of a file whose inode number a new file took (another
   generation) is ESTALE, and so is a handle with its generation changed;
 - forged handles naming inode 0, reserved inodes (1, 7, 8, 10), the last
@@ -85,16 +91,19 @@ def _ext4box(image: Path, mountpoint: Path) -> Mount:
     return mount
 
 
-def _open_file(root: Path, handle: Handle) -> object:
-    """What reading through `handle` gives: a summary of the content, or the errno."""
+def _open_file(root: Path, handle: Handle, *, with_path: bool = False) -> object:
+    """What reading through `handle` gives: a summary of the content (and, `with_path`,
+    the path under the mount the opened file is connected to), or the errno."""
 
-    def read(mount_fd: int) -> str:
+    def read(mount_fd: int) -> object:
         fd = open_by_handle(mount_fd, handle, os.O_RDONLY)
         try:
             data = os.read(fd, len(CONTENT) + 1)
+            path = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), root)
         finally:
             os.close(fd)
-        return "content ok" if data == CONTENT else f"{len(data)} other bytes"
+        summary = "content ok" if data == CONTENT else f"{len(data)} other bytes"
+        return (summary, path) if with_path else summary
 
     return _with_mount_fd(root, read)
 
@@ -132,8 +141,9 @@ def _with_mount_fd(root: Path, use: Callable[[int], object]) -> object:
         os.close(mount_fd)
 
 
-def _build(root: Path) -> dict[str, Handle]:
-    """The tree, the handles to open later, and two files gone since their handle was taken."""
+def _build(root: Path) -> tuple[dict[str, Handle], int]:
+    """The tree and the handles to open later, some of them of files renamed, linked,
+    unlinked or moved since; and an fd that keeps one unlinked file open."""
     (root / "file").write_bytes(CONTENT)
     (root / "a" / "b").mkdir(parents=True)
     (root / "a" / "b" / "inner").write_bytes(CONTENT)
@@ -142,7 +152,15 @@ def _build(root: Path) -> dict[str, Handle]:
     for index in range(BIG_DIR_ENTRIES):
         (big / f"entry-with-a-long-name-{index:04}").write_bytes(b"")
     (big / "sub").mkdir()
+    # Connectable handles also name the parent: decoding reconnects the file to it.
+    # This one is observed first, before any listing of "a": a READDIRPLUS listing
+    # (pyfuse3's) caches the moved file's dentry under its new parent, and the
+    # kernel returns a cached, connected dentry without consulting the handle's parent.
+    (root / "a" / "b" / "leaves").write_bytes(CONTENT)
+    moved_away = name_to_handle(root / "a" / "b" / "leaves", connectable=True)
+    os.rename(root / "a" / "b" / "leaves", root / "a" / "left")
     handles = {
+        "connectable, moved away": moved_away,
         "file": name_to_handle(root / "file"),
         "inner": name_to_handle(root / "a" / "b" / "inner"),
         "dir a/b": name_to_handle(root / "a" / "b"),
@@ -154,7 +172,24 @@ def _build(root: Path) -> dict[str, Handle]:
     gone.write_bytes(CONTENT)
     handles["gone"] = name_to_handle(gone)
     gone.unlink()
-    return handles
+    (root / "renamed").write_bytes(CONTENT)
+    handles["renamed"] = name_to_handle(root / "renamed")
+    os.rename(root / "renamed", root / "a" / "b" / "renamed-here")
+    (root / "first-name").write_bytes(CONTENT)
+    os.link(root / "first-name", root / "a" / "second-name")
+    handles["other link left"] = name_to_handle(root / "first-name")
+    os.unlink(root / "first-name")
+    held = root / "held-open"
+    held.write_bytes(CONTENT)
+    held_fd = os.open(held, os.O_RDONLY)
+    handles["unlinked, held open"] = name_to_handle(held)
+    held.unlink()
+    (root / "a" / "moving").mkdir()
+    handles["dir moved"] = name_to_handle(root / "a" / "moving")
+    os.rename(root / "a" / "moving", root / "a" / "b" / "moved")
+    (root / "a" / "b" / "stays").write_bytes(CONTENT)
+    handles["connectable"] = name_to_handle(root / "a" / "b" / "stays", connectable=True)
+    return handles, held_fd
 
 
 def _reuse_inode(root: Path) -> tuple[Handle, Handle | None]:
@@ -183,8 +218,10 @@ def _reuse_inode(root: Path) -> tuple[Handle, Handle | None]:
 def _observe(root: Path, handles: dict[str, Handle]) -> list[tuple[str, object]]:
     seen: list[tuple[str, object]] = []
     for name, handle in handles.items():
-        opener = _open_dir if name.startswith("dir ") else _open_file
-        seen.append((name, opener(root, handle)))
+        if name.startswith("dir "):
+            seen.append((name, _open_dir(root, handle)))
+        else:
+            seen.append((name, _open_file(root, handle, with_path=name.startswith("connectable"))))
     return seen
 
 
@@ -207,7 +244,7 @@ def _forged(root: Path, real: Handle) -> list[tuple[str, object]]:
 def _scenario(mount: Mount) -> list[tuple[str, object]]:
     seen: list[tuple[str, object]] = []
     with mount() as root:
-        handles = _build(root)
+        handles, held_fd = _build(root)
         victim, successor = _reuse_inode(root)
         seen.append(("inode number reused", successor is not None))
         handles["victim"] = victim
@@ -217,6 +254,7 @@ def _scenario(mount: Mount) -> list[tuple[str, object]]:
         drop_dentries_and_inodes()
         seen += [("after drop_caches", step) for step in _observe(root, handles)]
         seen += [("forged", step) for step in _forged(root, handles["file"])]
+        os.close(held_fd)
     with mount() as root:
         seen += [("after remount", step) for step in _observe(root, handles)]
         seen += [("forged after remount", step) for step in _forged(root, handles["file"])]

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_HANDLE_SZ = 128
+AT_HANDLE_CONNECTABLE = 0x002  # Linux 6.13: the handle names the parent too
 FILEID_INO32_GEN = 1
+FILEID_INO32_GEN_PARENT = 2
 FUSE_FILEID = 0x81
 FUSE_FILEID_WITH_PARENT = 0x82
+# Flag bits the kernel may add above the type byte (FILEID_IS_CONNECTABLE...).
+_TYPE_MASK = 0xFF
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -42,19 +46,21 @@ class Handle:
 
     def inode_and_generation(self) -> tuple[int, int]:
         """The inode (ext4) or node id (FUSE) the handle names, and its generation."""
-        if self.handle_type == FILEID_INO32_GEN:
+        kind = self.handle_type & _TYPE_MASK
+        if kind in (FILEID_INO32_GEN, FILEID_INO32_GEN_PARENT):
             ino, generation = struct.unpack_from("<II", self.data)
             return ino, generation
-        if self.handle_type in (FUSE_FILEID, FUSE_FILEID_WITH_PARENT):
+        if kind in (FUSE_FILEID, FUSE_FILEID_WITH_PARENT):
             high, low, generation = struct.unpack_from("<III", self.data)
             return high << 32 | low, generation
         raise ValueError(f"unknown handle type {self.handle_type:#x}")
 
     def forged(self, ino: int, generation: int) -> Handle:
-        """A handle of the same layout naming `ino` with `generation` instead."""
-        if self.handle_type == FILEID_INO32_GEN:
-            return Handle(self.handle_type, struct.pack("<II", ino, generation))
-        if self.handle_type in (FUSE_FILEID, FUSE_FILEID_WITH_PARENT):
+        """A handle of the same layout (without a parent) naming `ino` with `generation`."""
+        kind = self.handle_type & _TYPE_MASK
+        if kind in (FILEID_INO32_GEN, FILEID_INO32_GEN_PARENT):
+            return Handle(FILEID_INO32_GEN, struct.pack("<II", ino, generation))
+        if kind in (FUSE_FILEID, FUSE_FILEID_WITH_PARENT):
             return Handle(FUSE_FILEID, struct.pack("<III", ino >> 32, ino & 0xFFFFFFFF, generation))
         raise ValueError(f"unknown handle type {self.handle_type:#x}")
 
@@ -64,15 +70,16 @@ def _raise_errno(what: str) -> None:
     raise OSError(err, os.strerror(err), what)
 
 
-def name_to_handle(path: Path) -> Handle:
-    """name_to_handle_at(AT_FDCWD, path, ..., 0): the handle of `path` itself
-    (without AT_SYMLINK_FOLLOW a final symlink is not followed)."""
+def name_to_handle(path: Path, *, connectable: bool = False) -> Handle:
+    """name_to_handle_at(AT_FDCWD, path, ...): the handle of `path` itself (a final
+    symlink is not followed); `connectable`: with AT_HANDLE_CONNECTABLE."""
     handle = _FileHandle()
     handle.handle_bytes = MAX_HANDLE_SZ
     mount_id = ctypes.c_int()
     at_fdcwd = -100
     if _libc.name_to_handle_at(at_fdcwd, os.fsencode(path), ctypes.byref(handle),
-                               ctypes.byref(mount_id), 0) != 0:  # fmt: skip
+                               ctypes.byref(mount_id),
+                               AT_HANDLE_CONNECTABLE if connectable else 0) != 0:  # fmt: skip
         _raise_errno(str(path))
     return Handle(handle.handle_type, bytes(handle.f_handle[: handle.handle_bytes]))
 
