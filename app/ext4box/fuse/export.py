@@ -17,8 +17,8 @@ The node id of a "." lookup comes from whoever called open_by_handle_at,
 not from this server: it is only a number, checked the way the kernel's
 ext4 checks an inode number from a handle (ext4_nfs_get_inode, __ext4_iget
 with EXT4_IGET_HANDLE): below the first non-reserved inode (the root
-excepted), above s_inodes_count, a quota or orphan-file inode, an EA inode,
-or an inode no name holds (links_count 0) is ESTALE. A slot that does not
+excepted), above s_inodes_count, the journal, a quota or the orphan-file
+inode, an EA inode, or an inode no name holds (links_count 0) is ESTALE. A slot that does not
 parse as an inode is ESTALE too: nothing in use lives there (an unused slot
 of a never-initialised inode table reads as garbage); the same inode reached
 by a name would report the damage.
