@@ -299,8 +299,8 @@ def test_a_loop_device_of_a_users_file_is_refused_for_a_judging_rule():
 def test_serve_fds_refuses_a_refused_feature_of_the_superblock_it_parsed(tmp_path: Path):
     """serve_fds itself, not only the service around it, refuses the image; the
     session never starts (no READY) and both descriptors are closed."""
-    from ext4box.fuse.serve import ServeRefused, serve_fds
     from ext4box.service.protocol import ImageKind, Mode, MountRequest, ReceivedMount
+    from ext4box.service.serve import ServeRefused, serve_fds
 
     image = tmp_path / "casefold.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "casefold", str(image), "8M"], check=True,

@@ -1,4 +1,4 @@
-"""ext4box.fuse.serve.serve_fds through the real service, on the host.
+"""ext4box.service.serve.serve_fds through the real service, on the host.
 
 The test does the helper's part by hand (tests/appliance/fdmount.py): mount(2)
 of fuse.ext4box on an open /dev/fuse fd, hand-off of that fd and the image fd

@@ -22,7 +22,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
 
 from ext4box import __version__
 from ext4box.service import protocol, sandbox
@@ -128,13 +127,8 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             refused_features=list(request.refused_features),
             seconds=round(time.monotonic() - started, 3),
         )
-        serve = _find_server()
-        if serve is None:
-            received.close()
-            reason = "this build has no FUSE server (ext4box.fuse.serve.serve_fds)"
-            protocol.reply_error(sock, errno.ENOSYS, reason)
-            print(f"ext4box service: {reason}", file=sys.stderr)
-            return EXIT_SERVE
+        # Imported here: --version/--self-report need none of the image-serving stack.
+        from ext4box.service.serve import serve_fds
 
         def ready() -> None:
             protocol.send_ready(sock)
@@ -157,7 +151,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
 
         try:
             lockdown.prepare()
-            return serve(received, ready, confine=confine)
+            return serve_fds(received, ready, confine=confine)
         except libseccomp.SeccompError as exc:
             received.close()
             reason = f"cannot install the stage-2 seccomp filter: {exc}"
@@ -196,24 +190,6 @@ def _handoff_socket(args: argparse.Namespace) -> socket.socket:
         sock.detach()  # not ours to close: the caller passed a wrong fd
         raise
     return sock
-
-
-ServeFn = Callable[..., int]
-
-
-def _find_server() -> ServeFn | None:
-    """The FUSE server is another layer; it may not be built yet.
-
-    Contract: serve_fds(received, ready, confine=...) mounts nothing (the
-    helper did), calls confine() (stage 2) before parsing the image, runs the
-    session on received.fuse_fd / received.image_fd, calls ready() once the
-    session is initialised, returns an exit code at unmount.
-    """
-    try:
-        from ext4box.fuse.serve import serve_fds  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return serve_fds  # type: ignore[no-any-return]
 
 
 def _report_dict(

@@ -1,7 +1,7 @@
 """Serve a FUSE session on descriptors handed over by the host helper.
 
 The helper has opened the image and /dev/fuse and performed the mount; the
-service (ext4box.service.main) received both fds and verified them. Here, on
+entrypoint (ext4box.service.main) received both fds and verified them. Here, on
 the native backend (the default):
 
     confine()                 (stage-2 seccomp: from here no path, no socket)
