@@ -30,10 +30,10 @@ from appliance.security_support import (
     scratch_root,
     write_policy,
 )
+from ext4box import handoff_protocol as protocol
 from ext4box.helper import fusemount
 from ext4box.helper.errors import HelperError
 from ext4box.policy import Request, identity_of_uid, load_policy
-from ext4box.service import protocol
 from support.serve import why_no_fuse
 
 pytestmark = [

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from appliance.conftest import IMAGE_BYTES, open_fd_count
+from ext4box import handoff_protocol as protocol
+from ext4box.handoff_protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
 from ext4box.helper import handoff
-from ext4box.service import protocol
-from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
 
 REPO = Path(__file__).resolve().parents[2]
 EXT4_MAGIC_OFFSET = 1024 + 0x38

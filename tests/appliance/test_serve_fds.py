@@ -24,8 +24,8 @@ from appliance.fdmount import (
     served_by_handoff,
     start_service,
 )
+from ext4box.handoff_protocol import ImageKind, Mode, MountRequest, PeerRefused
 from ext4box.helper import handoff
-from ext4box.service.protocol import ImageKind, Mode, MountRequest, PeerRefused
 from support.kernel import kernel_mount, why_no_kernel_mounts
 from support.serve import why_no_fuse
 

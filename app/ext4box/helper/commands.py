@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from ext4box import bdi
+from ext4box.handoff_protocol import HandoffError, PeerRefused
 from ext4box.helper import (
     container,
     doctor,
@@ -53,7 +54,6 @@ from ext4box.policy import (
     load_policy,
     sha256_of_fd,
 )
-from ext4box.service.protocol import HandoffError, PeerRefused
 
 log = get_logger("ext4box.helper")
 

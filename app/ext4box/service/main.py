@@ -8,7 +8,7 @@
 Start-up order, each step before the next may begin:
   1. inspect and log the sandbox; refuse if it is weaker than configured;
   2. receive /dev/fuse and the image over the hand-off socket and verify them
-     (ext4box.service.protocol);
+     (ext4box.handoff_protocol);
   3. serve the FUSE session on those fds, then report READY to the helper.
 The service never opens a host path: everything it touches arrives as an fd.
 """
@@ -23,8 +23,8 @@ import socket
 import sys
 import time
 
-from ext4box import __version__
-from ext4box.service import protocol, sandbox
+from ext4box import __version__, handoff_protocol
+from ext4box.service import sandbox
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve even when capabilities, no_new_privs, seccomp or netns are missing",
     )
-    parser.add_argument("--timeout", type=float, default=protocol.DEFAULT_TIMEOUT)
+    parser.add_argument("--timeout", type=float, default=handoff_protocol.DEFAULT_TIMEOUT)
     parser.add_argument(
         "--connect-wait",
         type=float,
@@ -106,13 +106,13 @@ def _serve_handoff(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         sock = _handoff_socket(args)
-    except (OSError, protocol.HandoffError) as exc:
+    except (OSError, handoff_protocol.HandoffError) as exc:
         print(f"ext4box service: no hand-off socket: {exc}", file=sys.stderr)
         return EXIT_HANDOFF
     with sock:
         try:
-            received = protocol.receive_handoff(sock, timeout=args.timeout)
-        except protocol.HandoffError as exc:
+            received = handoff_protocol.receive_handoff(sock, timeout=args.timeout)
+        except handoff_protocol.HandoffError as exc:
             _log("handoff_refused", reason=exc.reason, errno=exc.errno)
             print(f"ext4box service: hand-off refused: {exc.reason}", file=sys.stderr)
             return EXIT_HANDOFF
@@ -131,10 +131,10 @@ def _serve_handoff(args: argparse.Namespace) -> int:
         from ext4box.service.serve import serve_fds
 
         def ready() -> None:
-            protocol.send_ready(sock)
+            handoff_protocol.send_ready(sock)
             _log("ready", seconds=round(time.monotonic() - started, 3))
 
-        writable = request.mode is protocol.Mode.RW
+        writable = request.mode is handoff_protocol.Mode.RW
         # Imported here: --version/--self-report must work without cffi.
         from ext4box.service import libseccomp, lockdown
 
@@ -155,12 +155,12 @@ def _serve_handoff(args: argparse.Namespace) -> int:
         except libseccomp.SeccompError as exc:
             received.close()
             reason = f"cannot install the stage-2 seccomp filter: {exc}"
-            protocol.reply_error(sock, errno.EPERM, reason)
+            handoff_protocol.reply_error(sock, errno.EPERM, reason)
             print(f"ext4box service: {reason}", file=sys.stderr)
             return EXIT_SANDBOX
         except Exception as exc:  # report any start-up failure to the helper
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, reason)
+            handoff_protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, reason)
             _log("serve_failed", reason=reason)
             print(f"ext4box service: {reason}", file=sys.stderr)
             return EXIT_SERVE
@@ -185,8 +185,8 @@ def _handoff_socket(args: argparse.Namespace) -> socket.socket:
     fd = DEFAULT_HANDOFF_FD if args.handoff_fd is None else args.handoff_fd
     sock = socket.socket(fileno=fd)
     try:
-        protocol.check_socket(sock)
-    except protocol.HandoffError:
+        handoff_protocol.check_socket(sock)
+    except handoff_protocol.HandoffError:
         sock.detach()  # not ours to close: the caller passed a wrong fd
         raise
     return sock

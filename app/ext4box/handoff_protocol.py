@@ -18,7 +18,9 @@ exact or bounded size, every byte is validated, and any received descriptor
 is closed on every failure path, so a confused or hostile peer gets a clean
 refusal and never leaks an fd into this process.
 
-The helper side lives in ext4box.helper.handoff and shares this codec.
+Both ends import this module: the helper from ext4box.helper.handoff, the
+server from ext4box.service.main (receive_handoff, below). It sits below
+both, so neither of them imports the other.
 """
 
 from __future__ import annotations
