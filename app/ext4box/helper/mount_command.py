@@ -1,4 +1,4 @@
-"""`ext4box mount`, `ext4box umount`: the host helper (`list` is listing.py).
+"""`ext4box mount`: what does the helper check, in which order, before a server gets the fds?
 
 mount, in this order (each step only if the previous one passed):
   1. load the policy (all or nothing) and open the mountpoint once, as an
@@ -15,34 +15,23 @@ mount, in this order (each step only if the previous one passed):
   5. start the server container, hand it the two fds, wait for READY;
   6. record the mount. Any failure after 4 unmounts and removes the
      container again, so a failed mount leaves nothing behind.
-Every failure is one HelperError line; cli.py prints it.
+Steps 4-6, and their variant for a server already running, are
+helper/mount_server.py. `umount` is umount_command.py, `list` is listing.py,
+`--foreground` is foreground.py. Every failure is one HelperError line;
+cli.py prints it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import secrets
-import socket
 import threading
-import time
-from dataclasses import dataclass
 
 from ext4box import bdi
-from ext4box.handoff_protocol import HandoffError, PeerRefused
-from ext4box.helper import (
-    container,
-    doctor,
-    external,
-    fusemount,
-    handoff,
-    mountpoint_fd,
-    pinned,
-    state,
-)
+from ext4box.helper import doctor, external, fusemount, mount_server, mountpoint_fd, pinned
 from ext4box.helper.errors import HelperError
 from ext4box.helper.image import OpenedImage, check_features, lock_image, open_image
+from ext4box.helper.mount_server import MountResult
 from ext4box.log import get_logger
 from ext4box.policy import (
     Decision,
@@ -58,19 +47,6 @@ from ext4box.policy import (
 log = get_logger("ext4box.helper")
 
 DEFAULT_TIMEOUT = 30.0
-GONE_TIMEOUT = 1.5  # how long umount waits for the server to exit by itself
-
-
-@dataclass(frozen=True, slots=True)
-class MountResult:
-    record: state.MountRecord
-    ready_seconds: float  # container start to READY
-    # With an external server (compose, Kubernetes, systemd): the hand-off
-    # socket, still open, so `--foreground` can watch it for the server's exit.
-    channel: socket.socket | None = None
-
-
-# -- mount ----------------------------------------------------------------------
 
 
 def mount(
@@ -130,9 +106,9 @@ def _mount_held(
         check_features(image, decision.refused_features, decision.rule)
         spec = _mount_spec(image, held, decision)
         if endpoint is not None:
-            return _mount_external(endpoint, image, spec, decision, timeout)
+            return mount_server.serve_at_endpoint(endpoint, image, spec, decision, timeout)
         podman = doctor.preflight(mountpoint)  # everything a container start needs
-        return _mount_and_serve(podman, image, spec, decision, timeout)
+        return mount_server.serve_in_container(podman, image, spec, decision, timeout)
     finally:
         image.close()
 
@@ -172,154 +148,6 @@ def _mount_spec(
         uid=os.getuid(),
         gid=os.getgid(),
     )
-
-
-def _mount_external(
-    endpoint: external.Endpoint,
-    image: OpenedImage,
-    spec: fusemount.MountSpec,
-    decision: Decision,
-    timeout: float,
-) -> MountResult:
-    """Meet the server at endpoint first, then mount: no server, nothing to undo."""
-    mountpoint = spec.mountpoint
-    started = time.monotonic()
-    sock, peer = external.open_channel(endpoint, timeout)
-    name = f"ext4box-{secrets.token_hex(6)}"
-    try:
-        request = handoff.mount_request(image, decision)
-        mounted = fusemount.mount_held(spec)
-        try:
-            handoff.hand_off(sock, mounted.fuse_fd, image.fd, request, timeout=timeout)
-            handoff.wait_ready(sock, timeout=timeout)
-        except (PeerRefused, HandoffError) as failed:
-            fusemount.unmount_mounted(mounted, mountpoint)
-            what = "refused" if isinstance(failed, PeerRefused) else "failed"
-            raise HelperError(f"the server at {endpoint.path} {what}: {failed.reason}") from None
-        except BaseException:
-            fusemount.unmount_mounted(mounted, mountpoint)
-            raise
-        finally:
-            os.close(mounted.fuse_fd)
-            mounted.release_mount_fd()
-    except BaseException:
-        sock.close()
-        raise
-    ready = time.monotonic() - started
-    record = state.MountRecord(
-        name=name,
-        image=image.path,
-        mountpoint=mountpoint,
-        mode=image.mode,
-        container_id=endpoint.describe(),
-        since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        pid=peer.pid or None,
-        uid=os.getuid(),
-        flags=tuple(decision.mount_flags),
-        rule=decision.rule,
-        sha256=decision.sha256,
-    )
-    state.save(record)
-    log.info("mounted", server=endpoint.describe(), image=image.path, mountpoint=mountpoint,
-             mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
-    return MountResult(record, ready, sock)
-
-
-def serve_until_stopped(result: MountResult) -> str:
-    """`ext4box mount --foreground`: hold the mount until SIGTERM/SIGINT or the server exits.
-
-    Then unmount (an unmount propagates to every peer of the mount, e.g. the
-    host side of a compose or Kubernetes shared volume) and forget the record.
-    Returns why it stopped.
-    """
-    import select
-    import signal
-
-    class _Stop(Exception):
-        pass
-
-    def _stop(signum: int, _frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    channel = result.channel
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    why = "server exited"
-    try:
-        while channel is not None:
-            readable, _, _ = select.select([channel], [], [], 1.0)
-            if readable:
-                with contextlib.suppress(OSError):
-                    if channel.recv(64):
-                        continue  # the protocol sends nothing after READY; ignore it
-                break
-    except _Stop as stop:
-        why = str(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if channel is not None:
-            channel.close()
-    with contextlib.suppress(HelperError):
-        umount(result.record.mountpoint)
-    log.info("stopped", reason=why, mountpoint=result.record.mountpoint)
-    return why
-
-
-def _mount_and_serve(
-    podman: container.Podman,
-    image: OpenedImage,
-    spec: fusemount.MountSpec,
-    decision: Decision,
-    timeout: float,
-) -> MountResult:
-    mountpoint = spec.mountpoint
-    request = handoff.mount_request(image, decision)
-    name = f"ext4box-{secrets.token_hex(6)}"
-    log_file = state.log_path(name)
-    labels = {container.LABEL: "1", "org.ext4box.image": image.path}
-    started = time.monotonic()
-    # The container starts before the mount exists: podman's conmon runs in a
-    # mount namespace copied from ours at start, and a copy of our FUSE mount
-    # there would keep the connection alive after `ext4box umount`.
-    try:
-        container_id, sock = container.start(podman, name, log_file, labels, timeout)
-    except BaseException:
-        container.discard(podman, name, log_file)
-        raise
-    with sock:
-        try:
-            mounted = fusemount.mount_held(spec)
-        except BaseException:
-            container.discard(podman, name, log_file)
-            raise
-        try:
-            handoff.hand_off_to_container(name, log_file, sock, mounted.fuse_fd, image.fd,
-                                          request, timeout)  # fmt: skip
-        except BaseException:
-            fusemount.unmount_mounted(mounted, mountpoint)
-            container.discard(podman, name, log_file)
-            raise
-        finally:
-            os.close(mounted.fuse_fd)  # the server holds its own copy now (or nobody does)
-            mounted.release_mount_fd()
-    ready = time.monotonic() - started
-    record = state.MountRecord(
-        name=name,
-        image=image.path,
-        mountpoint=mountpoint,
-        mode=image.mode,
-        container_id=container_id,
-        since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        pid=container.container_pid(podman, name),
-        uid=os.getuid(),
-        flags=tuple(decision.mount_flags),
-        rule=decision.rule,
-        sha256=decision.sha256,
-    )
-    state.save(record)
-    log.info("mounted", container=name, image=image.path, mountpoint=mountpoint,
-             mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
-    return MountResult(record, ready)
 
 
 def _load_policy(policy_dir: str | None) -> Policy:
@@ -371,56 +199,3 @@ def _ensure_stdio() -> None:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)
-
-
-# -- umount ---------------------------------------------------------------------
-
-
-def umount(mountpoint_arg: str) -> str:
-    """Unmount, stop the server, forget the record; returns what was unmounted."""
-    absolute = os.path.normpath(os.path.abspath(mountpoint_arg))
-    # realpath would stat a dead mount (ENOTCONN); it tolerates that, and
-    # records hold resolved paths, so try both spellings.
-    try:
-        candidates = {absolute, os.path.realpath(absolute)}
-    except OSError:  # a link removed while realpath read it
-        candidates = {absolute}
-    record = next((r for r in state.load_all() if r.mountpoint in candidates), None)
-    path = record.mountpoint if record else absolute
-    entry = fusemount.mounted_entry(path)
-    mounted = entry is not None and entry.fstype == fusemount.FSTYPE
-    if record is None and not mounted:
-        raise HelperError(f"{mountpoint_arg} is not an ext4box mount (see ext4box list)")
-    if entry is not None and mounted:
-        _check_may_unmount(path, entry)
-        if not fusemount.unmount(path):
-            raise HelperError(f"cannot unmount {path}: it is not a mount this user can unmount")
-        if os.geteuid() == 0:
-            fusemount.abort_connection(entry.device)
-    if record is not None and external.is_external(record.container_id):
-        # A server we did not start: unmounting ends its session; its
-        # orchestrator (compose, kubelet, systemd) reaps it.
-        state.forget(record)
-        log.info("unmounted", server=record.container_id, mountpoint=path, image=record.image)
-    elif record is not None:
-        podman = container.find_podman()
-        # Unmounting normally ends the FUSE session: the server exits and
-        # --rm removes it. If a copy of the mount in another mount namespace
-        # keeps the session alive, SIGTERM makes the server stop serving.
-        if not container.wait_gone(podman, record.name, GONE_TIMEOUT):
-            container.remove(podman, record.name)
-        state.forget(record)
-        log.info("unmounted", container=record.name, mountpoint=path, image=record.image)
-    return path
-
-
-def _check_may_unmount(path: str, entry: fusemount.MountEntry) -> None:
-    """Only root and the user who mounted it (the FUSE user_id=) may unmount."""
-    owner = entry.owner_uid
-    if os.geteuid() != 0 and owner != os.getuid():
-        whose = f"uid {owner}" if owner is not None else "another user"
-        raise HelperError(
-            f"{path} is an ext4box mount of {whose}, not yours (uid {os.getuid()});"
-            " only its owner or root can unmount it"
-        )
-
