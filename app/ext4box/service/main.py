@@ -8,7 +8,7 @@
 Start-up order, each step before the next may begin:
   1. inspect and log the sandbox; refuse if it is weaker than configured;
   2. receive /dev/fuse and the image over the hand-off socket and verify them
-     (ext4box.handoff_protocol);
+     (ext4box.service.receive);
   3. serve the FUSE session on those fds, then report READY to the helper.
 The service never opens a host path: everything it touches arrives as an fd.
 """
@@ -24,7 +24,7 @@ import sys
 import time
 
 from ext4box import __version__, handoff_protocol
-from ext4box.service import sandbox
+from ext4box.service import receive, sandbox
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -111,7 +111,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
         return EXIT_HANDOFF
     with sock:
         try:
-            received = handoff_protocol.receive_handoff(sock, timeout=args.timeout)
+            received = receive.receive_handoff(sock, timeout=args.timeout)
         except handoff_protocol.HandoffError as exc:
             _log("handoff_refused", reason=exc.reason, errno=exc.errno)
             print(f"ext4box service: hand-off refused: {exc.reason}", file=sys.stderr)
@@ -131,7 +131,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
         from ext4box.service.serve import serve_fds
 
         def ready() -> None:
-            handoff_protocol.send_ready(sock)
+            receive.send_ready(sock)
             _log("ready", seconds=round(time.monotonic() - started, 3))
 
         writable = request.mode is handoff_protocol.Mode.RW
