@@ -77,20 +77,8 @@ def serve_in_container(
             os.close(mounted.fuse_fd)  # the server holds its own copy now (or nobody does)
             mounted.release_mount_fd()
     ready = time.monotonic() - started
-    record = state.MountRecord(
-        name=name,
-        image=image.path,
-        mountpoint=mountpoint,
-        mode=image.mode,
-        container_id=container_id,
-        since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        pid=container.container_pid(podman, name),
-        uid=os.getuid(),
-        flags=tuple(decision.mount_flags),
-        rule=decision.rule,
-        sha256=decision.sha256,
-    )
-    state.save(record)
+    record = _save_record(name, image, mountpoint, container_id,
+                          container.container_pid(podman, name), decision)  # fmt: skip
     log.info("mounted", container=name, image=image.path, mountpoint=mountpoint,
              mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
     return MountResult(record, ready)
@@ -128,20 +116,34 @@ def serve_at_endpoint(
         sock.close()
         raise
     ready = time.monotonic() - started
+    record = _save_record(name, image, mountpoint, endpoint.describe(), peer.pid or None,
+                          decision)  # fmt: skip
+    log.info("mounted", server=endpoint.describe(), image=image.path, mountpoint=mountpoint,
+             mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
+    return MountResult(record, ready, sock)
+
+
+def _save_record(
+    name: str,
+    image: OpenedImage,
+    mountpoint: str,
+    server: str,
+    pid: int | None,
+    decision: Decision,
+) -> state.MountRecord:
+    """Record a mount that answers (`ext4box list`, `umount` and the broker read it)."""
     record = state.MountRecord(
         name=name,
         image=image.path,
         mountpoint=mountpoint,
         mode=image.mode,
-        container_id=endpoint.describe(),
+        container_id=server,
         since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        pid=peer.pid or None,
+        pid=pid,
         uid=os.getuid(),
         flags=tuple(decision.mount_flags),
         rule=decision.rule,
         sha256=decision.sha256,
     )
     state.save(record)
-    log.info("mounted", server=endpoint.describe(), image=image.path, mountpoint=mountpoint,
-             mode=image.mode, ready_seconds=round(ready, 3))  # fmt: skip
-    return MountResult(record, ready, sock)
+    return record
