@@ -2,24 +2,24 @@
 
 The filesystem below only answers "which blocks hold this range" through
 `map_blocks` (the block-run contract of ext4/blockrun.py) and "what is the
-inline body" (the contract is source.py); everything else — byte-granular
-mappings, caching the runs, clipping at EOF, zero-filling holes, coalescing
-device-adjacent ranges into one vectored read (read_plan.py), the checked
-device transfers (device_io.py) — lives in this package and knows nothing of
-extents, block maps or inodes' on-disk layout.
+inline body"; everything else — byte-granular mappings, caching the runs,
+clipping at EOF, zero-filling holes, coalescing device-adjacent ranges into one
+vectored read — lives here and knows nothing of extents, block maps or inodes'
+on-disk layout.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import structlog
 
-from ext4box.blockdev import BlockDevice
+from ext4box.blockdev import BlockDevice, DeviceRangeError
 from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
-from ext4box.iomap.device_io import IOV_MAX, writev_at
-from ext4box.iomap.read_plan import ReadPlan, execute_plan, plan_segments
 from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
@@ -35,6 +35,36 @@ MAP_AHEAD_BYTES = 16 * 1024 * 1024
 # fills their blocks whole, zeros where the request does not reach.
 _FILLED_KINDS = frozenset({IOMapKind.NEW, IOMapKind.UNWRITTEN})
 _WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
+
+# os.preadv accepts at most IOV_MAX buffers per call.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSegment:
+    """One vectored read: device bytes from `addr` spread over buffer slices."""
+
+    addr: int
+    slices: tuple[tuple[int, int], ...]  # (offset in the result buffer, length)
+
+    @property
+    def length(self) -> int:
+        return sum(length for _, length in self.slices)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """Everything needed to produce a read's bytes without touching metadata again.
+
+    Ranges not covered by a segment or by `inline` are zeros (holes,
+    unwritten extents). Executing a plan only does device I/O, so it may run
+    in a worker thread.
+    """
+
+    ino: int
+    length: int
+    segments: tuple[DeviceSegment, ...] = ()
+    inline: bytes | None = None
 
 
 class IOMapEngine:
@@ -168,15 +198,78 @@ class IOMapEngine:
             body = self.source.inline_data(inode)
             # A body shorter than i_size reads as zeros past its end, like a hole.
             return ReadPlan(inode.ino, length, inline=bytes(body[pos : pos + length]))
-        return ReadPlan(inode.ino, length, plan_segments(pos, maps))
+        segments: list[DeviceSegment] = []
+        seg_addr = -1
+        seg_end = -1
+        slices: list[tuple[int, int]] = []
+        for mapping in maps:
+            if mapping.kind is not IOMapKind.MAPPED:
+                continue
+            assert mapping.addr is not None
+            buf_off = mapping.offset - pos
+            if slices and mapping.addr == seg_end and len(slices) < _IOV_MAX:
+                last_off, last_len = slices[-1]
+                if last_off + last_len == buf_off:
+                    slices[-1] = (last_off, last_len + mapping.length)
+                else:
+                    slices.append((buf_off, mapping.length))
+            else:
+                if slices:
+                    segments.append(DeviceSegment(seg_addr, tuple(slices)))
+                seg_addr = mapping.addr
+                slices = [(buf_off, mapping.length)]
+            seg_end = mapping.addr + mapping.length
+        if slices:
+            segments.append(DeviceSegment(seg_addr, tuple(slices)))
+        return ReadPlan(inode.ino, length, tuple(segments))
 
     def execute(self, plan: ReadPlan) -> bytes:
         """Produce the bytes of a plan: device reads only, no metadata access."""
-        return execute_plan(self.dev, plan)
+        if plan.inline is not None:
+            body = plan.inline
+            return body if len(body) == plan.length else body.ljust(plan.length, b"\0")
+        segments = plan.segments
+        if (
+            len(segments) == 1
+            and len(segments[0].slices) == 1
+            and segments[0].slices[0] == (0, plan.length)
+        ):
+            # The common case — one contiguous extent covers the whole request:
+            # pread straight into the result, no intermediate buffer.
+            return self._device_read(plan.ino, segments[0].addr, plan.length)
+        # A fresh bytearray is already zero, which is what holes and unwritten
+        # ranges must read as.
+        buffer = bytearray(plan.length)
+        view = memoryview(buffer)
+        for segment in segments:
+            self._device_readv(
+                plan.ino, segment.addr, [view[off : off + length] for off, length in segment.slices]
+            )
+        return bytes(buffer)
 
     def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
         """Read up to `size` bytes at `pos` (short only at EOF)."""
         return self.execute(self.plan_read(inode, pos, size))
+
+    def _device_read(self, ino: int, addr: int, length: int) -> bytes:
+        try:
+            return self.dev.pread(addr, length)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(ino), str(err)) from None
+
+    def _device_readv(self, ino: int, addr: int, views: list[memoryview]) -> None:
+        total = sum(len(v) for v in views)
+        try:
+            self.dev.check_range(addr, total)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(ino), str(err)) from None
+        while views:
+            done = self.dev.preadv(views, addr)  # an overlay device serves replayed blocks
+            if done <= 0:
+                raise Corrupt("data run", inode_where(ino), f"device ends inside {addr}+{total}")
+            # A short vectored read: keep only the buffers still unfilled.
+            views = _drop_prefix(views, done)
+            addr += done
 
     # -- writing ---------------------------------------------------------------
 
@@ -359,8 +452,8 @@ class IOMapEngine:
         stop = min(new_end, (size // block_size + 1) * block_size)
         for mapping in self.begin(inode, size, stop - size):
             if mapping.kind is IOMapKind.MAPPED and mapping.addr is not None:
-                writev_at(
-                    self.dev, inode.ino, mapping.addr, [memoryview(bytes(mapping.length))]
+                self._device_writev(
+                    ino=inode.ino, addr=mapping.addr, views=[memoryview(bytes(mapping.length))]
                 )
 
     def _write_maps(self, ino: int, pos: int, data: memoryview, maps: list[IOMap]) -> None:
@@ -393,11 +486,11 @@ class IOMapEngine:
                 if tail:
                     parts.append(memoryview(bytes(tail)))
             length = sum(len(p) for p in parts)
-            if views and addr == seg_end and len(views) + len(parts) <= IOV_MAX:
+            if views and addr == seg_end and len(views) + len(parts) <= _IOV_MAX:
                 views.extend(parts)
             else:
                 if views:
-                    writev_at(self.dev, ino, seg_addr, views)
+                    self._device_writev(ino, seg_addr, views)
                     self._start_writeback(fresh)
                 seg_addr = addr
                 views = parts
@@ -406,13 +499,30 @@ class IOMapEngine:
                 fresh.append((addr, length))
             seg_end = addr + length
         if views:
-            writev_at(self.dev, ino, seg_addr, views)
+            self._device_writev(ino, seg_addr, views)
             self._start_writeback(fresh)
 
     def _start_writeback(self, ranges: list[tuple[int, int]]) -> None:
         if self.writeback is not None:
             for addr, length in ranges:
                 self.writeback.wrote(addr, length)
+
+    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> None:
+        dev = self.dev
+        if not dev.writable:
+            raise ReadOnly("the device is opened read-only")
+        total = sum(len(v) for v in views)
+        try:
+            dev.check_range(addr, total)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(ino), str(err)) from None
+        while views:
+            done = os.pwritev(dev.fd, views, addr)
+            if done <= 0:
+                raise OSError(f"short write at device byte {addr}")
+            views = _drop_prefix(views, done)
+            addr += done
+
 
 def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
     if converted:
@@ -422,6 +532,18 @@ def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
 
 def _empty_and_blockless(inode: MappedInode) -> bool:
     return inode.size == 0 and getattr(inode, "blocks_512", None) == 0
+
+
+def _drop_prefix(views: list[memoryview], count: int) -> list[memoryview]:
+    """The buffers left after the first `count` bytes of `views` were filled."""
+    result: list[memoryview] = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        result.append(view[count:])
+        count = 0
+    return result
 
 
 def _inside_any(run: BlockRun, gaps: list[tuple[int, int]]) -> bool:
