@@ -2,10 +2,10 @@
 
 The filesystem below only answers "which blocks hold this range" through
 `map_blocks` (the block-run contract of ext4/blockrun.py) and "what is the
-inline body"; everything else — byte-granular mappings, caching the runs,
-clipping at EOF, zero-filling holes, coalescing device-adjacent ranges into one
-vectored read — lives here and knows nothing of extents, block maps or inodes'
-on-disk layout.
+inline body" (the Protocols in source.py); everything else — byte-granular
+mappings, caching the runs, clipping at EOF, zero-filling holes, coalescing
+device-adjacent ranges into one vectored read — lives here and knows nothing
+of extents, block maps or inodes' on-disk layout.
 """
 
 from __future__ import annotations
