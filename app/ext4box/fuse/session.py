@@ -70,6 +70,9 @@ class Session:
         self._waiting = False
         self._unknown_logged: set[int] = set()
         self._commit_due: float | None = None
+        # Registered once: while changes are pending every request is waited
+        # for through it (a new poll object per request cost as much as the poll).
+        self._poller: select.poll | None = None
 
     # -- the whole session -------------------------------------------------------
 
@@ -236,8 +239,10 @@ class Session:
         remaining = self._commit_due - now
         if remaining <= 0:
             return False
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
         self._waiting = True
         try:
             return bool(poller.poll(remaining * 1000))
