@@ -189,9 +189,14 @@ class NamespaceChanges:
         check_name(name)
         self._require_writable()
         parent = ext4_ino(parent_id)
-        ino = self.fs.lookup(parent, name)
-        still_open = self._open_counts.get(ino, 0) > 0
+        # Which inode the name holds matters before the unlink only when some
+        # file is open; with none open (the common case) the directory is not
+        # searched twice.
+        still_open = False
+        if self._open_counts:
+            still_open = self._open_counts.get(self.fs.lookup(parent, name), 0) > 0
         node = self.rw.unlink(parent, name, still_open=still_open)
+        ino = node.ino
         if node.links_count == 0:
             if still_open:
                 self._orphans.add(ino)
