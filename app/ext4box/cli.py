@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         take_backend,
     )
     from ext4box.fuse.operations import Operations
+    from ext4box.iomap.direct_io import direct_io_for
 
     try:
         backend, user_options = take_backend(split_options(args.options))
@@ -56,7 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         foreground = args.foreground or daemon.under_systemd_notify()
         # Background: from here on the parent only waits for the child's verdict.
         readiness = daemon.Readiness() if foreground else daemon.background()
-        with open_image(args.image, writable="rw" in options) as (fs, engine):
+        with (open_image(args.image, writable="rw" in options) as (fs, engine),
+              direct_io_for(fs.dev) as direct):
+            engine.direct = direct  # large data runs bypass the image's page cache
             apply_quota_options(fs, quota_types)
             ops = Operations(fs, engine)
             if backend == "pyfuse3":

@@ -243,6 +243,12 @@ class Operations(NamespaceChanges, FileRangeOps):
         plan, _ = self.read_plan(fh, off, size)
         return self.execute_read(plan)
 
+    @fuse_errors("read")
+    def read_into(self, fh: int, off: int, size: int, buffer: memoryview) -> memoryview:
+        """A read made in `buffer` (page-aligned, reused: see IOMapEngine.execute_into)."""
+        plan, _ = self.read_plan(fh, off, size)
+        return self.engine.execute_into(plan, buffer)
+
     @fuse_errors("write")
     def write(self, fh: int, off: int, data: bytes | memoryview,
               kill_suidgid: bool | None = None, *, file_flags: int | None = None) -> int:

@@ -22,6 +22,7 @@ from ext4box.ext4.blockrun import BlockRun
 from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
+from ext4box.iomap.direct_io import ALIGN, DirectIO
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
 
@@ -144,6 +145,9 @@ class IOMapEngine:
         self.writeback = (
             EarlyWriteback(fd) if getattr(dev, "writable", False) and isinstance(fd, int) else None
         )
+        # Large aligned data runs bypass the image's page cache (iomap/direct_io.py);
+        # set by whoever serves the mount, before any sandbox forbids the open.
+        self.direct: DirectIO | None = None
 
     # -- mapping ---------------------------------------------------------------
 
@@ -300,6 +304,48 @@ class IOMapEngine:
                 plan.ino, segment.addr, [view[off : off + length] for off, length in segment.slices]
             )
         return bytes(buffer)
+
+    def execute_into(self, plan: ReadPlan, buffer: memoryview) -> memoryview:
+        """Produce a plan's bytes in `buffer` (page-aligned, reused); the filled view.
+
+        For a one-thread transport that owns `buffer` and sends the view before
+        it reads the next request. Holes and unwritten ranges are zeroed here:
+        the buffer holds an earlier reply. A run covering the whole request is
+        read with O_DIRECT when `direct` takes it (read in whole ALIGN units, so
+        a tail that ends inside a block reads past it; the buffer has room).
+        """
+        length = plan.length
+        if plan.inline is not None:
+            body = plan.inline[:length]
+            buffer[: len(body)] = body
+            buffer[len(body) : length] = bytes(length - len(body))
+            return buffer[:length]
+        segments = plan.segments
+        if len(segments) == 1 and segments[0].slices == ((0, length),):
+            addr = segments[0].addr
+            rounded = -(-length // ALIGN) * ALIGN
+            direct = self.direct
+            if direct is not None and rounded <= len(buffer):
+                try:
+                    self.dev.check_range(addr, length)
+                except DeviceRangeError as err:
+                    raise Corrupt("data run", inode_where(plan.ino), str(err)) from None
+                if direct.read_into(addr, buffer[:rounded]):
+                    return buffer[:length]
+            self._device_readv(plan.ino, addr, [buffer[:length]])
+            return buffer[:length]
+        cursor = 0
+        for segment in segments:
+            for off, size in segment.slices:
+                if off > cursor:
+                    buffer[cursor:off] = bytes(off - cursor)
+                cursor = off + size
+            self._device_readv(
+                plan.ino, segment.addr, [buffer[off : off + size] for off, size in segment.slices]
+            )
+        if length > cursor:
+            buffer[cursor:length] = bytes(length - cursor)
+        return buffer[:length]
 
     def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
         """Read up to `size` bytes at `pos` (short only at EOF)."""
@@ -543,8 +589,7 @@ class IOMapEngine:
             if views and addr == seg_end and len(views) + len(parts) <= _IOV_MAX:
                 views.extend(parts)
             else:
-                if views:
-                    self._device_writev(ino, seg_addr, views)
+                if views and not self._device_writev(ino, seg_addr, views):
                     self._start_writeback(fresh)
                 seg_addr = addr
                 views = parts
@@ -552,8 +597,7 @@ class IOMapEngine:
             if mapping.kind in _FILLED_KINDS:
                 fresh.append((addr, length))
             seg_end = addr + length
-        if views:
-            self._device_writev(ino, seg_addr, views)
+        if views and not self._device_writev(ino, seg_addr, views):
             self._start_writeback(fresh)
 
     def _start_writeback(self, ranges: list[tuple[int, int]]) -> None:
@@ -561,7 +605,8 @@ class IOMapEngine:
             for addr, length in ranges:
                 self.writeback.wrote(addr, length)
 
-    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> None:
+    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> bool:
+        """Write `views` at `addr`; True when they went O_DIRECT (no writeback hint due)."""
         dev = self.dev
         if not dev.writable:
             raise ReadOnly("the device is opened read-only")
@@ -570,12 +615,15 @@ class IOMapEngine:
             dev.check_range(addr, total)
         except DeviceRangeError as err:
             raise Corrupt("data run", inode_where(ino), str(err)) from None
+        if self.direct is not None and self.direct.write(addr, views):
+            return True
         while views:
             done = os.pwritev(dev.fd, views, addr)
             if done <= 0:
                 raise OSError(f"short write at device byte {addr}")
             views = _drop_prefix(views, done)
             addr += done
+        return False
 
 
 def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
