@@ -310,9 +310,9 @@ class IOMapEngine:
 
         For a one-thread transport that owns `buffer` and sends the view before
         it reads the next request. Holes and unwritten ranges are zeroed here:
-        the buffer holds an earlier reply. A run covering the whole request is
-        read with O_DIRECT when `direct` takes it (read in whole ALIGN units, so
-        a tail that ends inside a block reads past it; the buffer has room).
+        the buffer holds an earlier reply. Each device run that fills one
+        aligned piece of the buffer is read with O_DIRECT when `direct` takes
+        it (the rest is read buffered).
         """
         length = plan.length
         if plan.inline is not None:
@@ -320,32 +320,42 @@ class IOMapEngine:
             buffer[: len(body)] = body
             buffer[len(body) : length] = bytes(length - len(body))
             return buffer[:length]
-        segments = plan.segments
-        if len(segments) == 1 and segments[0].slices == ((0, length),):
-            addr = segments[0].addr
-            rounded = -(-length // ALIGN) * ALIGN
-            direct = self.direct
-            if direct is not None and rounded <= len(buffer):
-                try:
-                    self.dev.check_range(addr, length)
-                except DeviceRangeError as err:
-                    raise Corrupt("data run", inode_where(plan.ino), str(err)) from None
-                if direct.read_into(addr, buffer[:rounded]):
-                    return buffer[:length]
-            self._device_readv(plan.ino, addr, [buffer[:length]])
-            return buffer[:length]
         cursor = 0
-        for segment in segments:
+        for segment in plan.segments:
             for off, size in segment.slices:
                 if off > cursor:
                     buffer[cursor:off] = bytes(off - cursor)
                 cursor = off + size
+        if length > cursor:
+            buffer[cursor:length] = bytes(length - cursor)
+        for segment in plan.segments:
+            if len(segment.slices) == 1 and self._direct_read(plan, segment, buffer):
+                continue
             self._device_readv(
                 plan.ino, segment.addr, [buffer[off : off + size] for off, size in segment.slices]
             )
-        if length > cursor:
-            buffer[cursor:length] = bytes(length - cursor)
         return buffer[:length]
+
+    def _direct_read(self, plan: ReadPlan, segment: DeviceSegment, buffer: memoryview) -> bool:
+        """Read a one-slice segment with O_DIRECT if `direct` takes it (see execute_into).
+
+        Whole ALIGN units only: a slice ending inside one is rounded up only
+        when it ends the reply, so the extra bytes land past what is sent.
+        """
+        direct = self.direct
+        if direct is None:
+            return False
+        ((off, size),) = segment.slices
+        rounded = -(-size // ALIGN) * ALIGN
+        if off % ALIGN or (rounded != size and off + size != plan.length):
+            return False
+        if off + rounded > len(buffer):
+            return False
+        try:
+            self.dev.check_range(segment.addr, size)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(plan.ino), str(err)) from None
+        return direct.read_into(segment.addr, buffer[off : off + rounded])
 
     def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
         """Read up to `size` bytes at `pos` (short only at EOF)."""
