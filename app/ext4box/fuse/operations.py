@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from ext4box.ext4.caller import Caller, acting_as
+from ext4box.ext4.errors import Ext4Error
 from ext4box.ext4.filesystem import Filesystem, StatFs
 from ext4box.ext4.inode import Inode
 from ext4box.fuse import ioctls
+from ext4box.fuse.atime import RELATIME, AtimePolicy, stored_time
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
     ENTRY_TIMEOUT,
@@ -101,9 +103,12 @@ EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
 class Operations(NamespaceChanges, FileRangeOps):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
-    def __init__(self, fs: Filesystem, engine: IOMapEngine) -> None:
+    def __init__(self, fs: Filesystem, engine: IOMapEngine,
+                 atime: AtimePolicy = RELATIME) -> None:  # fmt: skip
         self.fs = fs
         self.engine = engine
+        # When reads move atime (-o relatime|strictatime|noatime|nodiratime).
+        self.atime = atime
         self.block_size = fs.block_size
         self.writable = not getattr(fs, "readonly", True)
         self.timeouts = (
@@ -179,7 +184,33 @@ class Operations(NamespaceChanges, FileRangeOps):
 
     @fuse_errors("readlink")
     def readlink(self, node_id: int) -> bytes:
-        return self.fs.readlink(ext4_ino(node_id))
+        ino = ext4_ino(node_id)
+        target = self.fs.readlink(ino)
+        self._accessed(ino)
+        return target
+
+    # -- access times ------------------------------------------------------------
+
+    def _atime_due(self, inode: Inode) -> bool:
+        """Whether a read of `inode` now would move its atime (atime.py)."""
+        return self.writable and self.atime.needs_update(inode, stored_time(inode, now_ns()))
+
+    def _accessed(self, ino: int) -> None:
+        """A READ, READDIR or READLINK reached us: move atime where ext4 would.
+
+        A dirty inode for the next commit, as the kernel's touch_atime makes
+        it: no transaction of its own. A failure is logged, never the read's.
+        """
+        if not self.writable:
+            return  # a read-only mount never writes
+        try:
+            node = self.fs.inode(ino)
+            now = stored_time(node, now_ns())
+            if self.atime.needs_update(node, now):
+                self.rw.touch_atime(ino, now)
+                self.dirty = True
+        except Ext4Error as err:
+            log.warning("atime_not_updated", ino=ino, why=str(err))
 
     # -- files -------------------------------------------------------------------
 
@@ -210,8 +241,13 @@ class Operations(NamespaceChanges, FileRangeOps):
             self.rw.setattr(ino, size=0, mode=mode, mtime_ns=now, ctime_ns=now)
             self.engine.invalidate(ino)
             self.dirty = True
-        return self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
-                               direct=bool(flags & os.O_DIRECT), flags=flags)
+        result = self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
+                                 direct=bool(flags & os.O_DIRECT), flags=flags)
+        if flags & os.O_ACCMODE != os.O_WRONLY and self._atime_due(node):
+            # A read served from the page cache never reaches us, so it could
+            # not move atime: drop the cache when the next read must.
+            result = OpenResult(fh=result.fh, keep_cache=False)
+        return result
 
     def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
                    direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult:
@@ -233,7 +269,9 @@ class Operations(NamespaceChanges, FileRangeOps):
         if handle is None:
             raise FuseError(errno.EBADF)
         # The current inode: its size may have changed since the open.
-        return self.engine.plan_read(self.fs.inode(handle.ino), off, size), handle.direct
+        plan = self.engine.plan_read(self.fs.inode(handle.ino), off, size)
+        self._accessed(handle.ino)
+        return plan, handle.direct
 
     @fuse_errors("read")
     def execute_read(self, plan: ReadPlan) -> bytes:
@@ -351,6 +389,7 @@ class Operations(NamespaceChanges, FileRangeOps):
         """
         dir_ino = ext4_ino(node_id)
         emitted = 0
+        self._accessed(dir_ino)
         try:
             for item in self.fs.readdir(dir_ino, offset):
                 is_dot = item.name in _DOT_NAMES
