@@ -72,12 +72,17 @@ class AtimePolicy:
         flags = ("noatime",) if self.mode is AtimeMode.NOATIME else ()
         return (*flags, "nodiratime") if self.nodiratime else flags
 
+    def always_moves(self, inode: Inode) -> bool:
+        """Whether every read of `inode`, however soon, moves its atime."""
+        return self.mode is AtimeMode.STRICTATIME and not self._excluded(inode)
+
+    def _excluded(self, inode: Inode) -> bool:
+        return bool(inode.flags & NOATIME_FL) or (self.nodiratime and inode.is_dir)
+
     def needs_update(self, inode: Inode, now_ns: int) -> bool:
         """Whether a read of `inode` at `now_ns` (already at the inode's time
         granularity, see `stored_time`) must move its atime."""
-        if self.mode is AtimeMode.NOATIME or inode.flags & NOATIME_FL:
-            return False
-        if self.nodiratime and inode.is_dir:
+        if self.mode is AtimeMode.NOATIME or self._excluded(inode):
             return False
         if inode.atime_ns == now_ns:
             return False

@@ -132,6 +132,10 @@ class Operations(NamespaceChanges, FileRangeOps):
         # (suid/sgid cleared or capabilities dropped by a write): a transport
         # that can tell the kernel (FUSE_NOTIFY_INVAL_INODE) drains this.
         self.changed_behind_kernel: list[int] = []
+        # Directories whose cached listing the kernel must drop (pages too),
+        # so that the next listing reaches us and can move atime (strictatime):
+        # the native transport drains this, pyfuse3's kernel caches no listing.
+        self.listings_to_drop: list[int] = []
         if self.writable:
             # rename() asks this when the target it replaces loses its last link.
             self.rw.is_open = lambda ino: self._open_counts.get(ino, 0) > 0
@@ -195,14 +199,15 @@ class Operations(NamespaceChanges, FileRangeOps):
         """Whether a read of `inode` now would move its atime (atime.py)."""
         return self.writable and self.atime.needs_update(inode, stored_time(inode, now_ns()))
 
-    def _accessed(self, ino: int) -> None:
+    def _accessed(self, ino: int) -> bool:
         """A READ, READDIR or READLINK reached us: move atime where ext4 would.
+        True when every later access must reach us too (strictatime).
 
         A dirty inode for the next commit, as the kernel's touch_atime makes
         it: no transaction of its own. A failure is logged, never the read's.
         """
         if not self.writable:
-            return  # a read-only mount never writes
+            return False  # a read-only mount never writes
         try:
             node = self.fs.inode(ino)
             now = stored_time(node, now_ns())
@@ -211,6 +216,8 @@ class Operations(NamespaceChanges, FileRangeOps):
                 self.dirty = True
         except Ext4Error as err:
             log.warning("atime_not_updated", ino=ino, why=str(err))
+            return False
+        return self.atime.always_moves(node)
 
     # -- files -------------------------------------------------------------------
 
@@ -389,7 +396,8 @@ class Operations(NamespaceChanges, FileRangeOps):
         """
         dir_ino = ext4_ino(node_id)
         emitted = 0
-        self._accessed(dir_ino)
+        if self._accessed(dir_ino):
+            self.listings_to_drop.append(dir_ino)
         try:
             for item in self.fs.readdir(dir_ino, offset):
                 is_dot = item.name in _DOT_NAMES

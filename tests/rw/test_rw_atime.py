@@ -1,0 +1,211 @@
+"""Reads move atime as the kernel's ext4 moves it, under each atime mount option
+(issue 18 item 4, fstests generic/003).
+
+The same steps run on a kernel rw loop mount and on `ext4box serve -o rw` of
+copies of one image, under relatime (the default), strictatime, noatime,
+nodiratime and strictatime,nodiratime. What is compared is the rule, not the
+timestamp: for each read, "atime moved to the time of the read" or "atime
+kept". Exact equality is impossible: the two sides' clocks differ (the
+kernel's is coarse, ours is the server's), and a FUSE server only sees reads
+that reach it. So every read here is one that reaches the server whenever
+the kernel's ext4 would move atime:
+
+- each file read is a fresh open (the server drops the page cache at an open
+  whose next read must move atime, so that read arrives as a READ); a second
+  read through the same descriptor, served from the page cache, is not a
+  step (under strictatime the kernel moves atime there and we cannot: the
+  difference docs/status.md states);
+- O_DIRECT reads always reach the server;
+- every directory listing (getdents) arrives as READDIR; a readlink of a new
+  symlink as READLINK.
+
+Between steps the clock moves past the kernel's coarse tick, so "the time
+stored already is now" (no update under strictatime) never decides a step.
+The 24-hour rule uses a file whose atime, mtime and ctime debugfs set days
+back. Afterwards the ext4box image passes `e2fsck -fn`, and a kernel mount of
+it shows the atimes the ext4box mount showed (they went through the journal).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from rw_support import assert_fsck_clean, make_image, skip_unless_possible
+
+from support.kernel import kernel_mount
+from support.serve import ext4box_argv, fuse_backend, served
+
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
+
+NS = 1_000_000_000
+# The kernel stamps times from a coarse clock (a tick of up to 10 ms).
+CLOCK_TICK_NS = 20_000_000
+HOUR_NS = 3600 * NS
+DAY_S = 24 * 3600
+BLOCK = 4096
+# Files and directories the scenario reads; `_last_atimes` reports these.
+READ_PATHS = ("fresh", "old", "flagged", "d", "link")
+
+Scenario = Callable[[Path], list[tuple[str, str]]]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    skip_unless_possible()
+    if shutil.which("debugfs") is None or shutil.which("chattr") is None:
+        pytest.skip("needs debugfs and chattr (e2fsprogs)")
+    tmp = tmp_path_factory.mktemp("atime")
+    tree = tmp / "tree"
+    (tree / "d").mkdir(parents=True)
+    for name in ("fresh", "old", "flagged"):
+        (tree / name).write_bytes(name.encode() * (BLOCK // len(name) + 1))
+    (tree / "d" / "entry").write_bytes(b"x")
+    path = make_image(tmp / "atime.img", 32, "-b", "4096", "-I", "256", root=tree)
+    # "old": atime two days back, and after mtime and ctime (three days
+    # back): only the 24-hour rule makes relatime update it.
+    now_s = time.time_ns() // NS
+    for field, days in (("atime", 2), ("mtime", 3), ("ctime", 3)):
+        subprocess.run(["debugfs", "-w", "-R", f"sif /old {field} @{now_s - days * DAY_S}",
+                        str(path)], check=True, capture_output=True)  # fmt: skip
+    return path
+
+
+def _after_a_tick() -> int:
+    """Let both clocks move past the kernel's coarse tick; the time then."""
+    start = time.time_ns()
+    while time.time_ns() < start + CLOCK_TICK_NS:
+        time.sleep(0.005)
+    return time.time_ns()
+
+
+def _verdict(before_ns: int, after_ns: int, read_at_ns: int) -> str:
+    if after_ns == before_ns:
+        return "kept"
+    if after_ns >= read_at_ns - CLOCK_TICK_NS:
+        return "moved to the read's time"
+    return f"moved elsewhere ({after_ns - read_at_ns} ns from the read)"
+
+
+def _step(label: str, path: Path, read: Callable[[], object]) -> tuple[str, str]:
+    before = os.lstat(path).st_atime_ns
+    at = _after_a_tick()
+    read()
+    return label, _verdict(before, os.lstat(path).st_atime_ns, at)
+
+
+def _read_fresh_open(path: Path) -> None:
+    with path.open("rb") as f:
+        assert f.read()
+
+
+def _read_direct(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with mmap.mmap(-1, BLOCK) as buffer:  # page-aligned, as O_DIRECT wants
+            assert os.preadv(fd, [buffer], 0) == BLOCK
+    finally:
+        os.close(fd)
+
+
+def _chattr_reaches_the_server() -> bool:
+    """pyfuse3 has no FUSE_IOCTL: chattr works on the native transport only."""
+    if fuse_backend() == "native":
+        return True
+    print("chattr +A step left out: the pyfuse3 backend has no FUSE_IOCTL")
+    return False
+
+
+def _scenario(root: Path) -> list[tuple[str, str]]:
+    fresh, old, flagged, d = root / "fresh", root / "old", root / "flagged", root / "d"
+    with_flag = _chattr_reaches_the_server()
+    if with_flag:
+        subprocess.run(["chattr", "+A", str(flagged)], check=True)
+    now = time.time_ns()
+    # atime before mtime: relatime's first rule.
+    for path in (fresh, flagged, d):
+        os.utime(path, ns=(now - HOUR_NS, now - HOUR_NS // 2))
+    obs = [
+        _step("file, atime <= mtime", fresh, lambda: _read_fresh_open(fresh)),
+        _step("same file, again", fresh, lambda: _read_fresh_open(fresh)),
+        _step("same file, O_DIRECT", fresh, lambda: _read_direct(fresh)),
+        _step("same file, O_DIRECT again", fresh, lambda: _read_direct(fresh)),
+        _step("file, atime a day old", old, lambda: _read_fresh_open(old)),
+        *([_step("file with chattr +A", flagged, lambda: _read_fresh_open(flagged))]
+          if with_flag else []),
+        _step("directory, atime <= mtime", d, lambda: os.listdir(d)),
+        _step("same directory, again", d, lambda: os.listdir(d)),
+    ]
+    os.symlink("fresh", root / "link")
+    obs.append(_step("new symlink, readlink", root / "link",
+                     lambda: os.readlink(root / "link")))  # fmt: skip
+    return obs
+
+
+def _last_atimes(root: Path) -> dict[str, int]:
+    return {name: os.lstat(root / name).st_atime_ns for name in READ_PATHS}
+
+
+def _on_kernel(image: Path, tmp: Path, options: str) -> list[tuple[str, str]]:
+    with kernel_mount(image, tmp / "kmnt", readonly=False, options=options) as root:
+        return _scenario(root)
+
+
+def _on_ext4box(image: Path, tmp: Path, options: str) -> tuple[list, dict[str, int]]:
+    mnt = tmp / "omnt"
+    with served(image, mnt, ext4box_argv(image, mnt, f"rw,{options}")) as handle:
+        obs = _scenario(handle.mountpoint)
+        shown = _last_atimes(handle.mountpoint)
+    return obs, shown
+
+
+@pytest.mark.parametrize(
+    "options", ["relatime", "strictatime", "noatime", "nodiratime", "strictatime,nodiratime"]
+)
+def test_reads_move_atime_as_the_kernel(tmp_path: Path, image: Path, options: str) -> None:
+    kernel_image, ours_image = tmp_path / "kernel.img", tmp_path / "ext4box.img"
+    shutil.copyfile(image, kernel_image)
+    shutil.copyfile(image, ours_image)
+    expected = _on_kernel(kernel_image, tmp_path, options)
+    observed, shown = _on_ext4box(ours_image, tmp_path, options)
+    differences = [f"{k[0]}: kernel {k[1]}, ext4box {o[1]}"
+                   for k, o in zip(expected, observed, strict=True) if k != o]  # fmt: skip
+    assert not differences, "\n".join(differences)
+    assert_fsck_clean(kernel_image)
+    assert_fsck_clean(ours_image)
+    # What the mount showed is what it wrote.
+    with kernel_mount(ours_image, tmp_path / "vmnt") as root:
+        assert _last_atimes(root) == shown
+    # The comparison means something only if the kernel did move atime.
+    if options != "noatime":
+        assert ("moved to the read's time" in {verdict for _, verdict in expected}), expected
+
+
+def test_read_only_mount_never_writes(tmp_path: Path, image: Path) -> None:
+    """Reads that would move atime on a rw mount (atime <= mtime, strictatime)
+    leave a read-only mount's image byte for byte as it was."""
+    prepared = tmp_path / "prepared.img"
+    shutil.copyfile(image, prepared)
+    mnt = tmp_path / "rw"
+    with served(prepared, mnt, ext4box_argv(prepared, mnt, "rw")) as handle:
+        now = time.time_ns()
+        for name in ("fresh", "d"):
+            os.utime(handle.mountpoint / name, ns=(now - HOUR_NS, now - HOUR_NS // 2))
+    before = prepared.read_bytes()
+    for options in ("ro", "ro,strictatime"):
+        mnt = tmp_path / options.replace(",", "-")
+        with served(prepared, mnt, ext4box_argv(prepared, mnt, options)) as handle:
+            root = handle.mountpoint
+            atime = os.stat(root / "fresh").st_atime_ns
+            _after_a_tick()
+            _read_fresh_open(root / "fresh")
+            _read_direct(root / "fresh")
+            os.listdir(root / "d")
+            assert os.stat(root / "fresh").st_atime_ns == atime
+        assert prepared.read_bytes() == before, f"-o {options} changed the image"
