@@ -21,14 +21,7 @@ from pathlib import Path
 import pytest
 from fuse_helpers import EXT4BOX, env, mkfs
 
-from ext4box.fuse.atime import ATIME_OPTIONS
-from ext4box.fuse.fs_options import QUOTA_OPTIONS
-from ext4box.fuse.mount import (
-    FSTAB_ONLY_OPTIONS,
-    FSTAB_ONLY_PREFIXES,
-    IMPLIED_OPTIONS,
-    PASSTHROUGH_OPTIONS,
-)
+from support.mount_options import accepted_options
 from support.serve import fuse_backend, why_no_fuse
 
 _no_fuse = why_no_fuse()
@@ -300,15 +293,6 @@ def test_atime_flags_are_the_mounts(image: Path, mnt: Path, backend: str, option
     assert expected <= per_mount, fields[5]
     subprocess.run(["umount", str(mnt)], check=True)
     wait_gone(pid)
-
-
-def accepted_options() -> list[str]:
-    """Every -o word `ext4box serve` accepts, from the lists that accept them
-    (a prefix stands for every word it starts)."""
-    words = {"ro", "rw", *PASSTHROUGH_OPTIONS, *IMPLIED_OPTIONS, *FSTAB_ONLY_OPTIONS,
-             *QUOTA_OPTIONS, *ATIME_OPTIONS}  # fmt: skip
-    words |= {prefix + "example" for prefix in FSTAB_ONLY_PREFIXES}
-    return sorted(words)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
