@@ -209,3 +209,25 @@ def test_read_only_mount_never_writes(tmp_path: Path, image: Path) -> None:
             os.listdir(root / "d")
             assert os.stat(root / "fresh").st_atime_ns == atime
         assert prepared.read_bytes() == before, f"-o {options} changed the image"
+
+
+def test_the_kernel_never_moves_atime_on_a_fuse_mount(tmp_path: Path, image: Path) -> None:
+    """The mount's own atime flags do nothing on FUSE: its inodes are S_NOATIME,
+    so only the server moves atime. Served with -o noatime (the server never
+    moves it), the mount is switched to strictatime by a bind remount (a VFS
+    change the server never hears of): a read still leaves atime alone."""
+    served_image = tmp_path / "vfs.img"
+    shutil.copyfile(image, served_image)
+    mnt = tmp_path / "mnt"
+    with served(served_image, mnt, ext4box_argv(served_image, mnt, "rw,noatime")) as handle:
+        root = handle.mountpoint
+        subprocess.run(["mount", "-o", "remount,bind,strictatime", str(root)], check=True)
+        flags = next(line.split()[5] for line in Path("/proc/self/mountinfo").read_text()
+                     .splitlines() if line.split()[4] == str(root))  # fmt: skip
+        assert "noatime" not in flags.split(","), flags  # the VFS would update now
+        now = time.time_ns()
+        os.utime(root / "fresh", ns=(now - HOUR_NS, now - HOUR_NS // 2))
+        step = _step("read under the VFS's strictatime", root / "fresh",
+                     lambda: _read_fresh_open(root / "fresh"))  # fmt: skip
+        assert step[1] == "kept"
+    assert_fsck_clean(served_image)
