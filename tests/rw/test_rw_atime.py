@@ -24,6 +24,9 @@ stored already is now" (no update under strictatime) never decides a step.
 The 24-hour rule uses a file whose atime, mtime and ctime debugfs set days
 back. Afterwards the ext4box image passes `e2fsck -fn`, and a kernel mount of
 it shows the atimes the ext4box mount showed (they went through the journal).
+fstests generic/003's own steps, with a fresh mount per option, are run on
+both as well; a read-only mount must leave its image byte for byte; and the
+mount's own atime flags must move nothing (the kernel leaves atime to us).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -231,3 +235,125 @@ def test_the_kernel_never_moves_atime_on_a_fuse_mount(tmp_path: Path, image: Pat
                      lambda: _read_fresh_open(root / "fresh"))  # fmt: skip
         assert step[1] == "kept"
     assert_fsck_clean(served_image)
+
+
+# -- fstests generic/003, step by step -----------------------------------------
+
+MountAt = Callable[[str], AbstractContextManager[Path]]
+
+
+def _times(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _changed(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
+    """generic/003's notation: Y or N for atime, mtime and ctime."""
+    return "".join("Y" if b != a else "N" for b, a in zip(before, after, strict=True))
+
+
+def _generic_003(mount_at: MountAt) -> list[tuple[str, str]]:
+    """generic/003's steps (its one-second sleeps are clock ticks here: both
+    sides keep nanoseconds). `mount_at(options)` unmounts what was mounted
+    and mounts the image again with `options`."""
+    obs: list[tuple[str, str]] = []
+    with ExitStack() as stack:
+
+        def cycle(options: str) -> Path:
+            stack.close()
+            return stack.enter_context(mount_at(options))
+
+        def check(step: str, path: Path, before: tuple[int, int, int]) -> tuple[int, int, int]:
+            after = _times(path)
+            obs.append((step, _changed(before, after)))
+            return after
+
+        root = cycle("relatime")
+        (root / "dir1").mkdir()
+        file1 = root / "dir1" / "file1"
+        file1.write_bytes(b"aaa\n")
+        stat1 = _times(file1)
+        _after_a_tick()
+        _read_fresh_open(file1)
+        stat1 = check("file1, first read", file1, stat1)
+        _after_a_tick()
+        _read_fresh_open(file1)
+        stat1 = check("file1, second read", file1, stat1)
+        root = cycle("nodiratime")
+        stat1 = check("file1 after remount", root / "dir1" / "file1", stat1)
+        dir2 = root / "dir2"
+        dir2.mkdir()
+        stat_dir2 = _times(dir2)
+        _after_a_tick()
+        (dir2 / "file2").write_bytes(b"bbb\n")
+        stat_dir2 = check("dir2 after a file is created in it", dir2, stat_dir2)
+        stat2 = _times(dir2 / "file2")
+        _after_a_tick()
+        _read_fresh_open(dir2 / "file2")
+        check("file2, first read", dir2 / "file2", stat2)
+        check("dir2 after file2 is read", dir2, stat_dir2)
+        root = cycle("noatime")
+        file3 = root / "dir2" / "file3"
+        file3.write_bytes(b"ccc\n")
+        stat3 = _times(file3)
+        _after_a_tick()
+        _read_fresh_open(file3)
+        stat3 = check("file3, first read (noatime)", file3, stat3)
+        file1 = root / "dir1" / "file1"
+        stat1 = _times(file1)
+        _after_a_tick()
+        file1.write_bytes(b"xyz\n")
+        stat1 = check("file1 rewritten (noatime)", file1, stat1)
+        _after_a_tick()
+        file1.rename(root / "dir1" / "file1_renamed")
+        check("file1 renamed", root / "dir1" / "file1_renamed", stat1)
+        root = cycle("strictatime")
+        file3 = root / "dir2" / "file3"
+        _read_fresh_open(file3)
+        stat3 = check("file3, second read (strictatime)", file3, stat3)
+        _after_a_tick()
+        _read_fresh_open(file3)
+        stat3 = check("file3, third read (strictatime)", file3, stat3)
+        stat_dir2 = _times(root / "dir2")
+        _after_a_tick()
+        root = cycle("ro,strictatime")
+        os.listdir(root / "dir2")
+        _read_fresh_open(root / "dir2" / "file3")
+        check("dir2, read-only mount", root / "dir2", stat_dir2)
+        check("file3, read-only mount", root / "dir2" / "file3", stat3)
+    return obs
+
+
+# What generic/003 expects, step by step (the kernel is checked against it too).
+GENERIC_003 = ["YNN", "NNN", "NNN", "NYY", "YNN", "NNN", "NNN", "NYY", "NNY", "YNN", "YNN",
+               "NNN", "NNN"]  # fmt: skip
+
+
+def test_generic_003_as_the_kernel(tmp_path: Path, image: Path) -> None:
+    """fstests generic/003 (relatime, nodiratime, noatime, strictatime and a
+    read-only strictatime mount, each a fresh mount of the same image) gives
+    the kernel's answers on ext4box."""
+    kernel_image, ours_image = tmp_path / "kernel.img", tmp_path / "ext4box.img"
+    shutil.copyfile(image, kernel_image)
+    shutil.copyfile(image, ours_image)
+
+    def kernel_at(options: str) -> AbstractContextManager[Path]:
+        readonly = options.startswith("ro,")
+        return kernel_mount(kernel_image, tmp_path / "kmnt", readonly=readonly,
+                            options=options.removeprefix("ro,"))  # fmt: skip
+
+    @contextmanager
+    def ours_at(options: str) -> Iterator[Path]:
+        mnt = tmp_path / "omnt"
+        opts = options if options.startswith("ro,") else f"rw,{options}"
+        with served(ours_image, mnt, ext4box_argv(ours_image, mnt, opts)) as handle:
+            yield handle.mountpoint
+
+    expected = _generic_003(kernel_at)
+    assert [changed for _, changed in expected] == GENERIC_003, expected
+    observed = _generic_003(ours_at)
+    differences = [f"{k[0]}: kernel {k[1]}, ext4box {o[1]}"
+                   for k, o in zip(expected, observed, strict=True) if k != o]  # fmt: skip
+    assert not differences, "\n".join(differences)
+    assert_fsck_clean(kernel_image)
+    assert_fsck_clean(ours_image)
