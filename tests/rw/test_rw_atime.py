@@ -357,3 +357,34 @@ def test_generic_003_as_the_kernel(tmp_path: Path, image: Path) -> None:
     assert not differences, "\n".join(differences)
     assert_fsck_clean(kernel_image)
     assert_fsck_clean(ours_image)
+
+
+def test_small_inodes_keep_whole_seconds(tmp_path: Path) -> None:
+    """128-byte inodes have no i_atime_extra: the kernel's ext4 stamps whole
+    seconds there, and so must ext4box, in what it shows and what it writes."""
+    skip_unless_possible()
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"small inode" * 100)
+    image = make_image(tmp_path / "small.img", 32, "-I", "128", root=tree)
+    kernel_image = tmp_path / "kernel.img"
+    shutil.copyfile(image, kernel_image)
+
+    def scenario(root: Path) -> tuple[str, int]:
+        os.utime(root / "f", (1000, 2000))  # atime before mtime: relatime moves it
+        at = time.time_ns()
+        _read_fresh_open(root / "f")
+        atime = os.stat(root / "f").st_atime_ns
+        moved = "moved" if at - NS - CLOCK_TICK_NS <= atime else f"atime {atime}"
+        return moved, atime % NS
+
+    with kernel_mount(kernel_image, tmp_path / "kmnt", readonly=False) as root:
+        expected = scenario(root)
+    mnt = tmp_path / "omnt"
+    with served(image, mnt, ext4box_argv(image, mnt, "rw")) as handle:
+        observed = scenario(handle.mountpoint)
+        shown = os.stat(handle.mountpoint / "f").st_atime_ns
+    assert observed == expected == ("moved", 0)
+    assert_fsck_clean(image)
+    with kernel_mount(image, tmp_path / "vmnt") as root:
+        assert os.stat(root / "f").st_atime_ns == shown
