@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 from rw_support import assert_fsck_clean, make_image, skip_unless_possible
 
+from ext4box.fuse.atime import AtimeMode, take_atime_options
 from support.kernel import kernel_mount
 from support.serve import ext4box_argv, fuse_backend, served
 
@@ -388,3 +389,36 @@ def test_small_inodes_keep_whole_seconds(tmp_path: Path) -> None:
     assert_fsck_clean(image)
     with kernel_mount(image, tmp_path / "vmnt") as root:
         assert os.stat(root / "f").st_atime_ns == shown
+
+
+# -- option precedence ---------------------------------------------------------
+
+OPTION_STRINGS = [
+    "relatime", "norelatime", "strictatime", "nostrictatime", "noatime", "atime",
+    "nodiratime", "diratime", "lazytime", "noatime,strictatime", "strictatime,noatime",
+    "noatime,atime", "atime,noatime", "strictatime,relatime", "strictatime,norelatime",
+    "strictatime,nostrictatime", "noatime,relatime", "nodiratime,diratime",
+    "strictatime,nodiratime", "noatime,nodiratime",
+]  # fmt: skip
+
+
+def _kernel_atime_rule(image: Path, mountpoint: Path, options: str) -> tuple[AtimeMode, bool]:
+    """What the kernel made of `options`: the mount's own flags, read back."""
+    with kernel_mount(image, mountpoint, options=options) as root:
+        flags = next(line.split()[5] for line in Path("/proc/self/mountinfo").read_text()
+                     .splitlines() if line.split()[4] == str(root)).split(",")  # fmt: skip
+    if "noatime" in flags:
+        mode = AtimeMode.NOATIME
+    elif "relatime" in flags:
+        mode = AtimeMode.RELATIME
+    else:
+        mode = AtimeMode.STRICTATIME
+    return mode, "nodiratime" in flags
+
+
+@pytest.mark.parametrize("options", OPTION_STRINGS)
+def test_atime_options_combine_as_the_kernels(tmp_path: Path, image: Path, options: str) -> None:
+    policy, rest = take_atime_options(options.split(","))
+    assert rest == []
+    kernel = _kernel_atime_rule(image, tmp_path / "kmnt", options)
+    assert (policy.mode, policy.nodiratime) == kernel
