@@ -29,6 +29,7 @@ EXIT_ERROR = 1
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ext4box import daemon
+    from ext4box.fuse.atime import take_atime_options
     from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
     from ext4box.fuse.mount import (
         MountConfig,
@@ -40,13 +41,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         take_backend,
     )
     from ext4box.fuse.operations import Operations
+    from ext4box.iomap.direct_io import direct_io_for
 
     try:
         backend, user_options = take_backend(split_options(args.options))
         quota_types, user_options = take_quota_options(user_options)
+        atime, user_options = take_atime_options(user_options)
         options = fuse_options(
             os.path.abspath(args.image),
-            user_options,
+            [*user_options, *atime.mount_flags],
             as_root=os.geteuid() == 0,
             debug=args.debug and backend == "pyfuse3",
         )
@@ -56,9 +59,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         foreground = args.foreground or daemon.under_systemd_notify()
         # Background: from here on the parent only waits for the child's verdict.
         readiness = daemon.Readiness() if foreground else daemon.background()
-        with open_image(args.image, writable="rw" in options) as (fs, engine):
+        with (open_image(args.image, writable="rw" in options) as (fs, engine),
+              direct_io_for(fs.dev) as direct):
+            engine.direct = direct  # large data runs bypass the image's page cache
             apply_quota_options(fs, quota_types)
-            ops = Operations(fs, engine)
+            ops = Operations(fs, engine, atime)
             if backend == "pyfuse3":
                 serve_pyfuse3(ops, config, on_ready=readiness.ready)
             else:
@@ -272,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: ro, rw, noexec, allow_other, noatime, nodiratime (default: ro;"
+        help="mount options: ro, rw, noexec, allow_other; relatime (default), strictatime,"
+        " noatime, nodiratime and their negations, lazytime (default: ro;"
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
         " the FUSE transport",

@@ -435,6 +435,12 @@ class WritableFilesystem(Filesystem):
                                 times_now=times_now)
 
     @_mutation
+    def touch_atime(self, ino: int, atime_ns: int) -> Inode:
+        """A read's access-time update: atime alone, no ctime, whatever the
+        inode's flags (the VFS's touch_atime; the rule is the caller's)."""
+        return self.store(replace_inode(self.inode(ino), atime_ns=atime_ns))
+
+    @_mutation
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Inode:
         return attr_ops.setxattr(self, ino, name, value, flags)
 

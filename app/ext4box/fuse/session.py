@@ -182,6 +182,10 @@ class Session:
                 for ino in stale:
                     self.notify_inval_inode(ino)
                 stale.clear()
+            if ops.listings_to_drop:
+                for ino in ops.listings_to_drop:
+                    self.notify_inval_inode(ino, 0, 0)  # the cached listing too
+                ops.listings_to_drop.clear()
 
     def _answer(self, handler: Handler, unique: int, nodeid: int,
                 caller: tuple[int, int, int], body: bytes, opcode: int) -> None:  # fmt: skip

@@ -31,6 +31,7 @@ from ext4box.ext4.filesystem import Filesystem
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
 from ext4box.handoff_protocol import Mode, ReceivedMount
+from ext4box.iomap.direct_io import DirectIO
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.log import get_logger
 from ext4box.service.refusals import FeatureRefused, refuse_features
@@ -82,10 +83,11 @@ def serve_fds(
 
         trio.run(_serve_pyfuse3, received, ready, confine)
         return 0
-    fs = _confine_and_open(received, confine)
+    fs, direct = _confine_and_open(received, confine)
     try:
-        session = Session(Operations(fs, IOMapEngine(fs, fs.dev)), received.fuse_fd,
-                          after_init=ready)
+        engine = IOMapEngine(fs, fs.dev)
+        engine.direct = direct
+        session = Session(Operations(fs, engine), received.fuse_fd, after_init=ready)
         try:
             session.run()
         except NotMounted as exc:
@@ -96,22 +98,33 @@ def serve_fds(
         _close_quietly(received.fuse_fd)
         fs.close()
         fs.dev.close()
+        if direct is not None:
+            direct.close()
     return 0
 
 
-def _confine_and_open(received: ReceivedMount, confine: Callable[[], None] | None) -> Filesystem:
+def _confine_and_open(received: ReceivedMount, confine: Callable[[], None] | None
+                      ) -> tuple[Filesystem, DirectIO | None]:
+    """The filesystem, and the image's O_DIRECT twin if one could be opened."""
+    direct: DirectIO | None = None
     try:
-        if confine is not None:
-            confine()
         # The helper opened the image fd O_RDWR only for a read-write grant.
         dev = BlockDevice(received.image_fd, writable=received.request.mode is Mode.RW)
+        # Before the stage-2 filter, which forbids every open (iomap/direct_io.py).
+        direct = DirectIO.reopen(dev)
+        if confine is not None:
+            confine()
     except BaseException:
+        if direct is not None:
+            direct.close()
         received.close()
         raise
     try:
         fs = _open_filesystem(dev, received.fuse_fd)
     except BaseException:
         dev.close()
+        if direct is not None:
+            direct.close()
         raise
     try:
         # The helper judged the image before the mount; the bytes may have
@@ -121,8 +134,10 @@ def _confine_and_open(received: ReceivedMount, confine: Callable[[], None] | Non
         _close_quietly(received.fuse_fd)
         fs.close()
         dev.close()
+        if direct is not None:
+            direct.close()
         raise ServeRefused(exc.reason, exc.errno) from None
-    return fs
+    return fs, direct
 
 
 async def _serve_pyfuse3(
@@ -130,9 +145,11 @@ async def _serve_pyfuse3(
 ) -> None:
     from ext4box.fuse import pyfuse3_backend
 
-    fs = _confine_and_open(received, confine)
+    fs, direct = _confine_and_open(received, confine)
     try:
-        ops = Operations(fs, IOMapEngine(fs, fs.dev))
+        engine = IOMapEngine(fs, fs.dev)
+        engine.direct = direct
+        ops = Operations(fs, engine)
         try:
             pyfuse3_backend.start_on_fd(ops, received.fuse_fd)
         except RuntimeError as exc:
@@ -153,6 +170,8 @@ async def _serve_pyfuse3(
     finally:
         fs.close()
         fs.dev.close()
+        if direct is not None:
+            direct.close()
 
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
