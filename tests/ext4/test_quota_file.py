@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.caller import Caller, acting_as
-from ext4box.ext4.errors import Corrupt, Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO, replace_inode
-from ext4box.ext4.quota import QuotaExceeded
-from ext4box.ext4.quota_file import (
+from ext4box.ext4.format.errors import Corrupt, Ext4Error
+from ext4box.ext4.format.inode import ROOT_INO, replace_inode
+from ext4box.ext4.format.quota_file import (
     ENTRIES_PER_BLOCK,
     QUOTA_BLOCK_SIZE,
     USRQUOTA,
@@ -31,7 +28,10 @@ from ext4box.ext4.quota_file import (
     encode_entry,
     parse_entry,
 )
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.ext4.write.caller import Caller, acting_as
+from ext4box.ext4.write.quota import QuotaExceeded
+from ext4box.ext4.write.writable import WritableFilesystem
 from support.facade import Ours, assert_clean, pattern, write_file
 
 _FL_PROJINHERIT = 0x20000000

@@ -16,9 +16,9 @@ import pytest
 from test_writable_ops import VARIANTS, expect
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error, NoSpace, ReadOnly, Unsupported
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.format.errors import Ext4Error, NoSpace, ReadOnly, Unsupported
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.read.filesystem import Filesystem
 from support.facade import Ours, assert_clean, make_image, need_kernel, pattern, write_file
 from support.kernel import kernel_mount
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.operations import Context, Operations
 from ext4box.iomap.engine import IOMapEngine

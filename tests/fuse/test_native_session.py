@@ -25,7 +25,7 @@ import pytest
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse import negotiate
 from ext4box.fuse import protocol as p
 from ext4box.fuse.operations import Operations

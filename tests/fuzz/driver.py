@@ -27,8 +27,8 @@ from typing import TypeVar
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import ACL_XATTRS, Filesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.read.filesystem import ACL_XATTRS, Filesystem
 from ext4box.fuse.attrs import entry_attributes
 from ext4box.fuse.dispatch import pack_entry
 from ext4box.iomap.engine import IOMapEngine

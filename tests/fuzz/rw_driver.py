@@ -46,12 +46,12 @@ import time
 from dataclasses import dataclass, field
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.group_desc import gdt_block_count, group_first_block
-from ext4box.ext4.inode import Inode
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.group_desc import gdt_block_count, group_first_block
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.iomap.engine import IOMapEngine
 from fuzz.driver import OP_TIMEOUT_S, Report, _Session, _Timer
 from fuzz.journal_walk import journal_device_blocks, tag_targets

@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.journal.overlay import OverlayDevice
+from ext4box.ext4.read.filesystem import Filesystem
 from fuzz.driver import OP_TIMEOUT_S, Report, exercise, quiet_logs
 from fuzz.program import Program, Seed, load_seeds, materialise
 from fuzz.regions import JOURNAL_KINDS, Mutation

@@ -48,10 +48,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.errors import Corrupt, Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.errors import Corrupt, Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.read.filesystem import Filesystem
 from fuzz.driver import OP_TIMEOUT_S, quiet_logs
 from fuzz.program import Program, Seed, load_seeds, materialise
 from fuzz.regions import Mutation, reseal

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.ext4.write.writable import WritableFilesystem
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.iomap.seek import SEEK_DATA, SEEK_HOLE
 from support.kernel import kernel_mount

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.iomap import writeback
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.iomap.types import IOMapKind

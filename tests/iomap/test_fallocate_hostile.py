@@ -29,10 +29,10 @@ from falloc_support import (
 from test_fallocate_vs_kernel import apply, run_twins, same
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import NoSpace
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.errors import NoSpace
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.ext4.write.writable import WritableFilesystem
 from ext4box.iomap.engine import IOMapEngine
 from support.kernel import kernel_mount, why_no_kernel_mounts
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from support.images import dumpe2fs_header
 from support.kernel import kernel_mount
 from support.walk import Entry, walk

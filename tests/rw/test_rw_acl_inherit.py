@@ -177,9 +177,9 @@ def test_inheritance_undone_when_space_runs_out(tmp_path: Path, operation: str,
     from rw_support import assert_fsck_clean
 
     from ext4box.blockdev import BlockDevice
-    from ext4box.ext4.errors import NoSpace
-    from ext4box.ext4.filesystem import Filesystem
-    from ext4box.ext4.inode import ROOT_INO
+    from ext4box.ext4.format.errors import NoSpace
+    from ext4box.ext4.format.inode import ROOT_INO
+    from ext4box.ext4.read.filesystem import Filesystem
 
     image = make_image(tmp_path / "base.img", 16)
     # Too big for the inode's in-body space: the inherited ACLs go to an xattr block.

@@ -26,8 +26,8 @@ import os
 from collections.abc import Callable
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
 from ext4box.iomap.engine import IOMapEngine

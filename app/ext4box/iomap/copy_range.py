@@ -27,8 +27,8 @@ import errno
 import mmap
 from typing import TYPE_CHECKING
 
-from ext4box.ext4.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
-from ext4box.ext4.inode import FL_IMMUTABLE
+from ext4box.ext4.format.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
+from ext4box.ext4.format.inode import FL_IMMUTABLE
 
 if TYPE_CHECKING:
     from ext4box.iomap.engine import IOMapEngine, MappedInode

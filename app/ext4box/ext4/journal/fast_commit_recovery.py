@@ -20,13 +20,13 @@ import dataclasses
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.ext4.journal.cow_device import CopyOnWriteDevice
 from ext4box.ext4.journal.fast_commit import scan_fast_commits
 from ext4box.ext4.journal.log import JournalBlocks
 from ext4box.ext4.journal.overlay import OverlayDevice
 from ext4box.ext4.journal.recovery import RecoveryPlan
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 
 log = structlog.get_logger("ext4box.ext4.journal")
 
@@ -46,7 +46,7 @@ def replay(blocks: JournalBlocks, plan: RecoveryPlan, overlay: OverlayDevice, *,
         if scanned.stopped:
             log.info("fast_commit_area_ends", where=scanned.stopped)
         # The replay's own module imports the read-write facade: loaded only when needed.
-        from ext4box.ext4.journal.fast_commit_replay import replay_on_copy
+        from ext4box.ext4.write.fast_commit_replay import replay_on_copy
 
         replayed = replay_on_copy(overlay, sb, scanned.tags)
     except Ext4Error as err:
