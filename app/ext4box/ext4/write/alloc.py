@@ -23,8 +23,9 @@ from ext4box.ext4.format.errors import Corrupt, NoSpace, Unsupported, group_wher
 from ext4box.ext4.format.group_desc import (
     BG_BLOCK_UNINIT,
     GroupDesc,
-    gdt_block_count,
+    blocks_in_group,
     group_first_block,
+    group_metadata_runs,
 )
 from ext4box.ext4.format.superblock import Superblock
 from ext4box.ext4.write.bad_groups import BadGroups
@@ -45,56 +46,6 @@ def kernel_reserve_blocks(sb: Superblock) -> int:
         return 0
     cluster_ratio = sb.cluster_size // sb.block_size
     return min(sb.blocks_count // cluster_ratio // 50, 4096) * cluster_ratio
-
-
-def blocks_in_group(sb: Superblock, group: int) -> int:
-    """Blocks group `group` covers (the last group may be short)."""
-    first = group_first_block(sb, group)
-    return min(sb.blocks_per_group, sb.blocks_count - first)
-
-
-def group_metadata_runs(sb: Superblock, descs: list[GroupDesc]) -> dict[int, list[tuple[int, int]]]:
-    """For each group, the (offset in group, length) runs of fixed metadata inside it:
-    superblock and GDT copies, reserved GDT blocks, meta_bg descriptor blocks, and
-    every group's bitmaps and inode table that live there (with flex_bg they are
-    packed into the first groups of the flex group)."""
-    runs: dict[int, list[tuple[int, int]]] = {g: [] for g in range(sb.group_count)}
-    descs_per_block = sb.block_size // sb.desc_size
-    meta_bg = sb.has_incompat(F.INCOMPAT_META_BG)
-    first_meta_bg = int(sb.fields["first_meta_bg"])
-    if meta_bg:
-        old_desc_blocks = first_meta_bg
-    else:
-        old_desc_blocks = gdt_block_count(sb) + int(sb.fields["reserved_gdt_blocks"])
-    for group in range(sb.group_count):
-        has_super = 1 if sb.group_has_super(group) else 0
-        if has_super:
-            runs[group].append((0, 1))
-        if not meta_bg or group // descs_per_block < first_meta_bg:
-            if has_super and old_desc_blocks:
-                runs[group].append((1, old_desc_blocks))
-        elif group % descs_per_block in (0, 1, descs_per_block - 1):
-            runs[group].append((has_super, 1))
-    itable_blocks = -(-sb.inodes_per_group * sb.inode_size // sb.block_size)
-    for desc in descs:
-        for start, length in (
-            (desc.block_bitmap, 1),
-            (desc.inode_bitmap, 1),
-            (desc.inode_table, itable_blocks),
-        ):
-            # A run may cross into the next group (a big flex_bg inode table).
-            while length > 0:
-                group = (start - sb.first_data_block) // sb.blocks_per_group
-                if group < 0 or group >= sb.group_count:
-                    raise Corrupt(
-                        "group descriptor", group_where(desc.group), "metadata outside fs"
-                    )
-                offset = start - group_first_block(sb, group)
-                piece = min(length, sb.blocks_per_group - offset)
-                runs[group].append((offset, piece))
-                start += piece
-                length -= piece
-    return runs
 
 
 class BlockAllocator:

@@ -55,6 +55,7 @@ from ext4box.ext4.format.group_desc import (
     encode_group_desc,
     gdt_block_count,
     group_first_block,
+    group_metadata_runs,
 )
 from ext4box.ext4.format.superblock import (
     SUPERBLOCK_OFFSET,
@@ -504,9 +505,6 @@ class MetadataWriter:
 def _fixed_metadata_runs(sb: Superblock) -> list[tuple[int, int]]:
     """Sorted, merged [start, end) block runs of every superblock, GDT and reserved GDT
     copy (block 0 included), as the allocator lays out each group's fixed metadata."""
-    # Imported here: the allocators import this module.
-    from ext4box.ext4.write.alloc import group_metadata_runs
-
     runs = [(0, sb.first_data_block + 1)]
     for group, pieces in group_metadata_runs(sb, []).items():
         first = group_first_block(sb, group)

@@ -32,8 +32,7 @@ import structlog
 
 from ext4box.ext4.format import bitmap as B
 from ext4box.ext4.format.errors import Ext4Error, InvalidArgument, NotPermitted, Unsupported
-from ext4box.ext4.format.group_desc import group_first_block
-from ext4box.ext4.write.alloc import blocks_in_group
+from ext4box.ext4.format.group_desc import blocks_in_group, group_first_block
 
 if TYPE_CHECKING:
     from ext4box.ext4.write.writable import WritableFilesystem
