@@ -42,7 +42,7 @@ def open_image(path: str, *, writable: bool = False) -> Iterator[tuple[Filesyste
     """
     from ext4box.blockdev import BlockDevice
     from ext4box.ext4.format.errors import Corrupt, Ext4Error, NotExt4, Unsupported
-    from ext4box.ext4.read.filesystem import Filesystem
+    from ext4box.ext4.opening import open_filesystem
     from ext4box.iomap.engine import IOMapEngine
 
     try:
@@ -53,7 +53,7 @@ def open_image(path: str, *, writable: bool = False) -> Iterator[tuple[Filesyste
         raise CliError(f"cannot use image {path}: {err}") from None
     try:
         try:
-            fs = Filesystem.open(dev, readonly=not writable)
+            fs = open_filesystem(dev, readonly=not writable)
         except NotExt4 as err:
             raise CliError(f"{path}: not an ext2/3/4 filesystem: {err}") from None
         except Corrupt as err:

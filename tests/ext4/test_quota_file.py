@@ -28,7 +28,7 @@ from ext4box.ext4.format.quota_file import (
     encode_entry,
     parse_entry,
 )
-from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
 from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.ext4.write.quota import QuotaExceeded
 from ext4box.ext4.write.writable import WritableFilesystem
@@ -106,7 +106,7 @@ def test_quota_image_opens_read_write(tmp_path: Path) -> None:
                   "root_owner=0:0,quotatype=usrquota:grpquota:prjquota")
     dev = BlockDevice.open(str(image), writable=True)
     try:
-        fs = Filesystem.open(dev, readonly=False)
+        fs = open_filesystem(dev, readonly=False)
         assert isinstance(fs, WritableFilesystem)
         assert fs.quota is not None and sorted(fs.quota.files) == [0, 1, 2]
         fs.close()
@@ -180,8 +180,8 @@ def test_quota_inode_that_is_not_a_file_refuses_rw(tmp_path: Path) -> None:
     dev = BlockDevice.open(str(image), writable=True)
     try:
         with pytest.raises(Corrupt, match="not a regular file"):
-            Filesystem.open(dev, readonly=False)
-        assert Filesystem.open(dev, readonly=True).lookup(ROOT_INO, b"lost+found")
+            open_filesystem(dev, readonly=False)
+        assert open_filesystem(dev, readonly=True).lookup(ROOT_INO, b"lost+found")
     finally:
         dev.close()
     assert image.read_bytes() == before

@@ -38,6 +38,7 @@ from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, S
 from ext4box.ext4.format.xattr import xattr_block_checksum
 from ext4box.ext4.journal.overlay import OverlayDevice
 from ext4box.ext4.journal.superblock import BLOCK_COMMIT, BLOCK_DESCRIPTOR, SUPERBLOCK_BYTES
+from ext4box.ext4.opening import open_filesystem
 from ext4box.ext4.read.filesystem import Filesystem
 from fuzz.journal_walk import journal_device_blocks, journal_superblock, reseal_journal, walk_log
 
@@ -104,7 +105,7 @@ def metadata_regions(image: bytes) -> list[Region]:
     fd = os.memfd_create("fuzz-regions")
     try:
         os.write(fd, image)
-        fs = Filesystem.open(BlockDevice(fd))
+        fs = open_filesystem(BlockDevice(fd))
         regions = _regions(fs)
         regions += _ea_inode_regions(fs)
         regions += _journal_regions(fs, image)

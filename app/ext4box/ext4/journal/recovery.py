@@ -60,7 +60,7 @@ from ext4box.ext4.journal.superblock import (
     JournalSuperblock,
 )
 
-if TYPE_CHECKING:  # a runtime import would be circular
+if TYPE_CHECKING:
     from ext4box.ext4.read.filesystem import Filesystem
 
 log = structlog.get_logger("ext4box.ext4.journal")

@@ -2,7 +2,7 @@
 
 Refused read-write (read-only stays possible) as the kernel refuses or as
 writing without the missing machinery would damage the image:
-- a journal that still needs recovery (Filesystem.open replays it before
+- a journal that still needs recovery (opening.open_filesystem replays it before
   checking, see ext4/journal/recovery.py), an external journal;
 - the errors flag (the image wants e2fsck first);
 - RO_COMPAT features we do not write correctly (unknown bits, readonly,
@@ -71,7 +71,7 @@ def rw_refusal(sb: Superblock, dev: BlockDevice, *, recovering: bool = False) ->
     """Why `sb` must not be mounted read-write, or None. `recovering`: the caller is
     about to replay the journal, so needs_recovery itself is no reason."""
     if sb.has_incompat(F.INCOMPAT_RECOVER) and not recovering:
-        return "the journal needs recovery; open it through Filesystem.open, which replays it"
+        return "the journal needs recovery; open it through open_filesystem, which replays it"
     if sb.has_incompat(F.INCOMPAT_JOURNAL_DEV):
         return "an external journal device"
     if int(sb.fields["state"]) & STATE_ERROR:

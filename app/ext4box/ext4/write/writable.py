@@ -1,7 +1,8 @@
 """The read-write facade: one ext4 filesystem the FUSE and iomap layers can change.
 
-`Filesystem.open(dev, readonly=False)` returns a `WritableFilesystem`. Every
-read method of `Filesystem` keeps working and sees uncommitted changes:
+`open_filesystem(dev, readonly=False)` (ext4/opening.py) returns a
+`WritableFilesystem`. Every read method of `Filesystem` keeps working and
+sees uncommitted changes:
 metadata blocks are read through the MetadataWriter, inodes through the
 InodeTable (which follows the writer's group descriptors), and the inode,
 mapper and directory caches are refreshed by every write that changes them.
