@@ -90,7 +90,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ext4box.helper import broker_client, commands
+    from ext4box.helper import broker_client, foreground, mount_command
     from ext4box.helper.errors import HelperError
     from ext4box.helper.external import Endpoint
 
@@ -118,7 +118,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     elif args.foreground or args.server_uid is not None:
         raise CliError("--foreground and --server-uid need --handoff-listen or --handoff-connect")
     try:
-        result = commands.mount(
+        result = mount_command.mount(
             args.image,
             args.mountpoint,
             mode=args.mode,
@@ -136,7 +136,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.foreground:
-        why = commands.serve_until_stopped(result)
+        why = foreground.serve_until_stopped(result)
         print(f"unmounted {record.mountpoint} ({why})", flush=True)
     elif result.channel is not None:
         result.channel.close()
@@ -144,7 +144,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ext4box.helper import broker_client, commands, state
+    from ext4box.helper import broker_client, state, umount_command
     from ext4box.helper.errors import HelperError
 
     try:
@@ -152,7 +152,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if broker_client.broker_available() and own is None:
             broker_client.umount(args.mountpoint)
             return EXIT_OK
-        commands.umount(args.mountpoint)
+        umount_command.umount(args.mountpoint)
     except HelperError as err:
         raise CliError(err.line) from None
     return EXIT_OK

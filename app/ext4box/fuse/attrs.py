@@ -77,6 +77,18 @@ def ext4_ino(node_id: int) -> int:
     return EXT4_ROOT_INO if node_id == ROOT_ID else node_id
 
 
+def entry_ids(attr: Attributes) -> tuple[int, int]:
+    """(node id, generation) an entry reply carries for `attr`.
+
+    Only a ".." lookup (FUSE export) answers with the root: node 1, and
+    generation 0 as the kernel gave its own root inode (a root reply with
+    another generation makes it warn and use 0).
+    """
+    if attr.ino == EXT4_ROOT_INO:
+        return ROOT_ID, 0
+    return attr.ino, attr.generation
+
+
 def check_child_ino(ino: int, dir_ino: int, name: bytes) -> None:
     """Refuse a directory entry whose inode would collide with the FUSE root.
 

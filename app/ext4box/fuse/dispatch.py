@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ext4box.fuse import protocol as p
-from ext4box.fuse.attrs import Attributes
+from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.negotiate import Agreed
@@ -151,7 +151,7 @@ def pack_statx_out(attr: Attributes) -> bytes:
 def pack_entry(attr: Attributes) -> bytes:
     entry_s, entry_ns = _valid(attr.entry_timeout)
     attr_s, attr_ns = _valid(attr.attr_timeout)
-    return p.ENTRY_OUT.pack(attr.ino, attr.generation, entry_s, attr_s, entry_ns, attr_ns,
+    return p.ENTRY_OUT.pack(*entry_ids(attr), entry_s, attr_s, entry_ns, attr_ns,
                             *pack_attr_values(attr))
 
 

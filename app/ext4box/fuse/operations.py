@@ -38,6 +38,7 @@ from ext4box.fuse.attrs import (
 )
 from ext4box.fuse.changes import NamespaceChanges, check_name
 from ext4box.fuse.errors import FuseError, fuse_errors, to_fuse_error
+from ext4box.fuse.export import ExportLookups
 from ext4box.fuse.file_ops import FileRangeOps
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
 from ext4box.iomap.engine import IOMapEngine, ReadPlan
@@ -98,7 +99,7 @@ class OpenResult:
 EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
 
 
-class Operations(NamespaceChanges, FileRangeOps):
+class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
     def __init__(self, fs: Filesystem, engine: IOMapEngine) -> None:
@@ -153,6 +154,11 @@ class Operations(NamespaceChanges, FileRangeOps):
 
     @fuse_errors("lookup")
     def lookup(self, parent: int, name: bytes) -> Attributes:
+        # Path walks never send these: only the kernel decoding a file handle (export.py).
+        if name == b".":
+            return self.lookup_self(parent)
+        if name == b"..":
+            return self.lookup_parent(parent)
         check_name(name)
         dir_ino = ext4_ino(parent)
         ino = self.fs.find(dir_ino, name)

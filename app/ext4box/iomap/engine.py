@@ -2,18 +2,16 @@
 
 The filesystem below only answers "which blocks hold this range" through
 `map_blocks` (the block-run contract of ext4/blockrun.py) and "what is the
-inline body"; everything else — byte-granular mappings, caching the runs,
-clipping at EOF, zero-filling holes, coalescing device-adjacent ranges into one
-vectored read — lives here and knows nothing of extents, block maps or inodes'
-on-disk layout.
+inline body" (the Protocols in source.py); everything else — byte-granular
+mappings, caching the runs, clipping at EOF, zero-filling holes, coalescing
+device-adjacent ranges into one vectored read — lives here and knows nothing
+of extents, block maps or inodes' on-disk layout.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 
@@ -22,6 +20,7 @@ from ext4box.ext4.format.blockrun import BlockRun
 from ext4box.ext4.format.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
+from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
 
@@ -39,59 +38,6 @@ _WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
 
 # os.preadv accepts at most IOV_MAX buffers per call.
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-class MappedInode(Protocol):
-    """What the engine needs to know about an inode (the facade's Inode fits)."""
-
-    ino: int
-    size: int
-    has_inline_data: bool
-
-
-class MappingSource(Protocol):
-    """The filesystem side of the contract (the ext4 facade fits)."""
-
-    block_size: int
-
-    def map_blocks(self, inode: MappedInode, lblk: int, count: int) -> list[BlockRun]: ...
-
-    def inline_data(self, inode: MappedInode) -> bytes: ...
-
-
-class WriteRunLike(Protocol):
-    """One run answered by `write_begin` (ext4/writable.py's WriteRun fits)."""
-
-    lblk: int
-    length: int
-    pblk: int | None
-    new: bool  # allocated (or converted from unwritten) by this call: contents are garbage
-    converted: bool  # was unwritten before this call (an abort makes it unwritten again)
-
-
-class WritableSource(MappingSource, Protocol):
-    """The read-write side of the contract (the WritableFilesystem fits)."""
-
-    def inode(self, ino: int) -> MappedInode: ...
-
-    def check_file_write(self, ino: int) -> None: ...
-
-    def writable_length(self, ino: int, pos: int, length: int) -> int:
-        """check_file_write, then how many of `length` bytes at `pos` fit below the
-        file's size limit (FileTooBig when none do)."""
-        ...
-
-    def write_begin(self, inode: MappedInode, lblk: int, count: int) -> Sequence[WriteRunLike]: ...
-
-    def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
-
-    def write_abort(self, ino: int, ranges: list[tuple[int, int]],
-                    converted: list[tuple[int, int]] | None = None) -> None: ...
-
-    def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
-
-    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
-                  now_ns: int | None = None) -> MappedInode: ...
 
 
 @dataclass(frozen=True, slots=True)

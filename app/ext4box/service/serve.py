@@ -1,7 +1,7 @@
 """Serve a FUSE session on descriptors handed over by the host helper.
 
 The helper has opened the image and /dev/fuse and performed the mount; the
-service (ext4box.service.main) received both fds and verified them. Here, on
+entrypoint (ext4box.service.main) received both fds and verified them. Here, on
 the native backend (the default):
 
     confine()                 (stage-2 seccomp: from here no path, no socket)
@@ -31,9 +31,9 @@ from ext4box.ext4.opening import open_filesystem
 from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
+from ext4box.handoff_protocol import Mode, ReceivedMount
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.log import get_logger
-from ext4box.service.protocol import Mode, ReceivedMount
 from ext4box.service.refusals import FeatureRefused, refuse_features
 
 log = get_logger("ext4box.fuse")

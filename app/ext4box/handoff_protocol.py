@@ -1,4 +1,4 @@
-"""The helper → server hand-off protocol (wire format and the server side).
+"""The helper → server hand-off protocol: wire format, and the fd checks both ends make.
 
 The host helper has already decided, opened and mounted; it passes the server
 two file descriptors (/dev/fuse and the image) over an AF_UNIX SOCK_SEQPACKET
@@ -18,7 +18,9 @@ exact or bounded size, every byte is validated, and any received descriptor
 is closed on every failure path, so a confused or hostile peer gets a clean
 refusal and never leaks an fd into this process.
 
-The helper side lives in ext4box.helper.handoff and shares this codec.
+Both ends import this module: the helper's end is ext4box.helper.handoff,
+the server's ext4box.service.receive. It sits below both, so neither of them
+imports the other.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class ReceivedMount:
     image_fd: int
 
     def close(self) -> None:
-        _close_all((self.fuse_fd, self.image_fd))
+        close_fds((self.fuse_fd, self.image_fd))
 
 
 # --- codec -------------------------------------------------------------------
@@ -363,7 +365,7 @@ def recv_packet(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]
         if len(fds) > max_fds:
             raise HandoffError(f"message carries {len(fds)} fds, expected at most {max_fds}")
     except HandoffError:
-        _close_all(fds)
+        close_fds(fds)
         raise
     return data, fds
 
@@ -377,7 +379,8 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _close_all(fds: Sequence[int]) -> None:
+def close_fds(fds: Sequence[int]) -> None:
+    """Close every fd of `fds`, ignoring errors (a failure path is already under way)."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -468,67 +471,10 @@ def _kind_name(mode: int) -> str:
     return "unknown file type"
 
 
-# --- server side -------------------------------------------------------------
+# --- both ends ---------------------------------------------------------------
 
 
 def check_socket(sock: socket.socket) -> None:
     """Message boundaries are part of the protocol: only SOCK_SEQPACKET."""
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
         raise HandoffError("hand-off socket must be AF_UNIX SOCK_SEQPACKET", errno.EPROTOTYPE)
-
-
-def negotiate_version(low: int, high: int) -> int:
-    if high < MIN_PROTOCOL_VERSION or low > PROTOCOL_VERSION:
-        raise HandoffError(
-            f"helper speaks hand-off protocol versions {low}..{high}, this server speaks"
-            f" {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}; upgrade the older side",
-            errno.EPROTONOSUPPORT,
-        )
-    return min(high, PROTOCOL_VERSION)
-
-
-def receive_handoff(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> ReceivedMount:
-    """Run the server side up to (not including) READY.
-
-    Returns the verified descriptors; on any failure the helper is sent an
-    ERROR naming the reason, every received fd is closed, and HandoffError is
-    raised with the same reason. The caller sends READY (send_ready) once it
-    has started serving, or ERROR (reply_error) if that fails.
-    """
-    check_socket(sock)
-    sock.settimeout(timeout)
-    try:
-        packet, _ = recv_packet(sock, max_fds=0)
-        _raise_if_error(packet)
-        low, high = decode_hello(packet)
-        version = negotiate_version(low, high)
-        send_packet(sock, encode_hello_reply(version))
-        packet, fds = recv_packet(sock, max_fds=2)
-    except HandoffError as exc:
-        reply_error(sock, exc.errno, exc.reason)
-        raise
-    try:
-        _raise_if_error(packet)
-        request = decode_mount(packet, version)
-        if len(fds) != 2:
-            raise HandoffError(
-                f"MOUNT carries {len(fds)} fds, expected 2 (/dev/fuse and the image)", errno.EBADF
-            )
-        verify_fuse_fd(fds[0])
-        verify_image_fd(fds[1], request)
-    except HandoffError as exc:
-        _close_all(fds)
-        reply_error(sock, exc.errno, exc.reason)
-        raise
-    return ReceivedMount(version, request, fds[0], fds[1])
-
-
-def _raise_if_error(packet: bytes) -> None:
-    # The helper gave up and said why: report its reason, not a bad magic.
-    if len(packet) >= MAGIC.size and magic_of(packet) == MAGIC_ERROR:
-        refusal = decode_error(packet)
-        raise PeerRefused(f"helper aborted: {refusal.reason}", refusal.errno)
-
-
-def send_ready(sock: socket.socket) -> None:
-    send_packet(sock, encode_ready())
