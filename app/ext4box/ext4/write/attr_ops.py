@@ -43,13 +43,13 @@ from ext4box.ext4.write.xattr_writer import (
 )
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 _ACL_HEADER = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")
 
 
-def _state(fs: WritableFilesystem, inode: Inode) -> XattrState:
+def _state(fs: WriteContext, inode: Inode) -> XattrState:
     ea_inode = fs.sb.has_incompat(F.INCOMPAT_EA_INODE)
     return xattr_state(
         inode, read_meta=fs.writer.read, block_size=fs.block_size, csum_seed=fs.sb.csum_seed,
@@ -58,7 +58,7 @@ def _state(fs: WritableFilesystem, inode: Inode) -> XattrState:
         ea_seed=ea_inode_writer.ea_hash_seed(fs.sb) if ea_inode else None)
 
 
-def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: XattrUpdate,
+def _apply(fs: WriteContext, inode: Inode, state: XattrState, update: XattrUpdate,
            now: int) -> Inode:
     """Carry out a planned xattr change: the new value's EA inode (if any) first, then
     the block, the other EA inode reference counts, and last the inode."""
@@ -90,7 +90,7 @@ def _apply(fs: WritableFilesystem, inode: Inode, state: XattrState, update: Xatt
         blocks_512=inode.blocks_512 + outcome.blocks_512_delta + ea_charge_delta(state, update))
 
 
-def _check_quota(fs: WritableFilesystem, inode: Inode, state: XattrState,
+def _check_quota(fs: WriteContext, inode: Inode, state: XattrState,
                  update: XattrUpdate) -> None:
     """EDQUOT before a change that charges the owner more: a new xattr block, and
     values moved to EA inodes (their blocks and one inode each)."""
@@ -105,7 +105,7 @@ def _check_quota(fs: WritableFilesystem, inode: Inode, state: XattrState,
     fs.check_quota(inode, blocks=blocks, inodes=inodes)
 
 
-def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags: int) -> Inode:
+def setxattr(fs: WriteContext, ino: int, name: bytes, value: bytes, flags: int) -> Inode:
     inode = fs.inode(ino)
     flag_guards.check_xattr_change(inode)
     state = _state(fs, inode)
@@ -114,7 +114,7 @@ def setxattr(fs: WritableFilesystem, ino: int, name: bytes, value: bytes, flags:
     return fs.store(_apply(fs, inode, state, update, fs.now_ns()))
 
 
-def removexattr(fs: WritableFilesystem, ino: int, name: bytes) -> Inode:
+def removexattr(fs: WriteContext, ino: int, name: bytes) -> Inode:
     inode = fs.inode(ino)
     flag_guards.check_xattr_change(inode)
     state = _state(fs, inode)
@@ -122,7 +122,7 @@ def removexattr(fs: WritableFilesystem, ino: int, name: bytes) -> Inode:
     return fs.store(_apply(fs, inode, state, update, fs.now_ns()))
 
 
-def _chmod_acl(fs: WritableFilesystem, inode: Inode, mode: int, now: int) -> Inode:
+def _chmod_acl(fs: WriteContext, inode: Inode, mode: int, now: int) -> Inode:
     """posix_acl_chmod: keep a stored access ACL in step with the new permission bits."""
     state = _state(fs, inode)
     stored = next((e for e in (*state.ibody_entries, *state.block_entries)
@@ -181,7 +181,7 @@ def _create_masq(default: bytes, mode: int, where: str) -> tuple[bytes, int, boo
     return bytes(acl), mode, extended
 
 
-def inherit_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
+def inherit_acls(fs: WriteContext, parent: Inode, inode: Inode) -> Inode:
     """A new inode (not yet stored) in directory `parent`, with the ACLs and mode it
     inherits from the directory's default ACL (posix_acl_create, ext4_init_acl):
     the access ACL is the default masked by the create mode, and the mode bits
@@ -212,7 +212,7 @@ def inherit_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
     return replace_inode(inode, mode=mode)
 
 
-def setattr(fs: WritableFilesystem, ino: int, *, mode: int | None, uid: int | None,
+def setattr(fs: WriteContext, ino: int, *, mode: int | None, uid: int | None,
             gid: int | None, size: int | None, atime_ns: int | None, mtime_ns: int | None,
             ctime_ns: int | None, times_now: bool = False) -> Inode:
     inode = fs.inode(ino)

@@ -30,7 +30,7 @@ from ext4box.ext4.write.dir_writer import DirectoryWriter
 from ext4box.ext4.write.inline_writer import InlineState, empty_extent_root, max_inline_size
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 # The kernel's EXT4_LINK_MAX: beyond it a file cannot get another name, and an
 # indexed directory (dir_nlink) stops counting its subdirectories (nlink 1).
@@ -38,7 +38,7 @@ LINK_MAX = 65000
 
 
 class DirHandle:
-    def __init__(self, fs: WritableFilesystem, ino: int) -> None:
+    def __init__(self, fs: WriteContext, ino: int) -> None:
         inode = fs.inode(ino)
         where = inode_where(ino)
         if not inode.is_dir:

@@ -16,6 +16,7 @@ keeps, as the kernel does:
 Equal values share one EA inode: the kernel remembers the EA inodes it has
 read or written (its mbcache, keyed by value hash) and takes another reference
 on one whose hash and content match instead of writing a new one. `EaInodeIndex`
+(ea_inode_index.py)
 is that memory here: filled as values are read and written, bounded, and
 never trusted (a candidate is re-checked, content included, before reuse).
 An EA inode whose count reaches 0 is freed with its blocks.
@@ -37,8 +38,7 @@ from __future__ import annotations
 
 import stat
 import struct
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from ext4box.ext4.format import features as F
@@ -57,7 +57,7 @@ from ext4box.ext4.write.xattr_writer import (
 )
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 _U32 = struct.Struct("<I")
 _ATIME_OFFSET = 0x08  # i_atime: the value hash
@@ -67,7 +67,6 @@ _NS = 1_000_000_000
 _ATIME_EXTRA_ISIZE = 16  # i_extra_isize that covers atime_extra
 # The count's high half goes through i_ctime, a signed 32-bit time: keep it positive.
 REF_COUNT_MAX = (1 << 63) - 1
-INDEX_LIMIT = 4096  # EA inodes remembered for sharing (about 100 bytes each)
 _WHAT = "xattr value inode"
 
 
@@ -103,53 +102,10 @@ def with_ref_count(inode: Inode, count: int) -> Inode:
     return replace_inode(inode, raw=bytes(raw), ctime_ns=_u32_time_ns(count >> 32, inode))
 
 
-class EaInodeIndex:
-    """Value hash -> EA inodes seen on this mount (the kernel's mbcache of EA inodes).
-
-    A hint only: entries may be stale (an inode freed, reused, rewritten by a
-    crafted image); `acquire` checks a candidate fully before using it. At most
-    `limit` inodes, the least recently noted forgotten first. Reads note values
-    outside the filesystem's write lock, hence a lock of its own."""
-
-    def __init__(self, limit: int = INDEX_LIMIT) -> None:
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._hash_of: OrderedDict[int, int] = OrderedDict()  # ino -> value hash
-        self._inos_of: dict[int, set[int]] = {}  # value hash -> inos
-
-    def __len__(self) -> int:
-        return len(self._hash_of)
-
-    def note(self, ino: int, value_hash: int) -> None:
-        with self._lock:
-            self._forget(ino)
-            self._hash_of[ino] = value_hash
-            self._inos_of.setdefault(value_hash, set()).add(ino)
-            while len(self._hash_of) > self._limit:
-                self._forget(next(iter(self._hash_of)))
-
-    def forget(self, ino: int) -> None:
-        with self._lock:
-            self._forget(ino)
-
-    def _forget(self, ino: int) -> None:
-        value_hash = self._hash_of.pop(ino, None)
-        if value_hash is None:
-            return
-        inos = self._inos_of[value_hash]
-        inos.discard(ino)
-        if not inos:
-            del self._inos_of[value_hash]
-
-    def candidates(self, value_hash: int) -> list[int]:
-        with self._lock:
-            return sorted(self._inos_of.get(value_hash, ()))
-
-
 # ---------------------------------------------------------------- checking
 
 
-def load(fs: WritableFilesystem, ea_ino: int, *, owner: int) -> Inode:
+def load(fs: WriteContext, ea_ino: int, *, owner: int) -> Inode:
     """EA inode `ea_ino`, named by an entry of inode `owner`, checked to be one in use."""
     where = inode_where(ea_ino)
     if not fs.sb.first_ino <= ea_ino <= fs.sb.inodes_count or ea_ino == owner:
@@ -165,7 +121,7 @@ def load(fs: WritableFilesystem, ea_ino: int, *, owner: int) -> Inode:
     return inode
 
 
-def owned_refs(fs: WritableFilesystem, inode: Inode) -> dict[int, int]:
+def owned_refs(fs: WriteContext, inode: Inode) -> dict[int, int]:
     """The references `inode`'s xattrs hold (as negative changes, ready to drop): one per
     entry of its inode body naming an EA inode, and its block's when the block is its
     alone (a shared block keeps them for the other inodes)."""
@@ -185,14 +141,14 @@ def _held(state: XattrState) -> dict[int, int]:
     return dict(held)
 
 
-def _state_unread(fs: WritableFilesystem, inode: Inode) -> XattrState:
+def _state_unread(fs: WriteContext, inode: Inode) -> XattrState:
     return xattr_state(
         inode, read_meta=fs.writer.read, block_size=fs.block_size, csum_seed=fs.sb.csum_seed,
         goal=fs.group_goal(inode.ino), ea_inode=True, cluster_size=fs.sb.cluster_size,
         read_ea_inode=unread_ea_value, ea_seed=ea_hash_seed(fs.sb))
 
 
-def check_changes(fs: WritableFilesystem, owner: int, changes: dict[int, int]) -> None:
+def check_changes(fs: WriteContext, owner: int, changes: dict[int, int]) -> None:
     """Raise Corrupt now if `apply_changes(changes)` would fail half-way."""
     for ea_ino, step in changes.items():
         inode = load(fs, ea_ino, owner=owner)
@@ -208,7 +164,7 @@ def check_changes(fs: WritableFilesystem, owner: int, changes: dict[int, int]) -
             check_freeable(fs, inode)
 
 
-def check_freeable(fs: WritableFilesystem, inode: Inode) -> None:
+def check_freeable(fs: WriteContext, inode: Inode) -> None:
     """Raise Corrupt if freeing EA inode `inode` would fail half-way. An EA inode with
     xattrs of its own (no kernel writes one) is refused: freeing it would follow them."""
     where = inode_where(inode.ino)
@@ -217,7 +173,7 @@ def check_freeable(fs: WritableFilesystem, inode: Inode) -> None:
     fs.check_blocks_freeable(inode)
 
 
-def check_release(fs: WritableFilesystem, inode: Inode) -> None:
+def check_release(fs: WriteContext, inode: Inode) -> None:
     """Raise Corrupt now if releasing `inode`'s xattrs would fail: its xattr block
     does not parse, or dropping the references its entries hold would fail (called
     before an inode that loses its last name is unlinked or freed)."""
@@ -231,7 +187,7 @@ def check_release(fs: WritableFilesystem, inode: Inode) -> None:
 # ---------------------------------------------------------------- changing
 
 
-def apply_changes(fs: WritableFilesystem, changes: dict[int, int]) -> None:
+def apply_changes(fs: WriteContext, changes: dict[int, int]) -> None:
     """Add each change to its EA inode's count; free those that reach 0.
     `check_changes` has passed for them (nothing here can fail half-way)."""
     for ea_ino, step in sorted(changes.items()):
@@ -243,7 +199,7 @@ def apply_changes(fs: WritableFilesystem, changes: dict[int, int]) -> None:
             fs.store(with_ref_count(inode, count))
 
 
-def release_all(fs: WritableFilesystem, inode: Inode) -> None:
+def release_all(fs: WriteContext, inode: Inode) -> None:
     """Drop the references `inode`'s xattrs hold (it is being freed)."""
     changes = owned_refs(fs, inode)
     if changes:
@@ -251,14 +207,14 @@ def release_all(fs: WritableFilesystem, inode: Inode) -> None:
         apply_changes(fs, changes)
 
 
-def free(fs: WritableFilesystem, inode: Inode) -> None:
+def free(fs: WriteContext, inode: Inode) -> None:
     """Free an EA inode nothing names any more: its blocks and its number."""
     fs.ea_values.forget(inode.ino)
     fs.evict(replace_inode(inode, links_count=0))
 
 
 def begin_update(
-    fs: WritableFilesystem, owner: Inode, state: XattrState, update: XattrUpdate
+    fs: WriteContext, owner: Inode, state: XattrState, update: XattrUpdate
 ) -> tuple[XattrUpdate, dict[int, int], int | None]:
     """Before a planned xattr change is written: check every EA inode whose count it
     changes, then find or create the EA inode of its new value (holding the entry's
@@ -273,12 +229,12 @@ def begin_update(
     return with_ea_inode(update, state, ea_ino), changes, ea_ino
 
 
-def abandon(fs: WritableFilesystem, ea_ino: int) -> None:
+def abandon(fs: WriteContext, ea_ino: int) -> None:
     """Give back the reference `acquire` took (freeing the EA inode if it made it)."""
     apply_changes(fs, {ea_ino: -1})
 
 
-def acquire(fs: WritableFilesystem, owner: Inode, value: bytes) -> int:
+def acquire(fs: WriteContext, owner: Inode, value: bytes) -> int:
     """An EA inode holding `value`, with one more reference: a known one with the same
     hash and content, else a new one."""
     value_hash = ea_inode_hash(ea_hash_seed(fs.sb), value)
@@ -294,7 +250,7 @@ def acquire(fs: WritableFilesystem, owner: Inode, value: bytes) -> int:
 
 
 def _reusable(
-    fs: WritableFilesystem, ea_ino: int, value_hash: int, value: bytes, owner: int
+    fs: WriteContext, ea_ino: int, value_hash: int, value: bytes, owner: int
 ) -> Inode | None:
     try:
         inode = load(fs, ea_ino, owner=owner)
@@ -312,7 +268,7 @@ def _reusable(
     return inode
 
 
-def _create(fs: WritableFilesystem, owner: Inode, value: bytes, value_hash: int) -> int:
+def _create(fs: WriteContext, owner: Inode, value: bytes, value_hash: int) -> int:
     ea_ino = fs.inodes.alloc(owner.ino, is_dir=False)
     now = fs.now_ns()
     blank = fs.table.blank(ea_ino)
@@ -331,7 +287,7 @@ def _create(fs: WritableFilesystem, owner: Inode, value: bytes, value_hash: int)
     return ea_ino
 
 
-def _write_value(fs: WritableFilesystem, inode: Inode, value: bytes) -> Inode:
+def _write_value(fs: WriteContext, inode: Inode, value: bytes) -> Inode:
     """Allocate the value's blocks, write it there and map them; all or nothing."""
     bs = fs.block_size
     count = -(-len(value) // bs)
@@ -357,6 +313,6 @@ def _write_value(fs: WritableFilesystem, inode: Inode, value: bytes) -> Inode:
     return fs.with_tree(inode, tree, count)
 
 
-def note_read(fs: WritableFilesystem, ea_ino: int) -> None:
+def note_read(fs: WriteContext, ea_ino: int) -> None:
     """An EA inode's value was read: remember it for sharing, as the kernel's cache does."""
     fs.ea_values.note(ea_ino, stored_hash(fs.inode(ea_ino)))

@@ -54,7 +54,7 @@ from ext4box.ext4.write import file_data
 from ext4box.ext4.write.extent_writer import ExtentTreeWriter
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -107,7 +107,7 @@ def check_request(mode: int, offset: int, length: int) -> str:
     return operation
 
 
-def fallocate(fs: WritableFilesystem, ino: int, mode: int, offset: int, length: int, *,
+def fallocate(fs: WriteContext, ino: int, mode: int, offset: int, length: int, *,
               now_ns: int | None = None) -> Inode:
     """Apply fallocate(2) `mode` to bytes [offset, offset + length) of inode `ino`.
 
@@ -151,20 +151,20 @@ def fallocate(fs: WritableFilesystem, ino: int, mode: int, offset: int, length: 
 # ---- the operations -------------------------------------------------------------------
 
 
-def _blocks_touched(fs: WritableFilesystem, offset: int, length: int) -> tuple[int, int]:
+def _blocks_touched(fs: WriteContext, offset: int, length: int) -> tuple[int, int]:
     """[first, end) of the blocks holding any byte of the range."""
     bs = fs.block_size
     return offset // bs, -(-(offset + length) // bs)
 
 
-def _allocate(fs: WritableFilesystem, inode: Inode, offset: int, length: int, *,
+def _allocate(fs: WriteContext, inode: Inode, offset: int, length: int, *,
               keep_size: bool) -> Inode:
     first, end = _blocks_touched(fs, offset, length)
     inode = _preallocate(fs, inode, first, end)
     return _grow(fs, inode, offset + length, keep_size=keep_size)
 
 
-def _zero(fs: WritableFilesystem, inode: Inode, offset: int, length: int, *,
+def _zero(fs: WriteContext, inode: Inode, offset: int, length: int, *,
           keep_size: bool) -> Inode:
     bs = fs.block_size
     first, end = _blocks_touched(fs, offset, length)
@@ -175,7 +175,7 @@ def _zero(fs: WritableFilesystem, inode: Inode, offset: int, length: int, *,
     return _grow(fs, inode, offset + length, keep_size=keep_size)
 
 
-def _punch(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> Inode:
+def _punch(fs: WriteContext, inode: Inode, offset: int, length: int) -> Inode:
     size = inode.size
     if offset >= size:
         return inode
@@ -192,7 +192,7 @@ def _punch(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> In
     return fs.store(fs.with_tree(inode, tree, -_free_data(fs, freed)))
 
 
-def _check_shift(fs: WritableFilesystem, inode: Inode, operation: str, offset: int,
+def _check_shift(fs: WriteContext, inode: Inode, operation: str, offset: int,
                  length: int) -> None:
     """The argument checks of COLLAPSE_RANGE and INSERT_RANGE, before anything changes."""
     if (offset | length) % fs.block_size:
@@ -207,7 +207,7 @@ def _check_shift(fs: WritableFilesystem, inode: Inode, operation: str, offset: i
                              "past the limit")
 
 
-def _collapse(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> Inode:
+def _collapse(fs: WriteContext, inode: Inode, offset: int, length: int) -> Inode:
     bs = fs.block_size
     tree = _extent_tree(fs, inode)
     freed = tree.collapse(offset // bs, length // bs)
@@ -215,7 +215,7 @@ def _collapse(fs: WritableFilesystem, inode: Inode, offset: int, length: int) ->
     return replace_inode(inode, size=inode.size - length)
 
 
-def _insert(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> Inode:
+def _insert(fs: WriteContext, inode: Inode, offset: int, length: int) -> Inode:
     bs = fs.block_size
     new_size = inode.size + length
     tree = _extent_tree(fs, inode)
@@ -231,7 +231,7 @@ def _insert(fs: WritableFilesystem, inode: Inode, offset: int, length: int) -> I
 # ---- shared steps ------------------------------------------------------------------
 
 
-def _preallocate(fs: WritableFilesystem, inode: Inode, first: int, end: int, *,
+def _preallocate(fs: WriteContext, inode: Inode, first: int, end: int, *,
                  unwrite: tuple[int, int] | None = None) -> Inode:
     """Unwritten extents over every hole of blocks [first, end), and (ZERO_RANGE) the
     written blocks of `unwrite` made unwritten; stored, all or nothing."""
@@ -258,7 +258,7 @@ def _preallocate(fs: WritableFilesystem, inode: Inode, first: int, end: int, *,
     return fs.store(fs.with_tree(inode, tree, sum(got for _, _, got in pieces)))
 
 
-def _grow(fs: WritableFilesystem, inode: Inode, end: int, *, keep_size: bool) -> Inode:
+def _grow(fs: WriteContext, inode: Inode, end: int, *, keep_size: bool) -> Inode:
     """i_size up to `end` unless KEEP_SIZE; the old last block's bytes past the old
     EOF are zeroed first, as for a truncate up."""
     if keep_size or end <= inode.size:
@@ -268,7 +268,7 @@ def _grow(fs: WritableFilesystem, inode: Inode, end: int, *, keep_size: bool) ->
     return replace_inode(inode, size=end)
 
 
-def _zero_edges(fs: WritableFilesystem, inode: Inode, start: int, end: int) -> None:
+def _zero_edges(fs: WriteContext, inode: Inode, start: int, end: int) -> None:
     """Zero the bytes of [start, end) in the blocks it covers only in part."""
     bs = fs.block_size
     head_end = min(end, -(-start // bs) * bs)
@@ -279,7 +279,7 @@ def _zero_edges(fs: WritableFilesystem, inode: Inode, start: int, end: int) -> N
         _zero_written(fs, inode, tail_start, end)
 
 
-def _zero_written(fs: WritableFilesystem, inode: Inode, start: int, stop: int) -> None:
+def _zero_written(fs: WriteContext, inode: Inode, start: int, stop: int) -> None:
     """Zero bytes [start, stop) (inside one block) where that block is written data;
     holes and unwritten blocks read as zeros already."""
     if stop <= start:
@@ -291,21 +291,21 @@ def _zero_written(fs: WritableFilesystem, inode: Inode, start: int, stop: int) -
     fs.dev.pwrite(run.pblk * bs + start % bs, bytes(stop - start))
 
 
-def _max_bytes(fs: WritableFilesystem) -> int:
+def _max_bytes(fs: WriteContext) -> int:
     """The filesystem's s_maxbytes, which vfs_fallocate and the insert-range check
     compare with (the extent-file limit, for every inode: only punch reaches a
     block-map file, and it never goes past EOF)."""
     return limits.extent_max_bytes(fs.block_size, fs.sb.has_ro_compat(F.RO_COMPAT_HUGE_FILE))
 
 
-def _extent_tree(fs: WritableFilesystem, inode: Inode) -> ExtentTreeWriter:
+def _extent_tree(fs: WriteContext, inode: Inode) -> ExtentTreeWriter:
     tree = fs.tree_writer(inode)
     if not isinstance(tree, ExtentTreeWriter):
         raise Unsupported("fallocate mode", inode_where(inode.ino), "indirect block maps")
     return tree
 
 
-def _free_data(fs: WritableFilesystem, freed: list[tuple[int, int]]) -> int:
+def _free_data(fs: WriteContext, freed: list[tuple[int, int]]) -> int:
     count = 0
     for pblk, length in freed:
         fs.blocks.free(pblk, length)

@@ -42,7 +42,7 @@ from ext4box.ext4.write.inline_writer import (
 from ext4box.ext4.write.inline_writer import write_inline as plan_inline_write
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import TreeWriter, WritableFilesystem
+    from ext4box.ext4.write.context import TreeWriter, WriteContext
 
 # Files above 2 GiB need the large_file feature (the kernel sets it on demand).
 _LARGE_FILE_SIZE = 1 << 31
@@ -59,7 +59,7 @@ class WriteRun:
     converted: bool = False  # was unwritten: write_abort makes it unwritten again
 
 
-def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
+def check_file_write(fs: WriteContext, ino: int) -> Inode:
     """The inode, if file data may be written to it; else what the kernel answers."""
     inode = fs.inode(ino)
     if inode.is_dir:
@@ -72,7 +72,7 @@ def check_file_write(fs: WritableFilesystem, ino: int) -> Inode:
     return inode
 
 
-def _goal(fs: WritableFilesystem, inode: Inode, lblk: int) -> int:
+def _goal(fs: WriteContext, inode: Inode, lblk: int) -> int:
     """Just after the block mapped before `lblk`, or the inode's group."""
     if lblk > 0:
         (run,) = fs.mapper_for(inode).map(lblk - 1, 1)
@@ -81,7 +81,7 @@ def _goal(fs: WritableFilesystem, inode: Inode, lblk: int) -> int:
     return fs.group_goal(inode.ino)
 
 
-def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list[WriteRun]:
+def write_begin(fs: WriteContext, ino: int, lblk: int, count: int) -> list[WriteRun]:
     """Map [lblk, lblk + count), allocating holes; all or nothing (NoSpace maps nothing)."""
     if count <= 0 or lblk < 0 or lblk + count > LBLK_LIMIT:
         raise ValueError(f"bad block range {lblk}+{count}")
@@ -116,7 +116,7 @@ def write_begin(fs: WritableFilesystem, ino: int, lblk: int, count: int) -> list
     return _write_runs(runs, pieces)
 
 
-def allocate_holes(fs: WritableFilesystem, inode: Inode, lblk: int,
+def allocate_holes(fs: WriteContext, inode: Inode, lblk: int,
                    runs: list[BlockRun]) -> list[tuple[int, int, int]]:
     """Allocate data blocks for every hole among `runs` (a mapping of `inode` from
     `lblk`), before anything touches the tree: (lblk, pblk, length) pieces, placed
@@ -151,7 +151,7 @@ def allocate_holes(fs: WritableFilesystem, inode: Inode, lblk: int,
     return pieces
 
 
-def undo_mapping(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int, int, int]],
+def undo_mapping(fs: WriteContext, tree: TreeWriter, done: list[tuple[int, int, int]],
                  pieces: list[tuple[int, int, int]], marked: list[BlockRun]) -> int:
     """Unmap what a failed write_begin mapped and free the blocks it allocated; returns
     how many stay mapped (a punch that fails, only on a damaged tree, keeps them zeroed)."""
@@ -172,7 +172,7 @@ def undo_mapping(fs: WritableFilesystem, tree: TreeWriter, done: list[tuple[int,
     return sum(got for _, pblk, got in pieces if pblk in kept)
 
 
-def write_abort(fs: WritableFilesystem, ino: int, ranges: Sequence[tuple[int, int]],
+def write_abort(fs: WriteContext, ino: int, ranges: Sequence[tuple[int, int]],
                 converted: Sequence[tuple[int, int]] = ()) -> None:
     """The data for the (lblk, length) ranges write_begin reported new could not be
     written. `ranges` were holes: unmap and free their blocks, which hold whatever
@@ -227,17 +227,17 @@ def _tree_slack(inode: Inode) -> int:
     return min(depth, 5) + 2
 
 
-def _blockmap_limit(fs: WritableFilesystem) -> int:
+def _blockmap_limit(fs: WriteContext) -> int:
     per = fs.block_size // 4
     return min(12 + per + per * per + per * per * per, LBLK_LIMIT)
 
 
-def writable_length(fs: WritableFilesystem, ino: int, pos: int, length: int) -> int:
+def writable_length(fs: WriteContext, ino: int, pos: int, length: int) -> int:
     """How many of `length` bytes at `pos` a write may put in `ino` (limits.py)."""
     return limits.writable_length(fs.sb, check_file_write(fs, ino), pos, length)
 
 
-def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | None) -> Inode:
+def write_end(fs: WriteContext, ino: int, end_pos: int, *, now_ns: int | None) -> Inode:
     """After the executor wrote up to byte `end_pos`: i_size = max(i_size, end_pos), times."""
     inode = check_file_write(fs, ino)
     now = fs.now_ns() if now_ns is None else now_ns
@@ -246,7 +246,7 @@ def write_end(fs: WritableFilesystem, ino: int, end_pos: int, *, now_ns: int | N
     return fs.store(replace_inode(inode, size=size, mtime_ns=now, ctime_ns=now))
 
 
-def note_large_file(fs: WritableFilesystem, size: int) -> None:
+def note_large_file(fs: WriteContext, size: int) -> None:
     if size >= _LARGE_FILE_SIZE and not fs.writer.superblock().has_ro_compat(
             F.RO_COMPAT_LARGE_FILE):
         current = int(fs.writer.superblock().fields["feature_ro_compat"])
@@ -270,7 +270,7 @@ def _apply_layout(inode: Inode, layout: InlineLayout) -> Inode:
     return replace_inode(inode, raw=bytes(raw), i_block=layout.i_block, size=layout.size)
 
 
-def write_inline(fs: WritableFilesystem, ino: int, pos: int, data: bytes) -> bool:
+def write_inline(fs: WriteContext, ino: int, pos: int, data: bytes) -> bool:
     """Write into an inline file: True when done inline; False after converting it to
     blocks (or when a blockless empty file cannot take the data inline)."""
     inode = check_file_write(fs, ino)
@@ -295,7 +295,7 @@ def write_inline(fs: WritableFilesystem, ino: int, pos: int, data: bytes) -> boo
     return True
 
 
-def convert_inline(fs: WritableFilesystem, inode: Inode) -> Inode:
+def convert_inline(fs: WriteContext, inode: Inode) -> Inode:
     """Move an inline file's body into one block (ext4_convert_inline_data_to_extent)."""
     plan = conversion(_inline_state(inode), extents=fs.has_extents)
     flags = inode.flags & ~FL_INLINE_DATA
@@ -321,7 +321,7 @@ def convert_inline(fs: WritableFilesystem, inode: Inode) -> Inode:
 # ---- truncate ----------------------------------------------------------------------
 
 
-def zero_tail(fs: WritableFilesystem, inode: Inode, size: int) -> None:
+def zero_tail(fs: WriteContext, inode: Inode, size: int) -> None:
     """Zero the bytes of the block holding `size` from `size` to its end (data write)."""
     bs = fs.block_size
     offset = size % bs
@@ -333,7 +333,7 @@ def zero_tail(fs: WritableFilesystem, inode: Inode, size: int) -> None:
     fs.dev.pwrite(run.pblk * bs + offset, bytes(bs - offset))
 
 
-def truncate(fs: WritableFilesystem, inode: Inode, size: int, now: int) -> Inode:
+def truncate(fs: WriteContext, inode: Inode, size: int, now: int) -> Inode:
     """Set i_size of a regular file: free whole blocks past the end, zero the tail of
     the last partial block (so growing later never uncovers old bytes); not stored."""
     if size < 0:

@@ -24,7 +24,7 @@ from ext4box.ext4.format.group_desc import group_first_block
 from ext4box.ext4.format.superblock import SUPERBLOCK_SIZE, field_span
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 log = structlog.get_logger("ext4box.ext4")
 
@@ -35,7 +35,7 @@ _U32 = struct.Struct("<I")
 _ROOT = 0
 
 
-def get_label(fs: WritableFilesystem) -> bytes:
+def get_label(fs: WriteContext) -> bytes:
     """The label as GETFSLABEL copies it out: up to 16 bytes, NUL-padded to 17."""
     raw = bytes(fs.writer.superblock().fields["volume_name"])  # type: ignore[arg-type]
     return raw.split(b"\0", 1)[0].ljust(LABEL_MAX + 1, b"\0")
@@ -53,7 +53,7 @@ def parse_label(buffer: bytes) -> bytes:
     return head[:end].ljust(LABEL_MAX, b"\0")
 
 
-def set_label(fs: WritableFilesystem, buffer: bytes, uid: int) -> None:
+def set_label(fs: WriteContext, buffer: bytes, uid: int) -> None:
     """SETFSLABEL by a caller of `uid`; durable when it returns."""
     if uid != _ROOT:
         raise NotPermitted("setting the filesystem label needs CAP_SYS_ADMIN")
@@ -67,7 +67,7 @@ def set_label(fs: WritableFilesystem, buffer: bytes, uid: int) -> None:
         fs.dev.flush()
 
 
-def _update_backup(fs: WritableFilesystem, group: int, label: bytes) -> None:
+def _update_backup(fs: WriteContext, group: int, label: bytes) -> None:
     """Put `label` into group `group`'s backup superblock (the start of its first block)."""
     pblk = group_first_block(fs.sb, group)
     offset = pblk * fs.block_size

@@ -56,7 +56,7 @@ from ext4box.ext4.write.inline_writer import empty_extent_root
 
 if TYPE_CHECKING:
     from ext4box.ext4.read.filesystem import Filesystem
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 # i_flags bits (EXT4_*_FL, the same values as FS_*_FL).
 SECRM, UNRM, COMPR, SYNC = 0x1, 0x2, 0x4, 0x8
@@ -152,7 +152,7 @@ def _mask_for_type(mode: int, flags: int) -> int:
     return flags & _OTHER_MASK
 
 
-def set_flags(fs: WritableFilesystem, ino: int, flags: int, uid: int) -> Inode:
+def set_flags(fs: WriteContext, ino: int, flags: int, uid: int) -> Inode:
     """FS_IOC_SETFLAGS by a caller of `uid`: `flags` replace the visible flags."""
     inode = fs.inode(ino)
     _check_owner(inode, uid)
@@ -160,7 +160,7 @@ def set_flags(fs: WritableFilesystem, ino: int, flags: int, uid: int) -> Inode:
     return _set(fs, inode, flags & 0xFFFFFFFF, old.projid, uid)
 
 
-def set_fsxattr(fs: WritableFilesystem, ino: int, new: FsxAttr, uid: int) -> Inode:
+def set_fsxattr(fs: WriteContext, ino: int, new: FsxAttr, uid: int) -> Inode:
     """FS_IOC_FSSETXATTR by a caller of `uid`: the common flags and the project id;
     the flags fsxattr cannot name keep their values."""
     inode = fs.inode(ino)
@@ -184,7 +184,7 @@ def _check_owner(inode: Inode, uid: int) -> None:
         raise NotPermitted(f"uid {uid} does not own inode {inode.ino}")
 
 
-def _set(fs: WritableFilesystem, inode: Inode, flags: int, projid: int, uid: int) -> Inode:
+def _set(fs: WriteContext, inode: Inode, flags: int, projid: int, uid: int) -> Inode:
     """vfs_fileattr_set from fileattr_set_prepare on, then ext4_fileattr_set."""
     where = inode_where(inode.ino)
     old_visible = visible_flags(inode)
@@ -228,7 +228,7 @@ def _check_dax(inode: Inode, raw: int, flags: int) -> None:
         raise Unsupported("inode flags", inode_where(inode.ino), "DAX with data journaling")
 
 
-def _check_casefold(fs: WritableFilesystem, inode: Inode) -> None:
+def _check_casefold(fs: WriteContext, inode: Inode) -> None:
     where = inode_where(inode.ino)
     if not fs.sb.has_incompat(F.INCOMPAT_CASEFOLD):
         raise Unsupported("casefold", where, "the filesystem has no casefold feature")
@@ -238,7 +238,7 @@ def _check_casefold(fs: WritableFilesystem, inode: Inode) -> None:
         raise NotEmpty(f"casefold on non-empty directory {where}")
 
 
-def _check_project(fs: WritableFilesystem, inode: Inode, projid: int) -> None:
+def _check_project(fs: WriteContext, inode: Inode, projid: int) -> None:
     where = inode_where(inode.ino)
     if not fs.sb.has_ro_compat(F.RO_COMPAT_PROJECT):
         if projid:
@@ -248,7 +248,7 @@ def _check_project(fs: WritableFilesystem, inode: Inode, projid: int) -> None:
         raise Unsupported("project id", where, "the inode has no room for i_projid")
 
 
-def _migrate(fs: WritableFilesystem, inode: Inode, *, to_extents: bool) -> Inode:
+def _migrate(fs: WriteContext, inode: Inode, *, to_extents: bool) -> Inode:
     """The EXTENTS flag changed: convert the block tree (ext4_ext_migrate /
     ext4_ind_migrate), or refuse what we cannot convert."""
     where = inode_where(inode.ino)
@@ -269,7 +269,7 @@ def _migrate(fs: WritableFilesystem, inode: Inode, *, to_extents: bool) -> Inode
                                   i_block=struct.pack("<15I", *pointers)))
 
 
-def _to_extents(fs: WritableFilesystem, inode: Inode) -> Inode:
+def _to_extents(fs: WriteContext, inode: Inode) -> Inode:
     """ext4_ext_migrate: the block map's runs as an extent tree, its indirect blocks
     freed (at the next commit, as every free)."""
     mapper = fs.mapper_for(inode)
@@ -290,7 +290,7 @@ def _to_extents(fs: WritableFilesystem, inode: Inode) -> Inode:
     return fs.store(fs.with_tree(target, tree, -len(indirect)))
 
 
-def _single_extent(fs: WritableFilesystem, inode: Inode) -> list[tuple[int, int, int]] | None:
+def _single_extent(fs: WriteContext, inode: Inode) -> list[tuple[int, int, int]] | None:
     """The (lblk, pblk, length) of a depth-0 extent root with at most one extent
     that ends inside the direct pointers, or None."""
     depth = int.from_bytes(inode.i_block[6:8], "little")

@@ -43,7 +43,7 @@ from ext4box.ext4.journal.writer import JournalWriter
 from ext4box.ext4.write import orphans
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 log = structlog.get_logger("ext4box.ext4")
 
@@ -116,7 +116,7 @@ def _now() -> int:
     return int(time.time())
 
 
-def begin_rw_mount(fs: WritableFilesystem) -> None:
+def begin_rw_mount(fs: WriteContext) -> None:
     """Record the mount in the superblock, start the journal and free what the
     orphan list holds."""
     with fs.lock:
@@ -135,7 +135,7 @@ def begin_rw_mount(fs: WritableFilesystem) -> None:
         fs.writer.commit(durable=True)
 
 
-def _journal_writer(fs: WritableFilesystem) -> JournalWriter | None:
+def _journal_writer(fs: WriteContext) -> JournalWriter | None:
     """The writer of the image's internal journal (its log empty: recovery ran
     before), or None without has_journal."""
     sb = fs.mount_sb
@@ -146,7 +146,7 @@ def _journal_writer(fs: WritableFilesystem) -> JournalWriter | None:
         F.RO_COMPAT_METADATA_CSUM), fs_64bit=sb.has_incompat(F.INCOMPAT_64BIT))
 
 
-def end_rw_mount(fs: WritableFilesystem) -> None:
+def end_rw_mount(fs: WriteContext) -> None:
     """Write everything and mark the filesystem clean again (if it was at mount)."""
     fs.writer.commit(durable=True)
     # Everything checkpointed and the log empty before needs_recovery goes.

@@ -56,7 +56,7 @@ from ext4box.ext4.write.inline_writer import (
 )
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -112,7 +112,7 @@ def _rdev_i_block(rdev: int) -> bytes:
     return _U32X2.pack(*words) + bytes(INLINE_IBLOCK_SIZE - _U32X2.size)
 
 
-def _new_inode(fs: WritableFilesystem, parent: Inode, ino: int, mode: int, uid: int, gid: int,
+def _new_inode(fs: WriteContext, parent: Inode, ino: int, mode: int, uid: int, gid: int,
                now: int) -> Inode:
     inode = fs.table.blank(ino)
     flags = _inherit_flags(parent.flags, mode)
@@ -126,7 +126,7 @@ def _new_inode(fs: WritableFilesystem, parent: Inode, ino: int, mode: int, uid: 
         projid=parent.projid if parent.flags & _FL_PROJINHERIT else 0)
 
 
-def _check_quota_new(fs: WritableFilesystem, parent: Inode, uid: int, gid: int, *,
+def _check_quota_new(fs: WriteContext, parent: Inode, uid: int, gid: int, *,
                      blocks: int = 0) -> None:
     """EDQUOT before anything is taken, as the kernel charges a new inode (and its
     first block) to its owners before it is linked."""
@@ -135,7 +135,7 @@ def _check_quota_new(fs: WritableFilesystem, parent: Inode, uid: int, gid: int, 
         fs.quota.check(uid, gid, projid, space=blocks * fs.block_size, inodes=1)
 
 
-def _parent_for_new(fs: WritableFilesystem, parent: int, name: bytes) -> DirHandle:
+def _parent_for_new(fs: WriteContext, parent: int, name: bytes) -> DirHandle:
     validate_name(name)
     handle = DirHandle(fs, parent)
     if name in (b".", b"..") or handle.writer.lookup(name) is not None:
@@ -144,7 +144,7 @@ def _parent_for_new(fs: WritableFilesystem, parent: int, name: bytes) -> DirHand
     return handle
 
 
-def _with_inherited_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) -> Inode:
+def _with_inherited_acls(fs: WriteContext, parent: Inode, inode: Inode) -> Inode:
     """The new inode with its directory's default ACL applied; on failure its number is
     given back (nothing else was taken yet)."""
     try:
@@ -154,7 +154,7 @@ def _with_inherited_acls(fs: WritableFilesystem, parent: Inode, inode: Inode) ->
         raise
 
 
-def _discard_new(fs: WritableFilesystem, inode: Inode) -> None:
+def _discard_new(fs: WriteContext, inode: Inode) -> None:
     """Undo a new inode that never got a name: its xattr block, then its number."""
     fs.drop_xattr_block(inode)
     fs.inodes.free(inode.ino, inode.is_dir)
@@ -174,7 +174,7 @@ def _add_or_undo(handle: DirHandle, name: bytes, ino: int, ftype: int, undo) -> 
 # ---- creating --------------------------------------------------------------------
 
 
-def create(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int, gid: int,
+def create(fs: WriteContext, parent: int, name: bytes, mode: int, uid: int, gid: int,
            rdev: int = 0) -> Inode:
     fmt = stat.S_IFMT(mode) or stat.S_IFREG
     if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
@@ -194,7 +194,7 @@ def create(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int
     return stored
 
 
-def _inline_dir_body(fs: WritableFilesystem, inode: Inode, parent: int) -> Inode | None:
+def _inline_dir_body(fs: WriteContext, inode: Inode, parent: int) -> Inode | None:
     """A new directory stored inline (inline_data), or None if the inode has no room."""
     area = inode.ibody_xattr_area
     # In-inode attributes already there (inherited ACLs) stay; system.data needs room too.
@@ -208,7 +208,7 @@ def _inline_dir_body(fs: WritableFilesystem, inode: Inode, parent: int) -> Inode
                        i_block=new_inline_dir_body(parent), size=INLINE_IBLOCK_SIZE, flags=flags)
 
 
-def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
+def mkdir(fs: WriteContext, parent: int, name: bytes, mode: int, uid: int,
           gid: int) -> Inode:
     handle = _parent_for_new(fs, parent, name)
     sb = fs.sb
@@ -258,7 +258,7 @@ def mkdir(fs: WritableFilesystem, parent: int, name: bytes, mode: int, uid: int,
     return stored
 
 
-def symlink(fs: WritableFilesystem, parent: int, name: bytes, target: bytes, uid: int,
+def symlink(fs: WriteContext, parent: int, name: bytes, target: bytes, uid: int,
             gid: int) -> Inode:
     if not target:
         raise NotFound("empty symlink target")
@@ -305,7 +305,7 @@ def symlink(fs: WritableFilesystem, parent: int, name: bytes, target: bytes, uid
     return stored
 
 
-def link(fs: WritableFilesystem, ino: int, new_parent: int, new_name: bytes) -> Inode:
+def link(fs: WriteContext, ino: int, new_parent: int, new_name: bytes) -> Inode:
     inode = fs.inode(ino)
     if inode.is_dir:
         raise NotPermitted(f"hard link to directory inode {ino}")
@@ -327,7 +327,7 @@ def link(fs: WritableFilesystem, ino: int, new_parent: int, new_name: bytes) -> 
 # ---- removing --------------------------------------------------------------------
 
 
-def _drop_link(fs: WritableFilesystem, ino: int, now: int, *, still_open: bool) -> Inode:
+def _drop_link(fs: WriteContext, ino: int, now: int, *, still_open: bool) -> Inode:
     """One name less for a non-directory: orphan or free it when it was the last."""
     inode = fs.inode(ino)
     links = inode.links_count - 1 if inode.links_count else 0
@@ -340,7 +340,7 @@ def _drop_link(fs: WritableFilesystem, ino: int, now: int, *, still_open: bool) 
     return inode
 
 
-def unlink(fs: WritableFilesystem, parent: int, name: bytes, *, still_open: bool) -> Inode:
+def unlink(fs: WriteContext, parent: int, name: bytes, *, still_open: bool) -> Inode:
     validate_name(name)
     handle = DirHandle(fs, parent)
     entry = handle.writer.lookup(name)
@@ -358,11 +358,11 @@ def unlink(fs: WritableFilesystem, parent: int, name: bytes, *, still_open: bool
     return _drop_link(fs, entry.inode, now, still_open=still_open)
 
 
-def _empty_dir(fs: WritableFilesystem, ino: int) -> bool:
+def _empty_dir(fs: WriteContext, ino: int) -> bool:
     return DirHandle(fs, ino).writer.is_empty()
 
 
-def rmdir(fs: WritableFilesystem, parent: int, name: bytes) -> None:
+def rmdir(fs: WriteContext, parent: int, name: bytes) -> None:
     validate_name(name)
     if name == b".":
         raise InvalidArgument("rmdir of '.'")
@@ -387,7 +387,7 @@ def rmdir(fs: WritableFilesystem, parent: int, name: bytes) -> None:
 # ---- rename ----------------------------------------------------------------------
 
 
-def _within(fs: WritableFilesystem, dir_ino: int, start: int) -> bool:
+def _within(fs: WriteContext, dir_ino: int, start: int) -> bool:
     """Whether directory `start` is `dir_ino` or lies below it (walking up '..')."""
     current = start
     for _ in range(fs.sb.inodes_count):
@@ -402,23 +402,23 @@ def _within(fs: WritableFilesystem, dir_ino: int, start: int) -> bool:
     raise Corrupt("directory tree", inode_where(start), "'..' chain does not reach the root")
 
 
-def _check_not_ancestor(fs: WritableFilesystem, dir_ino: int, start: int) -> None:
+def _check_not_ancestor(fs: WriteContext, dir_ino: int, start: int) -> None:
     """EINVAL for a move of directory `dir_ino` into its own subtree (at `start`)."""
     if _within(fs, dir_ino, start):
         raise InvalidArgument(f"directory inode {dir_ino} would move into its own subtree")
 
 
-def _set_dotdot(fs: WritableFilesystem, dir_ino: int, parent: int) -> None:
+def _set_dotdot(fs: WriteContext, dir_ino: int, parent: int) -> None:
     child = DirHandle(fs, dir_ino)
     child.writer.retarget(b"..", parent, EXT4_FT_DIR)
     child.finish(0, touch=False)
 
 
-def _touch(fs: WritableFilesystem, ino: int, now: int) -> None:
+def _touch(fs: WriteContext, ino: int, now: int) -> None:
     fs.store(replace_inode(fs.inode(ino), ctime_ns=now))
 
 
-def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent: int,
+def rename(fs: WriteContext, old_parent: int, old_name: bytes, new_parent: int,
            new_name: bytes, flags: int = 0) -> None:
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise InvalidArgument(f"rename flags 0x{flags:x}")
@@ -494,7 +494,7 @@ def rename(fs: WritableFilesystem, old_parent: int, old_name: bytes, new_parent:
             _drop_link(fs, dst.ino, now, still_open=fs.is_open(dst.ino))
 
 
-def _check_rename_flags(fs: WritableFilesystem, src_dir: DirHandle, dst_dir: DirHandle,
+def _check_rename_flags(fs: WriteContext, src_dir: DirHandle, dst_dir: DirHandle,
                         src: Inode, target_ino: int | None) -> None:
     """vfs_rename's flag checks: nothing for two names of one inode; else may_delete
     of the source, then may_delete of the target or may_create in its directory."""
@@ -507,7 +507,7 @@ def _check_rename_flags(fs: WritableFilesystem, src_dir: DirHandle, dst_dir: Dir
         flag_guards.check_may_delete(dst_dir.inode, fs.inode(target_ino))
 
 
-def _exchange(fs: WritableFilesystem, src_dir: DirHandle, dst_dir: DirHandle, old_name: bytes,
+def _exchange(fs: WriteContext, src_dir: DirHandle, dst_dir: DirHandle, old_name: bytes,
               new_name: bytes, src: Inode, dst: Inode, dir_nlink: bool) -> None:
     """RENAME_EXCHANGE: swap what two names point at (ext4_cross_rename)."""
     if src.ino == dst.ino:

@@ -14,7 +14,7 @@ non-empty orphan file refuses the rw mount instead, see mount_state).
 
 The list is singly linked and inodes leave it in any order (the order their
 last handles close), so each inode's predecessor is kept in memory
-(`OrphanChain`): taking one off touches only that neighbour, instead of
+(`OrphanChain`, orphan_chain.py): taking one off touches only that neighbour, instead of
 walking the list from the superblock every time (10,000 orphans closed at
 unmount took minutes that way). The mirror starts empty because the mount
 empties the on-disk list (`process_at_mount`) before anything is added.
@@ -29,53 +29,19 @@ import structlog
 from ext4box.ext4.format.errors import Corrupt, inode_where
 from ext4box.ext4.format.inode import Inode, replace_inode
 from ext4box.ext4.write import ea_inode_writer
+from ext4box.ext4.write.orphan_chain import SUPERBLOCK
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 log = structlog.get_logger("ext4box.ext4")
 
 
-# The superblock's place in the chain, as a predecessor.
-SUPERBLOCK = 0
-
-
-class OrphanChain:
-    """The links of the on-disk list, backwards: for each listed inode, the inode
-    whose i_dtime names it, or SUPERBLOCK when s_last_orphan does."""
-
-    def __init__(self) -> None:
-        self._before: dict[int, int] = {}
-
-    def __contains__(self, ino: int) -> bool:
-        return ino in self._before
-
-    def __len__(self) -> int:
-        return len(self._before)
-
-    def pushed(self, ino: int, old_head: int) -> None:
-        """`ino` became the head, in front of `old_head` (0: the list was empty)."""
-        self._before[ino] = SUPERBLOCK
-        if old_head:
-            self._before[old_head] = ino
-
-    def removed(self, ino: int, following: int) -> int | None:
-        """`ino` leaves the list, `following` (0: none) taking its place; returns the
-        predecessor that must now name `following`, or None if `ino` was not listed."""
-        before = self._before.pop(ino, None)
-        if before is not None and following:
-            self._before[following] = before
-        return before
-
-    def clear(self) -> None:
-        self._before.clear()
-
-
-def _head(fs: WritableFilesystem) -> int:
+def _head(fs: WriteContext) -> int:
     return int(fs.writer.superblock().fields["last_orphan"])
 
 
-def add(fs: WritableFilesystem, inode: Inode) -> Inode:
+def add(fs: WriteContext, inode: Inode) -> Inode:
     """Put `inode` (links 0, still open) at the head of the list; returns it to store."""
     fs.open_orphans.add(inode.ino)
     if inode.ino in fs.orphan_chain:
@@ -86,7 +52,7 @@ def add(fs: WritableFilesystem, inode: Inode) -> Inode:
     return replace_inode(inode, dtime=head)
 
 
-def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
+def _unlist(fs: WriteContext, ino: int, next_ino: int) -> None:
     """Take `ino` out of the chain by pointing its predecessor at `next_ino`."""
     before = fs.orphan_chain.removed(ino, next_ino)
     if before == SUPERBLOCK and _head(fs) == ino:
@@ -102,7 +68,7 @@ def _unlist(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
     _unlist_by_walk(fs, ino, next_ino)
 
 
-def _unlist_by_walk(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
+def _unlist_by_walk(fs: WriteContext, ino: int, next_ino: int) -> None:
     current = _head(fs)
     if current == ino:
         fs.writer.update_superblock(last_orphan=next_ino)
@@ -118,7 +84,7 @@ def _unlist_by_walk(fs: WritableFilesystem, ino: int, next_ino: int) -> None:
     log.warning("orphan_not_listed", where=inode_where(ino))
 
 
-def check_evictable(fs: WritableFilesystem, inode: Inode) -> None:
+def check_evictable(fs: WriteContext, inode: Inode) -> None:
     """Raise Corrupt now, before any name changes, if freeing `inode` would fail half-way
     (a block bitmap failing its checks, a block or the inode not allocated, a bad tree or
     xattr block): the operation is then refused whole instead of leaving a name removed
@@ -131,7 +97,7 @@ def check_evictable(fs: WritableFilesystem, inode: Inode) -> None:
     fs.inodes.check_free(inode.ino)
 
 
-def release(fs: WritableFilesystem, ino: int) -> None:
+def release(fs: WriteContext, ino: int) -> None:
     """The last handle of an unlinked inode closed: unlist it and free it (or, when it
     cannot be freed, raise Corrupt with it still listed, for e2fsck or the next mount)."""
     inode = fs.table.read(ino)
@@ -143,7 +109,7 @@ def release(fs: WritableFilesystem, ino: int) -> None:
     fs.evict(replace_inode(inode, dtime=0))
 
 
-def process_at_mount(fs: WritableFilesystem) -> int:
+def process_at_mount(fs: WriteContext) -> int:
     """Free (links 0) or truncate to i_size (still linked) every listed inode, as the
     kernel's orphan cleanup does at mount; returns how many were processed.
 
@@ -180,7 +146,7 @@ def process_at_mount(fs: WritableFilesystem) -> int:
     return len(seen)
 
 
-def _unusable_orphan(fs: WritableFilesystem, ino: int, seen: set[int]) -> str | None:
+def _unusable_orphan(fs: WriteContext, ino: int, seen: set[int]) -> str | None:
     if ino in seen:
         return "the list loops"
     if not fs.sb.first_ino <= ino <= fs.sb.inodes_count:

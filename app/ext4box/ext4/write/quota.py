@@ -54,7 +54,7 @@ from ext4box.ext4.format.xattr import XattrEntry
 from ext4box.ext4.write.caller import FILESYSTEM, acting_as, current_caller
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 log = structlog.get_logger("ext4box.ext4")
 
@@ -80,7 +80,7 @@ class QuotaInodeFile:
     """The 1 KiB quota blocks of one quota inode, read and written as metadata; the
     inode grows (a block allocated and mapped, i_size raised) when written past its end."""
 
-    def __init__(self, fs: WritableFilesystem, ino: int) -> None:
+    def __init__(self, fs: WriteContext, ino: int) -> None:
         self.fs = fs
         self.ino = ino
         self._pblks: dict[int, int] = {}
@@ -158,7 +158,7 @@ def _owner_id(inode: Inode, qtype: int) -> int:
 class QuotaAccounting:
     """The quota files of one read-write mount and the usage they count."""
 
-    def __init__(self, fs: WritableFilesystem,
+    def __init__(self, fs: WriteContext,
                  ea_values_of: Callable[[Inode], int] | None = None) -> None:
         """`ea_values_of(inode)`: `ea_values_held` for an inode's xattrs (ea_inode
         images), which a change of owner moves with the inode itself."""
@@ -201,7 +201,7 @@ class QuotaAccounting:
         self.enforced = frozenset(qtypes & self.files.keys())
 
     @classmethod
-    def open(cls, fs: WritableFilesystem,
+    def open(cls, fs: WriteContext,
              ea_values_of: Callable[[Inode], int] | None = None) -> QuotaAccounting | None:
         if not fs.sb.has_ro_compat(F.RO_COMPAT_QUOTA):
             return None

@@ -35,7 +35,7 @@ from ext4box.ext4.format.errors import Ext4Error, InvalidArgument, NotPermitted,
 from ext4box.ext4.format.group_desc import blocks_in_group, group_first_block
 
 if TYPE_CHECKING:
-    from ext4box.ext4.write.writable import WritableFilesystem
+    from ext4box.ext4.write.context import WriteContext
 
 log = structlog.get_logger("ext4box.ext4")
 
@@ -54,7 +54,7 @@ class TrimRange:
     minlen: int
 
 
-def trim(fs: WritableFilesystem, request: TrimRange, uid: int) -> int:
+def trim(fs: WriteContext, request: TrimRange, uid: int) -> int:
     """Discard the free blocks `request` selects; the bytes discarded (what FITRIM
     writes back into fstrim_range.len)."""
     if uid != _ROOT:
@@ -93,7 +93,7 @@ def trim(fs: WritableFilesystem, request: TrimRange, uid: int) -> int:
 
 
 class _GroupTrimmer:
-    def __init__(self, fs: WritableFilesystem, minlen: int) -> None:
+    def __init__(self, fs: WriteContext, minlen: int) -> None:
         self.fs = fs
         self.minlen = minlen
         self.discarded_any = False

@@ -12,7 +12,8 @@ The operations themselves live in small modules beside this one:
 `file_data` (write_begin/write_end/write_inline/truncate), `attr_ops`
 (setattr, xattrs), `orphans` (the s_last_orphan list) and `mount_state`
 (rw mount checks, superblock state). This class holds the write stack and
-the few primitives they share (store an inode, edit its block tree, free it).
+the few primitives they share (store an inode, edit its block tree, free it);
+the modules see it as a `context.WriteContext`, so they need not import it.
 
 Every public mutating method is all-or-nothing: when it raises (NoSpace,
 Exists, ...) nothing it changed is left behind. An allocation that fails
@@ -74,11 +75,14 @@ from ext4box.ext4.write import (
 from ext4box.ext4.write import fallocate as fallocate_ops
 from ext4box.ext4.write.alloc import BlockAllocator
 from ext4box.ext4.write.blockmap_writer import BlockMapWriter
+from ext4box.ext4.write.context import TreeWriter
+from ext4box.ext4.write.ea_inode_index import EaInodeIndex
 from ext4box.ext4.write.extent_writer import ExtentTreeWriter
 from ext4box.ext4.write.file_data import WriteRun
 from ext4box.ext4.write.inode_alloc import InodeAllocator
 from ext4box.ext4.write.inode_table import InodeTable
 from ext4box.ext4.write.metawriter import MetadataWriter
+from ext4box.ext4.write.orphan_chain import OrphanChain
 from ext4box.ext4.write.quota import QuotaAccounting, ea_values_held
 from ext4box.ext4.write.xattr_writer import (
     BlockAction,
@@ -91,7 +95,6 @@ log = structlog.get_logger("ext4box.ext4")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-TreeWriter = ExtentTreeWriter | BlockMapWriter
 __all__ = ["TreeWriter", "WritableFilesystem", "WriteRun"]
 
 
@@ -146,11 +149,11 @@ class WritableFilesystem(Filesystem):
         # Unlinked inodes still open: readable until release_orphan frees them.
         self.open_orphans: set[int] = set()
         # Who precedes each inode on the on-disk orphan list (orphans.py).
-        self.orphan_chain = orphans.OrphanChain()
+        self.orphan_chain = OrphanChain()
         # Set by the FUSE layer: whether an inode has open handles (see rename).
         self.is_open: Callable[[int], bool] = lambda ino: False
         self.has_extents = sb.has_incompat(F.INCOMPAT_EXTENTS)
-        self.ea_values = ea_inode_writer.EaInodeIndex()  # EA inodes seen, for sharing values
+        self.ea_values = EaInodeIndex()  # EA inodes seen, for sharing values
         self.closed = False
         # Usage per uid/gid/project in the quota files (the quota feature), or None.
         self.quota = QuotaAccounting.open(
