@@ -26,8 +26,9 @@ import os
 from collections.abc import Callable
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
 from ext4box.handoff_protocol import Mode, ReceivedMount
@@ -176,7 +177,7 @@ async def _serve_pyfuse3(
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
     try:
-        return Filesystem.open(dev, readonly=not dev.writable)
+        return open_filesystem(dev, readonly=not dev.writable)
     except Ext4Error as exc:
         _close_quietly(fuse_fd)
         raise ServeRefused(f"cannot serve the image: {exc}", exc.errno) from None
