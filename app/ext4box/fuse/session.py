@@ -44,6 +44,8 @@ COMMIT_INTERVAL_S = 5.0
 BUFFER_SIZE = negotiate.MAX_WRITE + 4096
 _HEADER = p.IN_HEADER.size
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Distinct (uid, gid) callers remembered at once (a bound, not a working set).
+_CALLERS_KEPT = 256
 
 
 class NotMounted(Exception):
@@ -73,6 +75,8 @@ class Session:
         # Registered once: while changes are pending every request is waited
         # for through it (a new poll object per request cost as much as the poll).
         self._poller: select.poll | None = None
+        # One Caller per (uid, gid) seen: a frozen dataclass costs a µs to build.
+        self._callers: dict[tuple[int, int], Caller] = {}
 
     # -- the whole session -------------------------------------------------------
 
@@ -192,7 +196,7 @@ class Session:
         try:
             # The caller's ids decide what it may allocate (reserved blocks,
             # quota): the filesystem learns them for this request only.
-            with acting_as(Caller(caller[0], caller[1])):
+            with acting_as(self._caller(caller[0], caller[1])):
                 payload: Payload = handler(nodeid, caller, body)
         except FuseError as err:
             self._reply_error(unique, err.errno)
@@ -203,6 +207,14 @@ class Session:
             return
         if payload is not None:
             self._reply(unique, payload)
+
+    def _caller(self, uid: int, gid: int) -> Caller:
+        known = self._callers.get((uid, gid))
+        if known is None:
+            if len(self._callers) >= _CALLERS_KEPT:
+                self._callers.clear()
+            known = self._callers[uid, gid] = Caller(uid, gid)
+        return known
 
     def _unknown(self, opcode: int, unique: int) -> None:
         if opcode not in self._unknown_logged:
