@@ -267,12 +267,16 @@ def splice_dir_block(
         return None
     before = old.records
     count = min(len(before), len(records))
+    # Unchanged records are mostly the very objects `old` holds (writers copy
+    # its list): `is` answers those without comparing five fields each.
     head = 0
-    while head < count and records[head] == before[head]:
+    while head < count and (records[head] is before[head] or records[head] == before[head]):
         head += 1
     tail = 0
-    while (
-        tail < count - head and records[len(records) - 1 - tail] == before[len(before) - 1 - tail]
+    last, last_before = len(records) - 1, len(before) - 1
+    while tail < count - head and (
+        records[last - tail] is before[last_before - tail]
+        or records[last - tail] == before[last_before - tail]
     ):
         tail += 1
     changed = records[head : len(records) - tail]
