@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         logsetup.setup(level, fmt)
     except ValueError as err:
         parser.error(str(err))
-    from ext4box.ext4.errors import Ext4Error
+    from ext4box.ext4.format.errors import Ext4Error
     from ext4box.helper.errors import HelperError
 
     try:

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ext4box.ext4.quota_file import USRQUOTA
+from ext4box.ext4.format.quota_file import USRQUOTA
 from support.facade import Ours
 
 CHUNK = 4096

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
 from ext4box.fuse.atime import take_atime_options
 from ext4box.fuse.operations import Context, Operations
 from ext4box.iomap.engine import IOMapEngine
@@ -71,7 +71,7 @@ def test_reads_write_nothing_until_the_commit(image: Path, tmp_path: Path) -> No
     copy = tmp_path / "rw.ext4"
     shutil.copyfile(image, copy)
     dev = BlockDevice.open(str(copy), writable=True)
-    fs = Filesystem.open(dev, readonly=False)
+    fs = open_filesystem(dev, readonly=False)
     try:
         ops = Operations(fs, IOMapEngine(fs, fs.dev), take_atime_options(["strictatime"])[0])
         before = ops.getattr(ops.lookup(1, b"f").ino).atime_ns
@@ -95,7 +95,7 @@ def test_read_only_never_writes(image: Path, tmp_path: Path) -> None:
     shutil.copyfile(image, copy)
     before = _digest(copy)
     dev = BlockDevice.open(str(copy), writable=False)
-    fs = Filesystem.open(dev, readonly=True)
+    fs = open_filesystem(dev, readonly=True)
     try:
         ops = Operations(fs, IOMapEngine(fs, fs.dev), take_atime_options(["strictatime"])[0])
         atime = ops.getattr(ops.lookup(1, b"f").ino).atime_ns

@@ -32,8 +32,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ext4box.ext4.inode import Inode
-from ext4box.ext4.inode_flags import NOATIME as NOATIME_FL
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.write.inode_flags import NOATIME as NOATIME_FL
 
 _NS = 1_000_000_000
 RELATIME_MAX_AGE_S = 24 * 60 * 60

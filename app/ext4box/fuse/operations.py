@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from ext4box.ext4.caller import Caller, acting_as
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem, StatFs
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.read.filesystem import Filesystem, StatFs
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse import ioctls
 from ext4box.fuse.atime import RELATIME, AtimePolicy, stored_time
 from ext4box.fuse.attrs import (
@@ -47,7 +47,7 @@ from ext4box.iomap.engine import IOMapEngine, ReadPlan
 from ext4box.log import get_logger
 
 if TYPE_CHECKING:
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.write.writable import WritableFilesystem
 
 log = get_logger("ext4box.fuse")
 

@@ -26,7 +26,7 @@ from typing import ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ext4box.ext4.caller import Caller, acting_as
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from ext4box.ext4.caller import Caller, acting_as
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse import negotiate
 from ext4box.fuse import protocol as p
 from ext4box.fuse.dispatch import Dispatcher, Handler, Payload

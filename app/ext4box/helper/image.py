@@ -17,8 +17,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.helper import syscalls
 from ext4box.helper.errors import HelperError
 

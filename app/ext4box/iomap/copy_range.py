@@ -27,8 +27,8 @@ import errno
 import mmap
 from typing import Protocol
 
-from ext4box.ext4.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
-from ext4box.ext4.inode import FL_IMMUTABLE
+from ext4box.ext4.format.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
+from ext4box.ext4.format.inode import FL_IMMUTABLE
 from ext4box.iomap.source import MappedInode, WritableSource
 
 # The kernel's MAX_RW_COUNT: INT_MAX rounded down to a page.

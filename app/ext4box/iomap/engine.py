@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import structlog
 
 from ext4box.blockdev import BlockDevice, DeviceRangeError
-from ext4box.ext4.blockrun import BlockRun
-from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
+from ext4box.ext4.format.blockrun import BlockRun
+from ext4box.ext4.format.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
 from ext4box.iomap.direct_io import ALIGN, DirectIO

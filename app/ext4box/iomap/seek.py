@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from typing import Protocol
 
-from ext4box.ext4.errors import Ext4Error
+from ext4box.ext4.format.errors import Ext4Error
 from ext4box.iomap.source import MappedInode
 from ext4box.iomap.types import IOMap, IOMapKind
 

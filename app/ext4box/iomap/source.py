@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.format.blockrun import BlockRun
 
 
 class MappedInode(Protocol):

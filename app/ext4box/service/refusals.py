@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-from ext4box.ext4.superblock import Superblock
+from ext4box.ext4.format.superblock import Superblock
 
 
 class FeatureRefused(Exception):

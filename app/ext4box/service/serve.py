@@ -27,8 +27,9 @@ import os
 from collections.abc import Callable
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse.atime import AtimePolicy, take_atime_options
 from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
 from ext4box.fuse.operations import Operations
@@ -197,7 +198,7 @@ def _server_options(options: tuple[str, ...]) -> tuple[frozenset[int], AtimePoli
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
     try:
-        return Filesystem.open(dev, readonly=not dev.writable)
+        return open_filesystem(dev, readonly=not dev.writable)
     except Ext4Error as exc:
         _close_quietly(fuse_fd)
         raise ServeRefused(f"cannot serve the image: {exc}", exc.errno) from None
