@@ -214,6 +214,13 @@ def decode_hello_reply(packet: bytes) -> int:
 
 def encode_mount(request: MountRequest, version: int = PROTOCOL_VERSION) -> bytes:
     """MOUNT as the agreed protocol `version` lays it out."""
+    if version < SERVER_OPTIONS_VERSION and request.server_options:
+        # Never drop an option silently: quota enforcement may be among them.
+        raise HandoffError(
+            f"the server speaks hand-off protocol {version}, which cannot carry the server"
+            f" options ({','.join(request.server_options)}); upgrade the server",
+            errno.EPROTONOSUPPORT,
+        )
     options = ",".join(request.options).encode("ascii")
     head = MOUNT_HEAD.pack(
         MAGIC_MOUNT, request.mode, request.image_kind, len(options), request.image_size
@@ -230,13 +237,6 @@ def encode_mount(request: MountRequest, version: int = PROTOCOL_VERSION) -> byte
     refused = ",".join(request.refused_features).encode("ascii")
     body = head + options + REFUSED_HEAD.pack(len(refused), 0) + refused
     if version < SERVER_OPTIONS_VERSION:
-        if request.server_options:
-            # Never drop an option silently: quota enforcement may be among them.
-            raise HandoffError(
-                f"the server speaks hand-off protocol {version}, which cannot carry the server"
-                f" options ({','.join(request.server_options)}); upgrade the server",
-                errno.EPROTONOSUPPORT,
-            )
         return body
     server = ",".join(request.server_options).encode("ascii")
     return body + SERVER_OPTIONS_HEAD.pack(len(server), 0) + server
