@@ -23,6 +23,7 @@ from support.facade import Ours
 
 CHUNK = 4096
 LIMIT_KIB = 120  # the user's hard block limit (setquota's unit)
+ATIME_FLAGS = frozenset({"noatime", "relatime", "nodiratime"})  # what mountinfo can show
 OLD_ATIME = 1_000_000_000  # before the file's mtime: relatime moves it, noatime never
 PYTHON = "/usr/bin/python3"  # readable by every user (the venv may not be)
 
@@ -105,6 +106,39 @@ def write_as(argv_prefix: list[str], path: Path, total: int) -> list[object]:
                            str(CHUNK)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+# Runs as the user: read a file whole, N times; prints the atime (ns) after each read.
+ATIME_PROBE = r"""
+import json, os, sys
+path, times, out = sys.argv[1], int(sys.argv[2]), []
+for _ in range(times):
+    with open(path, "rb") as f:
+        f.read()
+    out.append(os.stat(path).st_atime_ns)
+print(json.dumps(out))
+"""
+
+
+def atimes_after_reads(argv_prefix: list[str], path: Path, times: int) -> list[int]:
+    """The atime after each of `times` reads (FUSE asks the server anew after a read)."""
+    proc = subprocess.run([*argv_prefix, PYTHON, "-I", "-c", ATIME_PROBE, str(path), str(times)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def kernel_atime_flags(scratch: Path, options: str) -> set[str]:
+    """The atime flags the kernel shows for a tmpfs mounted with `options` (the
+    oracle for what a FUSE mount with the same options must show)."""
+    where = scratch / "tmpfs-oracle"
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ext4box-oracle", str(where)],
+                   check=True)  # fmt: skip
+    try:
+        return mount_options_of(where) & ATIME_FLAGS
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
 
 
 def setpriv(uid: int, gid: int) -> list[str]:

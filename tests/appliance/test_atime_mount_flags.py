@@ -20,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.server_options_support import mount_options_of, public_scratch
+from appliance.server_options_support import (
+    ATIME_FLAGS,
+    kernel_atime_flags,
+    mount_options_of,
+    public_scratch,
+)
 from support.serve import ext4box_argv, served, why_no_fuse
 
 pytestmark = [
@@ -29,7 +34,6 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-ATIME_FLAGS = {"noatime", "relatime", "nodiratime"}  # what show_mnt_opts can print of them
 CASES = ["relatime", "noatime", "strictatime", "nodiratime", "strictatime,nodiratime",
          "noatime,strictatime", "strictatime,norelatime,noatime"]  # fmt: skip
 
@@ -66,18 +70,6 @@ def scratch() -> Iterator[Path]:
         yield path
 
 
-def kernel_flags(scratch: Path, options: str) -> set[str]:
-    """The atime flags the kernel shows for a tmpfs mounted with `options`."""
-    where = scratch / "tmpfs"
-    where.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ext4box-oracle", str(where)],
-                   check=True)  # fmt: skip
-    try:
-        return mount_options_of(where) & ATIME_FLAGS
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
-
-
 @pytest.mark.parametrize("api", ["fsmount", "mount2"])
 @pytest.mark.parametrize("options", CASES)
 def test_helper_mount_shows_the_kernels_atime_flags(scratch: Path, api: str, options: str):
@@ -88,7 +80,7 @@ def test_helper_mount_shows_the_kernels_atime_flags(scratch: Path, api: str, opt
     assert proc.returncode == 0, proc.stderr
     said = json.loads(proc.stdout.splitlines()[-1])  # after the log lines
     assert (said["mount_fd"] is None) is (api == "mount2")
-    assert set(said["options"].split(",")) & ATIME_FLAGS == kernel_flags(scratch, options)
+    assert set(said["options"].split(",")) & ATIME_FLAGS == kernel_atime_flags(scratch, options)
 
 
 @pytest.mark.parametrize("options", ["strictatime", "noatime,nodiratime"])
@@ -98,4 +90,4 @@ def test_serve_mount_shows_the_kernels_atime_flags(scratch: Path, options: str):
     mnt = scratch / "mnt"
     with served(image, mnt, ext4box_argv(image, mnt, f"ro,{options}", backend="native")):
         shown = mount_options_of(mnt) & ATIME_FLAGS
-    assert shown == kernel_flags(scratch, options)
+    assert shown == kernel_atime_flags(scratch, options)

@@ -102,3 +102,17 @@ def test_unknown_option_strings_never_reach_a_decision(
     with pytest.raises(ServerOptionError, match="unknown server option 'writeback'"):
         parse_server_options("usrquota,writeback")
     assert parse_server_options("usrquota, noatime,") == ("usrquota", "noatime")
+
+
+def test_the_readme_example_loads_and_decides(
+    policy_dir: Path, request_for: Callable[..., Request]
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "policy/README.md").read_text()
+    block = next(part for part in readme.split("```toml")[1:] if 'name = "students"' in part)
+    (policy_dir / "10-readme.toml").write_text(block.split("```")[0])
+    policy = load_policy(str(policy_dir))
+    student = {"image": "/srv/students/a.img", "groups": ("students",), "mode": "rw"}
+    decision = policy.evaluate(request_for(**student, server_options=("noatime",)))
+    assert decision.server_options == ("noatime", "usrquota", "grpquota")
+    refused = policy.evaluate(request_for(**student, server_options=("strictatime",)))
+    assert not refused.allowed and "strictatime" in refused.reason
