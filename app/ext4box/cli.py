@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mount IMAGE on MOUNTPOINT through the sandboxed server, if policy allows",
         "  ext4box mount /srv/images/a.img /mnt/a          # read-only\n"
         "  ext4box mount /srv/images/a.img /mnt/a --rw\n"
+        "  ext4box mount /srv/images/a.img /mnt/a --rw -o usrquota,noatime\n"
         "  ext4box mount /srv/images/a.img /mnt/a --handoff-connect /run/ext4box/server.sock\n",
     )  # fmt: skip
     _image(mount)
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", dest="server_options", type=_server_options, default=(), metavar="OPTIONS",
         help="server options, if the policy's rule allows them: usrquota|quota,grpquota,"
         "prjquota (enforce limits; always allowed), noatime, strictatime, relatime,"
-        " nodiratime and their negations, lazytime",
+        " nodiratime and their negations, lazytime (default: none, the server's relatime)",
     )
     mount.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS",
