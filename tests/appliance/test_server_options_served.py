@@ -10,6 +10,7 @@ option is refused by name. e2fsck -fn after every write.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -60,6 +61,9 @@ def test_usrquota_over_the_handoff_stops_a_user_at_the_hard_limit(scratch: Path)
         got = write_as(setpriv(*USER), served.mountpoint / "u" / "big", 400_000)
     assert served.proc.returncode == 0
     assert got == ["EDQUOT", allowed_bytes(used)]
+    told = [json.loads(line[line.index("{"):]) for line in served.proc.stderr.read().splitlines()
+            if '"handoff"' in line]  # fmt: skip
+    assert [entry["server_options"] for entry in told] == [["usrquota"]]
     _fsck_clean(image)
     assert usage(image, USER[0])[0] <= 120 * 1024
 
