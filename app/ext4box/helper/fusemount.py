@@ -6,7 +6,7 @@ the fd and holds every access to the mountpoint until the server, handed the
 same fd, answers it. Options are fixed here, never taken from the server:
 nosuid,nodev and default_permissions (the kernel checks the image's modes)
 always, ro unless rw was granted, noexec and allow_other when the policy's
-rule lists them.
+rule lists them, and the atime flags of the server options it granted.
 """
 
 from __future__ import annotations
