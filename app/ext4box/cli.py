@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", dest="server_options", type=_server_options, default=(), metavar="OPTIONS",
         help="server options, if the policy's rule allows them: usrquota|quota,grpquota,"
         "prjquota (enforce limits; always allowed), noatime, strictatime, relatime,"
-        " nodiratime and their negations, lazytime (default: none, the server's relatime)",
+        " nodiratime and their negations, lazytime (default: none, the server's relatime;"
+        " noatime, strictatime and nodiratime only where the rule lists them)",
     )
     mount.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS",

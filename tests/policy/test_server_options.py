@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from test_load_errors import line_of, only_error
 
-from ext4box.fuse.atime import ATIME_OPTIONS
+from ext4box.fuse.atime import ATIME_OPTIONS, RELATIME, take_atime_options
 from ext4box.fuse.fs_options import QUOTA_OPTIONS
 from ext4box.policy import Request, load_policy
 from ext4box.policy.server_options import (
+    NEUTRAL_OPTIONS,
     SERVER_OPTIONS,
     ServerOptionError,
     parse_server_options,
@@ -76,9 +77,26 @@ def test_an_option_the_rule_does_not_list_is_refused_with_its_name(
     assert not decision.allowed
     assert ("server option(s) strictatime requested but the rule's server_options allow only"
             " [noatime]") in decision.reason  # fmt: skip
-    # Without the key, no option but quota enforcement.
-    decision = _decide(policy_dir, write_policy, "", ("relatime",), request_for)
+    # Without the key, no option but quota enforcement and the neutral ones.
+    decision = _decide(policy_dir, write_policy, "", ("nodiratime",), request_for)
     assert not decision.allowed and "allow only []" in decision.reason
+
+
+def test_neutral_options_are_always_allowed(
+    policy_dir: Path, write_policy: WritePolicy, request_for: Callable[..., Request]
+) -> None:
+    """Each leaves the default on its own (relatime, atime on directories): the
+    server's rule for them is the one it applies with no option at all."""
+    neutral = ("relatime", "norelatime", "nostrictatime", "atime", "diratime", "lazytime",
+               "nolazytime")  # fmt: skip
+    assert frozenset(neutral) == NEUTRAL_OPTIONS
+    for option in neutral:
+        assert take_atime_options([option])[0] == RELATIME, option
+    decision = _decide(policy_dir, write_policy, "", neutral, request_for)
+    assert decision.allowed and decision.server_options == neutral
+    # Neutral after an allowed option still needs that option allowed.
+    decision = _decide(policy_dir, write_policy, "", ("noatime", "atime"), request_for)
+    assert not decision.allowed and "server option(s) noatime requested" in decision.reason
 
 
 def test_quota_enforcement_is_always_allowed_and_the_rule_can_force_it(

@@ -28,7 +28,7 @@ from ext4box.policy.model import (
     Rule,
     RuleVerdict,
 )
-from ext4box.policy.server_options import restricts_only
+from ext4box.policy.server_options import always_allowed
 from ext4box.policy.text import printable
 
 _log = structlog.get_logger("ext4box.policy")
@@ -145,9 +145,9 @@ def _mismatches(rule: Rule, request: Request, digest: _LazyDigest) -> list[str]:
 
 def _options_not_allowed(rule: Rule, request: Request) -> list[str]:
     """The caller's server options this rule does not let them have (quota
-    enforcement only limits the caller: always allowed)."""
+    enforcement and the neutral options are always allowed)."""
     return [option for option in dict.fromkeys(request.server_options)
-            if not restricts_only(option) and option not in rule.server_options]  # fmt: skip
+            if not always_allowed(option) and option not in rule.server_options]  # fmt: skip
 
 
 def _effective_options(rule: Rule, request: Request) -> tuple[str, ...]:

@@ -35,8 +35,8 @@ class Rule:
     refuse_features: tuple[str, ...] = ()
     block_devices: bool = False
     grant_access: bool = False  # the broker opens the device even if the user cannot
-    # Server options a caller may ask for beyond quota enforcement (policy/server_options.py),
-    # and the quota types enforced whatever the caller asks.
+    # Server options a caller may ask for beyond the always-allowed ones
+    # (policy/server_options.py), and the quota types enforced whatever the caller asks.
     server_options: tuple[str, ...] = ()
     enforce_quota: tuple[str, ...] = ()
 

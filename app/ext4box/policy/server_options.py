@@ -8,10 +8,12 @@ the hand-off's MOUNT options (protocol version 3) and the server applies them
 the same way. This module is only their names, so the policy can judge them
 without knowing FUSE (tests check it against the two readers).
 
-A caller may always ask for quota enforcement: it only limits the caller.
-Every other option must be listed in the rule's `server_options`. A rule's
-`enforce_quota` turns enforcement on whatever the caller asks; no option turns
-it off.
+A caller may always ask for quota enforcement (it only limits the caller)
+and for the neutral options, which on their own leave the server's default
+(relatime, no lazytime) as it is. Every other option (noatime, strictatime,
+nodiratime: they change when reads write the inode) must be listed in the
+rule's `server_options`. A rule's `enforce_quota` turns enforcement on
+whatever the caller asks; no option turns it off.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ ATIME_OPTIONS = frozenset({
     "nodiratime", "diratime", "lazytime", "nolazytime",
 })  # fmt: skip
 SERVER_OPTIONS = QUOTA_OPTIONS | ATIME_OPTIONS
+# Each one alone keeps the default: relatime, atime updates on directories too.
+NEUTRAL_OPTIONS = frozenset({"relatime", "norelatime", "nostrictatime", "atime", "diratime",
+                             "lazytime", "nolazytime"})  # fmt: skip
 # The quota types a rule may force on (`quota` is usrquota's older name).
 QUOTA_TYPES = ("usrquota", "grpquota", "prjquota")
 MAX_REQUESTED = 16
@@ -53,6 +58,7 @@ def check_server_options(options: Iterable[str]) -> None:
             raise ServerOptionError(f"unknown server option {shown} (known: {known})")
 
 
-def restricts_only(option: str) -> bool:
-    """Whether a caller may have `option` without the rule listing it."""
-    return option in QUOTA_OPTIONS
+def always_allowed(option: str) -> bool:
+    """Whether a caller may have `option` without the rule listing it: it only
+    limits the caller, or changes nothing on its own."""
+    return option in QUOTA_OPTIONS or option in NEUTRAL_OPTIONS
