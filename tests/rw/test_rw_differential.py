@@ -238,12 +238,19 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+_PUNCH = 0x03  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def _fallocate_fd(fd: int, mode: int, offset: int, length: int, path: Path) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
 def _fallocate(path: Path, mode: int, offset: int, length: int) -> str:
     fd = os.open(path, os.O_WRONLY)
     try:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        _fallocate_fd(fd, mode, offset, length, path)
     finally:
         os.close(fd)
     return "ok"
@@ -332,13 +339,12 @@ def _fragment(path: Path, plan: Fragmenting, block_size: int) -> str:
         if plan.pattern == "punch":
             os.pwrite(fd, data, start)
         elif plan.pattern == "unwritten":
-            _check(_libc.fallocate(fd, 0, start, span), path)
+            _fallocate_fd(fd, 0, start, span, path)
         for index in range(count):
             at = start + index * stride_bytes + shift
             if plan.pattern == "punch":
-                gap = at + piece
-                _check(_libc.fallocate(fd, 0x03, gap, start + (index + 1) * stride_bytes + shift
-                                       - gap), path)  # fmt: skip
+                next_piece = at + stride_bytes
+                _fallocate_fd(fd, _PUNCH, at + piece, next_piece - (at + piece), path)
             else:
                 os.pwrite(fd, data[at - start : at - start + piece], at)
     finally:
@@ -346,13 +352,8 @@ def _fragment(path: Path, plan: Fragmenting, block_size: int) -> str:
     return f"{count} pieces of {piece}"
 
 
-def _check(result: int, path: Path) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-
-
 def _regular_files(root: Path) -> list[str]:
+    """The regular files under `root` (not symlinks to them), relative, sorted."""
     files = []
     for parent, _dirnames, filenames in os.walk(root):
         for name in filenames:
