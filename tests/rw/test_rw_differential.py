@@ -33,11 +33,12 @@ an image without extents (its deep file needs a double-indirect block).
 Cost: EXT4BOX_DIFF_EXAMPLES (default 6) sequences of at most
 EXT4BOX_DIFF_STEPS (default 300) steps; hypothesis ends some sequences
 earlier. Set EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing
-sequence. Long runs of 4 Dec 2026 (`EXT4BOX_DIFF_EXAMPLES=80
-EXT4BOX_DIFF_STEPS=600`, `=60 =1000`, and eight fresh runs of `=10 =600`,
-each `pytest --timeout=0 -s`: pytest-timeout's alarm can land in a
-hypothesis gc callback, which swallows it, and after about ten sequences
-hypothesis mostly mutates earlier ones): 220 sequences, 66,448 steps,
+sequence. Run long runs with `pytest --timeout=0 -s` (pytest-timeout's
+alarm can land in a hypothesis gc callback, which swallows it) and as
+several runs of few sequences (after about ten, hypothesis mostly mutates
+earlier ones). Long runs of 4 Dec 2026 (`EXT4BOX_DIFF_EXAMPLES=80
+EXT4BOX_DIFF_STEPS=600`, `=60 =1000`, eight runs of `=10 =600`): 220
+sequences (at most 655 steps each: hypothesis's data limit), 66,448 steps,
 0 mismatches, all 440 images e2fsck-clean, all trees equal; files at the
 end by tree depth 0/1/2: kernel 177/381/296, ext4box 155/348/351.
 """

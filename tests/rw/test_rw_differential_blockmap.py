@@ -12,7 +12,10 @@ and the file of more than 336 pieces the machine starts with must use a
 double-indirect block on both (debugfs `stat`).
 
 Cost: EXT4BOX_DIFF_BLOCKMAP_EXAMPLES (default 2) sequences of at most
-EXT4BOX_DIFF_BLOCKMAP_STEPS (default 300) steps.
+EXT4BOX_DIFF_BLOCKMAP_STEPS (default 300) steps. Long run of 4 Dec 2026
+(`=30 =600`): 30 sequences, 10,746 steps, 0 mismatches, all images
+e2fsck-clean; files at the end by indirection levels 0/1/2: 46/7/55 on
+both images.
 """
 
 from __future__ import annotations
