@@ -40,7 +40,9 @@ earlier ones). Long runs of 4 Dec 2026 (`EXT4BOX_DIFF_EXAMPLES=80
 EXT4BOX_DIFF_STEPS=600`, `=60 =1000`, eight runs of `=10 =600`): 220
 sequences (at most 655 steps each: hypothesis's data limit), 66,448 steps,
 0 mismatches, all 440 images e2fsck-clean, all trees equal; files at the
-end by tree depth 0/1/2: kernel 177/381/296, ext4box 155/348/351.
+end by tree depth 0/1/2: kernel 177/381/296, ext4box 155/348/351. On
+EXT4BOX_TEST_BACKEND=pyfuse3 (`=20 =600`): 21 sequences, 5,894 steps,
+0 mismatches.
 """
 
 from __future__ import annotations
