@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
 from ext4box.fuse import negotiate
 from ext4box.fuse import protocol as p
 from ext4box.fuse.operations import Operations
@@ -80,7 +80,7 @@ def _serve(image: Path, requests: list[bytes]) -> dict[int, tuple[int, bytes]]:
     kernel.shutdown(socket.SHUT_WR)
     dev = BlockDevice.open(str(image), writable=False)
     try:
-        fs = Filesystem.open(dev, readonly=True)
+        fs = open_filesystem(dev, readonly=True)
         Session(Operations(fs, IOMapEngine(fs, fs.dev)), server.fileno()).run()
     finally:
         dev.close()

@@ -45,9 +45,13 @@ def fuse_backend() -> str:
     return backend
 
 
-def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro") -> list[str]:
-    """`ext4box serve -f`: in the foreground, so that its exit status is ours to check."""
-    options = f"{options},backend={fuse_backend()}"
+def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro", *,
+                 backend: str | None = None) -> list[str]:
+    """`ext4box serve -f`: in the foreground, so that its exit status is ours to check.
+
+    `backend`: the FUSE transport (default: `fuse_backend()`).
+    """
+    options = f"{options},backend={backend or fuse_backend()}"
     return [*ext4box_executable(), "serve", "-f", str(image), str(mountpoint), "-o", options]
 
 

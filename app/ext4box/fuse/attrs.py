@@ -10,8 +10,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from ext4box.ext4.errors import Corrupt, inode_where
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.format.errors import Corrupt, inode_where
+from ext4box.ext4.format.inode import Inode
 from ext4box.fuse.protocol import ROOT_ID
 
 EXT4_ROOT_INO = 2

@@ -30,17 +30,17 @@ import errno
 import stat
 from typing import TYPE_CHECKING, NoReturn
 
-from ext4box.ext4.errors import Corrupt, inode_where
-from ext4box.ext4.inode import FL_EA_INODE
+from ext4box.ext4.format.errors import Corrupt, inode_where
+from ext4box.ext4.format.inode import FL_EA_INODE
 from ext4box.fuse.attrs import EXT4_ROOT_INO, Attributes, ext4_ino
 from ext4box.fuse.errors import FuseError, fuse_errors
 from ext4box.fuse.protocol import ROOT_ID
 from ext4box.log import get_logger
 
 if TYPE_CHECKING:
-    from ext4box.ext4.filesystem import Filesystem
-    from ext4box.ext4.inode import Inode
-    from ext4box.ext4.superblock import Superblock
+    from ext4box.ext4.format.inode import Inode
+    from ext4box.ext4.format.superblock import Superblock
+    from ext4box.ext4.read.filesystem import Filesystem
 
 log = get_logger("ext4box.fuse")
 

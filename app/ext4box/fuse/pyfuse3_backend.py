@@ -26,7 +26,7 @@ from typing import ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ext4box.ext4.caller import Caller, acting_as
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
@@ -178,7 +178,11 @@ class Pyfuse3Operations(pyfuse3.Operations):
             assert attr is not None
             return bool(pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie))
 
-        self.ops.readdir(self.ops.dir_of_handle(fh), start_id, emit, plus=True)
+        try:
+            self.ops.readdir(self.ops.dir_of_handle(fh), start_id, emit, plus=True)
+        finally:
+            # libfuse's OPENDIR reply never lets the kernel cache a listing.
+            self.ops.listings_to_drop.clear()
 
     async def releasedir(self, fh: int) -> None:
         self.ops.releasedir(fh)
