@@ -10,16 +10,16 @@ of extents, block maps or inodes' on-disk layout.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import structlog
 
-from ext4box.blockdev import BlockDevice, DeviceRangeError
+from ext4box.blockdev import BlockDevice
 from ext4box.ext4.format.blockrun import BlockRun
 from ext4box.ext4.format.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
+from ext4box.iomap.device_io import IOV_MAX, check_run, read_at, readv_at, writev_at
 from ext4box.iomap.direct_io import ALIGN, DirectIO
 from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
@@ -36,9 +36,6 @@ MAP_AHEAD_BYTES = 16 * 1024 * 1024
 # fills their blocks whole, zeros where the request does not reach.
 _FILLED_KINDS = frozenset({IOMapKind.NEW, IOMapKind.UNWRITTEN})
 _WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
-
-# os.preadv accepts at most IOV_MAX buffers per call.
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +208,7 @@ class IOMapEngine:
                 continue
             assert mapping.addr is not None
             buf_off = mapping.offset - pos
-            if slices and mapping.addr == seg_end and len(slices) < _IOV_MAX:
+            if slices and mapping.addr == seg_end and len(slices) < IOV_MAX:
                 last_off, last_len = slices[-1]
                 if last_off + last_len == buf_off:
                     slices[-1] = (last_off, last_len + mapping.length)
@@ -240,14 +237,17 @@ class IOMapEngine:
         ):
             # The common case — one contiguous extent covers the whole request:
             # pread straight into the result, no intermediate buffer.
-            return self._device_read(plan.ino, segments[0].addr, plan.length)
+            return read_at(self.dev, plan.ino, segments[0].addr, plan.length)
         # A fresh bytearray is already zero, which is what holes and unwritten
         # ranges must read as.
         buffer = bytearray(plan.length)
         view = memoryview(buffer)
         for segment in segments:
-            self._device_readv(
-                plan.ino, segment.addr, [view[off : off + length] for off, length in segment.slices]
+            readv_at(
+                self.dev,
+                plan.ino,
+                segment.addr,
+                [view[off : off + length] for off, length in segment.slices],
             )
         return bytes(buffer)
 
@@ -277,8 +277,11 @@ class IOMapEngine:
         for segment in plan.segments:
             if len(segment.slices) == 1 and self._direct_read(plan, segment, buffer):
                 continue
-            self._device_readv(
-                plan.ino, segment.addr, [buffer[off : off + size] for off, size in segment.slices]
+            readv_at(
+                self.dev,
+                plan.ino,
+                segment.addr,
+                [buffer[off : off + size] for off, size in segment.slices],
             )
         return buffer[:length]
 
@@ -297,35 +300,12 @@ class IOMapEngine:
             return False
         if off + rounded > len(buffer):
             return False
-        try:
-            self.dev.check_range(segment.addr, size)
-        except DeviceRangeError as err:
-            raise Corrupt("data run", inode_where(plan.ino), str(err)) from None
+        check_run(self.dev, plan.ino, segment.addr, size)
         return direct.read_into(segment.addr, buffer[off : off + rounded])
 
     def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
         """Read up to `size` bytes at `pos` (short only at EOF)."""
         return self.execute(self.plan_read(inode, pos, size))
-
-    def _device_read(self, ino: int, addr: int, length: int) -> bytes:
-        try:
-            return self.dev.pread(addr, length)
-        except DeviceRangeError as err:
-            raise Corrupt("data run", inode_where(ino), str(err)) from None
-
-    def _device_readv(self, ino: int, addr: int, views: list[memoryview]) -> None:
-        total = sum(len(v) for v in views)
-        try:
-            self.dev.check_range(addr, total)
-        except DeviceRangeError as err:
-            raise Corrupt("data run", inode_where(ino), str(err)) from None
-        while views:
-            done = self.dev.preadv(views, addr)  # an overlay device serves replayed blocks
-            if done <= 0:
-                raise Corrupt("data run", inode_where(ino), f"device ends inside {addr}+{total}")
-            # A short vectored read: keep only the buffers still unfilled.
-            views = _drop_prefix(views, done)
-            addr += done
 
     # -- writing ---------------------------------------------------------------
 
@@ -508,8 +488,9 @@ class IOMapEngine:
         stop = min(new_end, (size // block_size + 1) * block_size)
         for mapping in self.begin(inode, size, stop - size):
             if mapping.kind is IOMapKind.MAPPED and mapping.addr is not None:
-                self._device_writev(
-                    ino=inode.ino, addr=mapping.addr, views=[memoryview(bytes(mapping.length))]
+                writev_at(
+                    self.dev, self.direct, inode.ino, mapping.addr,
+                    [memoryview(bytes(mapping.length))],
                 )
 
     def _write_maps(self, ino: int, pos: int, data: memoryview, maps: list[IOMap]) -> None:
@@ -542,10 +523,10 @@ class IOMapEngine:
                 if tail:
                     parts.append(memoryview(bytes(tail)))
             length = sum(len(p) for p in parts)
-            if views and addr == seg_end and len(views) + len(parts) <= _IOV_MAX:
+            if views and addr == seg_end and len(views) + len(parts) <= IOV_MAX:
                 views.extend(parts)
             else:
-                if views and not self._device_writev(ino, seg_addr, views):
+                if views and not writev_at(self.dev, self.direct, ino, seg_addr, views):
                     self._start_writeback(fresh)
                 seg_addr = addr
                 views = parts
@@ -553,7 +534,7 @@ class IOMapEngine:
             if mapping.kind in _FILLED_KINDS:
                 fresh.append((addr, length))
             seg_end = addr + length
-        if views and not self._device_writev(ino, seg_addr, views):
+        if views and not writev_at(self.dev, self.direct, ino, seg_addr, views):
             self._start_writeback(fresh)
 
     def _start_writeback(self, ranges: list[tuple[int, int]]) -> None:
@@ -561,25 +542,6 @@ class IOMapEngine:
             for addr, length in ranges:
                 self.writeback.wrote(addr, length)
 
-    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> bool:
-        """Write `views` at `addr`; True when they went O_DIRECT (no writeback hint due)."""
-        dev = self.dev
-        if not dev.writable:
-            raise ReadOnly("the device is opened read-only")
-        total = sum(len(v) for v in views)
-        try:
-            dev.check_range(addr, total)
-        except DeviceRangeError as err:
-            raise Corrupt("data run", inode_where(ino), str(err)) from None
-        if self.direct is not None and self.direct.write(addr, views):
-            return True
-        while views:
-            done = os.pwritev(dev.fd, views, addr)
-            if done <= 0:
-                raise OSError(f"short write at device byte {addr}")
-            views = _drop_prefix(views, done)
-            addr += done
-        return False
 
 
 def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
@@ -590,18 +552,6 @@ def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
 
 def _empty_and_blockless(inode: MappedInode) -> bool:
     return inode.size == 0 and getattr(inode, "blocks_512", None) == 0
-
-
-def _drop_prefix(views: list[memoryview], count: int) -> list[memoryview]:
-    """The buffers left after the first `count` bytes of `views` were filled."""
-    result: list[memoryview] = []
-    for view in views:
-        if count >= len(view):
-            count -= len(view)
-            continue
-        result.append(view[count:])
-        count = 0
-    return result
 
 
 def _inside_any(run: BlockRun, gaps: list[tuple[int, int]]) -> bool:
