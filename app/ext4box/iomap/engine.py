@@ -10,8 +10,6 @@ of extents, block maps or inodes' on-disk layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import structlog
 
 from ext4box.blockdev import BlockDevice
@@ -19,8 +17,9 @@ from ext4box.ext4.format.blockrun import BlockRun
 from ext4box.ext4.format.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
-from ext4box.iomap.device_io import IOV_MAX, check_run, read_at, readv_at, writev_at
-from ext4box.iomap.direct_io import ALIGN, DirectIO
+from ext4box.iomap.device_io import IOV_MAX, writev_at
+from ext4box.iomap.direct_io import DirectIO
+from ext4box.iomap.read_plan import ReadPlan, execute_plan, execute_plan_into, plan_segments
 from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
@@ -36,33 +35,6 @@ MAP_AHEAD_BYTES = 16 * 1024 * 1024
 # fills their blocks whole, zeros where the request does not reach.
 _FILLED_KINDS = frozenset({IOMapKind.NEW, IOMapKind.UNWRITTEN})
 _WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceSegment:
-    """One vectored read: device bytes from `addr` spread over buffer slices."""
-
-    addr: int
-    slices: tuple[tuple[int, int], ...]  # (offset in the result buffer, length)
-
-    @property
-    def length(self) -> int:
-        return sum(length for _, length in self.slices)
-
-
-@dataclass(frozen=True, slots=True)
-class ReadPlan:
-    """Everything needed to produce a read's bytes without touching metadata again.
-
-    Ranges not covered by a segment or by `inline` are zeros (holes,
-    unwritten extents). Executing a plan only does device I/O, so it may run
-    in a worker thread.
-    """
-
-    ino: int
-    length: int
-    segments: tuple[DeviceSegment, ...] = ()
-    inline: bytes | None = None
 
 
 class IOMapEngine:
@@ -199,109 +171,20 @@ class IOMapEngine:
             body = self.source.inline_data(inode)
             # A body shorter than i_size reads as zeros past its end, like a hole.
             return ReadPlan(inode.ino, length, inline=bytes(body[pos : pos + length]))
-        segments: list[DeviceSegment] = []
-        seg_addr = -1
-        seg_end = -1
-        slices: list[tuple[int, int]] = []
-        for mapping in maps:
-            if mapping.kind is not IOMapKind.MAPPED:
-                continue
-            assert mapping.addr is not None
-            buf_off = mapping.offset - pos
-            if slices and mapping.addr == seg_end and len(slices) < IOV_MAX:
-                last_off, last_len = slices[-1]
-                if last_off + last_len == buf_off:
-                    slices[-1] = (last_off, last_len + mapping.length)
-                else:
-                    slices.append((buf_off, mapping.length))
-            else:
-                if slices:
-                    segments.append(DeviceSegment(seg_addr, tuple(slices)))
-                seg_addr = mapping.addr
-                slices = [(buf_off, mapping.length)]
-            seg_end = mapping.addr + mapping.length
-        if slices:
-            segments.append(DeviceSegment(seg_addr, tuple(slices)))
-        return ReadPlan(inode.ino, length, tuple(segments))
+        return ReadPlan(inode.ino, length, plan_segments(pos, maps))
 
     def execute(self, plan: ReadPlan) -> bytes:
         """Produce the bytes of a plan: device reads only, no metadata access."""
-        if plan.inline is not None:
-            body = plan.inline
-            return body if len(body) == plan.length else body.ljust(plan.length, b"\0")
-        segments = plan.segments
-        if (
-            len(segments) == 1
-            and len(segments[0].slices) == 1
-            and segments[0].slices[0] == (0, plan.length)
-        ):
-            # The common case — one contiguous extent covers the whole request:
-            # pread straight into the result, no intermediate buffer.
-            return read_at(self.dev, plan.ino, segments[0].addr, plan.length)
-        # A fresh bytearray is already zero, which is what holes and unwritten
-        # ranges must read as.
-        buffer = bytearray(plan.length)
-        view = memoryview(buffer)
-        for segment in segments:
-            readv_at(
-                self.dev,
-                plan.ino,
-                segment.addr,
-                [view[off : off + length] for off, length in segment.slices],
-            )
-        return bytes(buffer)
+        return execute_plan(self.dev, plan)
 
     def execute_into(self, plan: ReadPlan, buffer: memoryview) -> memoryview:
         """Produce a plan's bytes in `buffer` (page-aligned, reused); the filled view.
 
         For a one-thread transport that owns `buffer` and sends the view before
-        it reads the next request. Holes and unwritten ranges are zeroed here:
-        the buffer holds an earlier reply. Each device run that fills one
-        aligned piece of the buffer is read with O_DIRECT when `direct` takes
-        it (the rest is read buffered).
+        it reads the next request; aligned runs go O_DIRECT when `direct` takes
+        them (read_plan.execute_plan_into).
         """
-        length = plan.length
-        if plan.inline is not None:
-            body = plan.inline[:length]
-            buffer[: len(body)] = body
-            buffer[len(body) : length] = bytes(length - len(body))
-            return buffer[:length]
-        cursor = 0
-        for segment in plan.segments:
-            for off, size in segment.slices:
-                if off > cursor:
-                    buffer[cursor:off] = bytes(off - cursor)
-                cursor = off + size
-        if length > cursor:
-            buffer[cursor:length] = bytes(length - cursor)
-        for segment in plan.segments:
-            if len(segment.slices) == 1 and self._direct_read(plan, segment, buffer):
-                continue
-            readv_at(
-                self.dev,
-                plan.ino,
-                segment.addr,
-                [buffer[off : off + size] for off, size in segment.slices],
-            )
-        return buffer[:length]
-
-    def _direct_read(self, plan: ReadPlan, segment: DeviceSegment, buffer: memoryview) -> bool:
-        """Read a one-slice segment with O_DIRECT if `direct` takes it (see execute_into).
-
-        Whole ALIGN units only: a slice ending inside one is rounded up only
-        when it ends the reply, so the extra bytes land past what is sent.
-        """
-        direct = self.direct
-        if direct is None:
-            return False
-        ((off, size),) = segment.slices
-        rounded = -(-size // ALIGN) * ALIGN
-        if off % ALIGN or (rounded != size and off + size != plan.length):
-            return False
-        if off + rounded > len(buffer):
-            return False
-        check_run(self.dev, plan.ino, segment.addr, size)
-        return direct.read_into(segment.addr, buffer[off : off + rounded])
+        return execute_plan_into(self.dev, self.direct, plan, buffer)
 
     def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
         """Read up to `size` bytes at `pos` (short only at EOF)."""
