@@ -17,11 +17,12 @@ from ext4box.ext4.format.blockrun import BlockRun
 from ext4box.ext4.format.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
-from ext4box.iomap.device_io import IOV_MAX, writev_at
+from ext4box.iomap.device_io import writev_at
 from ext4box.iomap.direct_io import DirectIO
 from ext4box.iomap.read_plan import ReadPlan, execute_plan, execute_plan_into, plan_segments
 from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
+from ext4box.iomap.write_data import write_mapped_data
 from ext4box.iomap.writeback import EarlyWriteback
 
 log = structlog.get_logger("ext4box.iomap")
@@ -29,12 +30,6 @@ log = structlog.get_logger("ext4box.iomap")
 # Beyond a cache miss, map this many bytes ahead so a sequential reader walks
 # the mapping tree once per window rather than once per request.
 MAP_AHEAD_BYTES = 16 * 1024 * 1024
-
-# Write mappings: MAPPED is overwritten in place; NEW (just allocated) and
-# UNWRITTEN (converted by this write) hold no file data yet, so the writer
-# fills their blocks whole, zeros where the request does not reach.
-_FILLED_KINDS = frozenset({IOMapKind.NEW, IOMapKind.UNWRITTEN})
-_WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
 
 
 class IOMapEngine:
@@ -307,7 +302,10 @@ class IOMapEngine:
         self.zero_tail(inode, pos)
         maps = self.begin(inode, pos, length, write=True)
         try:
-            self._write_maps(ino, pos, memoryview(data), maps)
+            write_mapped_data(
+                self.dev, ino, pos, memoryview(data), maps,
+                block_size=self.block_size, direct=self.direct, writeback=self.writeback,
+            )
         except BaseException:
             # The new blocks may hold an earlier owner's data: they must not stay
             # mapped (the device refused the write, e.g. the host disk is full).
@@ -375,56 +373,6 @@ class IOMapEngine:
                     self.dev, self.direct, inode.ino, mapping.addr,
                     [memoryview(bytes(mapping.length))],
                 )
-
-    def _write_maps(self, ino: int, pos: int, data: memoryview, maps: list[IOMap]) -> None:
-        """Coalesce device-adjacent ranges into vectored writes and issue them."""
-        block_size = self.block_size
-        seg_addr = -1
-        seg_end = -1
-        views: list[memoryview] = []
-        # Newly allocated ranges of the pending segment: their writeback starts
-        # early once written (iomap/writeback.py). Overwrites are left to the
-        # commit, so rewriting the same blocks again and again is not written
-        # back again and again.
-        fresh: list[tuple[int, int]] = []
-        for mapping in maps:
-            if mapping.kind not in _WRITABLE_KINDS or mapping.addr is None:
-                raise Corrupt(
-                    "write mapping", inode_where(ino), f"unallocated {mapping.kind.value}"
-                )
-            parts: list[memoryview] = []
-            addr = mapping.addr
-            if mapping.kind in _FILLED_KINDS:
-                head = mapping.offset % block_size
-                if head:
-                    parts.append(memoryview(bytes(head)))
-                    addr -= head
-            body = data[mapping.offset - pos : mapping.end - pos]
-            parts.append(body)
-            if mapping.kind in _FILLED_KINDS:
-                tail = -mapping.end % block_size
-                if tail:
-                    parts.append(memoryview(bytes(tail)))
-            length = sum(len(p) for p in parts)
-            if views and addr == seg_end and len(views) + len(parts) <= IOV_MAX:
-                views.extend(parts)
-            else:
-                if views and not writev_at(self.dev, self.direct, ino, seg_addr, views):
-                    self._start_writeback(fresh)
-                seg_addr = addr
-                views = parts
-                fresh = []
-            if mapping.kind in _FILLED_KINDS:
-                fresh.append((addr, length))
-            seg_end = addr + length
-        if views and not writev_at(self.dev, self.direct, ino, seg_addr, views):
-            self._start_writeback(fresh)
-
-    def _start_writeback(self, ranges: list[tuple[int, int]]) -> None:
-        if self.writeback is not None:
-            for addr, length in ranges:
-                self.writeback.wrote(addr, length)
-
 
 
 def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
