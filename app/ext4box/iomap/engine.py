@@ -1,11 +1,17 @@
-"""The iomap engine: map a file range, then do the I/O for it.
+"""How does a file range become device I/O? The iomap engine, the one entry point.
 
 The filesystem below only answers "which blocks hold this range" through
-`map_blocks` (the block-run contract of ext4/blockrun.py) and "what is the
-inline body" (the Protocols in source.py); everything else — byte-granular
-mappings, caching the runs, clipping at EOF, zero-filling holes, coalescing
-device-adjacent ranges into one vectored read — lives here and knows nothing
-of extents, block maps or inodes' on-disk layout.
+`map_blocks` (the block-run contract of ext4/format/blockrun.py), "what is
+the inline body" and, writable, "allocate these blocks" (the Protocols in
+source.py). The engine turns that into byte-granular mappings (`begin`, for
+reads and writes) and drives each request: a read is clipped at EOF and
+planned, a write allocates, writes its data, then `write_end` (or
+`write_abort`). The steps live beside it: run_lookup.py (runs from the
+mapping cache or the source), read_plan.py (which device reads produce a
+read's bytes), write_data.py (how a write's bytes reach the device),
+device_io.py (checked transfers). fallocate, SEEK_DATA/SEEK_HOLE and
+copy_file_range enter here too. None of it knows extents, block maps or
+inodes' on-disk layout.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ext4box.iomap.cache import MappingCache
 from ext4box.iomap.device_io import writev_at
 from ext4box.iomap.direct_io import DirectIO
 from ext4box.iomap.read_plan import ReadPlan, execute_plan, execute_plan_into, plan_segments
+from ext4box.iomap.run_lookup import lookup_runs
 from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.write_data import write_mapped_data
@@ -33,7 +40,7 @@ MAP_AHEAD_BYTES = 16 * 1024 * 1024
 
 
 class IOMapEngine:
-    """Mapping (`begin`) and read execution for one filesystem on one device."""
+    """Mapping, reads and writes of one filesystem's files on one device."""
 
     def __init__(
         self,
@@ -108,49 +115,11 @@ class IOMapEngine:
         self.cache.invalidate(ino)
 
     def _runs(self, inode: MappedInode, first: int, end: int) -> list[BlockRun]:
-        """Runs tiling [first, end), from the cache where possible."""
-        cache = self.cache
-        with cache.lock:
-            entry = cache.runs_for(inode.ino)
-            found, gaps = entry.covering(first, end)
-        if not gaps:
-            return found
-        # Fill the gaps, mapping ahead of the last one (bounded by EOF) so
-        # the next sequential request hits the cache.
-        eof_block = -(-inode.size // self.block_size)
-        fetched: list[BlockRun] = []
-        for index, (gap_start, gap_end) in enumerate(gaps):
-            if index == len(gaps) - 1:
-                ahead = max(gap_end, min(gap_start + self.map_ahead_blocks, eof_block))
-                gap_end = self._next_cached_start(inode.ino, gap_end, ahead)
-            runs = self.source.map_blocks(inode, gap_start, gap_end - gap_start)
-            _check_tiling(inode.ino, runs, gap_start, gap_end)
-            fetched.extend(runs)
-        with cache.lock:
-            entry = cache.runs_for(inode.ino)
-            # Another request may have filled part of the range meanwhile;
-            # insert only what is still missing.
-            _, still_missing = entry.covering(first, fetched[-1].end)
-            entry.insert([r for r in fetched if _inside_any(r, still_missing)])
-            found, gaps = entry.covering(first, end)
-            cache.trim(inode.ino, entry)
-        if gaps:
-            # The per-inode bound dropped the runs (or a concurrent request
-            # raced us): answer this request from a direct walk.
-            runs = self.source.map_blocks(inode, first, end - first)
-            _check_tiling(inode.ino, runs, first, end)
-            return runs
-        return found
-
-    def _next_cached_start(self, ino: int, gap_end: int, ahead: int) -> int:
-        """Extend a gap up to `ahead` but stop at the next run already cached."""
-        if ahead <= gap_end:
-            return gap_end
-        with self.cache.lock:
-            _, gaps = self.cache.runs_for(ino).covering(gap_end, ahead)
-        if gaps and gaps[0][0] == gap_end:
-            return gaps[0][1]
-        return gap_end
+        """Runs tiling blocks [first, end), from the cache where possible (run_lookup.py)."""
+        return lookup_runs(
+            self.source, self.cache, inode, first, end,
+            block_size=self.block_size, map_ahead_blocks=self.map_ahead_blocks,
+        )
 
     # -- reading ---------------------------------------------------------------
 
@@ -383,22 +352,3 @@ def _write_kind(*, new: bool, converted: bool) -> IOMapKind:
 
 def _empty_and_blockless(inode: MappedInode) -> bool:
     return inode.size == 0 and getattr(inode, "blocks_512", None) == 0
-
-
-def _inside_any(run: BlockRun, gaps: list[tuple[int, int]]) -> bool:
-    return any(start <= run.lblk and run.end <= end for start, end in gaps)
-
-
-def _check_tiling(ino: int, runs: list[BlockRun], start: int, end: int) -> None:
-    """Refuse a mapping that does not exactly tile [start, end): reading it would be garbage."""
-    cursor = start
-    for run in runs:
-        if run.lblk != cursor or run.length <= 0:
-            raise Corrupt(
-                "block mapping",
-                inode_where(ino),
-                f"runs do not tile blocks {start}..{end} at {cursor}",
-            )
-        cursor = run.end
-    if cursor != end:
-        raise Corrupt("block mapping", inode_where(ino), f"runs end at {cursor}, expected {end}")
