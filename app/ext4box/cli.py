@@ -38,11 +38,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_pyfuse3,
         split_options,
         take_backend,
+        take_transport,
     )
     from ext4box.fuse.operations import Operations
 
     try:
         backend, user_options = take_backend(split_options(args.options))
+        transport, user_options = take_transport(user_options)
+        if backend == "pyfuse3" and transport != "auto":
+            raise MountSetupError("transport= is for backend=native (pyfuse3 reads /dev/fuse)")
         quota_types, user_options = take_quota_options(user_options)
         options = fuse_options(
             os.path.abspath(args.image),
@@ -51,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             debug=args.debug and backend == "pyfuse3",
         )
         check_mountpoint(args.mountpoint)
-        config = MountConfig(args.mountpoint, options, backend)
+        config = MountConfig(args.mountpoint, options, backend, transport)
         # Type=notify waits for READY=1 from the process systemd started.
         foreground = args.foreground or daemon.under_systemd_notify()
         # Background: from here on the parent only waits for the child's verdict.
@@ -275,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: ro, rw, noexec, allow_other, noatime, nodiratime (default: ro;"
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
-        " the FUSE transport",
+        " the FUSE transport; transport=auto (default: FUSE over io_uring when the"
+        " kernel's enable_uring is on), uring or dev picks the native backend's loop",
     )
     serve.add_argument(
         "-f", "--foreground", action="store_true",

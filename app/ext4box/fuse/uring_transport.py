@@ -1,0 +1,355 @@
+"""FUSE over io_uring: requests arrive as ring completions, answers go back as commits.
+
+`choose` decides at INIT whether this session uses it (`transport=auto|uring|dev`):
+auto takes io_uring when the kernel offers FUSE_OVER_IO_URING (enable_uring
+is Y) and a ring with its buffers can be set up here, else the plain
+/dev/fuse loop; the reason is logged either way. `UringTransport.serve`
+then runs the loop, on the same dispatch table as the plain loop:
+
+    register    one entry per possible CPU (the kernel's queues, see
+                uring_protocol), each a 288-byte header and a payload buffer
+                of max_write, plus a poll of /dev/fuse (FORGET and INTERRUPT
+                still come that way); the ring is ready once all are in
+    loop        wait (until the commit is due while changes are pending);
+                for each completed entry: rebuild the request body from
+                op_in + payload, call the handler, write the reply into the
+                entry and queue COMMIT_AND_FETCH (answer + wait for the next
+                request in one SQE); submitting and waiting is one syscall
+    end         -ENOTCONN completions or ENODEV on /dev/fuse (unmount,
+                abort), or a signal; a refused REGISTER means the kernel has
+                turned io_uring off for this connection: back to the plain loop
+
+One thread, as the plain loop: requests are answered one at a time, and
+notifications are still written to /dev/fuse between requests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ext4box.ext4.caller import Caller, acting_as
+from ext4box.fuse import negotiate, uring_ring
+from ext4box.fuse import protocol as p
+from ext4box.fuse import uring_protocol as up
+from ext4box.fuse.dispatch import Dispatcher, Handler, Payload
+from ext4box.fuse.errors import FuseError
+from ext4box.log import get_logger
+
+if TYPE_CHECKING:
+    from ext4box.fuse.session import Session
+
+log = get_logger("ext4box.fuse")
+
+# Entries per queue. One server thread answers one request at a time; a
+# second entry lets a queue hand over its next request while we answer.
+QUEUE_DEPTH = 1
+_HEADER = p.IN_HEADER.size
+_POLL = 1 << 63  # user_data of the /dev/fuse poll
+_U32 = struct.Struct("<I")
+_IOVECS = struct.Struct("<QQQQ")
+# At most this many /dev/fuse reads (FORGETs, mostly) per poll wake-up.
+_DEVICE_BATCH = 64
+
+
+class UringRefused(Exception):
+    """transport=uring was asked for and cannot be had; the reason is the message."""
+
+
+def why_unavailable() -> str | None:
+    """Why this process cannot serve FUSE over io_uring now, or None if it can try."""
+    unsupported = uring_ring.supported()
+    if unsupported is not None:
+        return unsupported
+    try:
+        with open(up.ENABLE_PARAMETER) as f:
+            if f.read().strip() != "Y":
+                return f"{up.ENABLE_PARAMETER} is not Y"
+    except OSError as err:
+        return f"cannot read {up.ENABLE_PARAMETER}: {err.strerror}"
+    try:
+        _queue_count()
+    except (OSError, ValueError) as err:
+        return f"cannot count the kernel's queues ({up.POSSIBLE_CPUS}): {err}"
+    try:
+        uring_ring.Ring(2).close()
+    except OSError as err:
+        return f"io_uring_setup: {err.strerror}"
+    return None
+
+
+def _queue_count() -> int:
+    with open(up.POSSIBLE_CPUS) as f:
+        return up.possible_cpus(f.read())
+
+
+def offered(init_body: bytes) -> bool:
+    """Whether the kernel's fuse_init_in offers FUSE_OVER_IO_URING."""
+    padded = bytes(init_body[: p.INIT_IN.size]).ljust(p.INIT_IN.size, b"\0")
+    flags, flags2 = p.INIT_IN.unpack_from(padded)[3:5]
+    return bool(flags & p.InitFlag.INIT_EXT and (flags2 << 32) & up.OVER_IO_URING)
+
+
+def choose(transport: str, init_body: bytes, fuse_fd: int) -> tuple[UringTransport | None, str]:
+    """At INIT: the io_uring transport to use (None: the plain loop), and why.
+
+    transport=uring raises UringRefused where auto falls back.
+    """
+    if transport == "dev":
+        return None, "transport=dev"
+    why: str | None
+    if not offered(init_body):
+        why = "the kernel does not offer FUSE_OVER_IO_URING (enable_uring is N)"
+    elif (unsupported := uring_ring.supported()) is not None:
+        why = unsupported
+    else:
+        try:
+            ring = UringTransport(fuse_fd, _queue_count(), QUEUE_DEPTH,
+                                  up.payload_size(negotiate.MAX_WRITE, negotiate.MAX_PAGES,
+                                                  negotiate.PAGE_SIZE))  # fmt: skip
+            return ring, f"transport={transport} and the kernel offers FUSE_OVER_IO_URING"
+        except (OSError, ValueError) as err:
+            why = f"cannot set up the ring: {err}"
+    if transport == "uring":
+        raise UringRefused(f"transport=uring: {why}")
+    return None, f"transport=auto: {why}"
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One registered ring entry: its queue, its header slot and its payload buffer."""
+
+    index: int
+    qid: int
+    header: int  # offset of its fuse_uring_req_header in the shared header buffer
+    payload: mmap.mmap
+    payload_view: memoryview
+    iovecs: ctypes.Array[ctypes.c_char]  # header and payload iovecs, read by REGISTER
+
+
+class UringTransport:
+    """The ring, its entries' buffers, and the loop that serves them (module doc)."""
+
+    def __init__(self, fuse_fd: int, queues: int, depth: int, payload_size: int) -> None:
+        self.fd = fuse_fd
+        self.queues = queues
+        self.depth = depth
+        self.payload_size = payload_size
+        count = queues * depth
+        self.ring = uring_ring.Ring(count + 2)
+        try:
+            self.headers = mmap.mmap(-1, max(count * up.REQ_HEADER_SIZE, mmap.PAGESIZE))
+            self.header_view = memoryview(self.headers)
+            headers_at = ctypes.addressof(ctypes.c_char.from_buffer(self.headers))
+            self.entries: list[_Entry] = []
+            for index in range(count):
+                payload = mmap.mmap(-1, payload_size)
+                address = ctypes.addressof(ctypes.c_char.from_buffer(payload))
+                iovecs = ctypes.create_string_buffer(_IOVECS.size)
+                header = index * up.REQ_HEADER_SIZE
+                _IOVECS.pack_into(iovecs, 0, headers_at + header, up.REQ_HEADER_SIZE,
+                                  address, payload_size)  # fmt: skip
+                self.entries.append(_Entry(index, index % queues, header, payload,
+                                           memoryview(payload), iovecs))  # fmt: skip
+        except BaseException:
+            self.ring.close()
+            raise
+
+    def describe(self) -> str:
+        return (f"{self.queues} queue(s) x {self.depth} entr{'y' if self.depth == 1 else 'ies'},"
+                f" {self.payload_size // 1024} KiB payload each")
+
+    # -- the whole loop -----------------------------------------------------------
+
+    def serve(self, session: Session, dispatcher: Dispatcher, commit_interval: float) -> bool:
+        """Serve until unmounted or signalled (True), or False when the kernel
+        refused the ring and requests go to /dev/fuse again (the plain loop's job)."""
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        # A poll wake-up can be stale (an interrupt withdrawn): never block on a read.
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        try:
+            return self._loop(session, dispatcher, commit_interval)
+        finally:
+            self.close()
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+
+    def _loop(self, session: Session, dispatcher: Dispatcher, commit_interval: float) -> bool:
+        table = dispatcher.table()
+        ring, fd = self.ring, self.fd
+        for entry in self.entries:
+            ring.queue_uring_cmd(fd, up.CMD_REGISTER, ctypes.addressof(entry.iovecs), 2,
+                                 entry.index, up.CMD_REQ.pack(0, 0, entry.qid))  # fmt: skip
+        ring.queue_poll(fd, select.POLLIN, _POLL)
+        live = len(self.entries)
+        ops = session.ops
+        stale = ops.changed_behind_kernel
+        while session.stopped_by is None:
+            timeout = None
+            if ops.dirty:
+                now = time.monotonic()
+                if session._commit_due is None:
+                    session._commit_due = now + commit_interval
+                timeout = session._commit_due - now
+                if timeout <= 0:
+                    session._commit()
+                    continue
+            session._waiting = True
+            try:
+                ring.enter(1, timeout)
+            except InterruptedError:
+                continue
+            finally:
+                session._waiting = False
+            for user_data, result, _flags in ring.completions():
+                if user_data == _POLL:
+                    if not self._read_device(session, table):
+                        return True
+                    ring.queue_poll(fd, select.POLLIN, _POLL)
+                    continue
+                entry = self.entries[user_data]
+                if result == 0:
+                    self._answer(session, entry, table)
+                    continue
+                if result in (-errno.ENOTCONN, -errno.ECONNABORTED):
+                    live -= 1  # unmounted or aborted: the kernel let this entry go
+                    if live == 0:
+                        return True
+                    continue
+                log.warning("io_uring entry refused", qid=entry.qid,
+                            errno=errno.errorcode.get(-result, result))  # fmt: skip
+                return False
+            if stale:
+                for ino in stale:
+                    session.notify_inval_inode(ino)
+                stale.clear()
+        return True
+
+    # -- requests from the ring ------------------------------------------------------
+
+    def _answer(self, session: Session, entry: _Entry, table: dict[int, tuple[int, Handler]]
+                ) -> None:  # fmt: skip
+        headers, base = self.header_view, entry.header
+        length, opcode, unique, nodeid, uid, gid, pid, extlen = p.IN_HEADER.unpack_from(
+            headers, base)
+        payload_size = _U32.unpack_from(headers, base + up.PAYLOAD_SZ_OFFSET)[0]
+        op_size = length - _HEADER - payload_size
+        if not 0 <= op_size <= up.OP_IN_OUT_SIZE or payload_size > self.payload_size:
+            log.error("malformed ring request", length=length, payload=payload_size,
+                      opcode=opcode)  # fmt: skip
+            self._commit(entry, unique, -errno.EIO, None)
+            return
+        route = table.get(opcode)
+        if route is None:
+            session._unknown_logged.add(opcode)
+            log.info("unsupported request", opcode=opcode, answer="ENOSYS")
+            self._commit(entry, unique, -errno.ENOSYS, None)
+            return
+        min_size, handler = route
+        if session.trace:
+            log.debug("request", opcode=p.Opcode(opcode).name, unique=unique, nodeid=nodeid,
+                      insize=length, uid=uid, pid=pid, via="uring")  # fmt: skip
+        start = base + up.OP_IN_OFFSET
+        if payload_size:
+            body = b"".join((headers[start : start + op_size],
+                             entry.payload_view[:payload_size]))  # fmt: skip
+        else:
+            body = bytes(headers[start : start + op_size])
+        if extlen:
+            body = body[: len(body) - extlen * 8]
+        if len(body) < min_size:
+            log.error("short request", opcode=opcode, body=len(body), needs=min_size)
+            self._commit(entry, unique, -errno.EINVAL, None)
+            return
+        error, payload = _call(handler, nodeid, (uid, gid, pid), body, opcode)
+        if not error and payload is None:
+            log.error("no answer for a ring request", opcode=opcode)
+            error = -errno.EIO
+        self._commit(entry, unique, error, payload)
+
+    def _commit(self, entry: _Entry, unique: int, error: int, payload: Payload) -> None:
+        size = 0
+        if not error and payload:
+            view = entry.payload_view
+            parts = payload if isinstance(payload, list) else (payload,)
+            size = sum(len(part) for part in parts)
+            if size > self.payload_size:
+                log.error("reply larger than the ring payload", size=size)
+                error, size = -errno.EIO, 0
+            else:
+                at = 0
+                for part in parts:
+                    view[at : at + len(part)] = part
+                    at += len(part)
+        headers, base = self.header_view, entry.header
+        p.OUT_HEADER.pack_into(headers, base, p.OUT_HEADER.size + size, error, unique)
+        _U32.pack_into(headers, base + up.PAYLOAD_SZ_OFFSET, size)
+        self.ring.queue_uring_cmd(self.fd, up.CMD_COMMIT_AND_FETCH,
+                                  ctypes.addressof(entry.iovecs), 2, entry.index,
+                                  up.CMD_REQ.pack(0, unique, entry.qid))  # fmt: skip
+
+    # -- requests still on /dev/fuse (FORGET, INTERRUPT) ------------------------------
+
+    def _read_device(self, session: Session, table: dict[int, tuple[int, Handler]]) -> bool:
+        """Answer what /dev/fuse holds; False once the connection is gone."""
+        buffer = session.buffer
+        for _ in range(_DEVICE_BATCH):
+            try:
+                count = os.readv(self.fd, [buffer])
+            except BlockingIOError:
+                return True
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    continue  # interrupted before we read it
+                if err.errno == errno.ENODEV:
+                    return False
+                raise
+            length, opcode, unique, nodeid, uid, gid, pid, extlen = p.IN_HEADER.unpack_from(
+                buffer)
+            route = table.get(opcode)
+            if length != count or route is None:
+                session._reply_error(unique, errno.EIO if route else errno.ENOSYS)
+                continue
+            min_size, handler = route
+            if session.trace:
+                log.debug("request", opcode=p.Opcode(opcode).name, unique=unique,
+                          nodeid=nodeid, insize=length, uid=uid, pid=pid, via="dev")  # fmt: skip
+            body = bytes(buffer[_HEADER : length - extlen * 8])
+            if len(body) < min_size:
+                session._reply_error(unique, errno.EINVAL)
+                continue
+            error, payload = _call(handler, nodeid, (uid, gid, pid), body, opcode)
+            if error:
+                session._reply_error(unique, -error)
+            elif payload is not None:
+                session._reply(unique, payload)
+        return True
+
+    def close(self) -> None:
+        """Close the ring (the kernel cancels the entries) and free the buffers."""
+        self.ring.close()
+        for entry in self.entries:
+            entry.payload_view.release()
+        self.header_view.release()
+        self.entries = []
+
+
+def _call(handler: Handler, nodeid: int, caller: tuple[int, int, int], body: bytes,
+          opcode: int) -> tuple[int, Payload]:  # fmt: skip
+    """The handler's answer as (negative errno or 0, payload)."""
+    try:
+        # The caller's ids decide what it may allocate: see Session._answer.
+        with acting_as(Caller(caller[0], caller[1])):
+            return 0, handler(nodeid, caller, body)
+    except FuseError as err:
+        return -err.errno, None
+    except Exception as err:  # a request must never take the server down
+        log.error("unexpected error", opcode=opcode, exc_info=err)
+        return -errno.EIO, None
