@@ -58,7 +58,7 @@ def fuse_transport() -> str | None:
 def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro") -> list[str]:
     """`ext4box serve -f`: in the foreground, so that its exit status is ours to check."""
     options = f"{options},backend={fuse_backend()}"
-    if fuse_transport() is not None and fuse_backend() == "native":
+    if fuse_transport() is not None and fuse_backend() == "native" and "transport=" not in options:
         options += f",transport={fuse_transport()}"
     return [*ext4box_executable(), "serve", "-f", str(image), str(mountpoint), "-o", options]
 

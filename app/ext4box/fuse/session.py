@@ -154,7 +154,8 @@ class Session:
                      transport_why=why + (f" ({self._uring.describe()})" if self._uring else ""),
                      kernel_protocol=f"{kernel_major}.{kernel_minor}",
                      protocol=f"{agreed.major}.{agreed.minor}",
-                     flags=",".join(p.flag_names(agreed.flags)),
+                     # FUSE_OVER_IO_URING is the transport field's business.
+                     flags=",".join(p.flag_names(agreed.flags & ~OVER_IO_URING)),
                      not_offered=",".join(negotiate.missing_wanted(agreed)),
                      max_write=agreed.max_write, block_size=self.ops.block_size)  # fmt: skip
             # Everything alive now lives as long as the session: out of the

@@ -4,7 +4,7 @@ Only what the FUSE transport needs, over syscall(2) through ctypes and the
 kernel's shared rings mapped with the mmap module (no liburing):
 
     Ring(entries)           io_uring_setup with SQE128 (the FUSE command area)
-    queue_uring_cmd(...)    fill the next SQE; nothing reaches the kernel yet
+    queue_fuse_cmd(...)     fill the next SQE; nothing reaches the kernel yet
     queue_poll(...)         a one-shot poll of another fd
     enter(wait, timeout)    submit what is queued, wait for `wait` completions
     completions()           the CQEs that arrived, consumed
@@ -60,6 +60,10 @@ PARAMS = struct.Struct("<10I" "7IIQ" "8IQ")
 # The first 48 bytes of an SQE: opcode, flags, ioprio, fd, cmd_op/off (low,
 # high), addr, len, op flags, user_data, buf_index, personality, splice_fd_in.
 SQE_HEAD = struct.Struct("<BBHiIIQIIQHHi")
+# Whole SQEs, written with one pack: a URING_CMD whose command area starts with
+# (u64, u64, u16) as FUSE's does (the rest zero), and a POLL_ADD.
+SQE_FUSE_CMD = struct.Struct(SQE_HEAD.format + "QQH6x56x")
+SQE_PLAIN = struct.Struct(SQE_HEAD.format + "80x")
 CQE = struct.Struct("<QiI")
 U32 = struct.Struct("<I")
 # struct io_uring_getevents_arg: sigmask, sigmask_sz, min_wait_usec, ts.
@@ -69,6 +73,10 @@ TIMESPEC = struct.Struct("<qq")
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# io_uring_enter is on the hot path: a prototype saves building ctypes values per call.
+_enter = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                          ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                          use_errno=True)(("syscall", _libc))  # fmt: skip
 
 
 def supported() -> str | None:
@@ -138,25 +146,16 @@ class Ring:
         U32.pack_into(rings, self._sq_tail, (tail + 1) & 0xFFFFFFFF)
         return offset
 
-    def queue_uring_cmd(self, fd: int, cmd_op: int, addr: int, length: int,
-                        user_data: int, command: bytes) -> None:  # fmt: skip
-        """IORING_OP_URING_CMD on `fd`; `command` fills the 80-byte command area."""
-        offset = self._sqe_offset_filled(OP_URING_CMD, fd, cmd_op, addr, length, 0, user_data)
-        end = offset + SQE_HEAD.size + len(command)
-        self._sqes[offset + SQE_HEAD.size : end] = command
+    def queue_fuse_cmd(self, fd: int, cmd_op: int, addr: int, length: int, user_data: int,
+                       flags: int, commit_id: int, qid: int) -> None:  # fmt: skip
+        """IORING_OP_URING_CMD on `fd` carrying FUSE's (flags, commit_id, qid) command."""
+        SQE_FUSE_CMD.pack_into(self._sqes, self._next_sqe(), OP_URING_CMD, 0, 0, fd, cmd_op, 0,
+                               addr, length, 0, user_data, 0, 0, 0, flags, commit_id, qid)
 
     def queue_poll(self, fd: int, events: int, user_data: int) -> None:
         """A one-shot IORING_OP_POLL_ADD: completes with the events `fd` shows."""
-        self._sqe_offset_filled(OP_POLL_ADD, fd, 0, 0, 0, events, user_data)
-
-    def _sqe_offset_filled(self, opcode: int, fd: int, cmd_op: int, addr: int, length: int,
-                           op_flags: int, user_data: int) -> int:  # fmt: skip
-        offset = self._next_sqe()
-        sqes = self._sqes
-        sqes[offset : offset + SQE_SIZE] = bytes(SQE_SIZE)
-        SQE_HEAD.pack_into(sqes, offset, opcode, 0, 0, fd, cmd_op, 0, addr, length, op_flags,
-                           user_data, 0, 0, 0)  # fmt: skip
-        return offset
+        SQE_PLAIN.pack_into(self._sqes, self._next_sqe(), OP_POLL_ADD, 0, 0, fd, 0, 0, 0, 0,
+                            events, user_data, 0, 0, 0)  # fmt: skip
 
     # -- waiting and completion ---------------------------------------------------
 
@@ -177,9 +176,7 @@ class Ring:
                                int((seconds % 1) * 1_000_000_000))  # fmt: skip
             flags |= ENTER_EXT_ARG
             arg, arg_size = self._wait_arg, GETEVENTS_ARG.size
-        result = _syscall(ctypes.c_long(SYS_IO_URING_ENTER), ctypes.c_long(self.fd),
-                          ctypes.c_long(pending), ctypes.c_long(wait), ctypes.c_long(flags),
-                          arg, ctypes.c_long(arg_size))  # fmt: skip
+        result = _enter(SYS_IO_URING_ENTER, self.fd, pending, wait, flags, arg, arg_size)
         if result < 0:
             err = ctypes.get_errno()
             if err == errno.ETIME:

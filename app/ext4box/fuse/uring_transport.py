@@ -133,6 +133,7 @@ class _Entry:
     payload: mmap.mmap
     payload_view: memoryview
     iovecs: ctypes.Array[ctypes.c_char]  # header and payload iovecs, read by REGISTER
+    iovecs_at: int  # their address
 
 
 class UringTransport:
@@ -158,7 +159,8 @@ class UringTransport:
                 _IOVECS.pack_into(iovecs, 0, headers_at + header, up.REQ_HEADER_SIZE,
                                   address, payload_size)  # fmt: skip
                 self.entries.append(_Entry(index, index % queues, header, payload,
-                                           memoryview(payload), iovecs))  # fmt: skip
+                                           memoryview(payload), iovecs,
+                                           ctypes.addressof(iovecs)))  # fmt: skip
         except BaseException:
             self.ring.close()
             raise
@@ -185,8 +187,8 @@ class UringTransport:
         table = dispatcher.table()
         ring, fd = self.ring, self.fd
         for entry in self.entries:
-            ring.queue_uring_cmd(fd, up.CMD_REGISTER, ctypes.addressof(entry.iovecs), 2,
-                                 entry.index, up.CMD_REQ.pack(0, 0, entry.qid))  # fmt: skip
+            ring.queue_fuse_cmd(fd, up.CMD_REGISTER, entry.iovecs_at, 2, entry.index,
+                                0, 0, entry.qid)  # fmt: skip
         ring.queue_poll(fd, select.POLLIN, _POLL)
         live = len(self.entries)
         ops = session.ops
@@ -291,9 +293,8 @@ class UringTransport:
         headers, base = self.header_view, entry.header
         p.OUT_HEADER.pack_into(headers, base, p.OUT_HEADER.size + size, error, unique)
         _U32.pack_into(headers, base + up.PAYLOAD_SZ_OFFSET, size)
-        self.ring.queue_uring_cmd(self.fd, up.CMD_COMMIT_AND_FETCH,
-                                  ctypes.addressof(entry.iovecs), 2, entry.index,
-                                  up.CMD_REQ.pack(0, unique, entry.qid))  # fmt: skip
+        self.ring.queue_fuse_cmd(self.fd, up.CMD_COMMIT_AND_FETCH, entry.iovecs_at, 2,
+                                 entry.index, 0, unique, entry.qid)  # fmt: skip
 
     # -- requests still on /dev/fuse (FORGET, INTERRUPT) ------------------------------
 
