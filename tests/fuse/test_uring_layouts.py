@@ -120,6 +120,10 @@ def test_the_ring_carries_a_poll_completion() -> None:
         ring.enter(1, timeout=30)
         assert [(data, res & select.POLLIN) for data, res, _ in ring.completions()] == [
             (42, select.POLLIN)]
+        # Timed waits again (the timeout's size travels on the stack to syscall(2)).
+        for _ in range(3):
+            ring.enter(1, timeout=0.001)
+        assert ring.completions() == []
     finally:
         ring.close()
         os.close(read_end)
