@@ -4,8 +4,9 @@ With enable_uring on, a read-write session served over the ring answers a
 mixed workload whose result the kernel's ext4 then reads back, e2fsck -fn
 clean; every request but FORGET/INTERRUPT travelled through the ring (the
 server's --debug trace says which way each came). An aborted connection ends
-the server by itself, exit 0. With enable_uring off, transport=auto serves
-on /dev/fuse and says why, and transport=uring refuses before mounting.
+the server by itself, exit 0. transport=auto takes the ring when it is on;
+with enable_uring off, auto serves on /dev/fuse and says why, and
+transport=uring refuses before mounting.
 """
 
 from __future__ import annotations
@@ -132,6 +133,19 @@ def test_auto_serves_on_dev_fuse_when_enable_uring_is_off(tmp_path: Path) -> Non
             session = _session(_events(handle.stderr_text()))
     assert session["transport"] == "dev"
     assert "does not offer FUSE_OVER_IO_URING" in session["transport_why"]
+
+
+def test_auto_takes_the_ring_when_enable_uring_is_on(tmp_path: Path) -> None:
+    image = _image(tmp_path)
+    mnt = tmp_path / "mnt"
+    with uring_enabled(True) as reason:
+        if reason:
+            pytest.skip(reason)
+        with served(image, mnt, ext4box_argv(image, mnt, "ro,transport=auto")) as handle:
+            assert (mnt / "dir" / "f3").read_bytes() == b"3\n" * 4
+            session = _session(_events(handle.stderr_text()))
+    assert session["transport"] == "uring"
+    assert session["transport_why"].startswith("transport=auto and the kernel offers")
 
 
 def test_explicit_uring_is_refused_before_mounting_when_off(tmp_path: Path) -> None:
