@@ -32,6 +32,7 @@ import mmap
 import os
 import select
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -125,10 +126,11 @@ def choose(transport: str, init_body: bytes, fuse_fd: int) -> tuple[UringTranspo
 
 @dataclass(slots=True)
 class _Entry:
-    """One registered ring entry: its queue, its header slot and its payload buffer."""
+    """One registered ring entry: its queue's ring, its header slot and its payload buffer."""
 
-    index: int
+    index: int  # its user_data in its ring
     qid: int
+    ring: uring_ring.Ring
     header: int  # offset of its fuse_uring_req_header in the shared header buffer
     payload: mmap.mmap
     payload_view: memoryview
@@ -137,7 +139,7 @@ class _Entry:
 
 
 class UringTransport:
-    """The ring, its entries' buffers, and the loop that serves them (module doc)."""
+    """One ring per kernel queue, the entries' buffers, and the loops (module doc)."""
 
     def __init__(self, fuse_fd: int, queues: int, depth: int, payload_size: int) -> None:
         self.fd = fuse_fd
@@ -145,31 +147,41 @@ class UringTransport:
         self.depth = depth
         self.payload_size = payload_size
         count = queues * depth
-        self.ring = uring_ring.Ring(count + 2)
+        self.rings: list[uring_ring.Ring] = []
+        self.entries: list[list[_Entry]] = []  # by qid
         try:
             self.headers = mmap.mmap(-1, max(count * up.REQ_HEADER_SIZE, mmap.PAGESIZE))
             self.header_view = memoryview(self.headers)
             headers_at = ctypes.addressof(ctypes.c_char.from_buffer(self.headers))
-            self.entries: list[_Entry] = []
-            for index in range(count):
-                payload = mmap.mmap(-1, payload_size)
-                address = ctypes.addressof(ctypes.c_char.from_buffer(payload))
-                iovecs = ctypes.create_string_buffer(_IOVECS.size)
-                header = index * up.REQ_HEADER_SIZE
-                _IOVECS.pack_into(iovecs, 0, headers_at + header, up.REQ_HEADER_SIZE,
-                                  address, payload_size)  # fmt: skip
-                self.entries.append(_Entry(index, index % queues, header, payload,
-                                           memoryview(payload), iovecs,
-                                           ctypes.addressof(iovecs)))  # fmt: skip
+            for qid in range(queues):
+                # Room for the entries, the /dev/fuse or stop poll, and a spare.
+                ring = uring_ring.Ring(depth + 2)
+                self.rings.append(ring)
+                entries = []
+                for index in range(depth):
+                    payload = mmap.mmap(-1, payload_size)
+                    address = ctypes.addressof(ctypes.c_char.from_buffer(payload))
+                    iovecs = ctypes.create_string_buffer(_IOVECS.size)
+                    header = (qid * depth + index) * up.REQ_HEADER_SIZE
+                    _IOVECS.pack_into(iovecs, 0, headers_at + header, up.REQ_HEADER_SIZE,
+                                      address, payload_size)  # fmt: skip
+                    entries.append(_Entry(index, qid, ring, header, payload, memoryview(payload),
+                                          iovecs, ctypes.addressof(iovecs)))  # fmt: skip
+                self.entries.append(entries)
         except BaseException:
-            self.ring.close()
+            for ring in self.rings:
+                ring.close()
             raise
+        # Handlers and the filesystem are single-threaded: one request at a time.
+        self._lock = threading.Lock()
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+        self._helpers: list[threading.Thread] = []
 
     def describe(self) -> str:
         return (f"{self.queues} queue(s) x {self.depth} entr{'y' if self.depth == 1 else 'ies'},"
-                f" {self.payload_size // 1024} KiB payload each")
+                f" {self.payload_size // 1024} KiB payload each, one thread per queue")
 
-    # -- the whole loop -----------------------------------------------------------
+    # -- the whole session ------------------------------------------------------------
 
     def serve(self, session: Session, dispatcher: Dispatcher, commit_interval: float) -> bool:
         """Serve until unmounted or signalled (True), or False when the kernel
@@ -177,22 +189,49 @@ class UringTransport:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         # A poll wake-up can be stale (an interrupt withdrawn): never block on a read.
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        affinity = os.sched_getaffinity(0)
         try:
-            return self._loop(session, dispatcher, commit_interval)
+            table = dispatcher.table()
+            if not self._register():
+                return False
+            for qid in range(1, self.queues):
+                helper = threading.Thread(target=self._serve_queue, args=(qid, session, table),
+                                          name=f"fuse-uring-q{qid}", daemon=True)  # fmt: skip
+                helper.start()
+                self._helpers.append(helper)
+            _pin(0)
+            return self._main_loop(session, table, commit_interval)
         finally:
+            self._stop_helpers()
             self.close()
+            os.sched_setaffinity(0, affinity)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
 
-    def _loop(self, session: Session, dispatcher: Dispatcher, commit_interval: float) -> bool:
-        table = dispatcher.table()
-        ring, fd = self.ring, self.fd
-        for entry in self.entries:
-            ring.queue_fuse_cmd(fd, up.CMD_REGISTER, entry.iovecs_at, 2, entry.index,
-                                0, 0, entry.qid)  # fmt: skip
+    def _register(self) -> bool:
+        """Hand every entry to its queue; False if the kernel refused one.
+
+        A refusal completes at once, so it is in the CQ right after the submit.
+        (The first request of each queue is handed over as task work of this
+        thread, the submitter; from its commit on, the queue's own thread.)
+        """
+        for qid, ring in enumerate(self.rings):
+            for entry in self.entries[qid]:
+                ring.queue_fuse_cmd(self.fd, up.CMD_REGISTER, entry.iovecs_at, 2, entry.index,
+                                    0, 0, qid)  # fmt: skip
+            ring.enter(0)
+            for _user_data, result, _flags in ring.completions():
+                log.warning("io_uring entry refused", qid=qid,
+                            errno=errno.errorcode.get(-result, result))  # fmt: skip
+                return False
+        return True
+
+    def _main_loop(self, session: Session, table: dict[int, tuple[int, Handler]],
+                   commit_interval: float) -> bool:  # fmt: skip
+        """Queue 0, /dev/fuse (FORGET, INTERRUPT) and the commit timer, on this thread."""
+        ring, fd = self.rings[0], self.fd
         ring.queue_poll(fd, select.POLLIN, _POLL)
-        live = len(self.entries)
+        live = len(self.entries[0])
         ops = session.ops
-        stale = ops.changed_behind_kernel
         while session.stopped_by is None:
             timeout = None
             if ops.dirty:
@@ -201,7 +240,8 @@ class UringTransport:
                     session._commit_due = now + commit_interval
                 timeout = session._commit_due - now
                 if timeout <= 0:
-                    session._commit()
+                    with self._lock:
+                        session._commit()
                     continue
             session._waiting = True
             try:
@@ -212,27 +252,63 @@ class UringTransport:
                 session._waiting = False
             for user_data, result, _flags in ring.completions():
                 if user_data == _POLL:
-                    if not self._read_device(session, table):
+                    with self._lock:
+                        connected = self._read_device(session, table)
+                    if not connected:
                         return True
                     ring.queue_poll(fd, select.POLLIN, _POLL)
-                    continue
-                entry = self.entries[user_data]
-                if result == 0:
-                    self._answer(session, entry, table)
-                    continue
-                if result in (-errno.ENOTCONN, -errno.ECONNABORTED):
-                    live -= 1  # unmounted or aborted: the kernel let this entry go
+                elif result == 0:
+                    self._answer_locked(session, self.entries[0][user_data], table)
+                else:
+                    _released(result, 0)
+                    live -= 1
                     if live == 0:
                         return True
+        return True
+
+    def _serve_queue(self, qid: int, session: Session, table: dict[int, tuple[int, Handler]]
+                     ) -> None:  # fmt: skip
+        """Queue `qid` on its own thread, on its CPU: the kernel hands a request to
+        the queue of the CPU its caller runs on, so the answer needs no wake-up
+        across CPUs. Ends when the kernel lets the entries go, or at _stop."""
+        _pin(qid)
+        ring = self.rings[qid]
+        ring.queue_poll(self._stop, select.POLLIN, _POLL)
+        live = len(self.entries[qid])
+        try:
+            while live:
+                try:
+                    ring.enter(1)
+                except InterruptedError:
                     continue
-                log.warning("io_uring entry refused", qid=entry.qid,
-                            errno=errno.errorcode.get(-result, result))  # fmt: skip
-                return False
+                for user_data, result, _flags in ring.completions():
+                    if user_data == _POLL:
+                        return
+                    if result == 0:
+                        self._answer_locked(session, self.entries[qid][user_data], table)
+                    else:
+                        _released(result, qid)
+                        live -= 1
+        except Exception as err:  # the main thread still serves queue 0 and ends the session
+            log.error("io_uring queue thread failed", qid=qid, exc_info=err)
+
+    def _stop_helpers(self) -> None:
+        os.eventfd_write(self._stop, 1)
+        for helper in self._helpers:
+            helper.join(timeout=30)
+            if helper.is_alive():
+                log.error("io_uring queue thread did not stop", thread=helper.name)
+
+    def _answer_locked(self, session: Session, entry: _Entry,
+                       table: dict[int, tuple[int, Handler]]) -> None:  # fmt: skip
+        stale = session.ops.changed_behind_kernel
+        with self._lock:
+            self._answer(session, entry, table)
             if stale:
                 for ino in stale:
                     session.notify_inval_inode(ino)
                 stale.clear()
-        return True
+        # The commit goes in with this thread's next wait: one io_uring_enter.
 
     # -- requests from the ring ------------------------------------------------------
 
@@ -293,8 +369,8 @@ class UringTransport:
         headers, base = self.header_view, entry.header
         p.OUT_HEADER.pack_into(headers, base, p.OUT_HEADER.size + size, error, unique)
         _U32.pack_into(headers, base + up.PAYLOAD_SZ_OFFSET, size)
-        self.ring.queue_fuse_cmd(self.fd, up.CMD_COMMIT_AND_FETCH, entry.iovecs_at, 2,
-                                 entry.index, 0, unique, entry.qid)  # fmt: skip
+        entry.ring.queue_fuse_cmd(self.fd, up.CMD_COMMIT_AND_FETCH, entry.iovecs_at, 2,
+                                  entry.index, 0, unique, entry.qid)  # fmt: skip
 
     # -- requests still on /dev/fuse (FORGET, INTERRUPT) ------------------------------
 
@@ -334,12 +410,32 @@ class UringTransport:
         return True
 
     def close(self) -> None:
-        """Close the ring (the kernel cancels the entries) and free the buffers."""
-        self.ring.close()
-        for entry in self.entries:
-            entry.payload_view.release()
+        """Close the rings (the kernel cancels the entries) and free the buffers."""
+        alive = {helper.name for helper in self._helpers if helper.is_alive()}
+        for qid, ring in enumerate(self.rings):
+            if f"fuse-uring-q{qid}" not in alive:  # a thread still in it keeps it
+                ring.close()
+        for entries in self.entries:
+            for entry in entries:
+                entry.payload_view.release()
         self.header_view.release()
+        os.close(self._stop)
         self.entries = []
+
+
+def _pin(qid: int) -> None:
+    """Run this thread on CPU `qid`, the CPU whose callers queue `qid` serves."""
+    try:
+        os.sched_setaffinity(0, {qid})
+    except OSError as err:  # not in our cpuset: served all the same, with wake-ups across CPUs
+        log.info("io_uring queue thread not pinned", qid=qid, errno=errno.errorcode.get(err.errno))
+
+
+def _released(result: int, qid: int) -> None:
+    """An entry the kernel gave back with an error: expected at unmount or abort
+    (ENOTCONN, ECONNABORTED), logged otherwise; either way it serves no more."""
+    if result not in (-errno.ENOTCONN, -errno.ECONNABORTED):
+        log.error("io_uring entry failed", qid=qid, errno=errno.errorcode.get(-result, result))
 
 
 def _call(handler: Handler, nodeid: int, caller: tuple[int, int, int], body: bytes,
