@@ -11,10 +11,13 @@ transport=uring refuses before mounting.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,45 @@ def test_explicit_uring_is_refused_before_mounting_when_off(tmp_path: Path) -> N
     errors = [line for line in result.stderr.splitlines() if line.startswith("ext4box: error:")]
     assert len(errors) == 1 and "transport=uring" in errors[0] and "enable_uring" in errors[0]
     assert not os.path.ismount(mnt)
+
+
+def test_callers_waiting_before_the_ring_is_ready_are_answered(tmp_path: Path) -> None:
+    """Callers already waiting when the server starts (mount(2) done by someone
+    else, the server handed /dev/fd/N) are released the moment the last queue
+    has an entry, while the server is still registering: their requests must
+    be answered, not taken for refusals."""
+    image = _image(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fuse_fd = os.open("/dev/fuse", os.O_RDWR)
+    data = f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(str(image).encode(), str(mnt).encode(), b"fuse.ext4box", 1 | 2 | 4,
+                  data.encode()) != 0:  # fmt: skip
+        os.close(fuse_fd)
+        pytest.skip(f"mount(2): {os.strerror(ctypes.get_errno())}")
+    results: dict[int, bytes] = {}
+    readers = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, (mnt / "dir" / f"f{i}").read_bytes()), daemon=True) for i in range(8)]  # fmt: skip
+    server = None
+    try:
+        with uring_enabled(True) as reason:
+            if reason:
+                pytest.skip(reason)
+            for reader in readers:
+                reader.start()
+            server = subprocess.Popen(
+                [*ext4box_executable(), "serve", "-f", str(image), f"/dev/fd/{fuse_fd}", "-o",
+                 "transport=uring"], pass_fds=(fuse_fd,), stderr=subprocess.PIPE, text=True)
+            os.close(fuse_fd)
+            deadline = time.monotonic() + 30  # a lost request would hang its reader
+            for reader in readers:
+                reader.join(timeout=max(0.0, deadline - time.monotonic()))
+            assert results == {i: b"%d\n" % i * (i + 1) for i in range(8)}
+    finally:
+        if server is not None and any(reader.is_alive() for reader in readers):
+            server.kill()  # closing /dev/fuse aborts the connection: the readers return
+        subprocess.run(["umount", str(mnt)], check=False)
+    _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    assert _session(_events(stderr))["transport"] == "uring"
