@@ -3,7 +3,9 @@
 /sys/module/fuse/parameters/enable_uring is machine-wide. Turning it on
 changes nothing for servers that do not ask for io_uring at INIT (libfuse
 servers and ext4box with transport=dev), so tests running at the same time
-are unaffected; it is still put back as it was.
+are unaffected; it is still put back as it was. Two runs that overlap can
+put it back in the wrong order (the later one restores what the earlier one
+set): seen once here, when a uring pass and a single uring test overlapped.
 """
 
 from __future__ import annotations
