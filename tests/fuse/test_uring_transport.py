@@ -175,21 +175,22 @@ def test_callers_waiting_before_the_ring_is_ready_are_answered(tmp_path: Path) -
     image = _image(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    fuse_fd = os.open("/dev/fuse", os.O_RDWR)
-    data = f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other"
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(str(image).encode(), str(mnt).encode(), b"fuse.ext4box", 1 | 2 | 4,
-                  data.encode()) != 0:  # fmt: skip
-        os.close(fuse_fd)
-        pytest.skip(f"mount(2): {os.strerror(ctypes.get_errno())}")
     results: dict[int, bytes] = {}
     readers = [threading.Thread(target=lambda i=i: results.__setitem__(
         i, (mnt / "dir" / f"f{i}").read_bytes()), daemon=True) for i in range(8)]  # fmt: skip
-    server = None
-    try:
-        with uring_enabled(True) as reason:
-            if reason:
-                pytest.skip(reason)
+    with uring_enabled(True) as reason:
+        if reason:
+            pytest.skip(reason)
+        # On before mount(2): the kernel builds its INIT offer at mount time.
+        fuse_fd = os.open("/dev/fuse", os.O_RDWR)
+        data = f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other"
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(str(image).encode(), str(mnt).encode(), b"fuse.ext4box", 1 | 2 | 4,
+                      data.encode()) != 0:  # fmt: skip
+            os.close(fuse_fd)
+            pytest.skip(f"mount(2): {os.strerror(ctypes.get_errno())}")
+        server = None
+        try:
             for reader in readers:
                 reader.start()
             server = subprocess.Popen(
@@ -200,10 +201,10 @@ def test_callers_waiting_before_the_ring_is_ready_are_answered(tmp_path: Path) -
             for reader in readers:
                 reader.join(timeout=max(0.0, deadline - time.monotonic()))
             assert results == {i: b"%d\n" % i * (i + 1) for i in range(8)}
-    finally:
-        if server is not None and any(reader.is_alive() for reader in readers):
-            server.kill()  # closing /dev/fuse aborts the connection: the readers return
-        subprocess.run(["umount", str(mnt)], check=False)
+        finally:
+            if server is not None and any(reader.is_alive() for reader in readers):
+                server.kill()  # closing /dev/fuse aborts the connection: the readers return
+            subprocess.run(["umount", str(mnt)], check=False)
     _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0, stderr
     assert _session(_events(stderr))["transport"] == "uring"

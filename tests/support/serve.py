@@ -55,10 +55,16 @@ def fuse_transport() -> str | None:
     return transport
 
 
-def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro") -> list[str]:
-    """`ext4box serve -f`: in the foreground, so that its exit status is ours to check."""
-    options = f"{options},backend={fuse_backend()}"
-    if fuse_transport() is not None and fuse_backend() == "native" and "transport=" not in options:
+def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro", *,
+                 backend: str | None = None) -> list[str]:
+    """`ext4box serve -f`: in the foreground, so that its exit status is ours to check.
+
+    `backend`: the FUSE transport (default: `fuse_backend()`); on the native
+    backend EXT4BOX_TEST_TRANSPORT adds transport= unless `options` has one.
+    """
+    backend = backend or fuse_backend()
+    options = f"{options},backend={backend}"
+    if fuse_transport() is not None and backend == "native" and "transport=" not in options:
         options += f",transport={fuse_transport()}"
     return [*ext4box_executable(), "serve", "-f", str(image), str(mountpoint), "-o", options]
 

@@ -40,22 +40,38 @@ import fcntl
 import mmap
 import os
 import select
+import signal
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ext4box.ext4.caller import Caller, acting_as
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse import negotiate, uring_ring
 from ext4box.fuse import protocol as p
 from ext4box.fuse import uring_protocol as up
 from ext4box.fuse.dispatch import Dispatcher, Handler, Payload
 from ext4box.fuse.errors import FuseError
+from ext4box.fuse.operations import Operations
 from ext4box.log import get_logger
 
-if TYPE_CHECKING:
-    from ext4box.fuse.session import Session
+
+class Session(Protocol):
+    """What the loops use of session.Session (which imports this module)."""
+
+    ops: Operations
+    trace: bool
+    buffer: bytearray
+    stopped_by: signal.Signals | None
+    _waiting: bool
+    _commit_due: float | None
+    _unknown_logged: set[int]
+
+    def _commit(self) -> None: ...
+    def _reply(self, unique: int, payload: bytes | list[bytes]) -> None: ...
+    def _reply_error(self, unique: int, err: int) -> None: ...
+    def notify_inval_inode(self, ino: int, offset: int = -1, length: int = 0) -> None: ...
 
 log = get_logger("ext4box.fuse")
 
