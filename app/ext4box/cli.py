@@ -39,12 +39,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_pyfuse3,
         split_options,
         take_backend,
+        take_transport,
     )
     from ext4box.fuse.operations import Operations
     from ext4box.iomap.direct_io import direct_io_for
 
     try:
         backend, user_options = take_backend(split_options(args.options))
+        transport, user_options = take_transport(user_options)
+        if backend == "pyfuse3" and transport != "auto":
+            raise MountSetupError("transport= is for backend=native (pyfuse3 reads /dev/fuse)")
         quota_types, user_options = take_quota_options(user_options)
         atime, user_options = take_atime_options(user_options)
         options = fuse_options(
@@ -54,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             debug=args.debug and backend == "pyfuse3",
         )
         check_mountpoint(args.mountpoint)
-        config = MountConfig(args.mountpoint, options, backend)
+        config = MountConfig(args.mountpoint, options, backend, transport)
         # Type=notify waits for READY=1 from the process systemd started.
         foreground = args.foreground or daemon.under_systemd_notify()
         # Background: from here on the parent only waits for the child's verdict.
@@ -130,6 +134,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             policy_dir=args.policy,
             timeout=args.timeout,
             endpoint=endpoint,
+            server_options=args.server_options,
         )
     except HelperError as err:
         raise CliError(err.line) from None
@@ -227,6 +232,15 @@ def _command(
     )
 
 
+def _server_options(text: str) -> tuple[str, ...]:
+    from ext4box.policy.server_options import ServerOptionError, parse_server_options
+
+    try:
+        return parse_server_options(text)
+    except ServerOptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _image(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="an ext4 image file (or block device)")
 
@@ -281,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         " noatime, nodiratime and their negations, lazytime (default: ro;"
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
-        " the FUSE transport",
+        " the FUSE transport; transport=auto (default: FUSE over io_uring when the"
+        " kernel's enable_uring is on), uring or dev picks the native backend's loop",
     )
     serve.add_argument(
         "-f", "--foreground", action="store_true",
@@ -362,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mount IMAGE on MOUNTPOINT through the sandboxed server, if policy allows",
         "  ext4box mount /srv/images/a.img /mnt/a          # read-only\n"
         "  ext4box mount /srv/images/a.img /mnt/a --rw\n"
+        "  ext4box mount /srv/images/a.img /mnt/a --rw -o usrquota,noatime\n"
         "  ext4box mount /srv/images/a.img /mnt/a --handoff-connect /run/ext4box/server.sock\n",
     )  # fmt: skip
     _image(mount)
@@ -375,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="read-write, if a policy rule allows it",
     )  # fmt: skip
     mount.add_argument("--policy", metavar="DIR", help=POLICY_DIR_HELP)
+    mount.add_argument(
+        "-o", dest="server_options", type=_server_options, default=(), metavar="OPTIONS",
+        help="server options, if the policy's rule allows them: usrquota|quota,grpquota,"
+        "prjquota (enforce limits; always allowed), noatime, strictatime, relatime,"
+        " nodiratime and their negations, lazytime (default: none, the server's relatime;"
+        " noatime, strictatime and nodiratime only where the rule lists them)",
+    )
     mount.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS",
         help="how long to wait for the server to become ready (default: 30)",

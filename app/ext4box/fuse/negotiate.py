@@ -102,8 +102,11 @@ def wanted_flags() -> int:
     return out
 
 
-def negotiate(body: bytes) -> tuple[bytes, Agreed | None]:
+def negotiate(body: bytes, also: int = 0) -> tuple[bytes, Agreed | None]:
     """The INIT reply payload for the kernel's fuse_init_in `body`, and the agreement.
+
+    `also`: flags outside WANTED that the session takes if offered (the
+    transport's choice of FUSE_OVER_IO_URING, uring_transport.choose).
 
     Agreement None: the kernel speaks a newer major version; the reply names
     ours and the kernel sends INIT again. A major older than 7 is EPROTO.
@@ -119,7 +122,7 @@ def negotiate(body: bytes) -> tuple[bytes, Agreed | None]:
     if major < protocol.KERNEL_VERSION:
         raise FuseError(errno.EPROTO)
     offered = flags | (flags2 << 32 if flags & InitFlag.INIT_EXT else 0)
-    agreed_flags = offered & wanted_flags()
+    agreed_flags = offered & (wanted_flags() | also)
     agreed = Agreed(
         major=protocol.KERNEL_VERSION,
         minor=min(minor, protocol.KERNEL_MINOR_VERSION),
