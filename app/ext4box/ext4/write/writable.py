@@ -134,7 +134,9 @@ def _mutation_before_data(method: Callable[P, R]) -> Callable[P, R]:
     return _serialised(method, commit_point=False)
 
 
+# i_block of an extent-mapped inode that maps nothing yet (see maps_nothing).
 _EMPTY_EXTENT_ROOT = empty_extent_root()
+
 
 class WritableFilesystem(Filesystem):
     def __init__(self, dev: BlockDevice, sb: Superblock, caches: CacheSizes) -> None:
