@@ -65,9 +65,9 @@ def assert_fsck_clean(image: Path) -> None:
 
 
 @contextmanager
-def rw_mount(image: Path, mountpoint: Path) -> Iterator[ServedMount]:
-    """`ext4box serve IMAGE MOUNTPOINT -o rw` for the duration of the block."""
-    with served(image, mountpoint, ext4box_argv(image, mountpoint, "rw")) as handle:
+def rw_mount(image: Path, mountpoint: Path, options: str = "rw") -> Iterator[ServedMount]:
+    """`ext4box serve IMAGE MOUNTPOINT -o OPTIONS` for the duration of the block."""
+    with served(image, mountpoint, ext4box_argv(image, mountpoint, options)) as handle:
         yield handle
 
 
