@@ -29,7 +29,11 @@ EXIT_ERROR = 1
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ext4box import daemon
-    from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
+    from ext4box.fuse.fs_options import (
+        apply_quota_options,
+        take_quota_options,
+        take_writeback_option,
+    )
     from ext4box.fuse.mount import (
         MountConfig,
         MountSetupError,
@@ -44,6 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         backend, user_options = take_backend(split_options(args.options))
         quota_types, user_options = take_quota_options(user_options)
+        writeback_cache, user_options = take_writeback_option(user_options)
+        if writeback_cache and backend == "pyfuse3":
+            raise CliError("-o writeback_cache needs the native FUSE transport, not pyfuse3")
         options = fuse_options(
             os.path.abspath(args.image),
             user_options,
@@ -58,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         readiness = daemon.Readiness() if foreground else daemon.background()
         with open_image(args.image, writable="rw" in options) as (fs, engine):
             apply_quota_options(fs, quota_types)
-            ops = Operations(fs, engine)
+            ops = Operations(fs, engine, writeback_cache=writeback_cache)
             if backend == "pyfuse3":
                 serve_pyfuse3(ops, config, on_ready=readiness.ready)
             else:

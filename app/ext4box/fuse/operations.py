@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 from ext4box.ext4.caller import Caller, acting_as
 from ext4box.ext4.filesystem import Filesystem, StatFs
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.inode import FL_APPEND, Inode
 from ext4box.fuse import ioctls
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
@@ -92,6 +92,8 @@ class OpenResult:
     fh: int
     # Keep the kernel's page cache across opens (see _new_handle).
     keep_cache: bool = True
+    # FOPEN_DIRECT_IO: every write of this open reaches us (see new_handle).
+    direct_io: bool = False
 
 
 # emit(name, ino, file_type, attributes or None, cookie) -> False when the reply is full.
@@ -101,11 +103,14 @@ EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
 class Operations(NamespaceChanges, FileRangeOps):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
-    def __init__(self, fs: Filesystem, engine: IOMapEngine) -> None:
+    def __init__(self, fs: Filesystem, engine: IOMapEngine, *,
+                 writeback_cache: bool = False) -> None:
         self.fs = fs
         self.engine = engine
         self.block_size = fs.block_size
         self.writable = not getattr(fs, "readonly", True)
+        # `-o writeback_cache` (fs_options.py): a read-only mount never asks for it.
+        self.writeback_cache = writeback_cache and self.writable
         self.timeouts = (
             (RW_ENTRY_TIMEOUT, RW_ATTR_TIMEOUT) if self.writable else (ENTRY_TIMEOUT, ATTR_TIMEOUT)
         )
@@ -224,7 +229,12 @@ class Operations(NamespaceChanges, FileRangeOps):
         # Read-write: this server is the only writer and every write, truncate
         # and mmap store goes through this kernel's page cache (which FUSE
         # keeps coherent for buffered writes), so the pages are still valid.
-        return OpenResult(fh=fh, keep_cache=True)
+        # With the writeback cache, a write to an append-only file must still
+        # reach us with the file's flags (fcntl may clear O_APPEND, and the
+        # kernel cannot see the inode flag): its opens for writing bypass the cache.
+        direct_io = (self.writeback_cache and writable
+                     and bool(self.fs.inode(ino).flags & FL_APPEND))  # fmt: skip
+        return OpenResult(fh=fh, keep_cache=True, direct_io=direct_io)
 
     @fuse_errors("read")
     def read_plan(self, fh: int, off: int, size: int) -> tuple[ReadPlan, bool]:
@@ -245,16 +255,22 @@ class Operations(NamespaceChanges, FileRangeOps):
 
     @fuse_errors("write")
     def write(self, fh: int, off: int, data: bytes | memoryview,
-              kill_suidgid: bool | None = None, *, file_flags: int | None = None) -> int:
+              kill_suidgid: bool | None = None, *, file_flags: int | None = None,
+              cached: bool = False) -> int:
         """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener).
         `file_flags`: the file's open flags now (FUSE_WRITE carries them), so a
         write to an append-only file from an fd whose O_APPEND fcntl cleared is
-        refused here, as the kernel refuses that fcntl."""
+        refused here, as the kernel refuses that fcntl.
+        `cached`: writeback of the kernel's page cache (FUSE_WRITE_CACHE). Its
+        write(2)s were accepted long ago and it carries no file flags; the
+        kernel set mtime and ctime at each write(2) and sends them by SETATTR,
+        so the times stay as they are here (a writeback that overtook or
+        followed that SETATTR must not replace them with the writeback's time)."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:
             raise FuseError(errno.EBADF)
         ino = handle.ino
-        if file_flags is not None:
+        if file_flags is not None and not cached:
             self.rw.check_open(ino, file_flags)
         node = self.fs.inode(ino)
         # Synchronous from write_begin to write_end: no other request may
@@ -275,7 +291,13 @@ class Operations(NamespaceChanges, FileRangeOps):
             self.changed_behind_kernel.append(ino)
         # Fewer bytes than asked when the file's size limit cuts the write short.
         with acting_as(Caller(handle.uid, handle.gid)):
-            return self.engine.write(node, off, data, now_ns=now_ns())
+            if not cached:
+                return self.engine.write(node, off, data, now_ns=now_ns())
+            # write_end stamps one time on both: the current mtime keeps it.
+            written = self.engine.write(node, off, data, now_ns=node.mtime_ns)
+        if node.ctime_ns != node.mtime_ns:
+            self.rw.setattr(ino, ctime_ns=node.ctime_ns)
+        return written
 
     @fuse_errors("ioctl")
     def ioctl(self, node_id: int, cmd: int, data: bytes, out_size: int, ctx: Context) -> bytes:

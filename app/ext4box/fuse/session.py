@@ -115,7 +115,8 @@ class Session:
                 self._reply_error(unique, errno.EIO)
                 continue
             try:
-                reply, agreed = negotiate.negotiate(body)
+                reply, agreed = negotiate.negotiate(
+                    body, writeback_cache=self.ops.writeback_cache)
             except FuseError as err:
                 log.error("INIT refused", errno=errno.errorcode.get(err.errno, err.errno))
                 self._reply_error(unique, err.errno)
