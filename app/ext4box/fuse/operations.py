@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 from ext4box.ext4.caller import Caller, acting_as
 from ext4box.ext4.filesystem import Filesystem, StatFs
 from ext4box.ext4.inode import FL_APPEND, Inode
-from ext4box.fuse import ioctls
+from ext4box.fuse import cached_writes, ioctls
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
     ENTRY_TIMEOUT,
@@ -261,11 +261,9 @@ class Operations(NamespaceChanges, FileRangeOps):
         `file_flags`: the file's open flags now (FUSE_WRITE carries them), so a
         write to an append-only file from an fd whose O_APPEND fcntl cleared is
         refused here, as the kernel refuses that fcntl.
-        `cached`: writeback of the kernel's page cache (FUSE_WRITE_CACHE). Its
-        write(2)s were accepted long ago and it carries no file flags; the
-        kernel set mtime and ctime at each write(2) and sends them by SETATTR,
-        so the times stay as they are here (a writeback that overtook or
-        followed that SETATTR must not replace them with the writeback's time)."""
+        `cached`: writeback of the kernel's page cache (FUSE_WRITE_CACHE), stored
+        as cached_writes.py says (the kernel's times, ext4's holes). Its
+        write(2)s were accepted long ago and it carries no file flags."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:
             raise FuseError(errno.EBADF)
@@ -293,10 +291,8 @@ class Operations(NamespaceChanges, FileRangeOps):
         with acting_as(Caller(handle.uid, handle.gid)):
             if not cached:
                 return self.engine.write(node, off, data, now_ns=now_ns())
-            # write_end stamps one time on both: the current mtime keeps it.
-            written = self.engine.write(node, off, data, now_ns=node.mtime_ns)
-        if node.ctime_ns != node.mtime_ns:
-            self.rw.setattr(ino, ctime_ns=node.ctime_ns)
+            written = cached_writes.store(self.engine, self.rw, node, off, data)
+        self._blocks_changed(ino)
         return written
 
     @fuse_errors("ioctl")
@@ -438,6 +434,7 @@ class Operations(NamespaceChanges, FileRangeOps):
             if flags & os.XATTR_REPLACE and not exists:
                 raise FuseError(errno.ENODATA)
         self.rw.setxattr(ino, name, value)
+        self._blocks_changed(ino)
         if kill_sgid:
             node = self.fs.inode(ino)
             if node.mode & stat.S_ISGID:
@@ -447,6 +444,15 @@ class Operations(NamespaceChanges, FileRangeOps):
     def removexattr(self, node_id: int, name: bytes) -> None:
         self._require_writable()
         self.rw.removexattr(ext4_ino(node_id), name)
+        self._blocks_changed(ext4_ino(node_id))
+
+    def _blocks_changed(self, ino: int) -> None:
+        """st_blocks of `ino` changed (a writeback, an xattr block). Under the
+        writeback cache the kernel refetches attributes it does not own only
+        when told: it owns size and times of regular files and takes the
+        rest (st_blocks) from a GETATTR after FUSE_NOTIFY_INVAL_INODE."""
+        if self.writeback_cache:
+            self.changed_behind_kernel.append(ino)
 
     def _require_writable(self) -> None:
         if not self.writable:
