@@ -1,25 +1,27 @@
-"""What a WRITE from the kernel's page cache (FUSE_WRITE_CACHE) stores, and how.
+"""How a WRITE is stored under the writeback cache (FUSE_WRITEBACK_CACHE).
 
-With FUSE_WRITEBACK_CACHE the kernel sends dirty pages at writeback, fsync
-and close. Two things differ from a write(2) carried through:
+The kernel then sends dirty pages at writeback, fsync and close (with
+FUSE_WRITE_CACHE), and a few writes straight through (a write that must clear
+set-user-ID, O_DIRECT). Two things differ from writes without the cache:
 
-- Times. The kernel owns mtime and ctime of regular files: it stamped them at
-  each write(2) or mmap store and sends them by SETATTR (fuse_flush_times),
-  and it never takes them from our replies. A writeback that reached us
-  after that SETATTR, or one for which no SETATTR follows because the
-  kernel's coarse clock had not moved, must not stamp our own time on the
-  image, where the kernel would never see it. So the inode keeps its times.
-- Granularity. The kernel tracks dirt per page, so on a filesystem whose
-  blocks are smaller than a page a writeback carries whole pages: a 4-byte
-  write into a hole comes back as 4 KiB, mostly zeros the application never
-  wrote. ext4 allocates only the blocks written to; storing the zeros would
-  allocate the rest too (more st_blocks, SEEK_DATA finding data where ext4
-  has a hole). Blocks that are all zeros and lie over a hole are therefore
-  left a hole: they read as zeros either way. The price: zeros an
-  application did write into a hole of such a filesystem stay a hole, where
-  ext4 would allocate them (the same bytes, fewer st_blocks). With blocks of
-  a page or more, every block of a dirty page was written to, and all of it
-  is stored.
+- Times. The kernel owns mtime and ctime of regular files: it stamps them at
+  each write(2) or mmap store (O_DIRECT and clearing writes included) and
+  sends them by SETATTR (fuse_flush_times), and it never takes them from our
+  replies. A WRITE that reached us after that SETATTR, or one for which no
+  SETATTR follows because the kernel's coarse clock had not moved, must not
+  stamp our own time on the image, where the kernel would never see it. So
+  the inode keeps the times it had before the request.
+- Granularity (page-cache writebacks only). The kernel tracks dirt per page,
+  so on a filesystem whose blocks are smaller than a page a writeback carries
+  whole pages: a 4-byte write into a hole comes back as 4 KiB, mostly zeros
+  the application never wrote. ext4 allocates only the blocks written to;
+  storing the zeros would allocate the rest too (more st_blocks, SEEK_DATA
+  finding data where ext4 has a hole). Blocks that are all zeros and lie over
+  a hole are therefore left a hole: they read as zeros either way. The price:
+  zeros an application did write into a hole of such a filesystem stay a hole,
+  where ext4 would allocate them (the same bytes, fewer st_blocks). With
+  blocks of a page or more, every block of a dirty page was written to, and
+  all of it is stored.
 """
 
 from __future__ import annotations
@@ -37,16 +39,19 @@ PAGE_SIZE = 4096
 
 
 def store(engine: IOMapEngine, fs: WritableFilesystem, node: Inode, pos: int,
-          data: bytes | memoryview) -> int:
-    """Store writeback `data` at `pos` of inode `node`, keeping its times; bytes taken.
+          data: bytes | memoryview, *, times: tuple[int, int], page_granular: bool) -> int:
+    """Store `data` at `pos` of inode `node`; bytes taken.
 
-    Fewer bytes than given only when the file's size limit cuts the write
-    short, as for any write.
+    `times`: (mtime, ctime) in ns the inode keeps. `page_granular`: a
+    page-cache writeback, whose zero blocks over holes stay holes. Fewer
+    bytes than given only when the file's size limit cuts the write short,
+    as for any write.
     """
     view = memoryview(data).cast("B")
     end = pos + len(view)
-    mtime_ns, ctime_ns = node.mtime_ns, node.ctime_ns
-    for start, stop in _pieces(engine, node, pos, view):
+    mtime_ns = times[0]
+    pieces = _pieces(engine, node, pos, view) if page_granular else [(pos, end)]
+    for start, stop in pieces:
         taken = engine.write(fs.inode(node.ino), start, view[start - pos : stop - pos],
                              now_ns=mtime_ns)
         if taken < stop - start:
@@ -58,10 +63,18 @@ def store(engine: IOMapEngine, fs: WritableFilesystem, node: Inode, pos: int,
         engine.zero_tail(current, end)
         current = fs.setattr(node.ino, size=end)
         engine.invalidate(node.ino)
-    if current.mtime_ns != mtime_ns or current.ctime_ns != ctime_ns:
-        # Restored, not changed: "now" for an append-only inode's rules.
-        fs.setattr(node.ino, mtime_ns=mtime_ns, ctime_ns=ctime_ns, times_now=True)
+    keep_times(fs, node.ino, times, current)
     return end - pos
+
+
+def keep_times(fs: WritableFilesystem, ino: int, times: tuple[int, int],
+               current: Inode | None = None) -> None:
+    """Put (mtime, ctime) `times` back on `ino` if a change stamped others; `current`:
+    the inode now, if at hand."""
+    current = fs.inode(ino) if current is None else current
+    if (current.mtime_ns, current.ctime_ns) != times:
+        # Restored, not changed: "now" for an append-only inode's rules.
+        fs.setattr(ino, mtime_ns=times[0], ctime_ns=times[1], times_now=True)
 
 
 def _pieces(engine: IOMapEngine, node: Inode, pos: int,

@@ -326,7 +326,7 @@ class Dispatcher:
         written = self.ops.write(fh, offset, data,
                                  self._kill(bool(write_flags & p.WRITE_KILL_SUIDGID)),
                                  file_flags=file_flags,
-                                 cached=self.writeback_cache and bool(write_flags & p.WRITE_CACHE))
+                                 cached=bool(write_flags & p.WRITE_CACHE))
         return p.WRITE_OUT.pack(written)
 
     def flush(self, nodeid: int, caller: Caller, body: bytes) -> Payload:

@@ -85,6 +85,9 @@ class OpenFile:
     # Open for reading, and opened O_APPEND: the copy_file_range checks.
     readable: bool = True
     append: bool = False
+    # Opened FOPEN_DIRECT_IO under the writeback cache: the kernel stamps no
+    # time for its writes, so we do (see Operations.write).
+    uncached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +216,8 @@ class Operations(NamespaceChanges, FileRangeOps):
             kill = ctx.uid != 0 if kill_suidgid is None else kill_suidgid
             mode = killpriv_mode(node.mode) if kill else None
             self.rw.setattr(ino, size=0, mode=mode, mtime_ns=now, ctime_ns=now)
+            if self.writeback_cache:  # the kernel stamps the times (cached_writes.py)
+                cached_writes.keep_times(self.rw, ino, (node.mtime_ns, node.ctime_ns))
             self.engine.invalidate(ino)
             self.dirty = True
         return self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
@@ -221,20 +226,20 @@ class Operations(NamespaceChanges, FileRangeOps):
     def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
                    direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult:
         fh = next(self._handle_ids)
+        # With the writeback cache, a write to an append-only file must still
+        # reach us with the file's flags (fcntl may clear O_APPEND, and the
+        # kernel cannot see the inode flag): its opens for writing bypass the cache.
+        uncached = (self.writeback_cache and writable
+                    and bool(self.fs.inode(ino).flags & FL_APPEND))  # fmt: skip
         self._open_files[fh] = OpenFile(ino, writable, uid, gid=gid, direct=direct,
                                         readable=flags & os.O_ACCMODE != os.O_WRONLY,
-                                        append=bool(flags & os.O_APPEND))
+                                        append=bool(flags & os.O_APPEND), uncached=uncached)
         self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
         # Read-only: the image never changes, so cached pages stay valid.
         # Read-write: this server is the only writer and every write, truncate
         # and mmap store goes through this kernel's page cache (which FUSE
         # keeps coherent for buffered writes), so the pages are still valid.
-        # With the writeback cache, a write to an append-only file must still
-        # reach us with the file's flags (fcntl may clear O_APPEND, and the
-        # kernel cannot see the inode flag): its opens for writing bypass the cache.
-        direct_io = (self.writeback_cache and writable
-                     and bool(self.fs.inode(ino).flags & FL_APPEND))  # fmt: skip
-        return OpenResult(fh=fh, keep_cache=True, direct_io=direct_io)
+        return OpenResult(fh=fh, keep_cache=True, direct_io=uncached)
 
     @fuse_errors("read")
     def read_plan(self, fh: int, off: int, size: int) -> tuple[ReadPlan, bool]:
@@ -261,9 +266,11 @@ class Operations(NamespaceChanges, FileRangeOps):
         `file_flags`: the file's open flags now (FUSE_WRITE carries them), so a
         write to an append-only file from an fd whose O_APPEND fcntl cleared is
         refused here, as the kernel refuses that fcntl.
-        `cached`: writeback of the kernel's page cache (FUSE_WRITE_CACHE), stored
-        as cached_writes.py says (the kernel's times, ext4's holes). Its
-        write(2)s were accepted long ago and it carries no file flags."""
+        `cached`: writeback of the kernel's page cache (FUSE_WRITE_CACHE): its
+        write(2)s were accepted long ago and it carries no file flags.
+        Under the writeback cache every write but those of an uncached handle
+        keeps the kernel's times (it stamped them itself), and a writeback
+        leaves ext4's holes (cached_writes.py)."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:
             raise FuseError(errno.EBADF)
@@ -271,6 +278,7 @@ class Operations(NamespaceChanges, FileRangeOps):
         if file_flags is not None and not cached:
             self.rw.check_open(ino, file_flags)
         node = self.fs.inode(ino)
+        kernel_times = (node.mtime_ns, node.ctime_ns)
         # Synchronous from write_begin to write_end: no other request may
         # truncate (and free) the blocks between allocation and the data write.
         self.dirty = True
@@ -289,9 +297,10 @@ class Operations(NamespaceChanges, FileRangeOps):
             self.changed_behind_kernel.append(ino)
         # Fewer bytes than asked when the file's size limit cuts the write short.
         with acting_as(Caller(handle.uid, handle.gid)):
-            if not cached:
+            if not self.writeback_cache or handle.uncached:
                 return self.engine.write(node, off, data, now_ns=now_ns())
-            written = cached_writes.store(self.engine, self.rw, node, off, data)
+            written = cached_writes.store(self.engine, self.rw, node, off, data,
+                                          times=kernel_times, page_granular=cached)
         self._blocks_changed(ino)
         return written
 
