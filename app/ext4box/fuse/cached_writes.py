@@ -4,12 +4,11 @@ The kernel then sends dirty pages at writeback, fsync and close (with
 FUSE_WRITE_CACHE), and a few writes straight through (a write that must clear
 set-user-ID, O_DIRECT). Two things differ from writes without the cache:
 
-- Times. The kernel owns mtime and ctime of regular files: it stamps them at
-  each write(2) or mmap store (O_DIRECT and clearing writes included) and
-  sends them by SETATTR (fuse_flush_times), and it never takes them from our
-  replies. A WRITE that reached us after that SETATTR, or one for which no
-  SETATTR follows because the kernel's coarse clock had not moved, must not
-  stamp our own time on the image, where the kernel would never see it. So
+- Times. The kernel owns mtime and ctime of regular files (kernel_times.py):
+  it stamps them at each write(2) or mmap store (O_DIRECT and clearing
+  writes included) and sends them by SETATTR. A WRITE that reached us after
+  that SETATTR, or one for which no SETATTR follows because the kernel's
+  coarse clock had not moved, must not stamp our own time on the image. So
   the inode keeps the times it had before the request.
 - Granularity (page-cache writebacks only). The kernel tracks dirt per page,
   so on a filesystem whose blocks are smaller than a page a writeback carries
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ext4box.fuse.kernel_times import keep_times
 from ext4box.iomap.types import IOMapKind
 
 if TYPE_CHECKING:
@@ -65,16 +65,6 @@ def store(engine: IOMapEngine, fs: WritableFilesystem, node: Inode, pos: int,
         engine.invalidate(node.ino)
     keep_times(fs, node.ino, times, current)
     return end - pos
-
-
-def keep_times(fs: WritableFilesystem, ino: int, times: tuple[int, int],
-               current: Inode | None = None) -> None:
-    """Put (mtime, ctime) `times` back on `ino` if a change stamped others; `current`:
-    the inode now, if at hand."""
-    current = fs.inode(ino) if current is None else current
-    if (current.mtime_ns, current.ctime_ns) != times:
-        # Restored, not changed: "now" for an append-only inode's rules.
-        fs.setattr(ino, mtime_ns=times[0], ctime_ns=times[1], times_now=True)
 
 
 def _pieces(engine: IOMapEngine, node: Inode, pos: int,

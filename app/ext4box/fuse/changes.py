@@ -10,6 +10,7 @@ truncate and chown.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from ext4box.ext4.errors import NotFound
 from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.inode import Inode
+from ext4box.fuse import kernel_times
 from ext4box.fuse.attrs import Attributes, ext4_ino
 from ext4box.fuse.errors import FuseError, fuse_errors
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
@@ -83,6 +85,7 @@ class NamespaceChanges:
 
     # Provided by Operations.
     rw: WritableFilesystem
+    writeback_cache: bool
 
     def _require_writable(self) -> None: ...
     def _attributes(self, ino: int) -> Attributes: ...
@@ -170,7 +173,9 @@ class NamespaceChanges:
     def link(self, node_id: int, new_parent_id: int, new_name: bytes) -> Attributes:
         check_name(new_name)
         self._require_writable()
-        node = self.rw.link(ext4_ino(node_id), ext4_ino(new_parent_id), new_name)
+        ino = ext4_ino(node_id)
+        with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
+            node = self.rw.link(ino, ext4_ino(new_parent_id), new_name)
         attr = self._inode_attributes(node)
         self.remember(node.ino)
         return attr
@@ -191,7 +196,11 @@ class NamespaceChanges:
         parent = ext4_ino(parent_id)
         ino = self.fs.lookup(parent, name)
         still_open = self._open_counts.get(ino, 0) > 0
+        before = self.fs.inode(ino) if self.writeback_cache else None
         node = self.rw.unlink(parent, name, still_open=still_open)
+        if before is not None and before.is_reg and node.links_count:
+            # A name left: its ctime is the kernel's (kernel_times.py).
+            kernel_times.keep_times(self.rw, ino, (before.mtime_ns, before.ctime_ns), node)
         if node.links_count == 0:
             if still_open:
                 self._orphans.add(ino)
@@ -226,7 +235,11 @@ class NamespaceChanges:
         except NotFound:
             target = None
         victim = self.fs.inode(target) if target is not None else None
-        self.rw.rename(old_parent, old_name, new_parent, new_name, flags)
+        exchanged = target is not None and bool(flags & RENAME_EXCHANGE)
+        wb = self.writeback_cache
+        with (kernel_times.kept(self.rw, source, writeback_cache=wb),
+              kernel_times.kept(self.rw, target or source, writeback_cache=wb and exchanged)):
+            self.rw.rename(old_parent, old_name, new_parent, new_name, flags)
         if victim is not None and victim.ino != source and not flags & RENAME_EXCHANGE:
             # The replaced inode lost a name; if that was its last, it is
             # gone, or (still open) on the orphan list until its last release.
@@ -257,8 +270,12 @@ class NamespaceChanges:
             changes["uid"] = req.uid
         if req.gid is not None and req.gid != node.gid:
             changes["gid"] = req.gid
-        # An empty SETATTR is chown(path, -1, -1): a chown all the same.
-        empty = req.changes_nothing()
+        # An empty SETATTR is chown(path, -1, -1): a chown all the same. Under
+        # the writeback cache it names the kernel's ctime, and nothing else does
+        # (the kernel's own time flush brings mtime too).
+        empty = req.changes_nothing() or (
+            self.writeback_cache and req.ctime_ns is not None
+            and dataclasses.replace(req, ctime_ns=None).changes_nothing())
         chown = req.uid is not None or req.gid is not None or empty
         if req.kill_suidgid is None:
             # chown(2) clears suid (always) and sgid (with group-exec), even

@@ -26,7 +26,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from ext4box.fuse import cached_writes
+from ext4box.fuse import kernel_times
 from ext4box.fuse.errors import FuseError, fuse_errors
 from ext4box.fuse.killpriv import now_ns
 
@@ -101,9 +101,7 @@ class FileRangeOps:
         if not self.writeback_cache:
             return self.engine.copy_file_range(source.ino, off_in, target.ino, off_out, length,
                                                now_ns=now_ns())
-        # The kernel stamped the target's times itself (cached_writes.py).
-        node = self.fs.inode(target.ino)
-        copied = self.engine.copy_file_range(source.ino, off_in, target.ino, off_out, length,
-                                             now_ns=node.mtime_ns)
-        cached_writes.keep_times(self.rw, target.ino, (node.mtime_ns, node.ctime_ns))
-        return copied
+        # The kernel stamped the target's times itself (kernel_times.py).
+        with kernel_times.kept(self.rw, target.ino, writeback_cache=True):
+            return self.engine.copy_file_range(source.ino, off_in, target.ino, off_out,
+                                               length, now_ns=now_ns())

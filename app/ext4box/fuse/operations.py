@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 from ext4box.ext4.caller import Caller, acting_as
 from ext4box.ext4.filesystem import Filesystem, StatFs
 from ext4box.ext4.inode import FL_APPEND, Inode
-from ext4box.fuse import cached_writes, ioctls
+from ext4box.fuse import cached_writes, ioctls, kernel_times
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
     ENTRY_TIMEOUT,
@@ -216,8 +216,8 @@ class Operations(NamespaceChanges, FileRangeOps):
             kill = ctx.uid != 0 if kill_suidgid is None else kill_suidgid
             mode = killpriv_mode(node.mode) if kill else None
             self.rw.setattr(ino, size=0, mode=mode, mtime_ns=now, ctime_ns=now)
-            if self.writeback_cache:  # the kernel stamps the times (cached_writes.py)
-                cached_writes.keep_times(self.rw, ino, (node.mtime_ns, node.ctime_ns))
+            if self.writeback_cache:  # the kernel stamps the times (kernel_times.py)
+                kernel_times.keep_times(self.rw, ino, (node.mtime_ns, node.ctime_ns))
             self.engine.invalidate(ino)
             self.dirty = True
         return self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
@@ -299,10 +299,8 @@ class Operations(NamespaceChanges, FileRangeOps):
         with acting_as(Caller(handle.uid, handle.gid)):
             if not self.writeback_cache or handle.uncached:
                 return self.engine.write(node, off, data, now_ns=now_ns())
-            written = cached_writes.store(self.engine, self.rw, node, off, data,
-                                          times=kernel_times, page_granular=cached)
-        self._blocks_changed(ino)
-        return written
+            return cached_writes.store(self.engine, self.rw, node, off, data,
+                                       times=kernel_times, page_granular=cached)
 
     @fuse_errors("ioctl")
     def ioctl(self, node_id: int, cmd: int, data: bytes, out_size: int, ctx: Context) -> bytes:
@@ -442,7 +440,8 @@ class Operations(NamespaceChanges, FileRangeOps):
                 raise FuseError(errno.EEXIST)
             if flags & os.XATTR_REPLACE and not exists:
                 raise FuseError(errno.ENODATA)
-        self.rw.setxattr(ino, name, value)
+        with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
+            self.rw.setxattr(ino, name, value)
         self._blocks_changed(ino)
         if kill_sgid:
             node = self.fs.inode(ino)
@@ -452,14 +451,18 @@ class Operations(NamespaceChanges, FileRangeOps):
     @fuse_errors("removexattr")
     def removexattr(self, node_id: int, name: bytes) -> None:
         self._require_writable()
-        self.rw.removexattr(ext4_ino(node_id), name)
-        self._blocks_changed(ext4_ino(node_id))
+        ino = ext4_ino(node_id)
+        with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
+            self.rw.removexattr(ino, name)
+        self._blocks_changed(ino)
 
     def _blocks_changed(self, ino: int) -> None:
-        """st_blocks of `ino` changed (a writeback, an xattr block). Under the
-        writeback cache the kernel refetches attributes it does not own only
-        when told: it owns size and times of regular files and takes the
-        rest (st_blocks) from a GETATTR after FUSE_NOTIFY_INVAL_INODE."""
+        """st_blocks of `ino` changed (an xattr block). Under the writeback
+        cache the kernel refetches attributes it does not own only when told:
+        it owns size and times of regular files and takes the rest (st_blocks)
+        from a GETATTR after FUSE_NOTIFY_INVAL_INODE. (Not after writebacks:
+        there the kernel refetches at close, and a notification racing the
+        writeback of a file made the next open by another user fail EACCES.)"""
         if self.writeback_cache:
             self.changed_behind_kernel.append(ino)
 
