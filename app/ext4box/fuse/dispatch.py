@@ -339,7 +339,7 @@ class Dispatcher:
         return EMPTY
 
     def fsync(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
-        self.ops.fsync()
+        self.ops.fsync(nodeid)
         return EMPTY
 
     def syncfs(self, nodeid: int, caller: Caller, body: bytes) -> Payload:

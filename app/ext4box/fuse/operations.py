@@ -314,8 +314,12 @@ class Operations(NamespaceChanges, FileRangeOps):
         return result.out
 
     @fuse_errors("fsync")
-    def fsync(self) -> None:
+    def fsync(self, node_id: int | None = None) -> None:
+        """fsync(2) (of `node_id`, when the transport says) or syncfs(2)."""
         self.commit(durable=True)
+        if node_id is not None:
+            # The kernel sent the file's pages first: st_blocks is known now.
+            self._blocks_changed(ext4_ino(node_id))
 
     def commit(self, *, durable: bool) -> None:
         if not self.writable:
@@ -457,12 +461,13 @@ class Operations(NamespaceChanges, FileRangeOps):
         self._blocks_changed(ino)
 
     def _blocks_changed(self, ino: int) -> None:
-        """st_blocks of `ino` changed (an xattr block). Under the writeback
-        cache the kernel refetches attributes it does not own only when told:
-        it owns size and times of regular files and takes the rest (st_blocks)
-        from a GETATTR after FUSE_NOTIFY_INVAL_INODE. (Not after writebacks:
-        there the kernel refetches at close, and a notification racing the
-        writeback of a file made the next open by another user fail EACCES.)"""
+        """st_blocks of `ino` changed (an xattr block; written-back data, at
+        fsync). Under the writeback cache the kernel refetches attributes it
+        does not own only when told: it owns size and times of regular files
+        and takes the rest (st_blocks) from a GETATTR after
+        FUSE_NOTIFY_INVAL_INODE. (Not after each writeback WRITE: the kernel
+        refetches at close, and a notification racing a close's writeback made
+        the next open of the file by another user fail EACCES on 6.18.)"""
         if self.writeback_cache:
             self.changed_behind_kernel.append(ino)
 
