@@ -31,6 +31,7 @@ from rw_support import (
     open_path_for_others,
     run_as,
     skip_unless_possible,
+    syncfs,
 )
 
 from support.serve import ext4box_argv, fuse_backend
@@ -303,6 +304,28 @@ def test_statfs_after_appends_and_fsync(tmp_path: Path) -> None:
         after = os.statvfs(root)
         return [(before.f_bfree - after.f_bfree) * after.f_frsize // 4096,
                 before.f_ffree - after.f_ffree]
+
+    assert_same_on_both(tmp_path, _image(tmp_path), scenario, OPTIONS)
+
+
+def test_unlink_of_a_cached_file_then_syncfs(tmp_path: Path) -> None:
+    # The kernel stamps the unlinked inode's ctime and flushes it by SETATTR,
+    # after the server freed the inode: that must not fail (EUCLEAN came back
+    # from syncfs, recorded on the mapping by the failed flush).
+    def scenario(root: Path) -> list[object]:
+        obs: list[object] = []
+        for i in range(20):
+            path = root / f"gone-{i}"
+            path.write_bytes(b"x" * i)
+            os.stat(path)
+            os.unlink(path)
+        keep = root / "kept"
+        keep.write_bytes(b"linked twice")
+        os.link(keep, root / "second")
+        os.unlink(root / "second")  # a name left: its ctime is flushed too
+        obs.append(attempt(syncfs, root))
+        obs.append(os.stat(keep).st_nlink)
+        return obs
 
     assert_same_on_both(tmp_path, _image(tmp_path), scenario, OPTIONS)
 

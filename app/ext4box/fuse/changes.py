@@ -256,6 +256,12 @@ class NamespaceChanges:
     @fuse_errors("setattr")
     def setattr(self, node_id: int, req: SetattrRequest, ctx: Context) -> Attributes:
         ino = ext4_ino(node_id)
+        dead = self._dead.get(ino)
+        if dead is not None:
+            # Freed by its last unlink while the kernel still holds it: no fd
+            # and no name can reach it, only the writeback cache's flush of
+            # the ctime that unlink stamped (fuse_update_ctime_in_cache).
+            return dead
         if req.changes_nothing() and not self.writable:
             return self._attributes(ino)
         # A SETATTR naming no field is chown(path, -1, -1) (FATTR_CTIME comes only
