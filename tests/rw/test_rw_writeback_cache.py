@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -41,6 +42,9 @@ pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 OPTIONS = ("writeback_cache",)
 RECORD = b"abc\n"
 APPENDS = 20_000
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_APPEND_FL = 0x20
 # Longer than the kernel's coarse clock tick, so a time that moves is seen to.
 TICK_S = 0.03
 
@@ -289,6 +293,33 @@ def test_append_only_file_keeps_refusing_a_cleared_o_append(tmp_path: Path) -> N
     # shows lags the image's times (docs/status.md). Content and errors agree.
     assert_same_on_both(tmp_path, _image(tmp_path), scenario, OPTIONS,
                         view_ignore=frozenset({"mtime_ns", "ctime_ns"}))
+
+
+def test_file_made_append_only_while_dirty(tmp_path: Path) -> None:
+    # The writes and their times are in the page cache when chattr +a comes:
+    # the writeback and the kernel's time flush that follow must still land.
+    def scenario(root: Path) -> list[object]:
+        path = root / "journal"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"before the flag\n")
+            # The ioctl on a second fd, nothing closed: chattr(1) would close
+            # its own fd first, and a close writes everything back.
+            flags_fd = os.open(path, os.O_RDONLY)
+            flags = struct.unpack("i", fcntl.ioctl(flags_fd, FS_IOC_GETFLAGS, bytes(4)))[0]
+            chattr = attempt(fcntl.ioctl, flags_fd, FS_IOC_SETFLAGS,
+                             struct.pack("i", flags | FS_APPEND_FL))
+            synced = attempt(os.fsync, fd)
+        finally:
+            os.close(fd)
+        os.close(flags_fd)
+        obs = [chattr, synced, attempt(syncfs, root), path.read_bytes()]
+        subprocess.run(["chattr", "-a", str(path)], check=True)
+        return obs
+
+    # chattr's ctime: the kernel stamps none for it (kernel_times.py).
+    assert_same_on_both(tmp_path, _image(tmp_path), scenario, OPTIONS,
+                        view_ignore=frozenset({"ctime_ns"}))
 
 
 def test_statfs_after_appends_and_fsync(tmp_path: Path) -> None:
