@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: ro, rw, noexec, allow_other, noatime, nodiratime (default: ro;"
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
-        " the FUSE transport",
+        " the FUSE transport; writeback_cache (native, rw) lets the kernel's page cache"
+        " collect small writes (docs/status.md says what it trades)",
     )
     serve.add_argument(
         "-f", "--foreground", action="store_true",
