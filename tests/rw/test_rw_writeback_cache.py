@@ -56,13 +56,14 @@ def _native_only(request: pytest.FixtureRequest) -> None:
         pytest.skip("writeback_cache is a native-transport option (pyfuse3 refuses it)")
 
 
-def _image(tmp_path: Path, files: dict[str, bytes] | None = None, block_size: int = 4096
-           ) -> Path:
+def _image(tmp_path: Path, files: dict[str, bytes] | None = None, block_size: int = 4096,
+           inode_size: int = 256) -> Path:
     tree = tmp_path / "tree"
     tree.mkdir()
     for name, data in (files or {}).items():
         (tree / name).write_bytes(data)
-    return make_image(tmp_path / "base.img", 64, "-b", str(block_size), root=tree)
+    return make_image(tmp_path / "base.img", 64, "-b", str(block_size), "-I", str(inode_size),
+                      root=tree)
 
 
 def _data_map(path: Path) -> list[tuple[int, int]]:
@@ -182,25 +183,30 @@ def test_sparse_writes_allocate_what_ext4_allocates(tmp_path: Path, block_size: 
     assert_same_on_both(tmp_path, _image(tmp_path, block_size=block_size), scenario, OPTIONS)
 
 
-def test_mtime_and_ctime_follow_the_kernels_rule(tmp_path: Path) -> None:
+# 128-byte inodes keep whole seconds: the kernel must stamp those too.
+@pytest.mark.parametrize("inode_size", [128, 256])
+def test_mtime_and_ctime_follow_the_kernels_rule(tmp_path: Path, inode_size: int) -> None:
+    # Whole seconds move only after a second.
+    tick = 1.05 if inode_size == 128 else TICK_S
+
     def scenario(root: Path) -> list[object]:
         path = root / "timed"
         path.write_bytes(b"start")
         obs: list[object] = []
         before = _times(path)
-        time.sleep(TICK_S)
+        time.sleep(tick)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, b"more")
             after_write = _times(fd)
             obs.append(("write", _moved(before, after_write)))
-            time.sleep(TICK_S)
+            time.sleep(tick)
             os.fsync(fd)
             obs.append(("fsync keeps", _times(fd) == after_write))
         finally:
             os.close(fd)
         obs.append(("close keeps", _times(path) == after_write))
-        time.sleep(TICK_S)
+        time.sleep(tick)
         with path.open("r+b") as f:
             f.write(b"S")
             f.flush()
@@ -208,7 +214,7 @@ def test_mtime_and_ctime_follow_the_kernels_rule(tmp_path: Path) -> None:
         obs.append(("overwrite", _moved(after_write, during), _times(path) == during))
         return obs
 
-    assert_same_on_both(tmp_path, _image(tmp_path), scenario, OPTIONS)
+    assert_same_on_both(tmp_path, _image(tmp_path, inode_size=inode_size), scenario, OPTIONS)
 
 
 def test_truncate_and_appends_race_dirty_pages(tmp_path: Path) -> None:

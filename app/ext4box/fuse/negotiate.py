@@ -105,10 +105,12 @@ def wanted_flags(*, writeback_cache: bool = False) -> int:
     return out
 
 
-def negotiate(body: bytes, *, writeback_cache: bool = False) -> tuple[bytes, Agreed | None]:
+def negotiate(body: bytes, *, writeback_cache: bool = False,
+              time_gran_ns: int = TIME_GRAN_NS) -> tuple[bytes, Agreed | None]:
     """The INIT reply payload for the kernel's fuse_init_in `body`, and the agreement.
 
     `writeback_cache`: ask for FUSE_WRITEBACK_CACHE too (`-o writeback_cache`).
+    `time_gran_ns`: the granularity of the times the kernel stamps itself.
 
     Agreement None: the kernel speaks a newer major version; the reply names
     ours and the kernel sends INIT again. A major older than 7 is EPROTO.
@@ -134,7 +136,7 @@ def negotiate(body: bytes, *, writeback_cache: bool = False) -> tuple[bytes, Agr
     )
     reply = protocol.INIT_OUT.pack(
         agreed.major, agreed.minor, max_readahead, agreed_flags & 0xFFFFFFFF,
-        MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, TIME_GRAN_NS,
+        MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, time_gran_ns,
         MAX_PAGES, 0, agreed_flags >> 32,
     )  # fmt: skip
     return reply, agreed

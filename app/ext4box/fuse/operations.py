@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = get_logger("ext4box.fuse")
 
 _DOT_NAMES = (b".", b"..")
+_GOOD_OLD_INODE_SIZE = 128  # no extra time fields: times in whole seconds
 SECURITY_CAPABILITY = b"security.capability"
 _S_ISUID_SGID = stat.S_ISUID | stat.S_ISGID
 
@@ -114,6 +115,11 @@ class Operations(NamespaceChanges, FileRangeOps):
         self.writable = not getattr(fs, "readonly", True)
         # `-o writeback_cache` (fs_options.py): a read-only mount never asks for it.
         self.writeback_cache = writeback_cache and self.writable
+        # The kernel then stamps regular files' times itself: to the second
+        # where 128-byte inodes have no room for nanoseconds, or stat would
+        # show nanoseconds the image never keeps.
+        self.time_gran_ns = (1_000_000_000 if self.writeback_cache
+                             and fs.sb.inode_size <= _GOOD_OLD_INODE_SIZE else 1)  # fmt: skip
         self.timeouts = (
             (RW_ENTRY_TIMEOUT, RW_ATTR_TIMEOUT) if self.writable else (ENTRY_TIMEOUT, ATTR_TIMEOUT)
         )

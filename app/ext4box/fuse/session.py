@@ -116,7 +116,8 @@ class Session:
                 continue
             try:
                 reply, agreed = negotiate.negotiate(
-                    body, writeback_cache=self.ops.writeback_cache)
+                    body, writeback_cache=self.ops.writeback_cache,
+                    time_gran_ns=self.ops.time_gran_ns)
             except FuseError as err:
                 log.error("INIT refused", errno=errno.errorcode.get(err.errno, err.errno))
                 self._reply_error(unique, err.errno)
