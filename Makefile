@@ -25,6 +25,7 @@ demo: deps
 # time on the pyfuse3 backend, so both transports keep checking each other.
 test: deps
 	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/lint-imports
 	PYTHON=$(PY) bash scripts/run-tests.sh
 	EXT4BOX_TEST_BACKEND=pyfuse3 PYTHON=$(PY) bash scripts/run-tests.sh tests/fuse tests/rw/test_rw_differential.py
 
@@ -34,6 +35,7 @@ QUICK_TESTS := tests/ext4 tests/iomap tests/policy tests/cli tests/fuse tests/ho
 	tests/test_diff_walk.py tests/test_corrupt_images.py
 test-quick: deps
 	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/lint-imports
 	PYTHON=$(PY) bash scripts/run-tests.sh $(QUICK_TESTS)
 
 # ext4box for every user of this host (root): scripts/install.sh says what goes where.
@@ -46,8 +48,10 @@ install:
 uninstall:
 	bash scripts/install.sh uninstall
 
+# ruff, and lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]).
 lint: deps
 	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/lint-imports
 
 # The full harness (root; ~3 min, +1 the first time: the 1M-file image): figures to
 # bench/results/, table and chart to docs/performance.md. BENCH_ARGS=--quick: a smoke run.

@@ -77,7 +77,7 @@ def server_caches() -> dict[str, object]:
     """The cache sizes `ext4box serve` uses: read from the code, since serve takes no option."""
     found: dict[str, object] = {}
     try:
-        from ext4box.ext4.filesystem import CacheSizes
+        from ext4box.ext4.read.filesystem import CacheSizes
 
         found["CacheSizes (ext4/filesystem.py)"] = {
             f.name: f.default for f in dataclasses.fields(CacheSizes)}

@@ -67,8 +67,8 @@ def table_rows(data: dict) -> list[dict[str, str]]:
     for row in ROWS:
         if row.key not in measured:
             continue
-        kernel, ours, theirs = (cells.get((row.key, s)) for s in SYSTEMS)
-        k, e, f = _rate(kernel), _rate(ours), _rate(theirs)
+        kernel, ours, theirs, old = (cells.get((row.key, s)) for s in SYSTEMS)
+        k, e, f, o = _rate(kernel), _rate(ours), _rate(theirs), _rate(old)
         verdict = "-"
         if row.target is not None:
             ok = None if e is None else met(row.target, e, k, f)
@@ -83,6 +83,8 @@ def table_rows(data: dict) -> list[dict[str, str]]:
             "ext4box/kernel": "-" if memory else _ratio(e, k, percent=True),
             "fuse2fs/kernel": "-" if memory else _ratio(f, k, percent=True),
             "ext4box/fuse2fs": "-" if memory else _ratio(e, f, percent=False),
+            "pyfuse3": _figure(old),
+            "ext4box/pyfuse3": "-" if memory else _ratio(e, o, percent=False),
             "target": row.target.text if row.target else "(no target)",
             "met": verdict,
         })
@@ -90,7 +92,7 @@ def table_rows(data: dict) -> list[dict[str, str]]:
 
 
 _COLUMNS = ("workload", "kernel", "ext4box", "fuse2fs", "ext4box/kernel", "fuse2fs/kernel",
-            "ext4box/fuse2fs", "target", "met")
+            "ext4box/fuse2fs", "pyfuse3", "ext4box/pyfuse3", "target", "met")
 
 
 def text_table(data: dict) -> str:
@@ -315,8 +317,8 @@ def markdown(data: dict, source: str, chart: str | None) -> str:
         "",
         f"Measured {data['started']} in {data['duration_s'] / 60:.1f} min{quick}, "
         f"best of {data['repeat']} run(s) per cell: **{met_count} of {len(targets)} "
-        f"issue-7 targets met**. Kernel = the kernel's ext4 on a loop device; all three "
-        f"systems serve the same image in the same run.",
+        f"issue-7 targets met**. Kernel = the kernel's ext4 on a loop device; every "
+        f"system serves the same image in the same run.",
         "",
         "## Results",
         "",
@@ -324,7 +326,9 @@ def markdown(data: dict, source: str, chart: str | None) -> str:
         "",
         "Rates are higher-is-better (MB/s = 10^6 bytes/s). `ext4box/kernel` and "
         "`fuse2fs/kernel` divide rates, so 50% is half the kernel's speed; `ext4box/fuse2fs` "
-        "is the metadata targets' ratio. A cell reading `refused: ERRNO` is a system that "
+        "is the metadata targets' ratio. `pyfuse3` is ext4box on its second FUSE backend "
+        "(`-o backend=pyfuse3`, the transport before issue 13), and `ext4box/pyfuse3` the "
+        "native transport's gain over it. A cell reading `refused: ERRNO` is a system that "
         "refused the workload (for O_DIRECT: the open or the first aligned transfer failed).",
         "",
     ]
@@ -349,11 +353,12 @@ def markdown(data: dict, source: str, chart: str | None) -> str:
         "copy of a write image (a preallocated "
         f"{sizes['random_write_mb']} MiB file for the random writes), mounted read-write, "
         "and `e2fsck -fn` checks it after the unmount.",
-        "- Mounts: kernel `mount -o ro|rw` of a loop device; `ext4box serve IMAGE MNT -o ro|rw`; "
-        "`fuse2fs -f IMAGE MNT -o ro|rw,fakeroot`. A fresh mount per measurement and "
+        "- Mounts: kernel `mount -o ro|rw` of a loop device; `ext4box serve IMAGE MNT -o ro|rw` "
+        "(pyfuse3: `-o ro|rw,backend=pyfuse3`); `fuse2fs -f IMAGE MNT -o ro|rw,fakeroot`. "
+        "A fresh mount per measurement and "
         "`echo 3 > /proc/sys/vm/drop_caches` before it. Each image is read once, untimed, "
         "before the measurements, so that in a VM the host's cache of the image file is "
-        "equally warm for all three systems: cold means cold in this machine's page cache.",
+        "equally warm for every system: cold means cold in this machine's page cache.",
         "- Data workloads are fio jobs (psync, iodepth 1, one job). Reads are timed by fio's "
         "summed read latencies (ns resolution), writes by fio's runtime with `end_fsync=1`, "
         f"so the final fsync counts. Random jobs do "

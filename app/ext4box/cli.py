@@ -29,6 +29,7 @@ EXIT_ERROR = 1
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ext4box import daemon
+    from ext4box.fuse.atime import take_atime_options
     from ext4box.fuse.fs_options import (
         apply_quota_options,
         take_quota_options,
@@ -44,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         take_backend,
     )
     from ext4box.fuse.operations import Operations
+    from ext4box.iomap.direct_io import direct_io_for
 
     try:
         backend, user_options = take_backend(split_options(args.options))
@@ -51,9 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         writeback_cache, user_options = take_writeback_option(user_options)
         if writeback_cache and backend == "pyfuse3":
             raise CliError("-o writeback_cache needs the native FUSE transport, not pyfuse3")
+        atime, user_options = take_atime_options(user_options)
         options = fuse_options(
             os.path.abspath(args.image),
-            user_options,
+            [*user_options, *atime.mount_flags],
             as_root=os.geteuid() == 0,
             debug=args.debug and backend == "pyfuse3",
         )
@@ -63,9 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         foreground = args.foreground or daemon.under_systemd_notify()
         # Background: from here on the parent only waits for the child's verdict.
         readiness = daemon.Readiness() if foreground else daemon.background()
-        with open_image(args.image, writable="rw" in options) as (fs, engine):
+        with (open_image(args.image, writable="rw" in options) as (fs, engine),
+              direct_io_for(fs.dev) as direct):
+            engine.direct = direct  # large data runs bypass the image's page cache
             apply_quota_options(fs, quota_types)
-            ops = Operations(fs, engine, writeback_cache=writeback_cache)
+            ops = Operations(fs, engine, atime, writeback_cache=writeback_cache)
             if backend == "pyfuse3":
                 serve_pyfuse3(ops, config, on_ready=readiness.ready)
             else:
@@ -97,7 +102,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ext4box.helper import broker_client, commands
+    from ext4box.helper import broker_client, foreground, mount_command
     from ext4box.helper.errors import HelperError
     from ext4box.helper.external import Endpoint
 
@@ -125,7 +130,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     elif args.foreground or args.server_uid is not None:
         raise CliError("--foreground and --server-uid need --handoff-listen or --handoff-connect")
     try:
-        result = commands.mount(
+        result = mount_command.mount(
             args.image,
             args.mountpoint,
             mode=args.mode,
@@ -143,7 +148,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.foreground:
-        why = commands.serve_until_stopped(result)
+        why = foreground.serve_until_stopped(result)
         print(f"unmounted {record.mountpoint} ({why})", flush=True)
     elif result.channel is not None:
         result.channel.close()
@@ -151,7 +156,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ext4box.helper import broker_client, commands, state
+    from ext4box.helper import broker_client, state, umount_command
     from ext4box.helper.errors import HelperError
 
     try:
@@ -159,7 +164,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if broker_client.broker_available() and own is None:
             broker_client.umount(args.mountpoint)
             return EXIT_OK
-        commands.umount(args.mountpoint)
+        umount_command.umount(args.mountpoint)
     except HelperError as err:
         raise CliError(err.line) from None
     return EXIT_OK
@@ -279,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: ro, rw, noexec, allow_other, noatime, nodiratime (default: ro;"
+        help="mount options: ro, rw, noexec, allow_other; relatime (default), strictatime,"
+        " noatime, nodiratime and their negations, lazytime (default: ro;"
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
         " the FUSE transport; writeback_cache (native, rw) lets the kernel's page cache"
@@ -505,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         logsetup.setup(level, fmt)
     except ValueError as err:
         parser.error(str(err))
-    from ext4box.ext4.errors import Ext4Error
+    from ext4box.ext4.format.errors import Ext4Error
     from ext4box.helper.errors import HelperError
 
     try:

@@ -49,10 +49,11 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *, trace
         nodiratime="nodiratime" in config.fuse_options,
     )
     if spec.nodiratime and not spec.noatime and os.geteuid() != 0:
-        # fusermount3 has no nodiratime; FUSE never updates atime on its own
-        # (the server would), so reads leave it unchanged anyway.
-        log.info("mount option not applied", options="nodiratime", backend="native",
-                 why="fusermount3 does not know it")  # fmt: skip
+        # fusermount3 has no nodiratime. The server applies it all the same
+        # (fuse/atime.py): only the mount's flag, which changes nothing on
+        # FUSE, is missing.
+        log.info("mount flag not set", options="nodiratime", backend="native",
+                 why="fusermount3 does not know it; the server applies it")  # fmt: skip
     try:
         fuse_fd = mount(spec)
     except HelperError as err:

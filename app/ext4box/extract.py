@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from ext4box.offline import COPY_CHUNK, EXIT_OK, CliError, file_chunks, open_image, resolve
 
 if TYPE_CHECKING:
-    from ext4box.ext4.filesystem import Filesystem
-    from ext4box.ext4.inode import Inode
+    from ext4box.ext4.format.inode import Inode
+    from ext4box.ext4.read.filesystem import Filesystem
     from ext4box.iomap.engine import IOMapEngine
 
 MAX_EXTRACT_DEPTH = 400  # stays well inside Python's recursion limit
@@ -78,7 +78,7 @@ def _safe_name(name: bytes) -> bool:
 
 
 def _extract_children(job: _Extraction, dir_ino: int, dir_fd: int, rel: bytes, depth: int) -> None:
-    from ext4box.ext4.errors import Ext4Error
+    from ext4box.ext4.format.errors import Ext4Error
 
     try:
         items = [item for item in job.fs.readdir(dir_ino) if item.name not in (b".", b"..")]
@@ -93,7 +93,7 @@ def _extract_children(job: _Extraction, dir_ino: int, dir_fd: int, rel: bytes, d
 def _extract_node(
     job: _Extraction, ino: int, parent_fd: int, name: bytes, rel: bytes, depth: int
 ) -> None:
-    from ext4box.ext4.errors import Ext4Error
+    from ext4box.ext4.format.errors import Ext4Error
 
     if not _safe_name(name):
         _warn(job, rel, "unsafe name in image, skipped")

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ext4box.ext4.filesystem import Filesystem
-    from ext4box.ext4.inode import Inode
+    from ext4box.ext4.format.inode import Inode
+    from ext4box.ext4.read.filesystem import Filesystem
     from ext4box.iomap.engine import IOMapEngine
 
 EXIT_OK = 0
@@ -41,8 +41,8 @@ def open_image(path: str, *, writable: bool = False) -> Iterator[tuple[Filesyste
     Closing a writable filesystem commits and marks the image clean.
     """
     from ext4box.blockdev import BlockDevice
-    from ext4box.ext4.errors import Corrupt, Ext4Error, NotExt4, Unsupported
-    from ext4box.ext4.filesystem import Filesystem
+    from ext4box.ext4.format.errors import Corrupt, Ext4Error, NotExt4, Unsupported
+    from ext4box.ext4.opening import open_filesystem
     from ext4box.iomap.engine import IOMapEngine
 
     try:
@@ -53,7 +53,7 @@ def open_image(path: str, *, writable: bool = False) -> Iterator[tuple[Filesyste
         raise CliError(f"cannot use image {path}: {err}") from None
     try:
         try:
-            fs = Filesystem.open(dev, readonly=not writable)
+            fs = open_filesystem(dev, readonly=not writable)
         except NotExt4 as err:
             raise CliError(f"{path}: not an ext2/3/4 filesystem: {err}") from None
         except Corrupt as err:
@@ -80,7 +80,7 @@ def resolve(fs: Filesystem, path: bytes, *, follow_final: bool) -> int:
     asked), relative to the directory holding them or to the image root when
     absolute; ".." of the root is the root, so nothing escapes the image.
     """
-    from ext4box.ext4.errors import NotADirectory, NotFound
+    from ext4box.ext4.format.errors import NotADirectory, NotFound
 
     pending = [part for part in reversed(path.split(b"/")) if part]
     current = ROOT_INO

@@ -19,9 +19,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ext4box import handoff_protocol as protocol
+from ext4box.handoff_protocol import ImageKind, Mode, MountRequest
 from ext4box.helper import handoff
-from ext4box.service import protocol
-from ext4box.service.protocol import ImageKind, Mode, MountRequest
 from support.kernel import unmount
 
 MS_RDONLY = 1

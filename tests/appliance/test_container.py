@@ -25,9 +25,9 @@ import pytest
 
 from appliance.conftest import IMAGE_BYTES
 from appliance.helper_support import as_user, podman, podman_env
+from ext4box import handoff_protocol as protocol
+from ext4box.handoff_protocol import ImageKind, Mode, MountRequest, PeerRefused
 from ext4box.helper import handoff
-from ext4box.service import protocol
-from ext4box.service.protocol import ImageKind, Mode, MountRequest, PeerRefused
 from support.server_image import server_image
 
 REPO = Path(__file__).resolve().parents[2]

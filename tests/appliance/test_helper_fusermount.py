@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from appliance.helper_support import USER_PYTHON, fuse_access, public_dir, rootless_user, run_as
+from ext4box.handoff_protocol import verify_fuse_fd
 from ext4box.helper import fusemount
 from ext4box.helper.errors import HelperError
-from ext4box.service.protocol import verify_fuse_fd
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(2), test user)"),
@@ -92,7 +92,7 @@ _USER_SCRIPT = textwrap.dedent(
     import json, os, sys
     from ext4box.helper import fusemount
     from ext4box.helper.errors import HelperError
-    from ext4box.service.protocol import verify_fuse_fd
+    from ext4box.handoff_protocol import verify_fuse_fd
     spec = fusemount.MountSpec(mountpoint=sys.argv[1], source="/srv/images/a.img", mode="ro",
                                noexec=True, allow_other=False, uid=os.getuid(), gid=os.getgid())
     try:

@@ -30,10 +30,11 @@ from appliance.security_support import (
     scratch_root,
     write_policy,
 )
+from ext4box import handoff_protocol as protocol
 from ext4box.helper import fusemount
 from ext4box.helper.errors import HelperError
 from ext4box.policy import Request, identity_of_uid, load_policy
-from ext4box.service import protocol
+from ext4box.service import receive
 from support.serve import why_no_fuse
 
 pytestmark = [
@@ -129,7 +130,7 @@ def test_swap_during_the_wait_for_the_server_does_not_move_the_mount():
                 packet, _ = protocol.recv_packet(server)
                 low, high = protocol.decode_hello(packet)
                 protocol.send_packet(
-                    server, protocol.encode_hello_reply(protocol.negotiate_version(low, high))
+                    server, protocol.encode_hello_reply(receive.negotiate_version(low, high))
                 )
                 _, fds = protocol.recv_packet(server, max_fds=2)  # sent after the mount
                 for fd in fds:

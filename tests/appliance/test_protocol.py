@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from appliance.conftest import IMAGE_BYTES, open_fd_count
+from ext4box import handoff_protocol as protocol
+from ext4box.handoff_protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
 from ext4box.helper import handoff
-from ext4box.service import protocol
-from ext4box.service.protocol import HandoffError, ImageKind, Mode, MountRequest, PeerRefused
+from ext4box.service import receive
 
 REPO = Path(__file__).resolve().parents[2]
 EXT4_MAGIC_OFFSET = 1024 + 0x38
@@ -39,7 +40,7 @@ class ServerThread:
 
     def _run(self, sock: socket.socket, timeout: float) -> None:
         try:
-            self.result = protocol.receive_handoff(sock, timeout=timeout)
+            self.result = receive.receive_handoff(sock, timeout=timeout)
         except HandoffError as exc:
             self.error = exc
 
@@ -113,7 +114,7 @@ def test_handoff_ro_delivers_the_same_files(
     assert os.path.samestat(os.fstat(got.image_fd), os.stat(image_path))
     # The ext4 superblock magic, read through the received fd.
     assert os.pread(got.image_fd, 2, EXT4_MAGIC_OFFSET) == b"\x53\xef"
-    protocol.send_ready(seqpacket_pair[1])
+    receive.send_ready(seqpacket_pair[1])
     handoff.wait_ready(helper_end, timeout=5)
 
 
@@ -269,14 +270,14 @@ def test_peer_closing_early_is_refused(seqpacket_pair, server):
 def test_silent_helper_times_out(seqpacket_pair):
     _, server_end = seqpacket_pair
     with pytest.raises(HandoffError) as error:
-        protocol.receive_handoff(server_end, timeout=0.2)
+        receive.receive_handoff(server_end, timeout=0.2)
     assert error.value.errno == errno.ETIMEDOUT
 
 
 def test_stream_socket_is_refused():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b, pytest.raises(HandoffError, match="SOCK_SEQPACKET"):
-        protocol.receive_handoff(b, timeout=1)
+        receive.receive_handoff(b, timeout=1)
 
 
 def test_fds_on_hello_are_refused_and_closed(seqpacket_pair, server, image_ro_fd):

@@ -204,13 +204,13 @@ def _sha256(path: Path) -> str:
 
 
 def _request(**kw):
-    from ext4box.service.protocol import ImageKind, Mode, MountRequest
+    from ext4box.handoff_protocol import ImageKind, Mode, MountRequest
 
     return MountRequest(Mode.RO, ImageKind.REGULAR, 4 << 20, ("noexec",), **kw)
 
 
 def test_mount_carries_refused_features_from_version_2():
-    from ext4box.service import protocol
+    from ext4box import handoff_protocol as protocol
 
     request = _request(refused_features=("casefold", "64bit", "read-only"))
     packet = protocol.encode_mount(request, 2)
@@ -235,7 +235,7 @@ def test_mount_carries_refused_features_from_version_2():
     ],
 )
 def test_malformed_refused_features_are_refused(tail: bytes, why: str):
-    from ext4box.service import protocol
+    from ext4box import handoff_protocol as protocol
 
     head = protocol.encode_mount(_request(), 1)
     with pytest.raises(protocol.HandoffError, match=why):
@@ -243,8 +243,8 @@ def test_malformed_refused_features_are_refused(tail: bytes, why: str):
 
 
 def test_a_version_1_server_is_not_handed_a_refusal_it_cannot_enforce(fuse_fd, image_ro_fd):
+    from ext4box import handoff_protocol as protocol
     from ext4box.helper import handoff
-    from ext4box.service import protocol
 
     helper_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     told: list[protocol.PeerRefused] = []
@@ -299,8 +299,8 @@ def test_a_loop_device_of_a_users_file_is_refused_for_a_judging_rule():
 def test_serve_fds_refuses_a_refused_feature_of_the_superblock_it_parsed(tmp_path: Path):
     """serve_fds itself, not only the service around it, refuses the image; the
     session never starts (no READY) and both descriptors are closed."""
-    from ext4box.fuse.serve import ServeRefused, serve_fds
-    from ext4box.service.protocol import ImageKind, Mode, MountRequest, ReceivedMount
+    from ext4box.handoff_protocol import ImageKind, Mode, MountRequest, ReceivedMount
+    from ext4box.service.serve import ServeRefused, serve_fds
 
     image = tmp_path / "casefold.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "casefold", str(image), "8M"], check=True,

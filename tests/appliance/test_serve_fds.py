@@ -1,4 +1,4 @@
-"""ext4box.fuse.serve.serve_fds through the real service, on the host.
+"""ext4box.service.serve.serve_fds through the real service, on the host.
 
 The test does the helper's part by hand (tests/appliance/fdmount.py): mount(2)
 of fuse.ext4box on an open /dev/fuse fd, hand-off of that fd and the image fd
@@ -24,8 +24,8 @@ from appliance.fdmount import (
     served_by_handoff,
     start_service,
 )
+from ext4box.handoff_protocol import ImageKind, Mode, MountRequest, PeerRefused
 from ext4box.helper import handoff
-from ext4box.service.protocol import ImageKind, Mode, MountRequest, PeerRefused
 from support.kernel import kernel_mount, why_no_kernel_mounts
 from support.serve import why_no_fuse
 

@@ -23,6 +23,7 @@ import pytest
 
 from deploy.test_systemd import analyze
 from docs.snippets import REPO, Outcome, run_snippet, snippet
+from support.mount_options import accepted_options
 from support.serve import why_no_fuse
 
 SECTION = "mount(8), fstab and systemd"
@@ -143,6 +144,24 @@ e2fsck -fn /srv/disk.img
     outcome = _run(code)
     _assert_ok(outcome)
     assert "hello.txt" in outcome.stdout
+
+
+def test_every_accepted_option_mounts_through_mount8():
+    """`mount -t fuse.ext4box -o OPT` (mount(8), then mount.fuse3, then ext4box)
+    mounts for every option `ext4box serve` accepts (issue 18 item 4: an
+    option accepted by ext4box and refused further down fails the mount)."""
+    lines = ["mkfs.ext4 -q -d examples/tree /srv/disk.img 16M; mkdir -p /mnt/disk"]
+    for option in accepted_options():
+        lines.append(f"""if mount -t fuse.ext4box -o {option} /srv/disk.img /mnt/disk; then
+  pid=$({_SERVER_PID}); test -e /mnt/disk/hello.txt && echo "mounted: {option}"
+  umount /mnt/disk; {_WAIT_GONE}
+fi""")  # fmt: skip
+    lines.append("e2fsck -fn /srv/disk.img")
+    outcome = _run("\n".join(lines) + "\n")
+    assert outcome.returncode == 0, outcome.stdout + outcome.stderr
+    mounted = {line.removeprefix("mounted: ") for line in outcome.stdout.splitlines()
+               if line.startswith("mounted: ")}  # fmt: skip
+    assert sorted(set(accepted_options()) - mounted) == [], outcome.stderr
 
 
 def test_appliance_option_takes_only_ro_or_rw(tmp_path: Path):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ext4box.ext4 import checksum
-from ext4box.ext4.dir_hash import EXT2_FLAGS_UNSIGNED_HASH, hash_seed_words
-from ext4box.ext4.directory import DirectoryReader
+from ext4box.ext4.format import checksum
+from ext4box.ext4.format.dir_hash import EXT2_FLAGS_UNSIGNED_HASH, hash_seed_words
+from ext4box.ext4.read.directory import DirectoryReader
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 EXT4_INDEX_FL = 0x1000

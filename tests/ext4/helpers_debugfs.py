@@ -91,7 +91,7 @@ class FsInfo:
 
 
 def fs_info(image: Path) -> FsInfo:
-    from ext4box.ext4.checksum import ext4_csum_seed
+    from ext4box.ext4.format.checksum import ext4_csum_seed
 
     fields = superblock_fields(image)
     features = frozenset(fields.get("Filesystem features", "").split())
@@ -230,7 +230,7 @@ def memory_block_reader(data: bytes | bytearray, block_size: int):  # -> Callabl
 
 def bounds_checker(blocks_count: int):  # -> RunChecker
     """check_run for tests: the run must lie inside [1, blocks_count)."""
-    from ext4box.ext4.errors import Corrupt
+    from ext4box.ext4.format.errors import Corrupt
 
     def check_run(pblk: int, length: int) -> None:
         if pblk < 1 or length < 1 or pblk + length > blocks_count:

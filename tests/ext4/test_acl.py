@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext4box.ext4.acl import InvalidAcl, acl_disk_to_xattr, acl_xattr_to_disk
-from ext4box.ext4.errors import Corrupt, NoData
+from ext4box.ext4.format.acl import InvalidAcl, acl_disk_to_xattr, acl_xattr_to_disk
+from ext4box.ext4.format.errors import Corrupt, NoData
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 _missing = [tool for tool in ("mkfs.ext4", "debugfs", "setfacl") if shutil.which(tool) is None]

@@ -33,9 +33,9 @@ from mapped_images import (
     write_blocks,
 )
 
-from ext4box.ext4.blockmap import BlockMapMapper
-from ext4box.ext4.blockrun import BlockRun, append_merged
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.format.blockmap import BlockMapMapper
+from ext4box.ext4.format.blockrun import BlockRun, append_merged
+from ext4box.ext4.format.errors import Corrupt
 
 EXTENTS_FL = 0x80000
 

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_extent_writer import ImageHarness, block_content, e2fsck_clean
 
-from ext4box.ext4.blockmap import BlockMapMapper
-from ext4box.ext4.blockmap_writer import BlockMapWriter
-from ext4box.ext4.blockrun import BlockRun, append_merged
-from ext4box.ext4.errors import NoSpace, Unsupported
+from ext4box.ext4.format.blockmap import BlockMapMapper
+from ext4box.ext4.format.blockrun import BlockRun, append_merged
+from ext4box.ext4.format.errors import NoSpace, Unsupported
+from ext4box.ext4.write.blockmap_writer import BlockMapWriter
 from support.kernel import kernel_mount
 
 pytestmark = pytest.mark.usefixtures("need_kernel_mounts")

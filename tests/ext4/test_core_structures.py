@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Corrupt, NotExt4, Unsupported
-from ext4box.ext4.group_desc import GroupTable
-from ext4box.ext4.inode import Inode
-from ext4box.ext4.superblock import Superblock
+from ext4box.ext4.format.errors import Corrupt, NotExt4, Unsupported
+from ext4box.ext4.format.group_desc import GroupTable
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.format.superblock import Superblock
+from ext4box.ext4.opening import open_filesystem
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 VARIANTS = {
@@ -204,7 +205,6 @@ def test_superblock_rejections(tmp_path: Path) -> None:
 
 
 def test_unknown_incompat_feature_is_named(tmp_path: Path) -> None:
-    from ext4box.ext4.filesystem import Filesystem
 
     image = _mkfs(tmp_path, "inc", ["-t", "ext4", "-O", "^metadata_csum"])
     with open(image, "r+b") as f:
@@ -215,6 +215,6 @@ def test_unknown_incompat_feature_is_named(tmp_path: Path) -> None:
     dev = BlockDevice.open(str(image))
     try:
         with pytest.raises(Unsupported, match="dirdata, unknown_0x80000000"):
-            Filesystem.open(dev)
+            open_filesystem(dev)
     finally:
         dev.close()

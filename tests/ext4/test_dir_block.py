@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from dirs_support import debugfs_ls_modes, kernel_dirs_image, mkfs, need_tools, open_directory
 
-from ext4box.ext4.dir_block import (
+from ext4box.ext4.format.dir_block import (
     DIR_TAIL_SIZE,
     DirRecord,
     ParsedBlockCache,
@@ -21,9 +21,9 @@ from ext4box.ext4.dir_block import (
     parse_dir_records,
     splice_dir_block,
 )
-from ext4box.ext4.dir_htree_writer import find_slot, insert_record
-from ext4box.ext4.dir_writer import _delete
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.format.errors import Corrupt
+from ext4box.ext4.write.dir_htree_writer import find_slot, insert_record
+from ext4box.ext4.write.dir_writer import _delete
 
 _MODE_TO_FT = {
     stat.S_IFREG: 1,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from dirs_support import debugfs_script, mkfs, need_tools
 
-from ext4box.ext4.dir_hash import DX_HASH_SIPHASH, dx_hash, hash_seed_words
-from ext4box.ext4.errors import Corrupt, Unsupported
+from ext4box.ext4.format.dir_hash import DX_HASH_SIPHASH, dx_hash, hash_seed_words
+from ext4box.ext4.format.errors import Corrupt, Unsupported
 
 # Bytes debugfs's request parser passes through unchanged (no blanks, quotes, '#').
 _SAFE = bytes(range(0x21, 0x7F)).translate(None, b"\"'#\\") + bytes(range(0x80, 0x100))

@@ -34,23 +34,23 @@ from dirs_support import (
     super_info,
 )
 
-from ext4box.ext4 import checksum
-from ext4box.ext4.dir_block import (
+from ext4box.ext4.format import checksum
+from ext4box.ext4.format.dir_block import (
     EXT4_FT_DIR,
     EXT4_FT_REG_FILE,
     ParsedBlockCache,
     parse_dir_records,
 )
-from ext4box.ext4.dir_hash import dx_hash
-from ext4box.ext4.dir_writer import (
+from ext4box.ext4.format.dir_hash import dx_hash
+from ext4box.ext4.format.errors import Corrupt, Exists, NameTooLong, NotFound
+from ext4box.ext4.format.htree import parse_dx_root
+from ext4box.ext4.write.dir_writer import (
     DirectoryWriter,
     InvalidName,
     new_dir_block,
     new_inline_dir_body,
     validate_name,
 )
-from ext4box.ext4.errors import Corrupt, Exists, NameTooLong, NotFound
-from ext4box.ext4.htree import parse_dx_root
 from support.kernel import kernel_mount
 
 pytestmark = pytest.mark.kernel

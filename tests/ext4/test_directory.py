@@ -20,8 +20,8 @@ from dirs_support import (
     open_directory,
 )
 
-from ext4box.ext4.dir_block import EXT4_FT_DIR
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.format.dir_block import EXT4_FT_DIR
+from ext4box.ext4.format.errors import Corrupt
 
 
 @pytest.fixture(scope="module", params=["csum", "nocsum"])

@@ -37,11 +37,11 @@ from helpers_debugfs import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ext4box.ext4.blockrun import BlockRun
-from ext4box.ext4.checksum import inode_csum_seed
-from ext4box.ext4.errors import NoSpace
-from ext4box.ext4.extent_writer import ExtentTreeWriter
-from ext4box.ext4.extents import ExtentMapper, block_max_entries
+from ext4box.ext4.format.blockrun import BlockRun
+from ext4box.ext4.format.checksum import inode_csum_seed
+from ext4box.ext4.format.errors import NoSpace
+from ext4box.ext4.format.extents import ExtentMapper, block_max_entries
+from ext4box.ext4.write.extent_writer import ExtentTreeWriter
 from support.kernel import kernel_mount
 
 pytestmark = pytest.mark.usefixtures("need_kernel_mounts")

@@ -38,10 +38,10 @@ from mapped_images import (
     write_blocks,
 )
 
-from ext4box.ext4.blockrun import BlockRun
-from ext4box.ext4.checksum import crc32c_raw, inode_csum_seed
-from ext4box.ext4.errors import Corrupt
-from ext4box.ext4.extents import (
+from ext4box.ext4.format.blockrun import BlockRun
+from ext4box.ext4.format.checksum import crc32c_raw, inode_csum_seed
+from ext4box.ext4.format.errors import Corrupt
+from ext4box.ext4.format.extents import (
     ExtentMapper,
     ExtentNodeCache,
     block_max_entries,

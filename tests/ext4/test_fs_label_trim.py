@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
-from ext4box.ext4.trim import TrimRange
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.write.trim import TrimRange
 from support.facade import Ours, assert_clean, make_image, need_kernel, pattern
 from support.flag_drivers import as_user, errno_name
 from support.kernel import kernel_mount

@@ -15,10 +15,10 @@ from dirs_support import (
     super_info,
 )
 
-from ext4box.ext4 import checksum
-from ext4box.ext4.dir_hash import dx_hash
-from ext4box.ext4.errors import Corrupt
-from ext4box.ext4.htree import (
+from ext4box.ext4.format import checksum
+from ext4box.ext4.format.dir_hash import dx_hash
+from ext4box.ext4.format.errors import Corrupt
+from ext4box.ext4.format.htree import (
     DX_COUNT_LIMIT,
     DX_ENTRY,
     DX_ENTRY_SIZE,

@@ -16,8 +16,8 @@ from helpers_debugfs import (
     xattr_value,
 )
 
-from ext4box.ext4.errors import Corrupt
-from ext4box.ext4.inline_data import (
+from ext4box.ext4.format.errors import Corrupt
+from ext4box.ext4.format.inline_data import (
     INLINE_IBLOCK_SIZE,
     inline_bytes,
     inline_capacity,

@@ -21,8 +21,10 @@ import pytest
 from helpers_debugfs import make_image
 from test_xattr_writer import OfflineImage, assert_fsck_clean
 
-from ext4box.ext4.inline_data import INLINE_IBLOCK_SIZE
-from ext4box.ext4.inline_writer import (
+from ext4box.ext4.format.inline_data import INLINE_IBLOCK_SIZE
+from ext4box.ext4.format.inode import FL_EXTENTS, FL_INLINE_DATA, Inode
+from ext4box.ext4.format.xattr import parse_ibody_xattrs
+from ext4box.ext4.write.inline_writer import (
     FAST_SYMLINK_MAX,
     InlineLayout,
     InlineState,
@@ -34,8 +36,6 @@ from ext4box.ext4.inline_writer import (
     truncate_inline,
     write_inline,
 )
-from ext4box.ext4.inode import FL_EXTENTS, FL_INLINE_DATA, Inode
-from ext4box.ext4.xattr import parse_ibody_xattrs
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 pytestmark = pytest.mark.skipif(why_no_kernel_mounts() is not None,

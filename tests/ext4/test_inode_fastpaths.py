@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ext4box.ext4.inode import (
+from ext4box.ext4.format.inode import (
     FL_EXTENTS,
     FL_HUGE_FILE,
     Inode,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ext4box.ext4.errors import NotFound
-from ext4box.ext4.inode_flags import FsxAttr
+from ext4box.ext4.format.errors import NotFound
+from ext4box.ext4.write.inode_flags import FsxAttr
 from support.facade import Ours, assert_clean, make_image, need_kernel
 from support.flag_drivers import FacadeFlags, KernelFlags
 from support.kernel import kernel_mount

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from test_writable_ops import VARIANTS
 
-from ext4box.ext4.inode import ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.write.writable import WritableFilesystem
 from support.facade import Ours, assert_clean, make_image, need_kernel, pattern
 from support.kernel import kernel_mount
 

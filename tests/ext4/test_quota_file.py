@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.caller import Caller, acting_as
-from ext4box.ext4.errors import Corrupt, Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO, replace_inode
-from ext4box.ext4.quota import QuotaExceeded
-from ext4box.ext4.quota_file import (
+from ext4box.ext4.format.errors import Corrupt, Ext4Error
+from ext4box.ext4.format.inode import ROOT_INO, replace_inode
+from ext4box.ext4.format.quota_file import (
     ENTRIES_PER_BLOCK,
     QUOTA_BLOCK_SIZE,
     USRQUOTA,
@@ -31,7 +28,10 @@ from ext4box.ext4.quota_file import (
     encode_entry,
     parse_entry,
 )
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.write.caller import Caller, acting_as
+from ext4box.ext4.write.quota import QuotaExceeded
+from ext4box.ext4.write.writable import WritableFilesystem
 from support.facade import Ours, assert_clean, pattern, write_file
 
 _FL_PROJINHERIT = 0x20000000
@@ -106,7 +106,7 @@ def test_quota_image_opens_read_write(tmp_path: Path) -> None:
                   "root_owner=0:0,quotatype=usrquota:grpquota:prjquota")
     dev = BlockDevice.open(str(image), writable=True)
     try:
-        fs = Filesystem.open(dev, readonly=False)
+        fs = open_filesystem(dev, readonly=False)
         assert isinstance(fs, WritableFilesystem)
         assert fs.quota is not None and sorted(fs.quota.files) == [0, 1, 2]
         fs.close()
@@ -180,8 +180,8 @@ def test_quota_inode_that_is_not_a_file_refuses_rw(tmp_path: Path) -> None:
     dev = BlockDevice.open(str(image), writable=True)
     try:
         with pytest.raises(Corrupt, match="not a regular file"):
-            Filesystem.open(dev, readonly=False)
-        assert Filesystem.open(dev, readonly=True).lookup(ROOT_INO, b"lost+found")
+            open_filesystem(dev, readonly=False)
+        assert open_filesystem(dev, readonly=True).lookup(ROOT_INO, b"lost+found")
     finally:
         dev.close()
     assert image.read_bytes() == before

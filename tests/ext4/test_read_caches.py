@@ -18,10 +18,11 @@ import pytest
 from helpers_debugfs import debugfs, xattr_value
 
 from ext4box.blockdev import BlockDevice, MetadataCache
-from ext4box.ext4.errors import NoData
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import FL_INDEX, ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.errors import NoData
+from ext4box.ext4.format.inode import FL_INDEX, ROOT_INO
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.ext4.write.writable import WritableFilesystem
 
 
 def _image(path: Path, *mkfs_args: str) -> Path:
@@ -40,7 +41,7 @@ def _assert_clean(image: Path) -> None:
 
 def _open_rw(image: Path) -> tuple[BlockDevice, WritableFilesystem]:
     dev = BlockDevice.open(str(image), writable=True)
-    fs = Filesystem.open(dev, readonly=False)
+    fs = open_filesystem(dev, readonly=False)
     assert isinstance(fs, WritableFilesystem)
     return dev, fs
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.inode import ROOT_INO
 from support.facade import (
     Ours,
     assert_clean,

@@ -16,9 +16,9 @@ import pytest
 from test_writable_ops import VARIANTS, expect
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error, NoSpace, ReadOnly, Unsupported
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.format.errors import Ext4Error, NoSpace, ReadOnly, Unsupported
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.opening import open_filesystem
 from support.facade import Ours, assert_clean, make_image, need_kernel, pattern, write_file
 from support.kernel import kernel_mount
 
@@ -401,7 +401,7 @@ def test_mount_records_state(tmp_path: Path) -> None:
     image = make_image(tmp_path / "s.img", VARIANTS["ext4-4k-nocsum-32bit"])
     before = dumpe2fs_header(image)
     dev = BlockDevice.open(str(image), writable=True)
-    fs = Filesystem.open(dev, readonly=False)
+    fs = open_filesystem(dev, readonly=False)
     during = dumpe2fs_header(image)
     # With a journal, as the kernel: the state stays clean, needs_recovery is set.
     assert during["Filesystem state"] == "clean"
@@ -420,10 +420,10 @@ def _refused(image: Path, expected: type[Exception], words: str, *, ro_ok: bool 
     dev = BlockDevice.open(str(image), writable=True)
     try:
         with pytest.raises(expected) as info:
-            Filesystem.open(dev, readonly=False)
+            open_filesystem(dev, readonly=False)
         assert re.search(words, str(info.value)), str(info.value)
         if ro_ok:
-            Filesystem.open(dev, readonly=True).close()  # read-only stays possible
+            open_filesystem(dev, readonly=True).close()  # read-only stays possible
     finally:
         dev.close()
 
@@ -455,7 +455,7 @@ def test_readonly_device_is_erofs(tmp_path: Path) -> None:
     image = make_image(tmp_path / "ro.img", VARIANTS["ext4-1k-csum"])
     dev = BlockDevice.open(str(image), writable=False)
     try:
-        expect(errno.EROFS, lambda: Filesystem.open(dev, readonly=False))
+        expect(errno.EROFS, lambda: open_filesystem(dev, readonly=False))
     finally:
         dev.close()
     assert os.path.getsize(image) == 24 << 20

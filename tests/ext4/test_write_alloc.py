@@ -21,11 +21,11 @@ from write_support import (
 )
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.alloc import blocks_in_group, kernel_reserve_blocks
-from ext4box.ext4.caller import Caller, acting_as
-from ext4box.ext4.errors import Corrupt, NoSpace
-from ext4box.ext4.group_desc import group_first_block
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.errors import Corrupt, NoSpace
+from ext4box.ext4.format.group_desc import blocks_in_group, group_first_block
+from ext4box.ext4.write.alloc import kernel_reserve_blocks
+from ext4box.ext4.write.caller import Caller, acting_as
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 VARIANTS = {

@@ -15,17 +15,17 @@ import pytest
 from helpers_debugfs import make_image
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import bitmap as B
-from ext4box.ext4 import features as F
-from ext4box.ext4.group_desc import (
+from ext4box.ext4.format import bitmap as B
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.group_desc import (
     GroupDesc,
     GroupTable,
     descriptor_block,
     encode_group_desc,
     gdt_block_count,
 )
-from ext4box.ext4.inode import Inode, encode_inode
-from ext4box.ext4.superblock import Superblock, encode_superblock
+from ext4box.ext4.format.inode import Inode, encode_inode
+from ext4box.ext4.format.superblock import Superblock, encode_superblock
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 VARIANTS = {

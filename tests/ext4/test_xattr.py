@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ext4box.ext4.acl import acl_disk_to_xattr
-from ext4box.ext4.checksum import ext4_csum_seed
-from ext4box.ext4.errors import Corrupt
-from ext4box.ext4.xattr import (
+from ext4box.ext4.format.acl import acl_disk_to_xattr
+from ext4box.ext4.format.checksum import ext4_csum_seed
+from ext4box.ext4.format.errors import Corrupt
+from ext4box.ext4.format.xattr import (
     XattrBlock,
     XattrEntry,
     XattrNoSpace,

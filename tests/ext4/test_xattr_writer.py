@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 from helpers_debugfs import FsInfo, debugfs, fs_info, make_image, superblock_fields
 
-from ext4box.ext4.checksum import inode_csum_seed
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.inode import Inode, inode_checksum
-from ext4box.ext4.xattr import parse_xattr_block
-from ext4box.ext4.xattr_writer import (
+from ext4box.ext4.format.checksum import inode_csum_seed
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.inode import Inode, inode_checksum
+from ext4box.ext4.format.xattr import parse_xattr_block
+from ext4box.ext4.write.xattr_writer import (
     XATTR_CREATE,
     XATTR_REPLACE,
     BlockAction,

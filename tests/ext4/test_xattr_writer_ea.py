@@ -10,9 +10,9 @@ whole path is checked against the kernel and e2fsck in tests/rw/test_rw_ea_inode
 
 from __future__ import annotations
 
-from ext4box.ext4.ea_inode_writer import EaInodeIndex
-from ext4box.ext4.xattr import XattrEntry
-from ext4box.ext4.xattr_writer import (
+from ext4box.ext4.format.xattr import XattrEntry
+from ext4box.ext4.write.ea_inode_index import EaInodeIndex
+from ext4box.ext4.write.xattr_writer import (
     NEW_EA_INODE,
     BlockAction,
     XattrState,

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ext4box.blockdev import BlockDevice, MetadataCache
-from ext4box.ext4.alloc import BlockAllocator
-from ext4box.ext4.group_desc import GroupTable
-from ext4box.ext4.inode import FL_EXTENTS, Inode
-from ext4box.ext4.inode_alloc import InodeAllocator
-from ext4box.ext4.inode_table import InodeTable
-from ext4box.ext4.metawriter import MetadataWriter
-from ext4box.ext4.superblock import Superblock
+from ext4box.ext4.format.group_desc import GroupTable
+from ext4box.ext4.format.inode import FL_EXTENTS, Inode
+from ext4box.ext4.format.superblock import Superblock
+from ext4box.ext4.write.alloc import BlockAllocator
+from ext4box.ext4.write.inode_alloc import InodeAllocator
+from ext4box.ext4.write.inode_table import InodeTable
+from ext4box.ext4.write.metawriter import MetadataWriter
 
 EXTENT_MAGIC = 0xF30A
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.operations import Context, Operations
 from ext4box.iomap.engine import IOMapEngine
@@ -48,7 +48,7 @@ def operations(image: Path, tmp_path: Path, *, writable: bool) -> Iterator[Opera
     copy = tmp_path / "copy.ext4"
     shutil.copyfile(image, copy)
     dev = BlockDevice.open(str(copy), writable=writable)
-    fs = Filesystem.open(dev, readonly=not writable)
+    fs = open_filesystem(dev, readonly=not writable)
     ops = Operations(fs, IOMapEngine(fs, fs.dev))
     try:
         yield ops

@@ -25,7 +25,7 @@ import pytest
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
 from ext4box.fuse import negotiate
 from ext4box.fuse import protocol as p
 from ext4box.fuse.operations import Operations
@@ -171,7 +171,7 @@ def test_stand_in_kernel_unknown_opcodes_and_short_bodies(tmp_path: Path) -> Non
     kernel.shutdown(socket.SHUT_WR)
     dev = BlockDevice.open(str(image), writable=False)
     try:
-        fs = Filesystem.open(dev, readonly=True)
+        fs = open_filesystem(dev, readonly=True)
         session = Session(Operations(fs, IOMapEngine(fs, fs.dev)), server.fileno())
         with structlog.testing.capture_logs() as logs:
             session.run()

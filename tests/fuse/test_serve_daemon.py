@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from fuse_helpers import EXT4BOX, env, mkfs
 
+from support.mount_options import accepted_options
 from support.serve import fuse_backend, why_no_fuse
 
 _no_fuse = why_no_fuse()
@@ -292,6 +293,23 @@ def test_atime_flags_are_the_mounts(image: Path, mnt: Path, backend: str, option
     assert expected <= per_mount, fields[5]
     subprocess.run(["umount", str(mnt)], check=True)
     wait_gone(pid)
+
+
+@pytest.mark.parametrize(("backend", "option"),
+                         [(backend, option) for backend in BACKENDS
+                          for option in accepted_options(backend)])  # fmt: skip
+def test_every_accepted_option_mounts(image: Path, mnt: Path, backend: str, option: str):
+    """An option ext4box accepts must not be refused further down (libfuse,
+    fusermount3, mount(2)): issue 18 item 4 found `-o nodiratime` accepted
+    and then refused by libfuse."""
+    result = serve(image, mnt, "-o", option, backend=backend)
+    assert result.returncode == 0, result.stderr
+    [pid] = server_pids(mnt)
+    assert fuse_mount_at(mnt) is not None
+    assert (mnt / "hello.txt").read_bytes() == b"hello through the daemon\n"
+    subprocess.run(["umount", str(mnt)], check=True)
+    wait_gone(pid)
+    e2fsck_clean(image)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -37,8 +37,9 @@ sys.path.insert(0, str(TESTS_DIR))
 import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["ext4box"]):
-    import ext4box.ext4.filesystem
-    import ext4box.ext4.writable
+    import ext4box.ext4.opening
+    import ext4box.ext4.read.filesystem
+    import ext4box.ext4.write.writable
     import ext4box.fuse.attrs
     import ext4box.iomap.engine  # noqa: F401
 

@@ -27,8 +27,9 @@ from typing import TypeVar
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import ACL_XATTRS, Filesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import ACL_XATTRS, Filesystem
 from ext4box.fuse.attrs import entry_attributes
 from ext4box.fuse.dispatch import pack_entry
 from ext4box.iomap.engine import IOMapEngine
@@ -134,7 +135,7 @@ def exercise(image: bytes | bytearray, *, op_timeout: float = OP_TIMEOUT_S) -> R
         dev = BlockDevice(fd, size=len(image))
         with _Timer(op_timeout) as timer:
             session = _Session(report, timer)
-            fs = session.op("open", lambda: Filesystem.open(dev))
+            fs = session.op("open", lambda: open_filesystem(dev))
             if fs is None:
                 return report
             report.opened = True

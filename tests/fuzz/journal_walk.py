@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import CacheSizes, Filesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.ext4.journal.commit import CHECKSUM_OFFSET as COMMIT_CHECKSUM_OFFSET
 from ext4box.ext4.journal.commit import commit_checksum
 from ext4box.ext4.journal.descriptor import BlockTag, data_checksum, parse_tags, tail_checksum
@@ -34,7 +34,7 @@ from ext4box.ext4.journal.superblock import (
     JournalSuperblock,
     superblock_checksum,
 )
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.read.filesystem import CacheSizes, Filesystem
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")

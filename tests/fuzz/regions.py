@@ -24,21 +24,22 @@ import struct
 from dataclasses import dataclass
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.blockmap import BlockMapMapper
-from ext4box.ext4.checksum import crc32c_raw, inode_csum_seed
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.extents import ExtentMapper, block_max_entries, tail_offset
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.group_desc import CHECKSUM_OFFSET as GD_CHECKSUM_OFFSET
-from ext4box.ext4.group_desc import descriptor_block, descriptor_checksum
-from ext4box.ext4.htree import DX_NODE_ENTRIES_OFFSET, DX_ROOT_ENTRIES_OFFSET, dx_csum
-from ext4box.ext4.inode import inode_checksum
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.blockmap import BlockMapMapper
+from ext4box.ext4.format.checksum import crc32c_raw, inode_csum_seed
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.extents import ExtentMapper, block_max_entries, tail_offset
+from ext4box.ext4.format.group_desc import CHECKSUM_OFFSET as GD_CHECKSUM_OFFSET
+from ext4box.ext4.format.group_desc import descriptor_block, descriptor_checksum
+from ext4box.ext4.format.htree import DX_NODE_ENTRIES_OFFSET, DX_ROOT_ENTRIES_OFFSET, dx_csum
+from ext4box.ext4.format.inode import inode_checksum
+from ext4box.ext4.format.superblock import CHECKSUM_OFFSET as SB_CHECKSUM_OFFSET
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format.xattr import xattr_block_checksum
 from ext4box.ext4.journal.overlay import OverlayDevice
 from ext4box.ext4.journal.superblock import BLOCK_COMMIT, BLOCK_DESCRIPTOR, SUPERBLOCK_BYTES
-from ext4box.ext4.superblock import CHECKSUM_OFFSET as SB_CHECKSUM_OFFSET
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
-from ext4box.ext4.xattr import xattr_block_checksum
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from fuzz.journal_walk import journal_device_blocks, journal_superblock, reseal_journal, walk_log
 
 SUPERBLOCK = "superblock"
@@ -104,7 +105,7 @@ def metadata_regions(image: bytes) -> list[Region]:
     fd = os.memfd_create("fuzz-regions")
     try:
         os.write(fd, image)
-        fs = Filesystem.open(BlockDevice(fd))
+        fs = open_filesystem(BlockDevice(fd))
         regions = _regions(fs)
         regions += _ea_inode_regions(fs)
         regions += _journal_regions(fs, image)

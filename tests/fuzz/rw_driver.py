@@ -1,7 +1,7 @@
 """Drive the write side in-process over one (mutated) image, the way the FUSE layer would.
 
 `run_session(image, facts, ops)` opens the image with
-`Filesystem.open(dev, readonly=False)` (a refusal is a fine outcome when it
+`open_filesystem(dev, readonly=False)` (a refusal is a fine outcome when it
 is an Ext4Error), runs a short sequence of write operations through the
 facade and the iomap executor (create, mkdir, symlink, link, write, truncate
 through setattr, rename, unlink, rmdir, setxattr, removexattr, commit) and
@@ -46,12 +46,13 @@ import time
 from dataclasses import dataclass, field
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.group_desc import gdt_block_count, group_first_block
-from ext4box.ext4.inode import Inode
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.group_desc import gdt_block_count, group_first_block
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.iomap.engine import IOMapEngine
 from fuzz.driver import OP_TIMEOUT_S, Report, _Session, _Timer
 from fuzz.journal_walk import journal_device_blocks, tag_targets
@@ -154,7 +155,7 @@ def seed_facts(image: bytes) -> SeedFacts:
     fd = os.memfd_create("fuzz-seed-facts")
     try:
         os.write(fd, image)
-        fs = Filesystem.open(BlockDevice(fd, size=len(image)))
+        fs = open_filesystem(BlockDevice(fd, size=len(image)))
         sb = fs.sb
         reserved = int(sb.fields["reserved_gdt_blocks"])
         meta_len = 1 + gdt_block_count(sb) + reserved
@@ -216,7 +217,7 @@ def _claims_of_reached(image: bytes, reached: set[int]) -> set[int]:
     try:
         os.write(fd, image)
         try:
-            fs = Filesystem.open(BlockDevice(fd, size=len(image)))
+            fs = open_filesystem(BlockDevice(fd, size=len(image)))
         except Ext4Error:
             return claimed
         for ino in sorted(reached):
@@ -248,7 +249,7 @@ def run_session(image: bytes | bytearray, facts: SeedFacts, ops: tuple[RwOp, ...
         dev = RecordingDevice(fd, len(before))
         with _Timer(op_timeout) as timer:
             session = _Session(report, timer)
-            fs = session.op("open rw", lambda: Filesystem.open(dev, readonly=False))
+            fs = session.op("open rw", lambda: open_filesystem(dev, readonly=False))
             if fs is not None:
                 report.opened = True
                 _run_ops(session, fs, IOMapEngine(fs, dev), ops, report)

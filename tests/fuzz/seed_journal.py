@@ -22,12 +22,12 @@ import struct
 import subprocess
 from pathlib import Path
 
-from ext4box.ext4 import features as F
-from ext4box.ext4.checksum import crc32c_raw
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.checksum import crc32c_raw
+from ext4box.ext4.format.superblock import CHECKSUM_OFFSET as SB_CHECKSUM_OFFSET
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE
 from ext4box.ext4.journal.commit import CHECKSUM_OFFSET, TIME, TIME_OFFSET, commit_checksum
 from ext4box.ext4.journal.superblock import BLOCK_COMMIT, HEADER, JBD2_MAGIC
-from ext4box.ext4.superblock import CHECKSUM_OFFSET as SB_CHECKSUM_OFFSET
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE
 from fuzz.journal_walk import journal_device_blocks, journal_superblock
 
 FAKE_TIME = "1700000000"

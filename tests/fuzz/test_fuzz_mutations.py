@@ -34,8 +34,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
 from ext4box.ext4.journal.overlay import OverlayDevice
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from fuzz.driver import OP_TIMEOUT_S, Report, exercise, quiet_logs
 from fuzz.program import Program, Seed, load_seeds, materialise
 from fuzz.regions import JOURNAL_KINDS, Mutation
@@ -174,7 +175,7 @@ def test_mutated_ea_inodes_never_crash_or_hang(seeds: list[Seed]) -> None:
 def _opened(image: bytes) -> tuple[int, Filesystem]:
     fd = os.memfd_create("fuzz-seed-check")
     os.write(fd, image)
-    return fd, Filesystem.open(BlockDevice(fd, size=len(image)))
+    return fd, open_filesystem(BlockDevice(fd, size=len(image)))
 
 
 def test_journal_seeds_need_recovery_and_replay_as_e2fsck_does(

@@ -1,7 +1,7 @@
 """Structure-aware mutation fuzzing of read-write sessions, bounded for CI.
 
 Hypothesis mutates a seed image as the read-side test does (checksums
-re-sealed or left stale), opens it with `Filesystem.open(dev, readonly=False)`
+re-sealed or left stale), opens it with `open_filesystem(dev, readonly=False)`
 in-process (a refusal is fine when it is an Ext4Error) and runs a short
 random sequence of write operations through the facade and the iomap
 executor (rw_driver). Oracles:
@@ -48,10 +48,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.errors import Corrupt, Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.errors import Corrupt, Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.opening import open_filesystem
 from fuzz.driver import OP_TIMEOUT_S, quiet_logs
 from fuzz.program import Program, Seed, load_seeds, materialise
 from fuzz.regions import Mutation, reseal
@@ -267,7 +267,7 @@ def _open_rw_refused(image: bytes, why: str) -> None:
     try:
         os.write(fd, image)
         with pytest.raises(Corrupt, match=why):
-            Filesystem.open(BlockDevice(fd, writable=True, size=len(image)), readonly=False)
+            open_filesystem(BlockDevice(fd, writable=True, size=len(image)), readonly=False)
         assert os.pread(fd, len(image), 0) == image, "a refused rw open wrote to the image"
     finally:
         os.close(fd)
@@ -327,7 +327,7 @@ def test_unlink_with_bad_block_bitmap_keeps_the_name(seeds: list[Seed],
     fd = os.memfd_create("rw-regression")
     try:
         os.write(fd, after)
-        fs = Filesystem.open(BlockDevice(fd, size=len(after)))
+        fs = open_filesystem(BlockDevice(fd, size=len(after)))
         fs.lookup(fs.lookup(2, b"many"), b"entry-with-a-longish-name-002")  # still there
     finally:
         os.close(fd)
@@ -350,7 +350,7 @@ def test_orphan_that_cannot_be_freed_does_not_stop_close(seeds: list[Seed],
     fd = os.memfd_create("rw-regression")
     try:
         os.write(fd, after)
-        fs = Filesystem.open(BlockDevice(fd, size=len(after)))
+        fs = open_filesystem(BlockDevice(fd, size=len(after)))
         fs.lookup(2, b"new0")  # the create before it was committed at close
     finally:
         os.close(fd)

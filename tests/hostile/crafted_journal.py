@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ext4box.ext4.features import INCOMPAT_RECOVER
+from ext4box.ext4.format.features import INCOMPAT_RECOVER
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET
 from ext4box.ext4.journal.superblock import BLOCK_COMMIT, BLOCK_DESCRIPTOR, BLOCK_REVOKE, JBD2_MAGIC
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET
 from fuzz.journal_walk import LogEntry, journal_device_blocks, journal_superblock, walk_log
 from fuzz.seed_journal import debugfs_faketime
 from hostile.crafted import (

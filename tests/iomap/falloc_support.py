@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.write.writable import WritableFilesystem
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.iomap.seek import SEEK_DATA, SEEK_HOLE
 from support.kernel import kernel_mount
@@ -175,7 +175,7 @@ class Twins:
         mount = kernel_mount(kernel_image, mnt, readonly=False)
         mount.__enter__()
         dev = BlockDevice.open(str(our_image), writable=True)
-        fs = Filesystem.open(dev, readonly=False)
+        fs = open_filesystem(dev, readonly=False)
         assert isinstance(fs, WritableFilesystem)
         return cls(workdir, kernel_image, our_image, mnt, dev, fs, IOMapEngine(fs, dev), mount)
 
@@ -328,7 +328,7 @@ def open_ours(image: Path) -> Iterator[tuple[WritableFilesystem, IOMapEngine]]:
     """The facade and the engine on `image`, closed (committed) afterwards."""
     dev = BlockDevice.open(str(image), writable=True)
     try:
-        fs = Filesystem.open(dev, readonly=False)
+        fs = open_filesystem(dev, readonly=False)
         assert isinstance(fs, WritableFilesystem)
         try:
             yield fs, IOMapEngine(fs, dev)

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.iomap.engine import IOMapEngine
 from support.fileops import truncate_by_fd
 
@@ -117,7 +118,7 @@ class Opened:
 def open_image(path: Path, **engine_args: int) -> Iterator[Opened]:
     dev = BlockDevice.open(str(path))
     try:
-        fs = Filesystem.open(dev, readonly=True)
+        fs = open_filesystem(dev, readonly=True)
         yield Opened(fs, IOMapEngine(fs, dev, **engine_args))
         fs.close()
     finally:

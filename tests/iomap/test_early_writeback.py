@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
 from ext4box.iomap import writeback
 from ext4box.iomap.engine import IOMapEngine
 from ext4box.iomap.types import IOMapKind
@@ -120,7 +120,7 @@ def test_engine_hints_exactly_the_data_it_wrote(tmp_path: Path) -> None:
     payload = os.urandom(5 * MIB + 777)
     dev = BlockDevice.open(str(image), writable=True)
     try:
-        fs = Filesystem.open(dev, readonly=False)
+        fs = open_filesystem(dev, readonly=False)
         try:
             engine = IOMapEngine(fs, fs.dev)
             assert engine.writeback is not None
@@ -167,7 +167,7 @@ def test_read_only_engine_has_no_writeback(tmp_path: Path) -> None:
     image = _image(tmp_path)
     dev = BlockDevice.open(str(image))
     try:
-        fs = Filesystem.open(dev)
+        fs = open_filesystem(dev)
         try:
             assert IOMapEngine(fs, fs.dev).writeback is None
         finally:

@@ -29,10 +29,10 @@ from falloc_support import (
 from test_fallocate_vs_kernel import apply, run_twins, same
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import NoSpace
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.errors import NoSpace
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.write.writable import WritableFilesystem
 from ext4box.iomap.engine import IOMapEngine
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
@@ -109,7 +109,7 @@ def test_stale_blocks_under_unwritten_extents_never_leak(tmp_path: Path) -> None
 
 def _open(image: Path) -> tuple[BlockDevice, WritableFilesystem, IOMapEngine]:
     dev = BlockDevice.open(str(image), writable=True)
-    fs = Filesystem.open(dev, readonly=False)
+    fs = open_filesystem(dev, readonly=False)
     assert isinstance(fs, WritableFilesystem)
     return dev, fs, IOMapEngine(fs, dev)
 

@@ -33,8 +33,8 @@ from falloc_support import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ext4box.ext4.errors import IsADirectory
-from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.format.errors import IsADirectory
+from ext4box.ext4.format.inode import ROOT_INO
 from support.kernel import kernel_mount, why_no_kernel_mounts
 
 B = 4096
@@ -406,7 +406,7 @@ def test_size_limit(tmp_path: Path) -> None:
         ])
         # A block preallocated at 2^32 - 2, past EOF: an insert would move it
         # past what the kernel maps. Both refuse (EINVAL); the kernel has grown
-        # i_size all the same (see ext4/fallocate.py), so the file is emptied
+        # i_size all the same (see ext4/write/fallocate.py), so the file is emptied
         # on both sides afterwards.
         twins.write("k", 0, b"k" * 100)
         apply(twins, mismatches, [("k", KEEP_SIZE, max_bytes - B, B), ("k", INSERT_RANGE, 0, B)])

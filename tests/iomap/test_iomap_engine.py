@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from iomap_support import BLOCK, Extent, KernelImage, Opened, open_image
 
-from ext4box.ext4.errors import ReadOnly
+from ext4box.ext4.format.errors import ReadOnly
 from ext4box.iomap.types import IOMap, IOMapKind
 
 

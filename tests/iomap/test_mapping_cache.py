@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.format.blockrun import BlockRun
 from ext4box.iomap.cache import InodeRuns, MappingCache
 
 _SPAN = 64

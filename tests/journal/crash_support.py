@@ -329,10 +329,11 @@ def _replay(replayer: str, image: Path, work: Path) -> None:
 
 _OPEN_CLOSE = """
 import sys
+from ext4box.ext4.opening import open_filesystem
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 dev = BlockDevice.open(sys.argv[1], writable=True)
-Filesystem.open(dev, readonly=False).close()
+open_filesystem(dev, readonly=False).close()
 dev.close()
 """
 

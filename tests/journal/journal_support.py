@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.read.filesystem import Filesystem
 from support.images import dumpe2fs_header
 from support.kernel import kernel_mount
 from support.walk import Entry, walk
@@ -92,7 +93,7 @@ def superblock_block(bs: int) -> int:
 def opened(image: Path, *, readonly: bool) -> Iterator[Filesystem]:
     dev = BlockDevice.open(str(image), writable=not readonly)
     try:
-        fs = Filesystem.open(dev, readonly=readonly)
+        fs = open_filesystem(dev, readonly=readonly)
         try:
             yield fs
         finally:

@@ -27,7 +27,7 @@ from journal_support import (
     superblock_block,
 )
 
-from ext4box.ext4.errors import Corrupt, ReadOnly, Unsupported
+from ext4box.ext4.format.errors import Corrupt, ReadOnly, Unsupported
 from support.images import dumpe2fs_header
 
 _MAGIC = 0xC03B3998

@@ -37,11 +37,11 @@ from journal_support import (
 )
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Corrupt, Unsupported
-from ext4box.ext4.filesystem import CacheSizes, Filesystem
+from ext4box.ext4.format.errors import Corrupt, Unsupported
+from ext4box.ext4.format.superblock import Superblock
 from ext4box.ext4.journal.fast_commit import TAG_HEAD, TAG_TAIL, scan_fast_commits
 from ext4box.ext4.journal.recovery import plan_recovery
-from ext4box.ext4.superblock import Superblock
+from ext4box.ext4.read.filesystem import CacheSizes, Filesystem
 from support.fileops import truncate_by_fd
 from support.kernel import kernel_mount
 from support.serve import ext4box_argv, served, why_no_fuse

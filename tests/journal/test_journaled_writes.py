@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from journal_support import logdump, needs_recovery
 
-from ext4box.ext4.inode import ROOT_INO
+from ext4box.ext4.format.inode import ROOT_INO
 from support.facade import (
     Ours,
     assert_clean,

@@ -177,9 +177,9 @@ def test_inheritance_undone_when_space_runs_out(tmp_path: Path, operation: str,
     from rw_support import assert_fsck_clean
 
     from ext4box.blockdev import BlockDevice
-    from ext4box.ext4.errors import NoSpace
-    from ext4box.ext4.filesystem import Filesystem
-    from ext4box.ext4.inode import ROOT_INO
+    from ext4box.ext4.format.errors import NoSpace
+    from ext4box.ext4.format.inode import ROOT_INO
+    from ext4box.ext4.opening import open_filesystem
 
     image = make_image(tmp_path / "base.img", 16)
     # Too big for the inode's in-body space: the inherited ACLs go to an xattr block.
@@ -187,7 +187,7 @@ def test_inheritance_undone_when_space_runs_out(tmp_path: Path, operation: str,
                       (GROUP_OBJ, 5, UNDEF), (MASK, 7, UNDEF), (OTHER, 5, UNDEF)])
     dev = BlockDevice.open(str(image), writable=True)
     try:
-        fs = Filesystem.open(dev, readonly=False)
+        fs = open_filesystem(dev, readonly=False)
         parent = fs.mkdir(ROOT_INO, b"parent", 0o755, 0, 0).ino
         fs.setxattr(parent, DEFAULT.encode(), many)
         fs.commit()

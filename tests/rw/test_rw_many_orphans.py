@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from rw_support import assert_fsck_clean, make_image, rw_mount, skip_unless_possible
 
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from rw_support import assert_fsck_clean, rw_mount, skip_unless_possible
 
-from ext4box.ext4.quota_file import GRPQUOTA, PRJQUOTA, USRQUOTA
+from ext4box.ext4.format.quota_file import GRPQUOTA, PRJQUOTA, USRQUOTA
 from support.facade import Ours
 from support.kernel import kernel_mount
 from support.serve import ServedMount, ext4box_argv, served

@@ -9,7 +9,7 @@ ext4box image must show what ext4box showed. One image per format: extents
 and block maps, 4, 2 and 1 KiB blocks, with and without huge_file, and an
 inline-data file (which the kernel gives the block-map limit).
 
-Which size is the limit comes from ext4/limits.py, but the test first insists
+Which size is the limit comes from ext4/format/limits.py, but the test first insists
 that the kernel takes that size and refuses one byte more: a wrong formula
 fails here, against the kernel, not against itself.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from rw_support import assert_fsck_clean, errno_name, make_image, rw_mount, skip_unless_possible
 
-from ext4box.ext4 import features as F
-from ext4box.ext4.limits import MAX_LFS_FILESIZE, blockmap_max_bytes, extent_max_bytes
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.limits import MAX_LFS_FILESIZE, blockmap_max_bytes, extent_max_bytes
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from support.fileops import syncfs
 from support.kernel import kernel_mount
 

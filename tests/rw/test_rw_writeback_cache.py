@@ -369,8 +369,7 @@ def test_unlink_of_a_cached_file_then_syncfs(tmp_path: Path) -> None:
 
 def test_pyfuse3_refuses_the_option(tmp_path: Path) -> None:
     image = _image(tmp_path)
-    argv = ext4box_argv(image, tmp_path / "mnt", "rw,writeback_cache")
-    argv[-1] = argv[-1].replace("backend=native", "backend=pyfuse3")
+    argv = ext4box_argv(image, tmp_path / "mnt", "rw,writeback_cache", backend="pyfuse3")
     (tmp_path / "mnt").mkdir()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import ROOT_INO
-from ext4box.ext4.writable import WritableFilesystem
+from ext4box.ext4.format.inode import ROOT_INO
+from ext4box.ext4.opening import open_filesystem
+from ext4box.ext4.write.writable import WritableFilesystem
 from support.kernel import kernel_mount, why_no_kernel_mounts
 from support.walk import Entry, walk
 
@@ -83,7 +83,7 @@ class Ours:
     def __init__(self, image: Path) -> None:
         self.image = image
         self.dev = BlockDevice.open(str(image), writable=True)
-        fs = Filesystem.open(self.dev, readonly=False)
+        fs = open_filesystem(self.dev, readonly=False)
         assert isinstance(fs, WritableFilesystem)
         self.fs = fs
         self.bs = fs.block_size

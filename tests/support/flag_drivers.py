@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.inode_flags import FsxAttr
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.write.inode_flags import FsxAttr
 from support.facade import Ours, write_file
 
 FS_IOC_GETFLAGS = 0x80086601

@@ -45,16 +45,18 @@ def fuse_backend() -> str:
     return backend
 
 
-def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro") -> list[str]:
+def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro", *,
+                 backend: str | None = None) -> list[str]:
     """`ext4box serve -f`: in the foreground, so that its exit status is ours to check.
 
-    Read-write mounts also get EXT4BOX_TEST_RW_OPTIONS (comma-separated), so the
-    whole suite can run with e.g. writeback_cache.
+    `backend`: the FUSE transport (default: `fuse_backend()`). Read-write mounts
+    also get EXT4BOX_TEST_RW_OPTIONS (comma-separated), so the whole suite can
+    run with e.g. writeback_cache.
     """
     if options.split(",")[0] == "rw":
         extra = [o for o in os.environ.get("EXT4BOX_TEST_RW_OPTIONS", "").split(",") if o]
         options = ",".join(dict.fromkeys([*options.split(","), *extra]))
-    options = f"{options},backend={fuse_backend()}"
+    options = f"{options},backend={backend or fuse_backend()}"
     return [*ext4box_executable(), "serve", "-f", str(image), str(mountpoint), "-o", options]
 
 

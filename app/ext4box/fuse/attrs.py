@@ -10,8 +10,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from ext4box.ext4.errors import Corrupt, inode_where
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.format.errors import Corrupt, inode_where
+from ext4box.ext4.format.inode import Inode
 from ext4box.fuse.protocol import ROOT_ID
 
 EXT4_ROOT_INO = 2
@@ -75,6 +75,18 @@ class Attributes:
 def ext4_ino(node_id: int) -> int:
     """The ext4 inode behind a FUSE node id."""
     return EXT4_ROOT_INO if node_id == ROOT_ID else node_id
+
+
+def entry_ids(attr: Attributes) -> tuple[int, int]:
+    """(node id, generation) an entry reply carries for `attr`.
+
+    Only a ".." lookup (FUSE export) answers with the root: node 1, and
+    generation 0 as the kernel gave its own root inode (a root reply with
+    another generation makes it warn and use 0).
+    """
+    if attr.ino == EXT4_ROOT_INO:
+        return ROOT_ID, 0
+    return attr.ino, attr.generation
 
 
 def check_child_ino(ino: int, dir_ino: int, name: bytes) -> None:

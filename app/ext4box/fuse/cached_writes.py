@@ -31,8 +31,8 @@ from ext4box.fuse.kernel_times import keep_times
 from ext4box.iomap.types import IOMapKind
 
 if TYPE_CHECKING:
-    from ext4box.ext4.inode import Inode
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.format.inode import Inode
+    from ext4box.ext4.write.writable import WritableFilesystem
     from ext4box.iomap.engine import IOMapEngine
 
 PAGE_SIZE = 4096

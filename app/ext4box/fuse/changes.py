@@ -17,9 +17,9 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ext4box.ext4.errors import NotFound
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.inode import Inode
+from ext4box.ext4.format.errors import NotFound
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse import kernel_times
 from ext4box.fuse.attrs import Attributes, ext4_ino
 from ext4box.fuse.errors import FuseError, fuse_errors
@@ -27,7 +27,7 @@ from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
 from ext4box.iomap.engine import IOMapEngine
 
 if TYPE_CHECKING:
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.write.writable import WritableFilesystem
     from ext4box.fuse.operations import Context, OpenResult
 
 RENAME_NOREPLACE = 1 << 0

@@ -15,13 +15,14 @@ and they are answered here (protocol.NEWER_LAYOUTS).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ext4box.fuse import protocol as p
-from ext4box.fuse.attrs import Attributes
+from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.negotiate import Agreed
@@ -29,7 +30,7 @@ from ext4box.fuse.operations import Context, OpenResult, Operations
 from ext4box.fuse.protocol import InitFlag, Layout, Opcode
 
 Caller = tuple[int, int, int]  # uid, gid, pid
-Payload = bytes | list[bytes] | None
+Payload = bytes | memoryview | list[bytes] | None
 Handler = Callable[[int, Caller, bytes], Payload]
 
 # The answer to FORGET, BATCH_FORGET and INTERRUPT: nothing at all.
@@ -151,7 +152,7 @@ def pack_statx_out(attr: Attributes) -> bytes:
 def pack_entry(attr: Attributes) -> bytes:
     entry_s, entry_ns = _valid(attr.entry_timeout)
     attr_s, attr_ns = _valid(attr.attr_timeout)
-    return p.ENTRY_OUT.pack(attr.ino, attr.generation, entry_s, attr_s, entry_ns, attr_ns,
+    return p.ENTRY_OUT.pack(*entry_ids(attr), entry_s, attr_s, entry_ns, attr_ns,
                             *pack_attr_values(attr))
 
 
@@ -172,6 +173,11 @@ class Dispatcher:
                                  else p.SETXATTR_IN_COMPAT_SIZE)  # fmt: skip
         self.no_opendir = agreed.has(InitFlag.NO_OPENDIR_SUPPORT)
         self.writeback_cache = agreed.has(InitFlag.WRITEBACK_CACHE)
+        # READ replies are made here, page-aligned so the data can come straight
+        # from the device (iomap/direct_io.py), and reused: each reply is a view
+        # of it, written before the loop reads the next request. A transport
+        # that answers requests out of order must not use `read` as it is.
+        self.read_buffer = memoryview(mmap.mmap(-1, agreed.max_write + mmap.PAGESIZE))
 
     def table(self) -> dict[int, tuple[int, Handler]]:
         """opcode → (minimum body length, bound handler)."""
@@ -315,7 +321,9 @@ class Dispatcher:
 
     def read(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         fh, offset, size = p.READ_IN.unpack_from(body)[:3]
-        return self.ops.read(fh, offset, size)
+        if size > agreed_read_limit(self.read_buffer):
+            return self.ops.read(fh, offset, size)  # larger than negotiated: not our buffer
+        return self.ops.read_into(fh, offset, size, self.read_buffer)
 
     def write(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         fh, offset, size, write_flags, _lock_owner, file_flags = p.WRITE_IN.unpack_from(body)
@@ -476,6 +484,11 @@ class Dispatcher:
     def destroy(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         self.ops.commit_tick()
         return EMPTY
+
+
+def agreed_read_limit(buffer: memoryview) -> int:
+    """The largest READ answered in `buffer`: a page is kept for O_DIRECT's rounding."""
+    return len(buffer) - mmap.PAGESIZE
 
 
 def _sized(value: bytes, size: int) -> bytes:

@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from ext4box.ext4.errors import Corrupt, Ext4Error, NoData, NotFound, Unsupported
+from ext4box.ext4.format.errors import Corrupt, Ext4Error, NoData, NotFound, Unsupported
 from ext4box.log import get_logger
 
 log = get_logger("ext4box.fuse")

@@ -31,8 +31,8 @@ from ext4box.fuse.errors import FuseError, fuse_errors
 from ext4box.fuse.killpriv import now_ns
 
 if TYPE_CHECKING:
-    from ext4box.ext4.filesystem import Filesystem
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.read.filesystem import Filesystem
+    from ext4box.ext4.write.writable import WritableFilesystem
     from ext4box.fuse.operations import OpenFile
     from ext4box.iomap.engine import IOMapEngine
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.quota_file import GRPQUOTA, PRJQUOTA, USRQUOTA
+from ext4box.ext4.format.quota_file import GRPQUOTA, PRJQUOTA, USRQUOTA
+from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.log import get_logger
 
 log = get_logger("ext4box.fuse")

@@ -26,14 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from ext4box.ext4 import inode_flags
-from ext4box.ext4.filesystem import Filesystem
-from ext4box.ext4.fs_label import LABEL_MAX
-from ext4box.ext4.trim import TrimRange
+from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.ext4.write import inode_flags
+from ext4box.ext4.write.fs_label import LABEL_MAX
+from ext4box.ext4.write.trim import TrimRange
 from ext4box.fuse.errors import FuseError
 
 if TYPE_CHECKING:
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.write.writable import WritableFilesystem
 
 # Command numbers (linux/fs.h): _IOR/_IOW/_IOWR encodings on every Linux ABI
 # ext4box runs on. The 32-bit GETFLAGS/SETFLAGS forms are what a 32-bit process

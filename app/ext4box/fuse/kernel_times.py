@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ext4box.ext4.inode import Inode
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.format.inode import Inode
+    from ext4box.ext4.write.writable import WritableFilesystem
 
 
 def keep_times(fs: WritableFilesystem, ino: int, times: tuple[int, int],

@@ -11,8 +11,8 @@ import stat
 import struct
 import time
 
-from ext4box.ext4.inode import Inode
-from ext4box.ext4.xattr import XATTR_MAGIC
+from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.format.xattr import XATTR_MAGIC
 
 _XATTR_MAGIC_BYTES = struct.pack("<I", XATTR_MAGIC)
 

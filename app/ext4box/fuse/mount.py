@@ -26,7 +26,8 @@ log = get_logger("ext4box.fuse")
 # nodes on this machine; the kernel checks permissions from the inode modes.
 # ("ro" is the default; `-o rw` replaces it.)
 FORCED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions"})
-# User options passed through to libfuse as given.
+# User options passed through to libfuse as given. (noatime and nodiratime
+# arrive here as the mount flags of the server's atime rule: fuse/atime.py.)
 PASSTHROUGH_OPTIONS = frozenset({"noexec", "allow_other", "noatime", "nodiratime"})
 # Accepted and implied by FORCED_OPTIONS (or simply the default).
 IMPLIED_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "exec"})
@@ -165,11 +166,12 @@ def serve_pyfuse3(ops: Operations, config: MountConfig,
 
 
 def _libfuse_options(options: frozenset[str]) -> set[str]:
-    """libfuse 3 rejects nodiratime as unknown; noatime (which covers
-    directories too) it passes to the kernel."""
+    """libfuse 3 rejects nodiratime as unknown (noatime it passes to the
+    kernel). The server applies it all the same (fuse/atime.py): only the
+    mount's flag, which changes nothing on FUSE, is missing."""
     if "nodiratime" in options:
-        log.info("mount option not applied", options="nodiratime", backend="pyfuse3",
-                 why="libfuse does not know it")  # fmt: skip
+        log.info("mount flag not set", options="nodiratime", backend="pyfuse3",
+                 why="libfuse does not know it; the server applies it")  # fmt: skip
     return set(options - {"nodiratime"})
 
 

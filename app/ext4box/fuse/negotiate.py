@@ -56,6 +56,8 @@ WANTED: tuple[tuple[InitFlag, str], ...] = (
     (InitFlag.POSIX_ACL, "the kernel enforces POSIX ACLs from system.posix_acl_* as ext4 "
                          "does (default_permissions alone ignores them)"),
     (InitFlag.SETXATTR_EXT, "SETXATTR carries FUSE_SETXATTR_ACL_KILL_SGID"),
+    (InitFlag.EXPORT_SUPPORT, "file handles outlive cache drops and remounts: '.' and '..' "
+                              "lookups by node id (export.py)"),
     (InitFlag.INIT_EXT, "flags2 (bits 32-63) is read"),
     (InitFlag.HAS_IOCTL_DIR, "ioctls on directories: chattr/lsattr of a directory, the "
                              "label and FITRIM on the mountpoint"),
@@ -76,8 +78,11 @@ DECLINED: tuple[tuple[InitFlag, str], ...] = (
                                "each write(2) is one WRITE and the server owns size and times"),
     (InitFlag.POSIX_LOCKS, "locks are the kernel's own (one mount, one server)"),
     (InitFlag.FLOCK_LOCKS, "as POSIX_LOCKS"),
-    (InitFlag.EXPORT_SUPPORT, "no NFS export: no '.'/'..' lookups"),
     (InitFlag.SPLICE_READ, "requests are read into one preallocated buffer"),
+    (InitFlag.SPLICE_WRITE, "READ replies come from the device into one aligned buffer "
+                            "(O_DIRECT, iomap/direct_io.py): measured cheaper than a spliced "
+                            "reply, which cannot carry 1 MiB through an unprivileged pipe"),
+    (InitFlag.SPLICE_MOVE, "as SPLICE_WRITE"),
     (InitFlag.READDIRPLUS_AUTO, "names-only READDIR: cheaper for bare listings (USE_READDIRPLUS)"),
     (InitFlag.NO_OPEN_SUPPORT, "an open handle records writability, O_DIRECT and the opener"),
     (InitFlag.HANDLE_KILLPRIV, "superseded by HANDLE_KILLPRIV_V2"),

@@ -21,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from ext4box.ext4.caller import Caller, acting_as
-from ext4box.ext4.filesystem import Filesystem, StatFs
-from ext4box.ext4.inode import FL_APPEND, Inode
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.inode import FL_APPEND, Inode
+from ext4box.ext4.read.filesystem import Filesystem, StatFs
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse import cached_writes, ioctls, kernel_times
+from ext4box.fuse.atime import RELATIME, AtimePolicy, stored_time
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
     ENTRY_TIMEOUT,
@@ -38,13 +40,14 @@ from ext4box.fuse.attrs import (
 )
 from ext4box.fuse.changes import NamespaceChanges, check_name
 from ext4box.fuse.errors import FuseError, fuse_errors, to_fuse_error
+from ext4box.fuse.export import ExportLookups
 from ext4box.fuse.file_ops import FileRangeOps
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
 from ext4box.iomap.engine import IOMapEngine, ReadPlan
 from ext4box.log import get_logger
 
 if TYPE_CHECKING:
-    from ext4box.ext4.writable import WritableFilesystem
+    from ext4box.ext4.write.writable import WritableFilesystem
 
 log = get_logger("ext4box.fuse")
 
@@ -104,13 +107,15 @@ class OpenResult:
 EmitEntry = Callable[[bytes, int, int, Attributes | None, int], bool]
 
 
-class Operations(NamespaceChanges, FileRangeOps):
+class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
-    def __init__(self, fs: Filesystem, engine: IOMapEngine, *,
-                 writeback_cache: bool = False) -> None:
+    def __init__(self, fs: Filesystem, engine: IOMapEngine,
+                 atime: AtimePolicy = RELATIME, *, writeback_cache: bool = False) -> None:
         self.fs = fs
         self.engine = engine
+        # When reads move atime (-o relatime|strictatime|noatime|nodiratime).
+        self.atime = atime
         self.block_size = fs.block_size
         self.writable = not getattr(fs, "readonly", True)
         # `-o writeback_cache` (fs_options.py): a read-only mount never asks for it.
@@ -141,6 +146,10 @@ class Operations(NamespaceChanges, FileRangeOps):
         # (suid/sgid cleared or capabilities dropped by a write): a transport
         # that can tell the kernel (FUSE_NOTIFY_INVAL_INODE) drains this.
         self.changed_behind_kernel: list[int] = []
+        # Directories whose cached listing the kernel must drop (pages too),
+        # so that the next listing reaches us and can move atime (strictatime):
+        # the native transport drains this, pyfuse3's kernel caches no listing.
+        self.listings_to_drop: list[int] = []
         if self.writable:
             # rename() asks this when the target it replaces loses its last link.
             self.rw.is_open = lambda ino: self._open_counts.get(ino, 0) > 0
@@ -167,6 +176,11 @@ class Operations(NamespaceChanges, FileRangeOps):
 
     @fuse_errors("lookup")
     def lookup(self, parent: int, name: bytes) -> Attributes:
+        # Path walks never send these: only the kernel decoding a file handle (export.py).
+        if name == b".":
+            return self.lookup_self(parent)
+        if name == b"..":
+            return self.lookup_parent(parent)
         check_name(name)
         dir_ino = ext4_ino(parent)
         ino = self.fs.find(dir_ino, name)
@@ -193,7 +207,36 @@ class Operations(NamespaceChanges, FileRangeOps):
 
     @fuse_errors("readlink")
     def readlink(self, node_id: int) -> bytes:
-        return self.fs.readlink(ext4_ino(node_id))
+        ino = ext4_ino(node_id)
+        target = self.fs.readlink(ino)
+        self._accessed(ino)
+        return target
+
+    # -- access times ------------------------------------------------------------
+
+    def _atime_due(self, inode: Inode) -> bool:
+        """Whether a read of `inode` now would move its atime (atime.py)."""
+        return self.writable and self.atime.needs_update(inode, stored_time(inode, now_ns()))
+
+    def _accessed(self, ino: int) -> bool:
+        """A READ, READDIR or READLINK reached us: move atime where ext4 would.
+        True when every later access must reach us too (strictatime).
+
+        A dirty inode for the next commit, as the kernel's touch_atime makes
+        it: no transaction of its own. A failure is logged, never the read's.
+        """
+        if not self.writable:
+            return False  # a read-only mount never writes
+        try:
+            node = self.fs.inode(ino)
+            now = stored_time(node, now_ns())
+            if self.atime.needs_update(node, now):
+                self.rw.touch_atime(ino, now)
+                self.dirty = True
+        except Ext4Error as err:
+            log.warning("atime_not_updated", ino=ino, why=str(err))
+            return False
+        return self.atime.always_moves(node)
 
     # -- files -------------------------------------------------------------------
 
@@ -226,8 +269,13 @@ class Operations(NamespaceChanges, FileRangeOps):
                 kernel_times.keep_times(self.rw, ino, (node.mtime_ns, node.ctime_ns))
             self.engine.invalidate(ino)
             self.dirty = True
-        return self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
-                               direct=bool(flags & os.O_DIRECT), flags=flags)
+        result = self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
+                                 direct=bool(flags & os.O_DIRECT), flags=flags)
+        if flags & os.O_ACCMODE != os.O_WRONLY and self._atime_due(node):
+            # A read served from the page cache never reaches us, so it could
+            # not move atime: drop the cache when the next read must.
+            result = OpenResult(fh=result.fh, keep_cache=False)
+        return result
 
     def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
                    direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult:
@@ -254,7 +302,9 @@ class Operations(NamespaceChanges, FileRangeOps):
         if handle is None:
             raise FuseError(errno.EBADF)
         # The current inode: its size may have changed since the open.
-        return self.engine.plan_read(self.fs.inode(handle.ino), off, size), handle.direct
+        plan = self.engine.plan_read(self.fs.inode(handle.ino), off, size)
+        self._accessed(handle.ino)
+        return plan, handle.direct
 
     @fuse_errors("read")
     def execute_read(self, plan: ReadPlan) -> bytes:
@@ -263,6 +313,12 @@ class Operations(NamespaceChanges, FileRangeOps):
     def read(self, fh: int, off: int, size: int) -> bytes:
         plan, _ = self.read_plan(fh, off, size)
         return self.execute_read(plan)
+
+    @fuse_errors("read")
+    def read_into(self, fh: int, off: int, size: int, buffer: memoryview) -> memoryview:
+        """A read made in `buffer` (page-aligned, reused: see IOMapEngine.execute_into)."""
+        plan, _ = self.read_plan(fh, off, size)
+        return self.engine.execute_into(plan, buffer)
 
     @fuse_errors("write")
     def write(self, fh: int, off: int, data: bytes | memoryview,
@@ -386,6 +442,8 @@ class Operations(NamespaceChanges, FileRangeOps):
         """
         dir_ino = ext4_ino(node_id)
         emitted = 0
+        if self._accessed(dir_ino):
+            self.listings_to_drop.append(dir_ino)
         try:
             for item in self.fs.readdir(dir_ino, offset):
                 is_dot = item.name in _DOT_NAMES

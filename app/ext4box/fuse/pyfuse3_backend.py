@@ -26,8 +26,8 @@ from typing import ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ext4box.ext4.caller import Caller, acting_as
-from ext4box.fuse.attrs import Attributes
+from ext4box.ext4.write.caller import Caller, acting_as
+from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.operations import Context, OpenResult, Operations
@@ -97,8 +97,8 @@ def _file_info(result: OpenResult) -> pyfuse3.FileInfo:
 
 
 class Pyfuse3Operations(pyfuse3.Operations):
-    # No "." / ".." lookups: the kernel only sends them for NFS export.
-    supports_dot_lookup = False
+    # FUSE_EXPORT_SUPPORT: "." and ".." lookups by node id (fuse/export.py).
+    supports_dot_lookup = True
     # The kernel enforces POSIX ACLs (with default_permissions), as ext4 does.
     enable_acl = True
 
@@ -109,7 +109,13 @@ class Pyfuse3Operations(pyfuse3.Operations):
     @_translated
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # fmt: skip
-        return entry_attributes(self.ops.lookup(parent_inode, name))
+        attr = self.ops.lookup(parent_inode, name)
+        out = entry_attributes(attr)
+        # libfuse sends st_ino as both the node id and fuse_attr.ino: the root
+        # (only a ".." lookup answers it) is node 1 and shows st_ino 1 until
+        # its next GETATTR.
+        out.st_ino, out.generation = entry_ids(attr)
+        return out
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for node_id, nlookup in inode_list:
@@ -172,7 +178,11 @@ class Pyfuse3Operations(pyfuse3.Operations):
             assert attr is not None
             return bool(pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie))
 
-        self.ops.readdir(self.ops.dir_of_handle(fh), start_id, emit, plus=True)
+        try:
+            self.ops.readdir(self.ops.dir_of_handle(fh), start_id, emit, plus=True)
+        finally:
+            # libfuse's OPENDIR reply never lets the kernel cache a listing.
+            self.ops.listings_to_drop.clear()
 
     async def releasedir(self, fh: int) -> None:
         self.ops.releasedir(fh)

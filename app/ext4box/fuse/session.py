@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from ext4box.ext4.caller import Caller, acting_as
+from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse import negotiate
 from ext4box.fuse import protocol as p
 from ext4box.fuse.dispatch import Dispatcher, Handler, Payload
@@ -181,6 +181,10 @@ class Session:
                 for ino in stale:
                     self.notify_inval_inode(ino)
                 stale.clear()
+            if ops.listings_to_drop:
+                for ino in ops.listings_to_drop:
+                    self.notify_inval_inode(ino, 0, 0)  # the cached listing too
+                ops.listings_to_drop.clear()
 
     def _answer(self, handler: Handler, unique: int, nodeid: int,
                 caller: tuple[int, int, int], body: bytes, opcode: int) -> None:  # fmt: skip

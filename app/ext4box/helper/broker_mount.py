@@ -256,7 +256,7 @@ def _serve(caller: Caller, settings: BrokerSettings, image: OpenedImage,
     request = handoff.mount_request(image, decision)  # with the features the server refuses
     started = time.monotonic()
     # The container starts before the mount exists, so conmon's copy of our
-    # mount namespace holds no copy of the FUSE mount (see commands.py).
+    # mount namespace holds no copy of the FUSE mount (see mount_command.py).
     try:
         container_id, sock = container.start(podman, name, log_file, labels, settings.timeout)
     except BaseException:

@@ -1,4 +1,4 @@
-"""The helper side of the fd hand-off (wire format: ext4box.service.protocol).
+"""The helper side of the fd hand-off (wire format: ext4box.handoff_protocol).
 
 The helper has decided (policy), opened the image and /dev/fuse and mounted;
 this module passes the two fds to the server and waits for READY:
@@ -18,11 +18,7 @@ import errno
 import socket
 from pathlib import Path
 
-from ext4box.helper import container
-from ext4box.helper.errors import HelperError
-from ext4box.helper.image import OpenedImage
-from ext4box.policy import Decision
-from ext4box.service.protocol import (
+from ext4box.handoff_protocol import (
     DEFAULT_TIMEOUT,
     MAGIC_ERROR,
     MIN_PROTOCOL_VERSION,
@@ -45,6 +41,10 @@ from ext4box.service.protocol import (
     verify_fuse_fd,
     verify_image_fd,
 )
+from ext4box.helper import container
+from ext4box.helper.errors import HelperError
+from ext4box.helper.image import OpenedImage
+from ext4box.policy import Decision
 
 __all__ = [
     "HandoffError", "PeerRefused", "hand_off", "hand_off_to_container", "mount_request",

@@ -17,8 +17,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ext4box.ext4.errors import Ext4Error
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.helper import syscalls
 from ext4box.helper.errors import HelperError
 
@@ -68,7 +68,7 @@ def open_image(path: str, mode: str, *, allow_block_device: bool = True) -> Open
     """Open the image for `mode` ("ro" or "rw") and check what it is.
 
     `allow_block_device=False` refuses block devices before opening them (the
-    policy has the final word either way; see commands.py).
+    policy has the final word either way; see mount_command.py).
     """
     resolved = resolve_image_path(path)
     flags = os.O_RDONLY if mode == "ro" else os.O_RDWR

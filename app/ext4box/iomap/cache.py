@@ -12,7 +12,7 @@ import bisect
 import threading
 from collections import OrderedDict
 
-from ext4box.ext4.blockrun import BlockRun
+from ext4box.ext4.format.blockrun import BlockRun
 
 
 class InodeRuns:

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import errno
 import mmap
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ext4box.ext4.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
-from ext4box.ext4.inode import FL_IMMUTABLE
-
-if TYPE_CHECKING:
-    from ext4box.iomap.engine import IOMapEngine, MappedInode
+from ext4box.ext4.format.errors import Ext4Error, FileTooBig, IsADirectory, NoSpace
+from ext4box.ext4.format.inode import FL_IMMUTABLE
+from ext4box.iomap.source import MappedInode, WritableSource
 
 # The kernel's MAX_RW_COUNT: INT_MAX rounded down to a page.
 MAX_RW_COUNT = (2**31 - 1) & ~(mmap.PAGESIZE - 1)
@@ -39,6 +37,16 @@ MAX_RW_COUNT = (2**31 - 1) & ~(mmap.PAGESIZE - 1)
 # one allocation per extent, small enough to bound the memory a copy holds.
 COPY_CHUNK = 1 << 20
 _U64 = 1 << 64
+
+
+class ReadWriteEngine(Protocol):
+    """The engine's byte reads and writes, all a copy needs (IOMapEngine fits)."""
+
+    def writable_source(self) -> WritableSource: ...
+
+    def read(self, inode: MappedInode, pos: int, size: int) -> bytes: ...
+
+    def write(self, inode: MappedInode, pos: int, data: bytes, *, now_ns: int) -> int: ...
 
 
 class InvalidCopy(Ext4Error):
@@ -53,7 +61,7 @@ class NotPermitted(Ext4Error):
     errno = errno.EPERM
 
 
-def copy_file_range(engine: IOMapEngine, src_ino: int, src_pos: int, dst_ino: int,
+def copy_file_range(engine: ReadWriteEngine, src_ino: int, src_pos: int, dst_ino: int,
                     dst_pos: int, length: int, *, now_ns: int) -> int:
     """Copy up to `length` bytes from `src_ino` at `src_pos` to `dst_ino` at `dst_pos`.
 

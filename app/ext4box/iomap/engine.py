@@ -2,26 +2,26 @@
 
 The filesystem below only answers "which blocks hold this range" through
 `map_blocks` (the block-run contract of ext4/blockrun.py) and "what is the
-inline body"; everything else — byte-granular mappings, caching the runs,
-clipping at EOF, zero-filling holes, coalescing device-adjacent ranges into one
-vectored read — lives here and knows nothing of extents, block maps or inodes'
-on-disk layout.
+inline body" (the Protocols in source.py); everything else — byte-granular
+mappings, caching the runs, clipping at EOF, zero-filling holes, coalescing
+device-adjacent ranges into one vectored read — lives here and knows nothing
+of extents, block maps or inodes' on-disk layout.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 
 from ext4box.blockdev import BlockDevice, DeviceRangeError
-from ext4box.ext4.blockrun import BlockRun
-from ext4box.ext4.errors import Corrupt, ReadOnly, inode_where
+from ext4box.ext4.format.blockrun import BlockRun
+from ext4box.ext4.format.errors import Corrupt, ReadOnly, inode_where
 from ext4box.iomap import copy_range, seek
 from ext4box.iomap.cache import MappingCache
+from ext4box.iomap.direct_io import ALIGN, DirectIO
+from ext4box.iomap.source import MappedInode, MappingSource, WritableSource
 from ext4box.iomap.types import IOMap, IOMapKind
 from ext4box.iomap.writeback import EarlyWriteback
 
@@ -39,59 +39,6 @@ _WRITABLE_KINDS = _FILLED_KINDS | {IOMapKind.MAPPED}
 
 # os.preadv accepts at most IOV_MAX buffers per call.
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-class MappedInode(Protocol):
-    """What the engine needs to know about an inode (the facade's Inode fits)."""
-
-    ino: int
-    size: int
-    has_inline_data: bool
-
-
-class MappingSource(Protocol):
-    """The filesystem side of the contract (the ext4 facade fits)."""
-
-    block_size: int
-
-    def map_blocks(self, inode: MappedInode, lblk: int, count: int) -> list[BlockRun]: ...
-
-    def inline_data(self, inode: MappedInode) -> bytes: ...
-
-
-class WriteRunLike(Protocol):
-    """One run answered by `write_begin` (ext4/writable.py's WriteRun fits)."""
-
-    lblk: int
-    length: int
-    pblk: int | None
-    new: bool  # allocated (or converted from unwritten) by this call: contents are garbage
-    converted: bool  # was unwritten before this call (an abort makes it unwritten again)
-
-
-class WritableSource(MappingSource, Protocol):
-    """The read-write side of the contract (the WritableFilesystem fits)."""
-
-    def inode(self, ino: int) -> MappedInode: ...
-
-    def check_file_write(self, ino: int) -> None: ...
-
-    def writable_length(self, ino: int, pos: int, length: int) -> int:
-        """check_file_write, then how many of `length` bytes at `pos` fit below the
-        file's size limit (FileTooBig when none do)."""
-        ...
-
-    def write_begin(self, inode: MappedInode, lblk: int, count: int) -> Sequence[WriteRunLike]: ...
-
-    def write_end(self, ino: int, end_pos: int, *, now_ns: int) -> MappedInode: ...
-
-    def write_abort(self, ino: int, ranges: list[tuple[int, int]],
-                    converted: list[tuple[int, int]] | None = None) -> None: ...
-
-    def write_inline(self, ino: int, pos: int, data: bytes) -> bool: ...
-
-    def fallocate(self, ino: int, mode: int, offset: int, length: int, *,
-                  now_ns: int | None = None) -> MappedInode: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +91,9 @@ class IOMapEngine:
         self.writeback = (
             EarlyWriteback(fd) if getattr(dev, "writable", False) and isinstance(fd, int) else None
         )
+        # Large aligned data runs bypass the image's page cache (iomap/direct_io.py);
+        # set by whoever serves the mount, before any sandbox forbids the open.
+        self.direct: DirectIO | None = None
 
     # -- mapping ---------------------------------------------------------------
 
@@ -300,6 +250,58 @@ class IOMapEngine:
                 plan.ino, segment.addr, [view[off : off + length] for off, length in segment.slices]
             )
         return bytes(buffer)
+
+    def execute_into(self, plan: ReadPlan, buffer: memoryview) -> memoryview:
+        """Produce a plan's bytes in `buffer` (page-aligned, reused); the filled view.
+
+        For a one-thread transport that owns `buffer` and sends the view before
+        it reads the next request. Holes and unwritten ranges are zeroed here:
+        the buffer holds an earlier reply. Each device run that fills one
+        aligned piece of the buffer is read with O_DIRECT when `direct` takes
+        it (the rest is read buffered).
+        """
+        length = plan.length
+        if plan.inline is not None:
+            body = plan.inline[:length]
+            buffer[: len(body)] = body
+            buffer[len(body) : length] = bytes(length - len(body))
+            return buffer[:length]
+        cursor = 0
+        for segment in plan.segments:
+            for off, size in segment.slices:
+                if off > cursor:
+                    buffer[cursor:off] = bytes(off - cursor)
+                cursor = off + size
+        if length > cursor:
+            buffer[cursor:length] = bytes(length - cursor)
+        for segment in plan.segments:
+            if len(segment.slices) == 1 and self._direct_read(plan, segment, buffer):
+                continue
+            self._device_readv(
+                plan.ino, segment.addr, [buffer[off : off + size] for off, size in segment.slices]
+            )
+        return buffer[:length]
+
+    def _direct_read(self, plan: ReadPlan, segment: DeviceSegment, buffer: memoryview) -> bool:
+        """Read a one-slice segment with O_DIRECT if `direct` takes it (see execute_into).
+
+        Whole ALIGN units only: a slice ending inside one is rounded up only
+        when it ends the reply, so the extra bytes land past what is sent.
+        """
+        direct = self.direct
+        if direct is None:
+            return False
+        ((off, size),) = segment.slices
+        rounded = -(-size // ALIGN) * ALIGN
+        if off % ALIGN or (rounded != size and off + size != plan.length):
+            return False
+        if off + rounded > len(buffer):
+            return False
+        try:
+            self.dev.check_range(segment.addr, size)
+        except DeviceRangeError as err:
+            raise Corrupt("data run", inode_where(plan.ino), str(err)) from None
+        return direct.read_into(segment.addr, buffer[off : off + rounded])
 
     def read(self, inode: MappedInode, pos: int, size: int) -> bytes:
         """Read up to `size` bytes at `pos` (short only at EOF)."""
@@ -543,8 +545,7 @@ class IOMapEngine:
             if views and addr == seg_end and len(views) + len(parts) <= _IOV_MAX:
                 views.extend(parts)
             else:
-                if views:
-                    self._device_writev(ino, seg_addr, views)
+                if views and not self._device_writev(ino, seg_addr, views):
                     self._start_writeback(fresh)
                 seg_addr = addr
                 views = parts
@@ -552,8 +553,7 @@ class IOMapEngine:
             if mapping.kind in _FILLED_KINDS:
                 fresh.append((addr, length))
             seg_end = addr + length
-        if views:
-            self._device_writev(ino, seg_addr, views)
+        if views and not self._device_writev(ino, seg_addr, views):
             self._start_writeback(fresh)
 
     def _start_writeback(self, ranges: list[tuple[int, int]]) -> None:
@@ -561,7 +561,8 @@ class IOMapEngine:
             for addr, length in ranges:
                 self.writeback.wrote(addr, length)
 
-    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> None:
+    def _device_writev(self, ino: int, addr: int, views: list[memoryview]) -> bool:
+        """Write `views` at `addr`; True when they went O_DIRECT (no writeback hint due)."""
         dev = self.dev
         if not dev.writable:
             raise ReadOnly("the device is opened read-only")
@@ -570,12 +571,15 @@ class IOMapEngine:
             dev.check_range(addr, total)
         except DeviceRangeError as err:
             raise Corrupt("data run", inode_where(ino), str(err)) from None
+        if self.direct is not None and self.direct.write(addr, views):
+            return True
         while views:
             done = os.pwritev(dev.fd, views, addr)
             if done <= 0:
                 raise OSError(f"short write at device byte {addr}")
             views = _drop_prefix(views, done)
             addr += done
+        return False
 
 
 def _write_kind(*, new: bool, converted: bool) -> IOMapKind:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ext4box.ext4.errors import Ext4Error
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.iomap.source import MappedInode
 from ext4box.iomap.types import IOMap, IOMapKind
-
-if TYPE_CHECKING:
-    from ext4box.iomap.engine import IOMapEngine, MappedInode
 
 SEEK_DATA = os.SEEK_DATA
 SEEK_HOLE = os.SEEK_HOLE
@@ -35,13 +33,21 @@ _DATA_KINDS = frozenset({IOMapKind.MAPPED, IOMapKind.INLINE})
 _FIRST_WINDOW = 1 << 20
 
 
+class MappingWalk(Protocol):
+    """The engine's mapping walk, all a seek needs (IOMapEngine fits)."""
+
+    def begin(
+        self, inode: MappedInode, pos: int, length: int, write: bool = False
+    ) -> list[IOMap]: ...
+
+
 class NoSuchOffset(Ext4Error):
     """SEEK_DATA/SEEK_HOLE at or past EOF, or SEEK_DATA with no data after it."""
 
     errno = errno.ENXIO
 
 
-def seek_data(engine: IOMapEngine, inode: MappedInode, pos: int) -> int:
+def seek_data(engine: MappingWalk, inode: MappedInode, pos: int) -> int:
     """The first byte at or after `pos` that holds data; NoSuchOffset if none before EOF."""
     for mapping in _walk(engine, inode, pos):
         if mapping.kind in _DATA_KINDS:
@@ -49,7 +55,7 @@ def seek_data(engine: IOMapEngine, inode: MappedInode, pos: int) -> int:
     raise NoSuchOffset(f"no data after byte {pos} of inode {inode.ino}")
 
 
-def seek_hole(engine: IOMapEngine, inode: MappedInode, pos: int) -> int:
+def seek_hole(engine: MappingWalk, inode: MappedInode, pos: int) -> int:
     """The first byte at or after `pos` inside a hole; i_size when none comes before EOF."""
     for mapping in _walk(engine, inode, pos):
         if mapping.kind not in _DATA_KINDS:
@@ -57,7 +63,7 @@ def seek_hole(engine: IOMapEngine, inode: MappedInode, pos: int) -> int:
     return inode.size
 
 
-def seek(engine: IOMapEngine, inode: MappedInode, pos: int, whence: int) -> int:
+def seek(engine: MappingWalk, inode: MappedInode, pos: int, whence: int) -> int:
     """lseek(2) for SEEK_DATA or SEEK_HOLE (other `whence` values are the caller's)."""
     if whence == SEEK_DATA:
         return seek_data(engine, inode, pos)
@@ -66,7 +72,7 @@ def seek(engine: IOMapEngine, inode: MappedInode, pos: int, whence: int) -> int:
     raise ValueError(f"not SEEK_DATA or SEEK_HOLE: {whence}")
 
 
-def _walk(engine: IOMapEngine, inode: MappedInode, pos: int) -> Iterator[IOMap]:
+def _walk(engine: MappingWalk, inode: MappedInode, pos: int) -> Iterator[IOMap]:
     """Mappings tiling [pos, i_size) in order, in growing windows."""
     size = inode.size
     if pos < 0 or pos >= size:

@@ -8,7 +8,7 @@
 Start-up order, each step before the next may begin:
   1. inspect and log the sandbox; refuse if it is weaker than configured;
   2. receive /dev/fuse and the image over the hand-off socket and verify them
-     (ext4box.service.protocol);
+     (ext4box.service.receive);
   3. serve the FUSE session on those fds, then report READY to the helper.
 The service never opens a host path: everything it touches arrives as an fd.
 """
@@ -22,10 +22,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
 
-from ext4box import __version__
-from ext4box.service import protocol, sandbox
+from ext4box import __version__, handoff_protocol
+from ext4box.service import receive, sandbox
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -60,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve even when capabilities, no_new_privs, seccomp or netns are missing",
     )
-    parser.add_argument("--timeout", type=float, default=protocol.DEFAULT_TIMEOUT)
+    parser.add_argument("--timeout", type=float, default=handoff_protocol.DEFAULT_TIMEOUT)
     parser.add_argument(
         "--connect-wait",
         type=float,
@@ -107,13 +106,13 @@ def _serve_handoff(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         sock = _handoff_socket(args)
-    except (OSError, protocol.HandoffError) as exc:
+    except (OSError, handoff_protocol.HandoffError) as exc:
         print(f"ext4box service: no hand-off socket: {exc}", file=sys.stderr)
         return EXIT_HANDOFF
     with sock:
         try:
-            received = protocol.receive_handoff(sock, timeout=args.timeout)
-        except protocol.HandoffError as exc:
+            received = receive.receive_handoff(sock, timeout=args.timeout)
+        except handoff_protocol.HandoffError as exc:
             _log("handoff_refused", reason=exc.reason, errno=exc.errno)
             print(f"ext4box service: hand-off refused: {exc.reason}", file=sys.stderr)
             return EXIT_HANDOFF
@@ -128,19 +127,14 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             refused_features=list(request.refused_features),
             seconds=round(time.monotonic() - started, 3),
         )
-        serve = _find_server()
-        if serve is None:
-            received.close()
-            reason = "this build has no FUSE server (ext4box.fuse.serve.serve_fds)"
-            protocol.reply_error(sock, errno.ENOSYS, reason)
-            print(f"ext4box service: {reason}", file=sys.stderr)
-            return EXIT_SERVE
+        # Imported here: --version/--self-report need none of the image-serving stack.
+        from ext4box.service.serve import serve_fds
 
         def ready() -> None:
-            protocol.send_ready(sock)
+            receive.send_ready(sock)
             _log("ready", seconds=round(time.monotonic() - started, 3))
 
-        writable = request.mode is protocol.Mode.RW
+        writable = request.mode is handoff_protocol.Mode.RW
         # Imported here: --version/--self-report must work without cffi.
         from ext4box.service import libseccomp, lockdown
 
@@ -157,16 +151,16 @@ def _serve_handoff(args: argparse.Namespace) -> int:
 
         try:
             lockdown.prepare()
-            return serve(received, ready, confine=confine)
+            return serve_fds(received, ready, confine=confine)
         except libseccomp.SeccompError as exc:
             received.close()
             reason = f"cannot install the stage-2 seccomp filter: {exc}"
-            protocol.reply_error(sock, errno.EPERM, reason)
+            handoff_protocol.reply_error(sock, errno.EPERM, reason)
             print(f"ext4box service: {reason}", file=sys.stderr)
             return EXIT_SANDBOX
         except Exception as exc:  # report any start-up failure to the helper
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, reason)
+            handoff_protocol.reply_error(sock, getattr(exc, "errno", None) or errno.EIO, reason)
             _log("serve_failed", reason=reason)
             print(f"ext4box service: {reason}", file=sys.stderr)
             return EXIT_SERVE
@@ -191,29 +185,11 @@ def _handoff_socket(args: argparse.Namespace) -> socket.socket:
     fd = DEFAULT_HANDOFF_FD if args.handoff_fd is None else args.handoff_fd
     sock = socket.socket(fileno=fd)
     try:
-        protocol.check_socket(sock)
-    except protocol.HandoffError:
+        handoff_protocol.check_socket(sock)
+    except handoff_protocol.HandoffError:
         sock.detach()  # not ours to close: the caller passed a wrong fd
         raise
     return sock
-
-
-ServeFn = Callable[..., int]
-
-
-def _find_server() -> ServeFn | None:
-    """The FUSE server is another layer; it may not be built yet.
-
-    Contract: serve_fds(received, ready, confine=...) mounts nothing (the
-    helper did), calls confine() (stage 2) before parsing the image, runs the
-    session on received.fuse_fd / received.image_fd, calls ready() once the
-    session is initialised, returns an exit code at unmount.
-    """
-    try:
-        from ext4box.fuse.serve import serve_fds  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return serve_fds  # type: ignore[no-any-return]
 
 
 def _report_dict(

@@ -3,7 +3,7 @@
 The helper checks the superblock before it mounts, but the image file may
 change after that check; so the helper also sends the refused features in
 MOUNT (protocol version 2) and the server refuses them itself
-(ext4box.fuse.serve), on the superblock it parsed to serve, after the
+(ext4box.service.serve), on the superblock it parsed to serve, after the
 stage-2 lockdown.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-from ext4box.ext4.superblock import Superblock
+from ext4box.ext4.format.superblock import Superblock
 
 
 class FeatureRefused(Exception):

@@ -13,7 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from ext4box.ext4.checksum import crc32c_raw
+from ext4box.ext4.format.checksum import crc32c_raw
 from ext4box.ext4.journal.superblock import JournalSuperblock
 
 CHECKSUM_TYPE_CRC32 = 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ext4box.ext4.checksum import crc32c_raw
+from ext4box.ext4.format.checksum import crc32c_raw
 from ext4box.ext4.journal.superblock import HEADER, JBD2_MAGIC, JournalSuperblock
 
 FLAG_ESCAPE = 0x1  # the logged copy had its first 4 bytes zeroed: they were the jbd2 magic

@@ -27,8 +27,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ext4box.ext4.checksum import crc32c_raw
-from ext4box.ext4.errors import Corrupt, Unsupported
+from ext4box.ext4.format.checksum import crc32c_raw
+from ext4box.ext4.format.errors import Corrupt, Unsupported
 from ext4box.ext4.journal.log import JournalBlocks
 from ext4box.ext4.journal.superblock import JournalSuperblock
 

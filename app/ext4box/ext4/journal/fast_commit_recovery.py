@@ -1,7 +1,7 @@
 """Fast commits in recovery: find them after the full commits, replay them onto an
 in-memory copy, and (read-write mount) put the result on the device.
 
-Filesystem.open calls `replay` with the full-commit plan and its overlay. A
+ext4/opening.py calls `replay` with the full-commit plan and its overlay. A
 read-only mount serves the returned copy; a read-write mount writes it with
 `write_replayed` before the journal is marked empty, so a crash in between
 replays everything again (the full commits put back the blocks they log, the
@@ -16,25 +16,32 @@ commits only, with a warning, as before fast-commit replay existed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Ext4Error
+from ext4box.ext4.format.errors import Ext4Error
+from ext4box.ext4.format.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 from ext4box.ext4.journal.cow_device import CopyOnWriteDevice
-from ext4box.ext4.journal.fast_commit import scan_fast_commits
+from ext4box.ext4.journal.fast_commit import FastCommitTag, scan_fast_commits
 from ext4box.ext4.journal.log import JournalBlocks
 from ext4box.ext4.journal.overlay import OverlayDevice
 from ext4box.ext4.journal.recovery import RecoveryPlan
-from ext4box.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, Superblock
 
 log = structlog.get_logger("ext4box.ext4.journal")
 
 
+# Replays fast-commit tags onto an in-memory copy of a device and returns the copy
+# (frozen). The write side provides it (write/fast_commit_replay.replay_on_copy):
+# replay edits the filesystem with the read-write facade's writers.
+ReplayTags = Callable[[BlockDevice, Superblock, tuple[FastCommitTag, ...]], CopyOnWriteDevice]
+
+
 def replay(blocks: JournalBlocks, plan: RecoveryPlan, overlay: OverlayDevice, *,
-           readonly: bool) -> CopyOnWriteDevice | None:
-    """The filesystem with the fast commits replayed (in memory), or None when there
-    are none to replay. Raises what refuses them on a read-write mount."""
+           readonly: bool, replay_tags: ReplayTags) -> CopyOnWriteDevice | None:
+    """The filesystem with the fast commits replayed (in memory) by `replay_tags`, or
+    None when there are none to replay. Raises what refuses them on a read-write mount."""
     jsb = plan.journal
     if not jsb.start or not jsb.fast_commit:
         return None  # the kernel replays fast commits only after a log it recovers
@@ -45,10 +52,7 @@ def replay(blocks: JournalBlocks, plan: RecoveryPlan, overlay: OverlayDevice, *,
             return None
         if scanned.stopped:
             log.info("fast_commit_area_ends", where=scanned.stopped)
-        # The replay's own module imports the read-write facade: loaded only when needed.
-        from ext4box.ext4.journal.fast_commit_replay import replay_on_copy
-
-        replayed = replay_on_copy(overlay, sb, scanned.tags)
+        replayed = replay_tags(overlay, sb, scanned.tags)
     except Ext4Error as err:
         if not readonly:
             raise

@@ -7,8 +7,8 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ext4box.ext4.blockrun import BlockRun
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.format.blockrun import BlockRun
+from ext4box.ext4.format.errors import Corrupt
 from ext4box.ext4.journal.superblock import HEADER, JBD2_MAGIC, JournalSuperblock
 
 _MASK32 = 0xFFFFFFFF

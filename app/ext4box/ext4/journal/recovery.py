@@ -30,13 +30,19 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4 import features as F
-from ext4box.ext4.errors import Corrupt, Ext4Error, Unsupported, inode_where
-from ext4box.ext4.group_desc import (
+from ext4box.ext4.format import features as F
+from ext4box.ext4.format.errors import Corrupt, Ext4Error, Unsupported, inode_where
+from ext4box.ext4.format.group_desc import (
     GroupTable,
     descriptor_block,
     gdt_block_count,
     group_first_block,
+)
+from ext4box.ext4.format.superblock import (
+    SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+    Superblock,
+    encode_superblock,
 )
 from ext4box.ext4.journal.commit import CommitBlock, commit_checksum_ok, crc32_be
 from ext4box.ext4.journal.descriptor import (
@@ -53,15 +59,9 @@ from ext4box.ext4.journal.superblock import (
     BLOCK_REVOKE,
     JournalSuperblock,
 )
-from ext4box.ext4.superblock import (
-    SUPERBLOCK_OFFSET,
-    SUPERBLOCK_SIZE,
-    Superblock,
-    encode_superblock,
-)
 
-if TYPE_CHECKING:  # a runtime import would be circular
-    from ext4box.ext4.filesystem import Filesystem
+if TYPE_CHECKING:
+    from ext4box.ext4.read.filesystem import Filesystem
 
 log = structlog.get_logger("ext4box.ext4.journal")
 

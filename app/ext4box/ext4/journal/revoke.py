@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from ext4box.ext4.errors import Corrupt
+from ext4box.ext4.format.errors import Corrupt
 from ext4box.ext4.journal.superblock import JournalSuperblock
 
 _COUNT = struct.Struct(">I")

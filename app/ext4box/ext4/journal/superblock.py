@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ext4box.ext4.checksum import crc32c_raw
-from ext4box.ext4.errors import Corrupt, Unsupported
+from ext4box.ext4.format.checksum import crc32c_raw
+from ext4box.ext4.format.errors import Corrupt, Unsupported
 
 JBD2_MAGIC = 0xC03B3998
 BLOCK_DESCRIPTOR = 1

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import structlog
 
 from ext4box.blockdev import BlockDevice
-from ext4box.ext4.errors import Corrupt, Unsupported
+from ext4box.ext4.format.errors import Corrupt, Unsupported
 from ext4box.ext4.journal.log import JournalBlocks
 from ext4box.ext4.journal.superblock import (
     COMPAT_CHECKSUM,
