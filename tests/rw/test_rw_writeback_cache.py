@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -25,16 +26,19 @@ from pathlib import Path
 
 import pytest
 from rw_support import (
+    assert_fsck_clean,
     assert_same_on_both,
     attempt,
     child_outcome,
     make_image,
     open_path_for_others,
     run_as,
+    rw_mount,
     skip_unless_possible,
     syncfs,
 )
 
+from support.kernel import kernel_mount
 from support.serve import ext4box_argv, fuse_backend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
@@ -155,6 +159,35 @@ def test_partial_page_writes_through_a_write_only_open(tmp_path: Path, block_siz
 
     image = _image(tmp_path, {"existing": original}, block_size)
     assert_same_on_both(tmp_path, image, scenario, OPTIONS)
+
+
+def test_page_fill_through_a_write_only_open_keeps_atime(tmp_path: Path) -> None:
+    """The kernel's READ to fill a page for a partial write is no read: under
+    strictatime the kernel's ext4 leaves atime, and so must ext4box."""
+    image = _image(tmp_path, {"existing": os.urandom(3 * 4096)})
+
+    def scenario(root: Path) -> str:
+        path = root / "existing"
+        before = os.stat(path).st_atime_ns
+        time.sleep(TICK_S)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"partial", 4096 + 10)  # an uncached page: READ, then write
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return "kept" if os.stat(path).st_atime_ns == before else "moved"
+
+    kernel_image, ours_image = tmp_path / "kernel.img", tmp_path / "ext4box.img"
+    shutil.copyfile(image, kernel_image)
+    shutil.copyfile(image, ours_image)
+    with kernel_mount(kernel_image, tmp_path / "kmnt", readonly=False,
+                      options="strictatime") as root:  # fmt: skip
+        kernel_says = scenario(root)
+    with rw_mount(ours_image, tmp_path / "omnt", *OPTIONS, "strictatime") as handle:
+        ours_says = scenario(handle.mountpoint)
+    assert (kernel_says, ours_says) == ("kept", "kept")
+    assert_fsck_clean(ours_image)
 
 
 @pytest.mark.parametrize("block_size", [1024, 2048, 4096])

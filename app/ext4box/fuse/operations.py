@@ -303,7 +303,10 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
             raise FuseError(errno.EBADF)
         # The current inode: its size may have changed since the open.
         plan = self.engine.plan_read(self.fs.inode(handle.ino), off, size)
-        self._accessed(handle.ino)
+        if handle.readable:
+            # A READ through a write-only open is the writeback cache filling
+            # a page for a partial write, not a read: ext4 moves no atime there.
+            self._accessed(handle.ino)
         return plan, handle.direct
 
     @fuse_errors("read")
