@@ -137,6 +137,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             policy_dir=args.policy,
             timeout=args.timeout,
             endpoint=endpoint,
+            server_options=args.server_options,
         )
     except HelperError as err:
         raise CliError(err.line) from None
@@ -232,6 +233,15 @@ def _command(
         epilog="examples:\n" + examples.rstrip(),
         formatter_class=HelpFormatter,
     )
+
+
+def _server_options(text: str) -> tuple[str, ...]:
+    from ext4box.policy.server_options import ServerOptionError, parse_server_options
+
+    try:
+        return parse_server_options(text)
+    except ServerOptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _image(parser: argparse.ArgumentParser) -> None:
@@ -370,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mount IMAGE on MOUNTPOINT through the sandboxed server, if policy allows",
         "  ext4box mount /srv/images/a.img /mnt/a          # read-only\n"
         "  ext4box mount /srv/images/a.img /mnt/a --rw\n"
+        "  ext4box mount /srv/images/a.img /mnt/a --rw -o usrquota,noatime\n"
         "  ext4box mount /srv/images/a.img /mnt/a --handoff-connect /run/ext4box/server.sock\n",
     )  # fmt: skip
     _image(mount)
@@ -383,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="read-write, if a policy rule allows it",
     )  # fmt: skip
     mount.add_argument("--policy", metavar="DIR", help=POLICY_DIR_HELP)
+    mount.add_argument(
+        "-o", dest="server_options", type=_server_options, default=(), metavar="OPTIONS",
+        help="server options, if the policy's rule allows them: usrquota|quota,grpquota,"
+        "prjquota (enforce limits; always allowed), noatime, strictatime, relatime,"
+        " nodiratime and their negations, lazytime (default: none, the server's relatime;"
+        " noatime, strictatime and nodiratime only where the rule lists them)",
+    )
     mount.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS",
         help="how long to wait for the server to become ready (default: 30)",

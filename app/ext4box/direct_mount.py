@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 
 from ext4box.bdi import set_read_ahead
+from ext4box.fuse.atime import AtimeMode
 from ext4box.fuse.mount import MountConfig, MountSetupError, is_fd_mountpoint
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
@@ -45,8 +46,10 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *, trace
         allow_other="allow_other" in config.fuse_options,
         uid=os.getuid(),
         gid=os.getgid(),
-        noatime="noatime" in config.fuse_options,
-        nodiratime="nodiratime" in config.fuse_options,
+        # The server's atime rule, which the mount's flags only display.
+        noatime=ops.atime.mode is AtimeMode.NOATIME,
+        nodiratime=ops.atime.nodiratime,
+        strictatime=ops.atime.mode is AtimeMode.STRICTATIME,
     )
     if spec.nodiratime and not spec.noatime and os.geteuid() != 0:
         # fusermount3 has no nodiratime. The server applies it all the same

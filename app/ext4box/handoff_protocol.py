@@ -7,7 +7,8 @@ socket with SCM_RIGHTS. Conversation (docs/handoff-protocol.md):
     helper                              server
     HELLO(min, max)               ->
                                   <-    HELLO_REPLY(version)  | ERROR
-    MOUNT(mode, kind, size, opts[, refused features from version 2])
+    MOUNT(mode, kind, size, opts[, refused features from version 2]
+          [, server options from version 3])
       + fds [fuse, image]         ->
                                   <-    READY                 | ERROR
 
@@ -39,10 +40,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 # 2: MOUNT carries the ext4 features the policy refuses (REFUSED section);
-# a version-1 peer is still served as before.
-PROTOCOL_VERSION = 2
+# 3: and the server options the policy granted (SERVER_OPTIONS section).
+# An older peer is still served as before, as long as MOUNT needs no newer section.
+PROTOCOL_VERSION = 3
 MIN_PROTOCOL_VERSION = 1
 REFUSED_FEATURES_VERSION = 2
+SERVER_OPTIONS_VERSION = 3
 
 MAX_PACKET = 2048  # every message fits; larger datagrams are refused
 MAX_FDS_PER_PACKET = 2
@@ -79,6 +82,8 @@ HELLO_REPLY = struct.Struct(">IHH")
 MOUNT_HEAD = struct.Struct(">IBBHQ")
 # version 2, after the options: features_len, padding; then features_len bytes
 REFUSED_HEAD = struct.Struct(">HH")
+# version 3, after the features: server_options_len, padding; then that many bytes
+SERVER_OPTIONS_HEAD = struct.Struct(">HH")
 # magic, flags (none defined: must be zero)
 READY = struct.Struct(">II")
 # magic, errno, text_len, padding; then text_len bytes of UTF-8
@@ -128,9 +133,14 @@ class MountRequest:
     # ext4 features the policy refuses: the server refuses a superblock that
     # has any of them (protocol version 2 and later).
     refused_features: tuple[str, ...] = ()
+    # What the server itself must apply (quota enforcement, the atime rule),
+    # in the order given (protocol version 3 and later); the server refuses
+    # a name it does not know.
+    server_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_options(self.options)
+        validate_options(self.server_options)
         validate_refused_features(self.refused_features)
         if not 0 < self.image_size < 1 << 63:
             raise HandoffError(f"image size {self.image_size} out of range", errno.EINVAL)
@@ -204,6 +214,13 @@ def decode_hello_reply(packet: bytes) -> int:
 
 def encode_mount(request: MountRequest, version: int = PROTOCOL_VERSION) -> bytes:
     """MOUNT as the agreed protocol `version` lays it out."""
+    if version < SERVER_OPTIONS_VERSION and request.server_options:
+        # Never drop an option silently: quota enforcement may be among them.
+        raise HandoffError(
+            f"the server speaks hand-off protocol {version}, which cannot carry the server"
+            f" options ({','.join(request.server_options)}); upgrade the server",
+            errno.EPROTONOSUPPORT,
+        )
     options = ",".join(request.options).encode("ascii")
     head = MOUNT_HEAD.pack(
         MAGIC_MOUNT, request.mode, request.image_kind, len(options), request.image_size
@@ -218,7 +235,11 @@ def encode_mount(request: MountRequest, version: int = PROTOCOL_VERSION) -> byte
             )
         return head + options
     refused = ",".join(request.refused_features).encode("ascii")
-    return head + options + REFUSED_HEAD.pack(len(refused), 0) + refused
+    body = head + options + REFUSED_HEAD.pack(len(refused), 0) + refused
+    if version < SERVER_OPTIONS_VERSION:
+        return body
+    server = ",".join(request.server_options).encode("ascii")
+    return body + SERVER_OPTIONS_HEAD.pack(len(server), 0) + server
 
 
 def decode_mount(packet: bytes, version: int = PROTOCOL_VERSION) -> MountRequest:
@@ -242,6 +263,9 @@ def decode_mount(packet: bytes, version: int = PROTOCOL_VERSION) -> MountRequest
             )
         refused_raw = packet[end + REFUSED_HEAD.size : end + REFUSED_HEAD.size + refused_len]
         end += REFUSED_HEAD.size + refused_len
+    server_raw = b""
+    if version >= SERVER_OPTIONS_VERSION:
+        server_raw, end = _section(packet, end, "server options")
     if len(packet) != end:
         raise HandoffError(f"MOUNT is {len(packet)} bytes, header says {end}")
     if mode not in Mode._value2member_map_:
@@ -250,7 +274,21 @@ def decode_mount(packet: bytes, version: int = PROTOCOL_VERSION) -> MountRequest
         raise HandoffError(f"MOUNT has unknown image kind {kind}")
     options = _ascii_list(packet[MOUNT_HEAD.size : MOUNT_HEAD.size + options_len], "options")
     refused = _ascii_list(refused_raw, "refused features")
-    return MountRequest(Mode(mode), ImageKind(kind), size, options, refused)
+    server = _ascii_list(server_raw, "server options")
+    return MountRequest(Mode(mode), ImageKind(kind), size, options, refused, server)
+
+
+def _section(packet: bytes, start: int, what: str) -> tuple[bytes, int]:
+    """One length-prefixed section of MOUNT at `start`: its bytes, and where it ends."""
+    if len(packet) < start + SERVER_OPTIONS_HEAD.size:
+        raise HandoffError(f"MOUNT is {len(packet)} bytes, too short for its {what} section")
+    length, padding = SERVER_OPTIONS_HEAD.unpack_from(packet, start)
+    if padding:
+        raise HandoffError("MOUNT has nonzero padding")
+    if length > MAX_OPTIONS_BYTES:
+        raise HandoffError(f"MOUNT {what} length {length} over {MAX_OPTIONS_BYTES}")
+    begin = start + SERVER_OPTIONS_HEAD.size
+    return packet[begin : begin + length], begin + length
 
 
 def _ascii_list(raw: bytes, what: str) -> tuple[str, ...]:

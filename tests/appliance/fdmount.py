@@ -112,6 +112,7 @@ def served_by_handoff(
     timeout: float = 60,
     env: dict[str, str] | None = None,
     mode: Mode = Mode.RO,
+    server_options: tuple[str, ...] = (),
 ) -> Iterator[Served]:
     """Start the service, HELLO, mount, MOUNT with the fds, wait for READY;
     at exit umount and reap the service (the body may then look at its exit).
@@ -132,7 +133,8 @@ def served_by_handoff(
         access = os.O_RDONLY if mode is Mode.RO else os.O_RDWR
         image_fd = os.open(image, access | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            request = MountRequest(mode, ImageKind.REGULAR, os.fstat(image_fd).st_size, options)
+            request = MountRequest(mode, ImageKind.REGULAR, os.fstat(image_fd).st_size, options,
+                                   server_options=server_options)  # fmt: skip
             send_mount(helper_end, fuse_fd, image_fd, request)
         finally:
             os.close(image_fd)

@@ -200,3 +200,15 @@ def test_block_device_needs_block_devices_true(
         explain_cli(loop_device, user=None, mode="ro", mountpoint=None, policy_dir=str(policy_dir))
         == 0
     )
+
+
+def test_allowed_shows_the_server_options_a_caller_may_ask_for(
+    image: Path, policy_dir: Path, write_policy: WritePolicy, me
+) -> None:
+    extra = 'server_options = ["noatime"]\nenforce_quota = ["grpquota"]\n'
+    write_policy("10-mine.toml", allow_rule(image, me.pw_name, extra=extra))
+    result = run_check(str(image), me.pw_name, "ro", "/mnt/x", str(policy_dir))
+    assert result.returncode == 0, result.stderr
+    assert "  server options a caller may ask for: noatime\n" in result.stdout
+    assert "  quota enforced: grpquota\n" in result.stdout
+    assert "server options grpquota" in result.stdout  # in the reason: what the server applies

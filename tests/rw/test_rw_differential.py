@@ -18,9 +18,31 @@ shared mapping (msync), and aligned O_DIRECT writes and reads. pyfuse3 has no
 fallocate, lseek or copy_file_range handlers, so on EXT4BOX_TEST_BACKEND=pyfuse3
 those three rules are left out (the kernel answers EOPNOTSUPP there).
 
-Cost: EXT4BOX_DIFF_EXAMPLES (default 6) sequences of EXT4BOX_DIFF_STEPS
-(default 300) steps. Set EXT4BOX_DIFF_STEPS=3000 for a long run, and
-EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing sequence.
+Files cross the shapes an extent tree takes. The image has 1 KiB blocks: the
+inode holds 4 extents and a tree block 84, so a fifth extent needs depth 1 and
+a 337th depth 2. The fragment rule cuts a file into pieces separated by holes
+or unwritten blocks (writes with gaps, one write then punches, one fallocate
+then writes; pieces of 1 byte to 4 KiB, at block offsets 0, 1, 511, 1023) in
+counts at or just across 4 and 84; the first file of the pool starts cut at or
+across any of 4, 84, 168, 336, and a file no rule touches (keep/deep) is cut
+into 337 to 356 hole-separated pieces. At the end each image's files are
+counted by tree depth (debugfs `ex`, one run per image) and keep/deep must be
+at depth 2 on both. test_rw_differential_blockmap.py runs the same machine on
+an image without extents (its deep file needs a double-indirect block).
+
+Cost: EXT4BOX_DIFF_EXAMPLES (default 6) sequences of at most
+EXT4BOX_DIFF_STEPS (default 300) steps; hypothesis ends some sequences
+earlier. Set EXT4BOX_DIFF_SHRINK=1 to let hypothesis minimise a failing
+sequence. Run long runs with `pytest --timeout=0 -s` (pytest-timeout's
+alarm can land in a hypothesis gc callback, which swallows it) and as
+several runs of few sequences (after about ten, hypothesis mostly mutates
+earlier ones). Long runs of 4 Dec 2026 (`EXT4BOX_DIFF_EXAMPLES=80
+EXT4BOX_DIFF_STEPS=600`, `=60 =1000`, eight runs of `=10 =600`): 220
+sequences (at most 655 steps each: hypothesis's data limit), 66,448 steps,
+0 mismatches, all 440 images e2fsck-clean, all trees equal; files at the
+end by tree depth 0/1/2: kernel 177/381/296, ext4box 155/348/351. On
+EXT4BOX_TEST_BACKEND=pyfuse3 (`=20 =600`): 21 sequences, 5,894 steps,
+0 mismatches.
 """
 
 from __future__ import annotations
@@ -42,6 +64,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -67,6 +90,7 @@ from rw_support import (
 
 from support.fileops import truncate_by_fd
 from support.kernel import kernel_mount
+from support.mapping_depths import extent_depths, indirect_levels
 from support.serve import fuse_backend
 from support.walk import walk
 
@@ -98,6 +122,69 @@ FALLOCATE_MODES = st.sampled_from([0, 0x01, 0x03, 0x03, 0x10, 0x11, 0x02])
 # The backend under test answers FALLOCATE, LSEEK and COPY_FILE_RANGE.
 RANGE_OPS = fuse_backend() == "native"
 LENGTHS = st.one_of(st.integers(1, 20_000), st.integers(1, 256).map(lambda b: b * 4096))
+
+# The image has 1 KiB blocks (mkfs picks them for 48 MiB): the inode holds 4
+# extents and a tree block (1024 - 12) / 12 = 84 entries, so a file of more
+# than 4 extents needs a tree of depth 1 and one of more than 4 * 84 = 336
+# needs depth 2 (the block size is read from the mount, not assumed).
+INODE_EXTENTS = 4
+KEEP_DIR = "keep"  # the machine's own directory: no pick reaches it
+DEEP_FILE = f"{KEEP_DIR}/deep"  # > 336 extents from the first step to the last
+# write: pieces with holes between; punch: one long write, then holes punched
+# between the pieces; unwritten: one fallocate, then pieces written into it.
+FRAGMENT_PATTERNS = ("write", "punch", "unwritten") if RANGE_OPS else ("write",)
+HOLED_PATTERNS = ("write", "punch") if RANGE_OPS else ("write",)
+
+
+def _tree_boundaries(block_size: int) -> tuple[int, int, int, int]:
+    """Extent counts where the tree changes shape: inode full, one leaf, two, four."""
+    leaf = (block_size - 12) // 12
+    return INODE_EXTENTS, leaf, 2 * leaf, INODE_EXTENTS * leaf
+
+
+@dataclass(frozen=True)
+class Fragmenting:
+    """A plan to cut a file into `boundary + delta` pieces, one every `stride` blocks
+    from block `first_block`, each `piece` bytes (clipped so that at least one
+    whole block of every stride stays a hole or unwritten) from `shift` bytes
+    into its block. `boundary` indexes _tree_boundaries."""
+
+    pattern: str
+    boundary: int
+    delta: int
+    stride: int
+    first_block: int
+    shift: int
+    piece: int
+    seed: int
+
+    def count(self, block_size: int) -> int:
+        return max(1, _tree_boundaries(block_size)[self.boundary] + self.delta)
+
+
+def fragmenting(patterns: tuple[str, ...], boundaries: st.SearchStrategy[int],
+                deltas: st.SearchStrategy[int]) -> st.SearchStrategy[Fragmenting]:  # fmt: skip
+    return st.builds(
+        Fragmenting,
+        pattern=st.sampled_from(patterns),
+        boundary=boundaries,
+        delta=deltas,
+        stride=st.sampled_from([2, 2, 3, 5]),
+        first_block=st.one_of(st.integers(0, 16), st.integers(0, 4096)),
+        shift=st.sampled_from([0, 0, 1, 511, 1023]),
+        piece=st.sampled_from([1, 100, 1024, 1024, 1025, 2048, 4096]),
+        seed=st.integers(0, 2**16),
+    )
+
+
+# At a boundary or just across it. Each piece is one request (a FUSE round trip on
+# the ext4box side), so the rule keeps to the cheap ones; the first file of the
+# pool (fragmented_file) may take any, and the deep file is past the last.
+ANY_BOUNDARY = fragmenting(FRAGMENT_PATTERNS, st.integers(0, 3), st.sampled_from([-1, 0, 1, 2, 9]))
+FRAGMENTS = fragmenting(FRAGMENT_PATTERNS, st.sampled_from([0, 0, 0, 1, 1]),
+                        st.sampled_from([-1, 0, 1, 2, 9]))  # fmt: skip
+# Past the last boundary with holes between the pieces: depth 2 on any correct writer.
+DEEP_FRAGMENTS = fragmenting(HOLED_PATTERNS, st.just(3), st.integers(1, 20))
 
 
 @dataclass(frozen=True)
@@ -156,12 +243,19 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+_PUNCH = 0x03  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def _fallocate_fd(fd: int, mode: int, offset: int, length: int, path: Path) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
 def _fallocate(path: Path, mode: int, offset: int, length: int) -> str:
     fd = os.open(path, os.O_WRONLY)
     try:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        _fallocate_fd(fd, mode, offset, length, path)
     finally:
         os.close(fd)
     return "ok"
@@ -236,6 +330,44 @@ def _direct_io(path: Path, block: int, count: int, seed: int) -> tuple[int, str]
         buffer.close()
 
 
+def _fragment(path: Path, plan: Fragmenting, block_size: int) -> str:
+    """Apply `plan` to a file (created if missing) through one descriptor (see Fragmenting)."""
+    count = plan.count(block_size)
+    stride_bytes = plan.stride * block_size
+    shift = plan.shift % block_size
+    piece = max(1, min(plan.piece, (plan.stride - 1) * block_size - shift))
+    start = plan.first_block * block_size
+    span = count * stride_bytes
+    data = _payload(plan.seed, span)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if plan.pattern == "punch":
+            os.pwrite(fd, data, start)
+        elif plan.pattern == "unwritten":
+            _fallocate_fd(fd, 0, start, span, path)
+        for index in range(count):
+            at = start + index * stride_bytes + shift
+            if plan.pattern == "punch":
+                next_piece = at + stride_bytes
+                _fallocate_fd(fd, _PUNCH, at + piece, next_piece - (at + piece), path)
+            else:
+                os.pwrite(fd, data[at - start : at - start + piece], at)
+    finally:
+        os.close(fd)
+    return f"{count} pieces of {piece}"
+
+
+def _regular_files(root: Path) -> list[str]:
+    """The regular files under `root` (not symlinks to them), relative, sorted."""
+    files = []
+    for parent, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            full = os.path.join(parent, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                files.append(os.path.relpath(full, root))
+    return sorted(files)
+
+
 def _within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
     """Every range of `inner` lies inside one range of `outer` (both sorted, disjoint)."""
     return all(any(start >= o_start and end <= o_end for o_start, o_end in outer)
@@ -262,6 +394,14 @@ class KernelVsExt4box(RuleBasedStateMachine):
     outcomes: dict[str, int] = {}  # "ok" or errno name -> count, over all sequences
     block_differences = 0  # entries whose st_blocks differ (reported, not failed)
     seek_differences = 0  # data maps where the kernel zeroed out more (see seek_map)
+    extents = True  # the image maps files by extents (a sibling machine may not)
+    # image ("kernel" or "ext4box") -> extent tree depth (indirection levels on a
+    # block-mapped image) -> files of that depth at the end
+    depths: dict[str, dict[int, int]] = {"kernel": {}, "ext4box": {}}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.depths = {"kernel": {}, "ext4box": {}}  # each sibling machine counts its own
 
     def __init__(self) -> None:
         super().__init__()
@@ -276,6 +416,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
         base.unlink()
         self._kernel_cm = kernel_mount(self.kernel_image, self.dir / "kmnt", readonly=False)
         self.kroot = self._kernel_cm.__enter__()
+        self.block_size = os.statvfs(self.kroot).f_bsize
         try:
             self._ours_cm = rw_mount(self.ours_image, self.dir / "omnt", *self.mount_options)
             self.oroot = self._ours_cm.__enter__().mountpoint
@@ -291,10 +432,10 @@ class KernelVsExt4box(RuleBasedStateMachine):
             rel = os.path.relpath(parent, self.kroot)
             rel = "" if rel == "." else rel
             for name in dirnames + filenames:
-                if rel == "" and name == "lost+found":
+                if rel == "" and name in ("lost+found", KEEP_DIR):
                     continue
                 entries.append(f"{rel}/{name}" if rel else name)
-            dirnames[:] = [d for d in dirnames if not (rel == "" and d == "lost+found")]
+            dirnames[:] = [d for d in dirnames if not (rel == "" and d in ("lost+found", KEEP_DIR))]
             dirs.extend(f"{rel}/{d}" if rel else d for d in dirnames)
         if pick.kind == 0:
             return pool[pick.index % len(pool)]
@@ -316,6 +457,18 @@ class KernelVsExt4box(RuleBasedStateMachine):
             print(step, o)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         return o
+
+    @initialize(plan=DEEP_FRAGMENTS)
+    def deep_file(self, plan: Fragmenting) -> None:
+        """A file of more than 336 extents that no later step touches: every
+        sequence ends with a depth-2 tree to check on both images."""
+        self.both(os.mkdir, KEEP_DIR, mode=0o755)
+        self.both(_fragment, DEEP_FILE, plan=plan, block_size=self.block_size)
+
+    @initialize(plan=ANY_BOUNDARY)
+    def fragmented_file(self, plan: Fragmenting) -> None:
+        """A file of the pool cut at or across a tree boundary, for the rules to change."""
+        self.both(_fragment, "f0", plan=plan, block_size=self.block_size)
 
     # -- namespace ---------------------------------------------------------
 
@@ -370,6 +523,12 @@ class KernelVsExt4box(RuleBasedStateMachine):
     def append(self, path_pick: Pick, size: int, seed: int) -> None:
         path = self.resolve(path_pick)
         self.both(_write, path, offset=0, data=_payload(seed, size), append=True)
+
+    @rule(path_pick=PICK, plan=FRAGMENTS)
+    def fragment(self, path_pick: Pick, plan: Fragmenting) -> None:
+        """Cut a file into extent counts at and across the tree's shape changes."""
+        path = self.resolve(path_pick)
+        self.both(_fragment, path, plan=plan, block_size=self.block_size)
 
     @rule(path_pick=PICK, size=SIZES)
     def truncate(self, path_pick: Pick, size: int) -> None:
@@ -480,6 +639,22 @@ class KernelVsExt4box(RuleBasedStateMachine):
         """e2fsck -fn of the kernel's image (a sibling machine may know a kernel bug)."""
         assert_fsck_clean(self.kernel_image)
 
+    def check_depths(self, files: list[str]) -> None:
+        """Count each image's files by mapping depth; the deep file must be at depth 2.
+
+        On a block-mapped image with 1 KiB blocks the deep file reaches past
+        block 12 + 256, so it needs a double-indirect block: depth 2 as well.
+        """
+        totals = type(self)
+        depths_of = extent_depths if self.extents else indirect_levels
+        for side, image in (("kernel", self.kernel_image), ("ext4box", self.ours_image)):
+            depths = depths_of(image, files)
+            for depth in depths.values():
+                totals.depths[side][depth] = totals.depths[side].get(depth, 0) + 1
+            assert depths.get(DEEP_FILE, 0) >= 2, (
+                f"{side} image: {DEEP_FILE} ends at mapping depth {depths.get(DEEP_FILE)}, not 2"
+            )
+
     def teardown(self) -> None:
         totals = type(self)  # a sibling machine keeps its own figures
         totals.steps_run.append(self.steps)
@@ -487,6 +662,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
             totals.outcomes[name] = totals.outcomes.get(name, 0) + count
         failure = None
         try:
+            files = _regular_files(self.kroot)
             syncfs(self.kroot)
             kernel_tree = strip(walk(self.kroot), IGNORED)
             ours_tree = strip(walk(self.oroot), IGNORED)
@@ -502,6 +678,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
         assert failure is None, failure
         self.check_kernel_image()
         assert_fsck_clean(self.ours_image)
+        self.check_depths(files)
         view = strip(kernel_walk(self.ours_image, self.dir / "vmnt"), IGNORED)
         differences = tree_differences(view, ours_tree)
         assert not differences, "kernel view of the ext4box image:\n" + "\n".join(differences)
@@ -534,3 +711,8 @@ def test_kernel_vs_ext4box(tmp_path: Path) -> None:
     print(f"differential outcomes: {sorted(KernelVsExt4box.outcomes.items())}")
     print(f"differential: entries with different st_blocks: {KernelVsExt4box.block_differences}")
     print(f"differential: data maps wider on the kernel: {KernelVsExt4box.seek_differences}")
+    depths = KernelVsExt4box.depths  # each sequence checked its deep file reached depth 2
+    print(
+        f"differential: files by extent depth at the end: "
+        f"kernel {sorted(depths['kernel'].items())}, ext4box {sorted(depths['ext4box'].items())}"
+    )

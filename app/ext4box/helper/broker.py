@@ -318,7 +318,8 @@ def _handle(caller: Caller, call: Call, settings: BrokerSettings) -> dict[str, o
         return list_for(caller, settings)
     with _state_lock(caller.uid):
         if isinstance(call, MountCall):
-            return mount_for(caller, call.image, call.mountpoint, call.mode, settings)
+            return mount_for(caller, call.image, call.mountpoint, call.mode, settings,
+                             call.server_options)  # fmt: skip
         return umount_for(caller, call.mountpoint, settings)
 
 

@@ -65,7 +65,7 @@ def mount_for_cli(args: argparse.Namespace) -> str:
                 f"{option} is not available through the ext4box broker ({socket_path()}):"
                 " it decides with its own policy and settings"
             )
-    done = mount(args.image, args.mountpoint, args.mode, args.timeout)
+    done = mount(args.image, args.mountpoint, args.mode, args.timeout, args.server_options)
     try:
         return (
             f"mounted {done['image']} on {done['mountpoint']} ({done['mode']}, container"
@@ -75,8 +75,10 @@ def mount_for_cli(args: argparse.Namespace) -> str:
         raise HelperError("the ext4box broker sent a malformed reply") from None
 
 
-def mount(image: str, mountpoint: str, mode: str, timeout: float) -> dict[str, Any]:
-    return _ask(MountCall(_absolute(image), _absolute(mountpoint), mode), timeout)
+def mount(image: str, mountpoint: str, mode: str, timeout: float,
+          server_options: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    call = MountCall(_absolute(image), _absolute(mountpoint), mode, tuple(server_options))
+    return _ask(call, timeout)
 
 
 def umount(mountpoint: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -64,14 +64,16 @@ class BrokerSettings:
 
 
 def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
-              settings: BrokerSettings) -> dict[str, object]:  # fmt: skip
+              settings: BrokerSettings,
+              server_options: tuple[str, ...] = ()) -> dict[str, object]:  # fmt: skip
     policy = _load_policy(settings.policy_dir)
     _check_mount_count(caller, settings)
     held = _hold_mountpoint_as(caller, mountpoint_arg)
     try:
         image, refused, device = _open_image_for(caller, image_arg, mode)
         try:
-            decision = _decide(policy, caller, image, held.path, device, refused)
+            decision = _decide(policy, caller, image, held.path, device, refused,
+                               server_options)  # fmt: skip
             container.check_image(settings.podman)
             spec = fusemount.MountSpec(
                 mountpoint=held.path,
@@ -83,6 +85,7 @@ def mount_for(caller: Caller, image_arg: str, mountpoint_arg: str, mode: str,
                 uid=caller.uid,
                 gid=caller.gid,
             )
+            spec = fusemount.with_atime(spec, decision.server_options)
             record, ready = _serve(caller, settings, image, spec, decision)
         finally:
             image.close()
@@ -116,6 +119,7 @@ def _decide(
     mountpoint: str,
     device: devices.DeviceName | None,
     refused: HelperError | None,
+    server_options: tuple[str, ...],
 ) -> Decision:
     """Lock the image and ask the broker's policy; enforce what it decided."""
     try:
@@ -137,6 +141,7 @@ def _decide(
             is_block_device=image.is_block_device,
             sha256=lambda: sha256_of_fd(image.fd),
             image_links=device.links if device else (),
+            server_options=server_options,  # judged: the caller asked, the rule decides
         )
     )
     if refused is not None and not (decision.allowed and decision.grant_access):

@@ -7,7 +7,8 @@ unknown key, a wrong type or a path that is not absolute is an error, so a
 client cannot slip a setting (a policy directory, an environment) past a
 broker that would otherwise ignore it silently.
 
-    request  {"version": 1, "op": "mount", "image": P, "mountpoint": P, "mode": "ro"}
+    request  {"version": 1, "op": "mount", "image": P, "mountpoint": P, "mode": "ro"
+              [, "server_options": ["usrquota", "noatime"]]}
              {"version": 1, "op": "umount", "mountpoint": P}
              {"version": 1, "op": "list"}
     reply    {"version": 1, "ok": true, ...}    {"version": 1, "ok": false, "error": LINE}
@@ -21,6 +22,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ext4box.policy.server_options import ServerOptionError, check_server_options
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # a list reply of ~150 mounts; requests are far smaller
 MAX_PATH_BYTES = 4096  # PATH_MAX
@@ -28,7 +31,7 @@ _LENGTH = struct.Struct(">I")
 
 OPS = ("mount", "umount", "list")
 _KEYS = {
-    "mount": {"version", "op", "image", "mountpoint", "mode"},
+    "mount": {"version", "op", "image", "mountpoint", "mode", "server_options"},
     "umount": {"version", "op", "mountpoint"},
     "list": {"version", "op"},
 }
@@ -47,6 +50,8 @@ class MountCall:
     image: str
     mountpoint: str
     mode: str  # "ro" | "rw"
+    # Asked for, not granted: the broker's policy judges them (policy/server_options.py).
+    server_options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +112,11 @@ def _recv_exactly(sock: socket.socket, count: int, what: str) -> bytes:
 
 def encode_call(call: Call) -> dict[str, Any]:
     if isinstance(call, MountCall):
-        return {"version": PROTOCOL_VERSION, "op": "mount", "image": call.image,
-                "mountpoint": call.mountpoint, "mode": call.mode}  # fmt: skip
+        message = {"version": PROTOCOL_VERSION, "op": "mount", "image": call.image,
+                   "mountpoint": call.mountpoint, "mode": call.mode}  # fmt: skip
+        if call.server_options:  # absent otherwise: an older broker knows no such key
+            message["server_options"] = list(call.server_options)
+        return message
     if isinstance(call, UmountCall):
         return {"version": PROTOCOL_VERSION, "op": "umount", "mountpoint": call.mountpoint}
     return {"version": PROTOCOL_VERSION, "op": "list"}
@@ -135,10 +143,22 @@ def decode_call(message: dict[str, Any]) -> Call:
         mode = message.get("mode")
         if mode not in ("ro", "rw"):
             raise ProtocolError(f'mode must be "ro" or "rw", not {_shown(mode)}')
-        return MountCall(_path(message, "image"), _path(message, "mountpoint"), mode)
+        return MountCall(_path(message, "image"), _path(message, "mountpoint"), mode,
+                         _server_options(message))
     if op == "umount":
         return UmountCall(_path(message, "mountpoint"))
     return ListCall()
+
+
+def _server_options(message: dict[str, Any]) -> tuple[str, ...]:
+    value = message.get("server_options", [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProtocolError("server_options must be an array of strings")
+    try:
+        check_server_options(value)
+    except ServerOptionError as err:
+        raise ProtocolError(str(err)) from None
+    return tuple(value)
 
 
 def _is_our_version(value: object) -> bool:

@@ -6,7 +6,7 @@ the fd and holds every access to the mountpoint until the server, handed the
 same fd, answers it. Options are fixed here, never taken from the server:
 nosuid,nodev and default_permissions (the kernel checks the image's modes)
 always, ro unless rw was granted, noexec and allow_other when the policy's
-rule lists them.
+rule lists them, and the atime flags of the server options it granted.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import os
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
+from ext4box.fuse.atime import AtimeMode, take_atime_options
 from ext4box.helper import mountpoint_fd, syscalls
 from ext4box.helper.errors import HelperError
 from ext4box.log import get_logger
@@ -39,6 +41,7 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
+MS_STRICTATIME = 1 << 24
 UMOUNT_NOFOLLOW = 0x8
 MNT_DETACH = 0x2
 
@@ -57,10 +60,22 @@ class MountSpec:
     # The mountpoint the decision was made on (ext4box.helper.mountpoint_fd.hold);
     # as root the mount is attached to exactly this fd. None: held here.
     dir_fd: int | None = None
-    # Access-time flags of the mount (`ext4box serve -o noatime`); the broker
-    # never sets them. fusermount3 knows noatime but not nodiratime.
+    # Access-time flags of the mount, from the server's atime rule (`-o
+    # noatime|strictatime|nodiratime`, see with_atime). FUSE inodes ignore
+    # them (the server applies the rule); they keep /proc/mounts truthful.
+    # fusermount3 is told noatime only.
     noatime: bool = False
     nodiratime: bool = False
+    strictatime: bool = False
+
+
+def with_atime(spec: MountSpec, server_options: Iterable[str]) -> MountSpec:
+    """`spec` with the mount flags that say what the atime options among
+    `server_options` make the server do (fuse/atime.py's precedence)."""
+    atime, _ = take_atime_options(server_options)
+    return replace(spec, noatime=atime.mode is AtimeMode.NOATIME,
+                   strictatime=atime.mode is AtimeMode.STRICTATIME,
+                   nodiratime=atime.nodiratime)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -186,7 +201,9 @@ def _attach_new_api(spec: MountSpec, fuse_fd: int, dir_fd: int) -> int:
             attrs |= syscalls.MOUNT_ATTR_RDONLY
         if spec.noexec:
             attrs |= syscalls.MOUNT_ATTR_NOEXEC
-        if spec.noatime:
+        if spec.strictatime:
+            attrs |= syscalls.MOUNT_ATTR_STRICTATIME
+        elif spec.noatime:
             attrs |= syscalls.MOUNT_ATTR_NOATIME
         if spec.nodiratime:
             attrs |= syscalls.MOUNT_ATTR_NODIRATIME
@@ -209,7 +226,9 @@ def _attach_mount2(spec: MountSpec, fuse_fd: int, dir_fd: int) -> None:
         flags |= MS_RDONLY
     if spec.noexec:
         flags |= MS_NOEXEC
-    if spec.noatime:
+    if spec.strictatime:
+        flags |= MS_STRICTATIME
+    elif spec.noatime:
         flags |= MS_NOATIME
     if spec.nodiratime:
         flags |= MS_NODIRATIME

@@ -138,4 +138,5 @@ def mount_request(image: OpenedImage, decision: Decision) -> MountRequest:
         image.size,
         tuple(decision.mount_flags),
         refused_features=tuple(decision.refused_features),
+        server_options=tuple(decision.server_options),
     )

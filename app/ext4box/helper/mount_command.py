@@ -57,14 +57,18 @@ def mount(
     policy_dir: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     endpoint: external.Endpoint | None = None,
+    server_options: tuple[str, ...] = (),
 ) -> MountResult:
-    """Mount through a server container we start, or (endpoint) one already running."""
+    """Mount through a server container we start, or (endpoint) one already running.
+
+    `server_options` (`-o`, names checked by the caller) are judged by the policy."""
     _ensure_stdio()
     who = identity_of_uid(os.getuid(), os.getgid())
     policy = _load_policy(policy_dir)
     held = _hold_mountpoint(mountpoint_arg, who.uid)
     try:
-        result = _mount_held(image_arg, held, mode, policy, who, timeout, endpoint)
+        result = _mount_held(image_arg, held, mode, policy, who, timeout, endpoint,
+                             server_options)  # fmt: skip
     finally:
         held.close()
     _raise_read_ahead(held.path, timeout)
@@ -79,6 +83,7 @@ def _mount_held(
     who: Identity,
     timeout: float,
     endpoint: external.Endpoint | None,
+    server_options: tuple[str, ...],
 ) -> MountResult:
     mountpoint = held.path  # decided once, on the fd the mount will be attached to
     image = open_image(image_arg, mode)
@@ -96,6 +101,7 @@ def _mount_held(
                 mountpoint=mountpoint,
                 is_block_device=image.is_block_device,
                 sha256=lambda: sha256_of_fd(image.fd),
+                server_options=server_options,
             )
         )
         _log_decision(who.user, who.uid, image, mountpoint, decision)
@@ -138,7 +144,7 @@ def _mount_spec(
     image: OpenedImage, held: mountpoint_fd.HeldMountpoint, decision: Decision
 ) -> fusemount.MountSpec:
     flags = decision.mount_flags
-    return fusemount.MountSpec(
+    spec = fusemount.MountSpec(
         mountpoint=held.path,
         dir_fd=held.fd,
         source=image.path,
@@ -148,6 +154,7 @@ def _mount_spec(
         uid=os.getuid(),
         gid=os.getgid(),
     )
+    return fusemount.with_atime(spec, decision.server_options)
 
 
 def _load_policy(policy_dir: str | None) -> Policy:
@@ -185,6 +192,7 @@ def _log_decision(
         mode=image.mode,
         mountpoint=mountpoint,
         flags=list(decision.mount_flags) if decision.allowed else [],
+        server_options=list(decision.server_options),
         rule=decision.rule,
         rule_file=decision.file,
         reason=decision.reason,

@@ -28,6 +28,7 @@ from ext4box.policy.model import (
     Rule,
     RuleVerdict,
 )
+from ext4box.policy.server_options import always_allowed
 from ext4box.policy.text import printable
 
 _log = structlog.get_logger("ext4box.policy")
@@ -106,6 +107,14 @@ def _mismatches(rule: Rule, request: Request, digest: _LazyDigest) -> list[str]:
         reasons.append("rw was requested but the rule allows only ro")
     if not allow and rule.mode == "rw" and request.mode == "ro":
         reasons.append("the rule denies only rw and ro was requested")
+    if allow:
+        refused = _options_not_allowed(rule, request)
+        if refused:
+            allowed = "[" + ", ".join(rule.server_options) + "]"
+            reasons.append(
+                f"server option(s) {','.join(refused)} requested but the rule's"
+                f" server_options allow only {allowed}"
+            )
     if allow and rule.max_size is not None and request.image_size > rule.max_size:
         reasons.append(
             f"image size {format_size(request.image_size)} exceeds max_size "
@@ -132,6 +141,19 @@ def _mismatches(rule: Rule, request: Request, digest: _LazyDigest) -> list[str]:
         elif value not in rule.sha256:
             reasons.append(f"image sha256 {value} is not one of the rule's pinned digests")
     return reasons
+
+
+def _options_not_allowed(rule: Rule, request: Request) -> list[str]:
+    """The caller's server options this rule does not let them have (quota
+    enforcement and the neutral options are always allowed)."""
+    return [option for option in dict.fromkeys(request.server_options)
+            if not always_allowed(option) and option not in rule.server_options]  # fmt: skip
+
+
+def _effective_options(rule: Rule, request: Request) -> tuple[str, ...]:
+    """The caller's options, then the quota types the rule enforces."""
+    forced = [qtype for qtype in rule.enforce_quota if qtype not in request.server_options]
+    return (*request.server_options, *forced)
 
 
 def _image_matches(globs: tuple[PathGlob, ...], request: Request) -> bool:
@@ -205,6 +227,9 @@ def _decision(
     elif winner.mountpoints:
         reason += f", only at mountpoints {_globs(winner.mountpoints)}"
     reason += f" with {','.join(flags)}"
+    server_options = _effective_options(winner, request)
+    if server_options:
+        reason += f", server options {','.join(server_options)}"
     return Decision(
         allowed=True,
         reason=printable(reason),
@@ -218,6 +243,7 @@ def _decision(
         block_devices=winner.block_devices,
         grant_access=winner.grant_access,
         sha256=digest,
+        server_options=server_options,
         mountpoint_checked=mountpoint_checked,
         verdicts=verdicts,
     )
@@ -265,6 +291,10 @@ def _log_decision(request: Request, decision: Decision) -> None:
         fields["grant_access"] = decision.grant_access
     if request.image_links:
         fields["image_links"] = list(request.image_links)
+    if request.server_options:
+        fields["requested_server_options"] = list(request.server_options)
+    if decision.server_options:
+        fields["server_options"] = list(decision.server_options)
     _log.info("policy_decision", **fields)
 
 

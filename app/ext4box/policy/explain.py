@@ -139,6 +139,12 @@ def _render(out: TextIO, given: str, request: Request, policy: Policy, decision:
         if decision.grant_access:
             devices += " (the broker opens them for the user: grant_access)"
         print(f"  block devices: {devices}", file=out)
+        winner = next((v.rule for v in decision.verdicts if v.matched), None)
+        if winner is not None:
+            allowed = ", ".join(winner.server_options) or "(only the always allowed)"
+            print(f"  server options a caller may ask for: {allowed}", file=out)
+            enforced = ", ".join(winner.enforce_quota) or "(none)"
+            print(f"  quota enforced: {enforced}", file=out)
     files = len(policy.files)
     print(
         f"policy directory {policy.directory}: {files} file(s), {len(policy.rules)} rule(s), "

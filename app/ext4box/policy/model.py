@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ext4box.policy.globs import PathGlob
+from ext4box.policy.server_options import check_server_options
 
 MODES = ("ro", "rw")
 ALWAYS_ON_FLAGS = ("nosuid", "nodev")
@@ -34,6 +35,10 @@ class Rule:
     refuse_features: tuple[str, ...] = ()
     block_devices: bool = False
     grant_access: bool = False  # the broker opens the device even if the user cannot
+    # Server options a caller may ask for beyond the always-allowed ones
+    # (policy/server_options.py), and the quota types enforced whatever the caller asks.
+    server_options: tuple[str, ...] = ()
+    enforce_quota: tuple[str, ...] = ()
 
     @property
     def location(self) -> str:
@@ -68,10 +73,13 @@ class Request:
     # Root-maintained links naming the same device (e.g. /dev/disk/by-id/usb-*,
     # made by udev), given by the broker only; `images` globs may match them.
     image_links: tuple[str, ...] = ()
+    # Server options the caller asks for (`ext4box mount -o`), known names only.
+    server_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'ro' or 'rw', not {self.mode!r}")
+        check_server_options(self.server_options)
         _require_resolved("image", self.image)
         for link in self.image_links:
             _require_resolved("image link", link)
@@ -116,5 +124,8 @@ class Decision:
     block_devices: bool = False
     grant_access: bool = False
     sha256: str | None = None  # the digest, when some rule needed it
+    # What the server applies: the caller's server options the rule allows,
+    # then the quota types the rule enforces.
+    server_options: tuple[str, ...] = ()
     mountpoint_checked: bool = True
     verdicts: tuple[RuleVerdict, ...] = field(default=(), repr=False)

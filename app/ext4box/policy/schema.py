@@ -15,10 +15,12 @@ from ext4box.policy.errors import PolicyError
 from ext4box.policy.features import canonical_feature
 from ext4box.policy.globs import GlobError, PathGlob, compile_path_glob
 from ext4box.policy.model import ALWAYS_ON_FLAGS, ANYONE, MODES, OPTIONAL_FLAGS, Principal, Rule
+from ext4box.policy.server_options import QUOTA_TYPES, SERVER_OPTIONS
 from ext4box.policy.toml_layout import TomlLayout
 
 ACTIONS = ("allow", "deny")
-ALLOW_ONLY_KEYS = ("flags", "max_size", "refuse_features", "block_devices", "grant_access")
+ALLOW_ONLY_KEYS = ("flags", "max_size", "refuse_features", "block_devices", "grant_access",
+                   "server_options", "enforce_quota")
 RULE_KEYS = (
     "name",
     "action",
@@ -112,6 +114,10 @@ class RuleReader:
                 "grant_access",
                 "grant_access = true needs block_devices = true (only devices are granted)",
             )
+        server_options = self.get(
+            "server_options", _list_of(_server_option, "server options", allow_empty=True), ()
+        )
+        enforce_quota = self.get("enforce_quota", _list_of(_quota_type, "quota types"), ())
         description = self.get("description", _text, "")
         if len(self.errors) > before:
             return None
@@ -132,6 +138,8 @@ class RuleReader:
             refuse_features=tuple(dict.fromkeys(features)),
             block_devices=block_devices,
             grant_access=grant_access,
+            server_options=tuple(dict.fromkeys(server_options)),
+            enforce_quota=tuple(dict.fromkeys(enforce_quota)),
         )
 
 
@@ -236,6 +244,23 @@ def _flag(value: Any) -> str:
         raise _Invalid(f"flag {text!r} is not allowed: mounts are always nosuid,nodev")
     known = ", ".join(OPTIONAL_FLAGS)
     raise _Invalid(f"unknown mount flag {text!r} (known: {known}; nosuid,nodev are always on)")
+
+
+def _server_option(value: Any) -> str:
+    text = _text(value)
+    if text not in SERVER_OPTIONS:
+        known = ", ".join(sorted(SERVER_OPTIONS))
+        raise _Invalid(f"unknown server option {text!r} (known: {known})")
+    return text
+
+
+def _quota_type(value: Any) -> str:
+    text = _text(value)
+    if text == "quota":
+        return "usrquota"  # its older name, as for mount(8)
+    if text not in QUOTA_TYPES:
+        raise _Invalid(f"unknown quota type {text!r} (known: {', '.join(QUOTA_TYPES)})")
+    return text
 
 
 def _size(value: Any) -> int:

@@ -125,6 +125,7 @@ def _serve_handoff(args: argparse.Namespace) -> int:
             image_size=request.image_size,
             options=list(request.options),
             refused_features=list(request.refused_features),
+            server_options=list(request.server_options),
             seconds=round(time.monotonic() - started, 3),
         )
         # Imported here: --version/--self-report need none of the image-serving stack.

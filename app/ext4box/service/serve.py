@@ -7,6 +7,7 @@ the native backend (the default):
     confine()                 (stage-2 seccomp: from here no path, no socket)
     parse the image           (first untrusted byte is read here)
     refuse policy features    (on the very superblock the session will serve)
+    apply server options      (quota enforcement, the atime rule: as `serve -o`)
     FUSE_INIT answered        (the fd really carries a mount)
     ready()                   (READY to the helper), serve until the kernel unmounts
 
@@ -29,6 +30,8 @@ from ext4box.blockdev import BlockDevice
 from ext4box.ext4.format.errors import Ext4Error
 from ext4box.ext4.opening import open_filesystem
 from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.fuse.atime import AtimePolicy, take_atime_options
+from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
 from ext4box.handoff_protocol import Mode, ReceivedMount
@@ -76,19 +79,22 @@ def serve_fds(
         unknown = sorted(set(request.options) - KNOWN_OPTIONS)
         if unknown:
             raise ServeRefused(f"unknown mount option(s): {','.join(unknown)}", errno.EINVAL)
+        quota_types, atime = _server_options(request.server_options)
     except ServeRefused:
         received.close()
         raise
     if backend == "pyfuse3":
         import trio
 
-        trio.run(_serve_pyfuse3, received, ready, confine)
+        trio.run(_serve_pyfuse3, received, ready, confine, quota_types, atime)
         return 0
     fs, direct = _confine_and_open(received, confine)
     try:
         engine = IOMapEngine(fs, fs.dev)
         engine.direct = direct
-        session = Session(Operations(fs, engine), received.fuse_fd, after_init=ready)
+        apply_quota_options(fs, quota_types)
+        ops = Operations(fs, engine, atime)
+        session = Session(ops, received.fuse_fd, after_init=ready)
         try:
             session.run()
         except NotMounted as exc:
@@ -142,7 +148,8 @@ def _confine_and_open(received: ReceivedMount, confine: Callable[[], None] | Non
 
 
 async def _serve_pyfuse3(
-    received: ReceivedMount, ready: Callable[[], None], confine: Callable[[], None] | None
+    received: ReceivedMount, ready: Callable[[], None], confine: Callable[[], None] | None,
+    quota_types: frozenset[int], atime: AtimePolicy,
 ) -> None:
     from ext4box.fuse import pyfuse3_backend
 
@@ -150,7 +157,8 @@ async def _serve_pyfuse3(
     try:
         engine = IOMapEngine(fs, fs.dev)
         engine.direct = direct
-        ops = Operations(fs, engine)
+        apply_quota_options(fs, quota_types)
+        ops = Operations(fs, engine, atime)
         try:
             pyfuse3_backend.start_on_fd(ops, received.fuse_fd)
         except RuntimeError as exc:
@@ -173,6 +181,19 @@ async def _serve_pyfuse3(
         fs.dev.close()
         if direct is not None:
             direct.close()
+
+
+def _server_options(options: tuple[str, ...]) -> tuple[frozenset[int], AtimePolicy]:
+    """The hand-off's server options read as `ext4box serve -o` reads them; a
+    name this server does not know refuses the mount (never ignored: it may
+    be a limit the policy enforces)."""
+    quota_types, rest = take_quota_options(options)
+    atime, unknown = take_atime_options(rest)
+    if unknown:
+        raise ServeRefused(f"unknown server option(s): {','.join(unknown)}", errno.EINVAL)
+    log.info("server options", options=",".join(options), quota_types=sorted(quota_types),
+             atime=atime.mode.value, nodiratime=atime.nodiratime)  # fmt: skip
+    return quota_types, atime
 
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:

@@ -1,0 +1,98 @@
+"""Server options through the hand-off, applied by the real service on the host.
+
+The test is the helper (tests/appliance/fdmount.py: mount(2), MOUNT with the
+fds and, from protocol 3, the server options); the service runs under its
+stage-2 seccomp filter. usrquota makes a user's write stop with EDQUOT at the
+byte the kernel's rule gives for the limit e2fsprogs reads from the image;
+noatime keeps an atime that the default (relatime) moves; an unknown server
+option is refused by name. e2fsck -fn after every write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.fdmount import SERVICE_MODULE, served_by_handoff
+from appliance.server_options_support import (
+    OLD_ATIME,
+    allowed_bytes,
+    public_scratch,
+    quota_image,
+    read_and_stat_atime,
+    setpriv,
+    usage,
+    write_as,
+)
+from ext4box.handoff_protocol import Mode, PeerRefused
+from support.serve import why_no_fuse
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) of a FUSE fd needs root"),
+    pytest.mark.skipif(why_no_fuse() is not None, reason=str(why_no_fuse())),
+    pytest.mark.timeout(180),
+]
+
+SERVICE = [*SERVICE_MODULE, "--handoff-fd", "3", "--allow-privileged", "--timeout", "30"]
+USER = (4321, 4321)  # any non-root ids: setpriv needs no passwd entry
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    with public_scratch() as path:
+        yield path
+
+
+def _fsck_clean(image: Path) -> None:
+    check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_usrquota_over_the_handoff_stops_a_user_at_the_hard_limit(scratch: Path) -> None:
+    image = quota_image(scratch / "q.img", *USER)
+    used = usage(image, USER[0])[0]  # her directory
+    with served_by_handoff(image, scratch / "mnt", SERVICE, mode=Mode.RW,
+                           server_options=("usrquota",)) as served:  # fmt: skip
+        got = write_as(setpriv(*USER), served.mountpoint / "u" / "big", 400_000)
+    assert served.proc.returncode == 0
+    assert got == ["EDQUOT", allowed_bytes(used)]
+    told = [json.loads(line[line.index("{"):]) for line in served.proc.stderr.read().splitlines()
+            if '"handoff"' in line]  # fmt: skip
+    assert [entry["server_options"] for entry in told] == [["usrquota"]]
+    _fsck_clean(image)
+    assert usage(image, USER[0])[0] <= 120 * 1024
+
+
+def test_without_usrquota_the_same_write_passes(scratch: Path) -> None:
+    """The limit is enforced because of the option, not by default."""
+    image = quota_image(scratch / "q.img", *USER)
+    with served_by_handoff(image, scratch / "mnt", SERVICE, mode=Mode.RW) as served:
+        got = write_as(setpriv(*USER), served.mountpoint / "u" / "big", 400_000)
+    assert got == ["ok", 400_000]
+    _fsck_clean(image)
+
+
+@pytest.mark.parametrize(("options", "moves"), [((), True), (("noatime",), False),
+                                                (("strictatime",), True)])  # fmt: skip
+def test_atime_options_over_the_handoff(scratch: Path, options: tuple[str, ...],
+                                        moves: bool) -> None:  # fmt: skip
+    image = quota_image(scratch / "q.img", *USER)
+    with served_by_handoff(image, scratch / "mnt", SERVICE, mode=Mode.RW,
+                           server_options=options) as served:  # fmt: skip
+        atime = read_and_stat_atime(served.mountpoint / "old.txt")
+    assert (atime != OLD_ATIME) is moves
+    _fsck_clean(image)
+
+
+def test_an_unknown_server_option_is_refused_by_name(scratch: Path) -> None:
+    image = quota_image(scratch / "q.img", *USER)
+    with pytest.raises(PeerRefused) as refused, served_by_handoff(
+        image, scratch / "mnt", SERVICE, mode=Mode.RW, server_options=("writeback_cache",)
+    ):
+        pass
+    assert refused.value.reason == "unknown server option(s): writeback_cache"
