@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
 from support.images import ImageCache
 from support.kernel import why_no_kernel_mounts
-from support.serve import why_no_fuse
+from support.serve import fuse_transport, why_no_fuse
+from support.uring import uring_enabled
 
 _TOOLS = ("mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck", "tune2fs", "setfacl")
 
@@ -55,3 +57,19 @@ def image_cache(
 ) -> ImageCache:
     """Variant images built from one rich source tree, each at most once per session."""
     return ImageCache(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def uring_for_a_uring_run() -> Iterator[None]:
+    """With EXT4BOX_TEST_TRANSPORT=uring, the kernel's enable_uring is on for the run.
+
+    Put back as it was at the end: it is machine-wide, but it changes nothing
+    for a FUSE server that does not ask for io_uring at INIT.
+    """
+    if fuse_transport() != "uring":
+        yield
+        return
+    with uring_enabled(True) as reason:
+        if reason is not None:
+            pytest.exit(f"EXT4BOX_TEST_TRANSPORT=uring, but {reason}", returncode=2)
+        yield

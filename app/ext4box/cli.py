@@ -43,12 +43,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_pyfuse3,
         split_options,
         take_backend,
+        take_transport,
     )
     from ext4box.fuse.operations import Operations
     from ext4box.iomap.direct_io import direct_io_for
 
     try:
         backend, user_options = take_backend(split_options(args.options))
+        transport, user_options = take_transport(user_options)
+        if backend == "pyfuse3" and transport != "auto":
+            raise MountSetupError("transport= is for backend=native (pyfuse3 reads /dev/fuse)")
         quota_types, user_options = take_quota_options(user_options)
         writeback_cache, user_options = take_writeback_option(user_options)
         if writeback_cache and backend == "pyfuse3":
@@ -61,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             debug=args.debug and backend == "pyfuse3",
         )
         check_mountpoint(args.mountpoint)
-        config = MountConfig(args.mountpoint, options, backend)
+        config = MountConfig(args.mountpoint, options, backend, transport)
         # Type=notify waits for READY=1 from the process systemd started.
         foreground = args.foreground or daemon.under_systemd_notify()
         # Background: from here on the parent only waits for the child's verdict.
@@ -298,8 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
         " noatime, nodiratime and their negations, lazytime (default: ro;"
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
-        " the FUSE transport; writeback_cache (native, rw) lets the kernel's page cache"
-        " collect small writes (docs/status.md says what it trades)",
+        " the FUSE transport; transport=auto (default: FUSE over io_uring when the"
+        " kernel's enable_uring is on), uring or dev picks the native backend's loop;"
+        " writeback_cache (native, rw) lets the kernel's page cache collect small"
+        " writes (docs/status.md says what it trades)",
     )
     serve.add_argument(
         "-f", "--foreground", action="store_true",

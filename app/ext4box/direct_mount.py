@@ -18,6 +18,7 @@ from ext4box.fuse.atime import AtimeMode
 from ext4box.fuse.mount import MountConfig, MountSetupError, is_fd_mountpoint
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
+from ext4box.fuse.uring_transport import why_unavailable
 from ext4box.helper.errors import HelperError
 from ext4box.helper.fusemount import MountSpec, mount, unmount
 from ext4box.log import get_logger
@@ -31,9 +32,14 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *, trace
 
     `on_ready` runs once the kernel has our INIT reply: the mount is live.
     """
+    if config.transport == "uring":
+        # Refused before anything is mounted (the INIT check is the last word).
+        why = why_unavailable()
+        if why is not None:
+            raise MountSetupError(f"transport=uring: {why}")
     if is_fd_mountpoint(config.mountpoint):
         fuse_fd = int(config.mountpoint.rpartition("/")[2])
-        _serve(ops, fuse_fd, tune=on_ready, trace=trace)
+        _serve(ops, fuse_fd, tune=on_ready, trace=trace, transport=config.transport)
         return
     # Resolved now: once mounted, any lookup of the mountpoint from this
     # process waits on our own request loop.
@@ -71,11 +77,19 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *, trace
         if on_ready is not None:
             on_ready()
 
+    # Closing the fd first aborts the connection, so an unmount cannot wait on us.
     try:
-        session = _serve(ops, fuse_fd, tune=tune, trace=trace)
-    finally:
-        # Closing first aborts the connection, so an unmount cannot wait on us.
+        session = _serve(ops, fuse_fd, tune=tune, trace=trace, transport=config.transport)
+    except MountSetupError:
+        # Refused at INIT: no mount is left behind.
         os.close(fuse_fd)
+        with contextlib.suppress(HelperError):
+            unmount(resolved)
+        raise
+    except BaseException:
+        os.close(fuse_fd)
+        raise
+    os.close(fuse_fd)
     if session.stopped_by is not None:
         # Stopped for a signal: the mount is still there (an external umount
         # ends the session with ENODEV instead).
@@ -85,8 +99,8 @@ def serve_native(ops: Operations, config: MountConfig, image_path: str, *, trace
 
 
 def _serve(ops: Operations, fuse_fd: int, *, tune: Callable[[], None] | None,
-           trace: bool) -> Session:  # fmt: skip
-    session = Session(ops, fuse_fd, after_init=tune, trace=trace)
+           trace: bool, transport: str) -> Session:  # fmt: skip
+    session = Session(ops, fuse_fd, after_init=tune, trace=trace, transport=transport)
     try:
         session.run()
     except NotMounted as err:

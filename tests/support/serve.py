@@ -45,18 +45,32 @@ def fuse_backend() -> str:
     return backend
 
 
+def fuse_transport() -> str | None:
+    """The native backend's loop in tests: EXT4BOX_TEST_TRANSPORT (auto, uring, dev), else
+    the server's default. `make test` runs the FUSE-level suite once more with uring
+    (tests/conftest.py turns the kernel's enable_uring on for that run)."""
+    transport = os.environ.get("EXT4BOX_TEST_TRANSPORT")
+    if transport not in (None, "auto", "uring", "dev"):
+        raise ValueError(f"EXT4BOX_TEST_TRANSPORT must be auto, uring or dev, not {transport!r}")
+    return transport
+
+
 def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro", *,
                  backend: str | None = None) -> list[str]:
     """`ext4box serve -f`: in the foreground, so that its exit status is ours to check.
 
-    `backend`: the FUSE transport (default: `fuse_backend()`). Read-write mounts
-    also get EXT4BOX_TEST_RW_OPTIONS (comma-separated), so the whole suite can
-    run with e.g. writeback_cache.
+    `backend`: the FUSE transport (default: `fuse_backend()`); on the native
+    backend EXT4BOX_TEST_TRANSPORT adds transport= unless `options` has one.
+    Read-write mounts also get EXT4BOX_TEST_RW_OPTIONS (comma-separated), so
+    the whole suite can run with e.g. writeback_cache.
     """
     if options.split(",")[0] == "rw":
         extra = [o for o in os.environ.get("EXT4BOX_TEST_RW_OPTIONS", "").split(",") if o]
         options = ",".join(dict.fromkeys([*options.split(","), *extra]))
-    options = f"{options},backend={backend or fuse_backend()}"
+    backend = backend or fuse_backend()
+    options = f"{options},backend={backend}"
+    if fuse_transport() is not None and backend == "native" and "transport=" not in options:
+        options += f",transport={fuse_transport()}"
     return [*ext4box_executable(), "serve", "-f", str(image), str(mountpoint), "-o", options]
 
 

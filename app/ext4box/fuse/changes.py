@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
 POSIX_ACL_DEFAULT = b"system.posix_acl_default"
 _PERMISSION_BITS = 0o7777
 NAME_MAX = 255
@@ -138,6 +139,23 @@ class NamespaceChanges:
                                  direct=bool(flags & os.O_DIRECT), flags=flags)
         return handle, attr
 
+    @fuse_errors("tmpfile")
+    def tmpfile(self, parent_id: int, mode: int, flags: int, ctx: Context
+                ) -> tuple[OpenResult, Attributes]:  # fmt: skip
+        """open(O_TMPFILE): a regular file with no name and no links, on the orphan
+        list as ext4_tmpfile leaves it, until linkat gives it a name or its last
+        handle closes (then it is freed, as any unlinked file)."""
+        self._require_writable()
+        parent = ext4_ino(parent_id)
+        mode, gid = self._new_owner(parent, stat.S_IFREG | (mode & _PERMISSION_BITS), ctx)
+        node = self.rw.tmpfile(parent, mode, ctx.uid, gid)
+        attr = self._entry(node)
+        self._orphans.add(node.ino)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        handle = self.new_handle(node.ino, writable=writable, uid=ctx.uid, gid=ctx.gid,
+                                 direct=bool(flags & os.O_DIRECT), flags=flags)
+        return handle, attr
+
     @fuse_errors("mknod")
     def mknod(self, parent_id: int, name: bytes, mode: int, rdev: int, ctx: Context
               ) -> Attributes:  # fmt: skip
@@ -176,6 +194,7 @@ class NamespaceChanges:
         ino = ext4_ino(node_id)
         with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
             node = self.rw.link(ino, ext4_ino(new_parent_id), new_name)
+        self._orphans.discard(node.ino)  # an O_TMPFILE inode: named now, kept at close
         attr = self._inode_attributes(node)
         self.remember(node.ino)
         return attr
@@ -221,14 +240,22 @@ class NamespaceChanges:
 
     @fuse_errors("rename")
     def rename(self, old_parent_id: int, old_name: bytes, new_parent_id: int,
-               new_name: bytes, flags: int) -> None:  # fmt: skip
+               new_name: bytes, flags: int, ctx: Context | None = None) -> None:  # fmt: skip
+        """rename(2) and renameat2's flags. RENAME_WHITEOUT needs `ctx`: the
+        whiteout left at the old name is a new inode the caller owns."""
         check_name(old_name)
         check_name(new_name)
         self._require_writable()
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT):
             raise FuseError(errno.EINVAL)
         old_parent = ext4_ino(old_parent_id)
         new_parent = ext4_ino(new_parent_id)
+        whiteout_owner: tuple[int, int] | None = None
+        if flags & RENAME_WHITEOUT:
+            if ctx is None:
+                raise FuseError(errno.EINVAL)
+            _, gid = self._new_owner(old_parent, stat.S_IFCHR, ctx)
+            whiteout_owner = (ctx.uid, gid)
         source = self.fs.lookup(old_parent, old_name)
         try:
             target: int | None = self.fs.lookup(new_parent, new_name)
@@ -239,7 +266,13 @@ class NamespaceChanges:
         wb = self.writeback_cache
         with (kernel_times.kept(self.rw, source, writeback_cache=wb),
               kernel_times.kept(self.rw, target or source, writeback_cache=wb and exchanged)):
-            self.rw.rename(old_parent, old_name, new_parent, new_name, flags)
+            self.rw.rename(old_parent, old_name, new_parent, new_name, flags,
+                           whiteout_owner=whiteout_owner)
+        if whiteout_owner is not None:
+            # The whiteout is a new inode; its number may be one the kernel still holds.
+            whiteout = self.fs.lookup(old_parent, old_name)
+            self.engine.invalidate(whiteout)
+            self._dead.pop(whiteout, None)
         if victim is not None and victim.ino != source and not flags & RENAME_EXCHANGE:
             # The replaced inode lost a name; if that was its last, it is
             # gone, or (still open) on the orphan list until its last release.

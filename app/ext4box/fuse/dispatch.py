@@ -67,6 +67,7 @@ ROUTES: tuple[Route, ...] = (
     Route(Opcode.LINK, p.LINK_IN, "link"),
     Route(Opcode.OPEN, p.OPEN_IN, "open"),
     Route(Opcode.CREATE, p.CREATE_IN, "create"),
+    Route(Opcode.TMPFILE, p.CREATE_IN, "tmpfile"),
     Route(Opcode.READ, p.READ_IN, "read"),
     Route(Opcode.WRITE, p.WRITE_IN, "write"),
     Route(Opcode.FLUSH, p.FLUSH_IN, "flush"),
@@ -287,16 +288,18 @@ class Dispatcher:
 
     def rename(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         (new_dir,) = p.RENAME_IN.unpack_from(body)
-        return self._rename(nodeid, new_dir, 0, body, p.RENAME_IN.size)
+        return self._rename(nodeid, new_dir, 0, body, p.RENAME_IN.size, caller)
 
     def rename2(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
         new_dir, flags = p.RENAME2_IN.unpack_from(body)
-        return self._rename(nodeid, new_dir, flags, body, p.RENAME2_IN.size)
+        return self._rename(nodeid, new_dir, flags, body, p.RENAME2_IN.size, caller)
 
-    def _rename(self, old_dir: int, new_dir: int, flags: int, body: bytes, at: int) -> Payload:
+    def _rename(self, old_dir: int, new_dir: int, flags: int, body: bytes, at: int,
+                caller: Caller) -> Payload:  # fmt: skip
         old_name, after = _split_name(body, at)
         new_name, _ = _split_name(body, after)
-        self.ops.rename(old_dir, old_name, new_dir, new_name, flags)
+        # The caller owns the whiteout RENAME_WHITEOUT leaves behind.
+        self.ops.rename(old_dir, old_name, new_dir, new_name, flags, self._context(caller, 0))
         return EMPTY
 
     # -- files -------------------------------------------------------------------
@@ -317,6 +320,13 @@ class Dispatcher:
         flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(body)
         name, _ = _split_name(body, p.CREATE_IN.size)
         handle, attr = self.ops.create(nodeid, name, mode, flags, self._context(caller, umask))
+        return [pack_entry(attr), self._open_out(handle)]
+
+    def tmpfile(self, nodeid: int, caller: Caller, body: bytes) -> Payload:
+        # open(O_TMPFILE) in directory `nodeid`; the name that follows is the
+        # kernel's placeholder for a nameless dentry, so it is not read.
+        flags, mode, umask, _open_flags = p.CREATE_IN.unpack_from(body)
+        handle, attr = self.ops.tmpfile(nodeid, mode, flags, self._context(caller, umask))
         return [pack_entry(attr), self._open_out(handle)]
 
     def read(self, nodeid: int, caller: Caller, body: bytes) -> Payload:

@@ -3,7 +3,8 @@
 The user's -o options are checked against a short allow-list before any
 backend sees them, so a typo is one clear error line rather than a libfuse
 usage dump, and nosuid,nodev can never be turned off. `backend=native|pyfuse3`
-picks the FUSE transport (native, ours, by default).
+picks the FUSE transport (native, ours, by default); on the native backend
+`transport=auto|uring|dev` picks FUSE over io_uring or the plain /dev/fuse loop.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ FSTAB_ONLY_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev
 FSTAB_ONLY_PREFIXES = ("x-", "comment=")
 # The FUSE transports: our own on /dev/fuse (session.py), or libfuse via pyfuse3.
 BACKENDS = ("native", "pyfuse3")
+# The native backend's loops (fuse/uring_transport.py): io_uring or /dev/fuse.
+TRANSPORTS = ("auto", "uring", "dev")
 DEFAULT_BACKEND = "native"
 REFUSED_OPTIONS = {
     "suid": "option 'suid' is not allowed: mounts are always nosuid",
@@ -56,6 +59,9 @@ class MountConfig:
     mountpoint: str
     fuse_options: frozenset[str]
     backend: str = DEFAULT_BACKEND
+    # The native backend's loop: auto (io_uring when the kernel offers it),
+    # uring (or refuse to mount), dev (the plain /dev/fuse loop).
+    transport: str = "auto"
 
 
 def split_options(values: Iterable[str]) -> list[str]:
@@ -130,6 +136,20 @@ def take_backend(options: Iterable[str]) -> tuple[str, list[str]]:
         else:
             rest.append(opt)
     return backend, rest
+
+
+def take_transport(options: Iterable[str]) -> tuple[str, list[str]]:
+    """Split `transport=auto|uring|dev` (the last one wins) from the mount options."""
+    transport, rest = "auto", []
+    for opt in options:
+        if opt.startswith("transport="):
+            transport = opt.partition("=")[2]
+            if transport not in TRANSPORTS:
+                raise MountSetupError(
+                    f"unknown transport {transport!r} (choose from {', '.join(TRANSPORTS)})")
+        else:
+            rest.append(opt)
+    return transport, rest
 
 
 def is_fd_mountpoint(mountpoint: str) -> bool:

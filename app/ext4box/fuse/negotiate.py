@@ -110,10 +110,12 @@ def wanted_flags(*, writeback_cache: bool = False) -> int:
     return out
 
 
-def negotiate(body: bytes, *, writeback_cache: bool = False,
+def negotiate(body: bytes, also: int = 0, *, writeback_cache: bool = False,
               time_gran_ns: int = TIME_GRAN_NS) -> tuple[bytes, Agreed | None]:
     """The INIT reply payload for the kernel's fuse_init_in `body`, and the agreement.
 
+    `also`: flags outside WANTED that the session takes if offered (the
+    transport's choice of FUSE_OVER_IO_URING, uring_transport.choose).
     `writeback_cache`: ask for FUSE_WRITEBACK_CACHE too (`-o writeback_cache`).
     `time_gran_ns`: the granularity of the times the kernel stamps itself.
 
@@ -131,7 +133,7 @@ def negotiate(body: bytes, *, writeback_cache: bool = False,
     if major < protocol.KERNEL_VERSION:
         raise FuseError(errno.EPROTO)
     offered = flags | (flags2 << 32 if flags & InitFlag.INIT_EXT else 0)
-    agreed_flags = offered & wanted_flags(writeback_cache=writeback_cache)
+    agreed_flags = offered & (wanted_flags(writeback_cache=writeback_cache) | also)
     agreed = Agreed(
         major=protocol.KERNEL_VERSION,
         minor=min(minor, protocol.KERNEL_MINOR_VERSION),

@@ -31,7 +31,7 @@ from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.operations import Context, OpenResult, Operations
-from ext4box.iomap.engine import ReadPlan
+from ext4box.iomap.read_plan import ReadPlan
 from ext4box.log import get_logger
 
 log = get_logger("ext4box.fuse")

@@ -10,6 +10,9 @@
     end:   ENODEV when the kernel unmounts (or the connection is aborted),
            or SIGINT/SIGTERM/SIGHUP; either way returns normally
 
+With FUSE over io_uring chosen at INIT (`transport`, uring_transport.choose),
+the loop is uring_transport's instead, on the same dispatch table.
+
 One thread, no event loop: requests are answered in the order they are read.
 A read-write session commits every COMMIT_INTERVAL_S while changes are
 pending: then (only then) the loop polls the fd with a timeout before
@@ -34,6 +37,8 @@ from ext4box.fuse import protocol as p
 from ext4box.fuse.dispatch import Dispatcher, Handler, Payload
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.operations import Operations
+from ext4box.fuse.uring_protocol import OVER_IO_URING
+from ext4box.fuse.uring_transport import UringRefused, UringTransport, choose
 from ext4box.log import get_logger
 
 log = get_logger("ext4box.fuse")
@@ -58,8 +63,12 @@ class Session:
     """Serve `ops` on the mounted /dev/fuse descriptor `fuse_fd` (see module doc)."""
 
     def __init__(self, ops: Operations, fuse_fd: int, *,
-                 after_init: Callable[[], None] | None = None, trace: bool = False) -> None:
+                 after_init: Callable[[], None] | None = None, trace: bool = False,
+                 transport: str = "dev") -> None:  # fmt: skip
         self.ops = ops
+        # auto|uring|dev: FUSE over io_uring, or the plain loop on /dev/fuse.
+        self.transport = transport
+        self._uring: UringTransport | None = None
         # One debug line per request (`ext4box serve --debug`).
         self.trace = trace
         self.fd = fuse_fd
@@ -84,7 +93,12 @@ class Session:
                 dispatcher = self._initialise()
                 if dispatcher is None:
                     return
-                self._serve(dispatcher)
+                uring, self._uring = self._uring, None
+                if uring is None or not uring.serve(self, dispatcher, COMMIT_INTERVAL_S):
+                    if uring is not None:
+                        log.warning("transport", transport="dev",
+                                    why="the kernel refused the io_uring entries")
+                    self._serve(dispatcher)
             except _Stop:
                 pass
             if self.stopped_by is not None:
@@ -115,8 +129,14 @@ class Session:
                 self._reply_error(unique, errno.EIO)
                 continue
             try:
+                self._uring, why = choose(self.transport, body, self.fd)
+            except UringRefused as err:
+                self._reply_error(unique, errno.EPROTO)
+                raise NotMounted(str(err)) from None
+            try:
                 reply, agreed = negotiate.negotiate(
-                    body, writeback_cache=self.ops.writeback_cache,
+                    body, also=OVER_IO_URING if self._uring is not None else 0,
+                    writeback_cache=self.ops.writeback_cache,
                     time_gran_ns=self.ops.time_gran_ns)
             except FuseError as err:
                 log.error("INIT refused", errno=errno.errorcode.get(err.errno, err.errno))
@@ -124,14 +144,20 @@ class Session:
                 raise NotMounted("the kernel's FUSE protocol is not supported") from None
             self._reply(unique, reply)
             if agreed is None:
+                if self._uring is not None:
+                    self._uring.close()
+                    self._uring = None
                 continue  # the kernel retries with our major version
             self.agreed = agreed
             padded = body.ljust(p.INIT_IN.size, b"\0")
             kernel_major, kernel_minor = p.INIT_IN.unpack_from(padded)[:2]
-            log.info("session", backend="native", fuse_fd=self.fd,
+            transport = "uring" if self._uring is not None else "dev"
+            log.info("session", backend="native", fuse_fd=self.fd, transport=transport,
+                     transport_why=why + (f" ({self._uring.describe()})" if self._uring else ""),
                      kernel_protocol=f"{kernel_major}.{kernel_minor}",
                      protocol=f"{agreed.major}.{agreed.minor}",
-                     flags=",".join(p.flag_names(agreed.flags)),
+                     # FUSE_OVER_IO_URING is the transport field's business.
+                     flags=",".join(p.flag_names(agreed.flags & ~OVER_IO_URING)),
                      not_offered=",".join(negotiate.missing_wanted(agreed)),
                      max_write=agreed.max_write, block_size=self.ops.block_size)  # fmt: skip
             # Everything alive now lives as long as the session: out of the

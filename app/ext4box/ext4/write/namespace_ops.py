@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 _FILE_TYPES = {
     stat.S_IFREG: 1,
@@ -194,6 +195,20 @@ def create(fs: WriteContext, parent: int, name: bytes, mode: int, uid: int, gid:
     return stored
 
 
+def tmpfile(fs: WriteContext, parent: int, mode: int, uid: int, gid: int) -> Inode:
+    """open(O_TMPFILE), as ext4_tmpfile: a regular inode with no name and no links, on
+    the orphan list until link() names it or its last close frees it (orphans.release).
+    The directory itself does not change."""
+    mode = stat.S_IFREG | (mode & 0o7777)
+    handle = DirHandle(fs, parent)
+    flag_guards.check_may_add(handle.inode)
+    _check_quota_new(fs, handle.inode, uid, gid)
+    ino = fs.inodes.alloc(parent, is_dir=False)
+    inode = _new_inode(fs, handle.inode, ino, mode, uid, gid, fs.now_ns())
+    inode = _with_inherited_acls(fs, handle.inode, inode)
+    return fs.store(orphans.add(fs, replace_inode(inode, links_count=0)))
+
+
 def _inline_dir_body(fs: WriteContext, inode: Inode, parent: int) -> Inode | None:
     """A new directory stored inline (inline_data), or None if the inode has no room."""
     area = inode.ibody_xattr_area
@@ -309,7 +324,7 @@ def link(fs: WriteContext, ino: int, new_parent: int, new_name: bytes) -> Inode:
     inode = fs.inode(ino)
     if inode.is_dir:
         raise NotPermitted(f"hard link to directory inode {ino}")
-    if inode.links_count == 0:
+    if inode.links_count == 0 and ino not in fs.open_orphans:
         raise NotFound(f"inode {ino} has no name left to link")
     if inode.links_count >= LINK_MAX:
         raise TooManyLinks(f"inode {ino} has {inode.links_count} links")
@@ -318,6 +333,8 @@ def link(fs: WriteContext, ino: int, new_parent: int, new_name: bytes) -> Inode:
     _add_or_undo(handle, new_name, ino, file_type(inode.mode), lambda: None)
     now = fs.now_ns()
     inode = fs.inode(ino)
+    if inode.links_count == 0:  # an O_TMPFILE (or unlinked, open) inode gets a name
+        inode = orphans.remove(fs, inode)
     stored = fs.store(replace_inode(inode, links_count=inode.links_count + 1,
                                           ctime_ns=now))
     handle.finish(now)
@@ -419,8 +436,13 @@ def _touch(fs: WriteContext, ino: int, now: int) -> None:
 
 
 def rename(fs: WriteContext, old_parent: int, old_name: bytes, new_parent: int,
-           new_name: bytes, flags: int = 0) -> None:
-    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+           new_name: bytes, flags: int = 0, *,
+           whiteout_owner: tuple[int, int] | None = None) -> None:
+    """rename(2) with renameat2's flags; RENAME_WHITEOUT leaves a whiteout owned by
+    `whiteout_owner` (uid, gid) at the old name, as ext4_rename does."""
+    if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)
+            or (flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT))
+            or bool(flags & RENAME_WHITEOUT) != (whiteout_owner is not None)):
         raise InvalidArgument(f"rename flags 0x{flags:x}")
     for name in (old_name, new_name):
         validate_name(name)
@@ -467,11 +489,22 @@ def rename(fs: WriteContext, old_parent: int, old_name: bytes, new_parent: int,
             dst_dir.inode.links_count, dst_dir.is_dx, dir_nlink):
         raise TooManyLinks(f"directory inode {new_parent} has too many links")
     now = fs.now_ns()
+    whiteout = (None if whiteout_owner is None
+                else _new_whiteout(fs, src_dir.inode, whiteout_owner, now))
+
+    def undo() -> None:
+        if whiteout is not None:
+            _discard_new(fs, whiteout)
+
     if dst is None:
-        _add_or_undo(dst_dir, new_name, src.ino, file_type(src.mode), lambda: None)
+        _add_or_undo(dst_dir, new_name, src.ino, file_type(src.mode), undo)
     else:
         dst_dir.writer.retarget(new_name, src.ino, file_type(src.mode))
-    src_dir.writer.remove(old_name)
+    if whiteout is None:
+        src_dir.writer.remove(old_name)
+    else:  # the old entry now names the whiteout: no space needed
+        src_dir.writer.retarget(old_name, whiteout.ino, file_type(whiteout.mode))
+        fs.store(whiteout)
     if src.is_dir:
         new_links = dst_dir.inode.links_count
         if dst is None:
@@ -492,6 +525,17 @@ def rename(fs: WriteContext, old_parent: int, old_name: bytes, new_parent: int,
             fs.evict(replace_inode(fs.inode(dst.ino), links_count=0))
         else:
             _drop_link(fs, dst.ino, now, still_open=fs.is_open(dst.ino))
+
+
+def _new_whiteout(fs: WriteContext, parent: Inode, owner: tuple[int, int], now: int) -> Inode:
+    """The whiteout ext4_whiteout_for_rename makes before the rename changes anything
+    (so ENOSPC or EDQUOT refuse the rename whole): a character device 0:0, mode 0,
+    owned as any new inode in `parent`."""
+    uid, gid = owner
+    _check_quota_new(fs, parent, uid, gid)
+    ino = fs.inodes.alloc(parent.ino, is_dir=False)
+    inode = _new_inode(fs, parent, ino, stat.S_IFCHR, uid, gid, now)
+    return _with_inherited_acls(fs, parent, inode)
 
 
 def _check_rename_flags(fs: WriteContext, src_dir: DirHandle, dst_dir: DirHandle,

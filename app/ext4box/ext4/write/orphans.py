@@ -52,6 +52,15 @@ def add(fs: WriteContext, inode: Inode) -> Inode:
     return replace_inode(inode, dtime=head)
 
 
+def remove(fs: WriteContext, inode: Inode) -> Inode:
+    """`inode` got a name (linkat of an O_TMPFILE inode, as ext4_orphan_del): take it
+    off the list; returns it to store, dtime cleared."""
+    fs.open_orphans.discard(inode.ino)
+    if inode.ino in fs.orphan_chain:
+        _unlist(fs, inode.ino, inode.dtime)
+    return replace_inode(inode, dtime=0)
+
+
 def _unlist(fs: WriteContext, ino: int, next_ino: int) -> None:
     """Take `ino` out of the chain by pointing its predecessor at `next_ino`."""
     before = fs.orphan_chain.removed(ino, next_ino)

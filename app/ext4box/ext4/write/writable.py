@@ -401,6 +401,11 @@ class WritableFilesystem(Filesystem):
     # ---- namespace -------------------------------------------------------
 
     @_mutation
+    def tmpfile(self, parent: int, mode: int, uid: int, gid: int) -> Inode:
+        """open(O_TMPFILE): a new regular inode with no name, on the orphan list."""
+        return namespace_ops.tmpfile(self, parent, mode, uid, gid)
+
+    @_mutation
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                rdev: int = 0) -> Inode:
         return namespace_ops.create(self, parent, name, mode, uid, gid, rdev)
@@ -427,8 +432,9 @@ class WritableFilesystem(Filesystem):
 
     @_mutation
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None:
-        namespace_ops.rename(self, old_parent, old_name, new_parent, new_name, flags)
+               flags: int = 0, *, whiteout_owner: tuple[int, int] | None = None) -> None:
+        namespace_ops.rename(self, old_parent, old_name, new_parent, new_name, flags,
+                             whiteout_owner=whiteout_owner)
 
     # ---- attributes ------------------------------------------------------
 
