@@ -213,10 +213,17 @@ class NamespaceChanges:
         check_name(name)
         self._require_writable()
         parent = ext4_ino(parent_id)
-        ino = self.fs.lookup(parent, name)
-        still_open = self._open_counts.get(ino, 0) > 0
-        before = self.fs.inode(ino) if self.writeback_cache else None
+        # Which inode the name holds matters before the unlink only when some
+        # file is open, or under the writeback cache (its times before); else
+        # (the common case) the directory is not searched twice.
+        still_open = False
+        before: Inode | None = None
+        if self._open_counts or self.writeback_cache:
+            target = self.fs.lookup(parent, name)
+            still_open = self._open_counts.get(target, 0) > 0
+            before = self.fs.inode(target) if self.writeback_cache else None
         node = self.rw.unlink(parent, name, still_open=still_open)
+        ino = node.ino
         if before is not None and before.is_reg and node.links_count:
             # A name left: its ctime is the kernel's (kernel_times.py).
             kernel_times.keep_times(self.rw, ino, (before.mtime_ns, before.ctime_ns), node)

@@ -39,6 +39,7 @@ EMPTY = b""
 
 _ATTR_FLAGS = 0  # fuse_attr.flags: no submount, no DAX
 _ALIGN = 8
+_PADDING = tuple(bytes(n) for n in range(_ALIGN))  # NULs after a name, by count
 _U64 = (1 << 64) - 1
 
 
@@ -409,26 +410,35 @@ class Dispatcher:
         fh, offset, size = p.READ_IN.unpack_from(body)[:3]
         if fh and not self.no_opendir:
             self.ops.dir_of_handle(fh)  # EBADF for a handle we never gave
-        out = bytearray()
+        # Records collect in a list joined once: a names-only entry is the
+        # hot path of a listing (~1 µs of bytearray growth and bookkeeping
+        # each before), so it is one pack and one concatenation here.
+        parts: list[bytes] = []
+        room = size
         fixed = p.DIRENTPLUS.size if plus else p.DIRENT.size
+        pack_dirent = p.DIRENT.pack
+        dtypes = _FTYPE_TO_DT
 
         def emit(name: bytes, ino: int, file_type: int, attr: Attributes | None,
                  cookie: int) -> bool:  # fmt: skip
-            record = fixed + len(name)
-            padded = (record + _ALIGN - 1) & ~(_ALIGN - 1)
-            if len(out) + padded > size:
+            nonlocal room
+            length = len(name)
+            padded = (fixed + length + _ALIGN - 1) & ~(_ALIGN - 1)
+            if padded > room:
                 return False
-            dtype = _FTYPE_TO_DT.get(file_type, 0)
-            if attr is not None:
-                out.extend(pack_entry(attr))
-                dtype = (attr.mode >> 12) & 0xF  # S_IFMT >> 12 is the DT_* value
-            out.extend(p.DIRENT.pack(ino, cookie, len(name), dtype))
-            out.extend(name)
-            out.extend(bytes(padded - record))
+            room -= padded
+            if attr is None:
+                parts.append(pack_dirent(ino, cookie, length, dtypes.get(file_type, 0))
+                             + name + _PADDING[padded - fixed - length])  # fmt: skip
+                return True
+            # S_IFMT >> 12 is the DT_* value
+            dtype = (attr.mode >> 12) & 0xF
+            parts.append(pack_entry(attr) + pack_dirent(ino, cookie, length, dtype)
+                         + name + _PADDING[padded - fixed - length])  # fmt: skip
             return True
 
         self.ops.readdir(nodeid, offset, emit, plus=plus)
-        return bytes(out)
+        return b"".join(parts)
 
     # -- filesystem and xattrs ---------------------------------------------------
 
