@@ -190,6 +190,25 @@ def test_page_fill_through_a_write_only_open_keeps_atime(tmp_path: Path) -> None
     assert_fsck_clean(ours_image)
 
 
+def test_small_writes_into_fallocated_blocks_leave_the_rest_unwritten(tmp_path: Path) -> None:
+    """1 KiB blocks: a writeback carries the whole page, but only the block
+    written to stops being unwritten, as on ext4 (SEEK_DATA shows it)."""
+
+    def scenario(root: Path) -> list[object]:
+        path = root / "preallocated"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, 16 * 1024)
+            os.pwrite(fd, b"x" * 100, 5000)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return [_data_map(path), _digest(path)]
+
+    assert_same_on_both(tmp_path, _image(tmp_path, block_size=1024), scenario, OPTIONS)
+
+
 @pytest.mark.parametrize("block_size", [1024, 2048, 4096])
 def test_sparse_writes_allocate_what_ext4_allocates(tmp_path: Path, block_size: int) -> None:
     # The kernel writes back whole pages; on blocks smaller than a page the

@@ -15,8 +15,10 @@ set-user-ID, O_DIRECT). Two things differ from writes without the cache:
   whole pages: a 4-byte write into a hole comes back as 4 KiB, mostly zeros
   the application never wrote. ext4 allocates only the blocks written to;
   storing the zeros would allocate the rest too (more st_blocks, SEEK_DATA
-  finding data where ext4 has a hole). Blocks that are all zeros and lie over
-  a hole are therefore left a hole: they read as zeros either way. The price:
+  finding data where ext4 has a hole), or turn fallocated (unwritten) blocks
+  into written ones that ext4 leaves unwritten. Blocks that are all zeros and
+  lie over a hole or an unwritten extent are therefore left as they are: they
+  read as zeros either way. The price:
   zeros an application did write into a hole of such a filesystem stay a hole,
   where ext4 would allocate them (the same bytes, fewer st_blocks). With
   blocks of a page or more, every block of a dirty page was written to, and
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from ext4box.iomap.engine import IOMapEngine
 
 PAGE_SIZE = 4096
+# Mappings whose blocks read as zeros without being written.
+_READS_AS_ZEROS = (IOMapKind.HOLE, IOMapKind.UNWRITTEN)
 
 
 def store(engine: IOMapEngine, fs: WritableFilesystem, node: Inode, pos: int,
@@ -69,13 +73,14 @@ def store(engine: IOMapEngine, fs: WritableFilesystem, node: Inode, pos: int,
 
 def _pieces(engine: IOMapEngine, node: Inode, pos: int,
             view: memoryview) -> list[tuple[int, int]]:
-    """[start, stop) byte ranges of the write to store: all but zero blocks over holes."""
+    """[start, stop) byte ranges of the write to store: all but zero blocks over
+    holes and unwritten extents."""
     block_size = engine.block_size
     end = pos + len(view)
     if block_size >= PAGE_SIZE or node.has_inline_data or not view:
         return [(pos, end)]
     holes = [(m.offset, m.offset + m.length) for m in engine.begin(node, pos, len(view))
-             if m.kind is IOMapKind.HOLE]  # fmt: skip
+             if m.kind in _READS_AS_ZEROS]  # fmt: skip
     if not holes:
         return [(pos, end)]
     zero_block = bytes(block_size)
