@@ -142,7 +142,9 @@ class Session:
                 raise NotMounted(str(err)) from None
             try:
                 reply, agreed = negotiate.negotiate(
-                    body, also=OVER_IO_URING if self._uring is not None else 0)
+                    body, also=OVER_IO_URING if self._uring is not None else 0,
+                    writeback_cache=self.ops.writeback_cache,
+                    time_gran_ns=self.ops.time_gran_ns)
             except FuseError as err:
                 log.error("INIT refused", errno=errno.errorcode.get(err.errno, err.errno))
                 self._reply_error(unique, err.errno)
