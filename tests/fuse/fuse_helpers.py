@@ -78,7 +78,7 @@ class Server:
         """
         if self.connection is not None:
             fuse_teardown.unmount(self.mountpoint, self.connection)
-        fuse_teardown.wait_for_server_exit(self.proc, self.connection, 30)
+        fuse_teardown.wait_for_server_exit(self.proc, self.connection, self.mountpoint, 30)
         return self.proc.wait()
 
 

@@ -189,30 +189,56 @@ def holders(connection: FuseConnection) -> list[Holder]:
     return found
 
 
-def abort(connection: FuseConnection) -> None:
+def abort(connection: FuseConnection) -> bool:
     """Abort `connection` through fusectl, mounted in a throwaway namespace of its own.
 
+    False if the connection had already ended (its fusectl directory is gone).
     The throwaway namespace makes the fusectl mount harmless wherever pytest
     runs (its own private namespace, or the host's when run by hand): it
     appears nowhere else and goes away with the child. Mounting only when
     nothing is mounted there keeps it idempotent.
     """
     script = (f'mountpoint -q {_FUSECTL} || mount -t fusectl fusectl {_FUSECTL} || exit 1; '
-              f'echo 1 > {_FUSECTL}/"$1"/abort')  # fmt: skip
+              f'[ -d {_FUSECTL}/"$1" ] || exit 3; echo 1 > {_FUSECTL}/"$1"/abort')  # fmt: skip
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
          connection.fusectl_name],
         capture_output=True, text=True, check=False)  # fmt: skip
+    if result.returncode == 3:
+        return False
     if result.returncode != 0:
         raise AssertionError(
             f"cannot abort FUSE connection {connection.fusectl_name} through fusectl: "
             f"{result.stderr.strip()}"
         )
+    return True
+
+
+def _pin(connection: FuseConnection, mountpoint: Path, found: list[Holder]) -> int | None:
+    """An O_PATH fd on a holder's copy of the mount, or None.
+
+    While it is open the connection cannot end, so its minor cannot pass to
+    somebody else's new FUSE mount between our look at the holders and the
+    abort. (Opening the root needs nothing from the server.)
+    """
+    for holder in found:
+        try:
+            fd = os.open(f"/proc/{holder.pid}/root{os.path.abspath(mountpoint)}", os.O_PATH)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_dev == connection.device:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+    return None
 
 
 def wait_for_server_exit(
     process: subprocess.Popen[bytes] | subprocess.Popen[str],
     connection: FuseConnection | None,
+    mountpoint: Path,
     timeout_s: float,
 ) -> str | None:
     """Wait (up to `timeout_s`) for the server to end after our unmount.
@@ -238,7 +264,7 @@ def wait_for_server_exit(
             next_scan = now + _HOLDER_SCAN_EVERY_S
             found = holders(connection)
             if found and all(h.ours is None for h in found) and os.geteuid() == 0:
-                return _abort_and_wait(process, connection, found, timeout_s)
+                return _abort_and_wait(process, connection, mountpoint, found, timeout_s)
         time.sleep(_POLL_S)
     return None
 
@@ -246,16 +272,28 @@ def wait_for_server_exit(
 def _abort_and_wait(
     process: subprocess.Popen[bytes] | subprocess.Popen[str],
     connection: FuseConnection,
+    mountpoint: Path,
     found: list[Holder],
     timeout_s: float,
 ) -> str:
-    abort(connection)
-    note = (f"aborted FUSE connection {connection.fusectl_name} ({connection.major_minor}): "
-            f"copies held only by foreign pids {', '.join(str(h.pid) for h in found)}")
-    print(note, flush=True)
+    # Without a pin (no holder's copy reachable) the window for a reused minor
+    # is the few milliseconds until the write: accepted.
+    pin = _pin(connection, mountpoint, found)
+    try:
+        aborted = abort(connection)
+    finally:
+        if pin is not None:
+            os.close(pin)
+    pids = ", ".join(str(h.pid) for h in found)
+    if aborted:
+        note = (f"aborted FUSE connection {connection.fusectl_name} ({connection.major_minor}): "
+                f"copies held only by foreign pids {pids}")
+        print(note, flush=True)
+    else:
+        note = f"FUSE connection {connection.major_minor} ended by itself (holders were {pids})"
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"{note}; yet the server did not exit within {timeout_s:.0f}s "
-                             f"of the abort") from None
+                             f"after that") from None
     return note

@@ -158,7 +158,8 @@ def _stop(served: ServedMount) -> None:
             teardown.unmount(served.mountpoint, served.connection)
     finally:
         try:
-            teardown.wait_for_server_exit(served.process, served.connection, EXIT_TIMEOUT_S)
+            teardown.wait_for_server_exit(served.process, served.connection, served.mountpoint,
+                                          EXIT_TIMEOUT_S)
         except AssertionError as err:
             served.process.kill()
             served.process.wait()
