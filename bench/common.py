@@ -39,12 +39,15 @@ class Sizes:
     source_files: int  # the source-like tree: untar, find, find + cat
     memory_files: int  # files in the memory workload's image
     memory_image_gib: int  # its (sparse) size
+    append_writes: int  # 4-byte O_APPEND writes of the small-append workload
 
 
 FULL = Sizes(seq_mb=256, random_ios=5_000, random_write_mb=64, meta_files=20_000,
-             source_files=3_000, memory_files=1_000_000, memory_image_gib=20)
+             source_files=3_000, memory_files=1_000_000, memory_image_gib=20,
+             append_writes=100_000)
 QUICK = Sizes(seq_mb=64, random_ios=500, random_write_mb=16, meta_files=2_000,
-              source_files=500, memory_files=20_000, memory_image_gib=1)
+              source_files=500, memory_files=20_000, memory_image_gib=1,
+              append_writes=10_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +78,23 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+# Set by run.py --ext4box-options: added to every read-write ext4box mount.
+EXT4BOX_RW_OPTIONS: tuple[str, ...] = ()
+
+
 @contextlib.contextmanager
-def mounted(system: str, image: Path, mountpoint: Path, *, writable: bool = False
-            ) -> Iterator[Path]:
-    """`image` mounted by `system` at `mountpoint` for the block, unmounted after."""
+def mounted(system: str, image: Path, mountpoint: Path, *, writable: bool = False,
+            ext4box_options: tuple[str, ...] = ()) -> Iterator[Path]:
+    """`image` mounted by `system` at `mountpoint` for the block, unmounted after.
+
+    `ext4box_options`: more `-o` options for ext4box (others ignore them).
+    """
     if system == "kernel":
         with kernel_mount(image, mountpoint, readonly=not writable) as mnt:
             yield mnt
         return
-    with served(image, mountpoint, server_argv(system, image, mountpoint, writable=writable)):
+    argv = server_argv(system, image, mountpoint, writable=writable, extra=ext4box_options)
+    with served(image, mountpoint, argv):
         yield mountpoint
 
 
@@ -91,11 +102,15 @@ def mounted(system: str, image: Path, mountpoint: Path, *, writable: bool = Fals
 PROFILER: Callable[[list[str]], list[str]] | None = None
 
 
-def server_argv(system: str, image: Path, mountpoint: Path, *, writable: bool) -> list[str]:
-    """The command line serving `image` with one of the FUSE servers."""
+def server_argv(system: str, image: Path, mountpoint: Path, *, writable: bool,
+                extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line serving `image` with one of the FUSE servers (`extra`:
+    more ext4box options; ext4box on either transport)."""
     if system in ("ext4box", "pyfuse3"):
         backend = "pyfuse3" if system == "pyfuse3" else None
-        argv = ext4box_argv(image, mountpoint, "rw" if writable else "ro", backend=backend)
+        options = ("rw", *EXT4BOX_RW_OPTIONS) if writable else ("ro",)
+        argv = ext4box_argv(image, mountpoint, ",".join(dict.fromkeys((*options, *extra))),
+                            backend=backend)
         return argv if PROFILER is None else PROFILER(argv)
     if system == "fuse2fs":
         argv = fuse2fs_argv(image, mountpoint)

@@ -2,6 +2,7 @@
 
     python bench/run.py [--quick] [--repeat N] [--systems kernel,ext4box,fuse2fs]
                         [--workloads data,meta,memory|RUNNER,...] [--cache-dir DIR]
+                        [--ext4box-options OPT,...]
 
 Needs root (loop mounts, drop_caches). Prints a table (absolute figures, ratios
 to the kernel and to fuse2fs, issue-7 targets), writes the figures as JSON under
@@ -24,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common
 import memory
 import report
 import workloads_data
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=memory.DEFAULT_CACHE_DIR,
                         help="work directory; keeps the memory workload's image between runs")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/...)")
+    parser.add_argument("--ext4box-options", default="",
+                        help="more -o options for every read-write ext4box mount, e.g. "
+                             "writeback_cache (the figures then say so in the JSON)")
     doc = parser.add_mutually_exclusive_group()
     doc.add_argument("--doc", action="store_true",
                      help="regenerate docs/performance.md even for a partial or quick run")
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: fio not installed (make deps installs it)", file=sys.stderr)
         return 1
     sizes = QUICK if args.quick else FULL
+    common.EXT4BOX_RW_OPTIONS = tuple(o for o in args.ext4box_options.split(",") if o)
     if args.size_mb:
         sizes = dataclasses.replace(sizes, seq_mb=args.size_mb)
 
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "repeat": args.repeat,
         "systems": systems,
+        "ext4box_rw_options": list(common.EXT4BOX_RW_OPTIONS),
         "sizes": dataclasses.asdict(sizes),
         "machine": {**machine, "load_at_end": load_average()},
         "results": [dataclasses.asdict(r) for r in results],
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table(data))
     print(f"\nresults: {out}")
     complete = (not args.quick and set(systems) == set(SYSTEMS)
-                and len(runners) == len(RUNNERS))
+                and len(runners) == len(RUNNERS) and not common.EXT4BOX_RW_OPTIONS)
     if args.doc or (complete and not args.no_doc):
         for problem in report.write_doc(data, out):
             print(f"bench: {problem}", file=sys.stderr)

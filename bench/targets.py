@@ -30,6 +30,8 @@ def _kernel(value: float, text: str | None = None) -> Target:
 
 
 _META = Target("fuse2fs", 3.0, ">= 3x fuse2fs")
+# Issue 18: small appends (fstests generic/069) within 5x of the kernel's time.
+_WITHIN_5X = _kernel(0.2, "within 5x of kernel (>= 20%)")
 
 ROWS: tuple[Row, ...] = (
     Row("seq-read-cold", "seq read 1 MiB, buffered, cold", "data", _kernel(1.0)),
@@ -41,6 +43,9 @@ ROWS: tuple[Row, ...] = (
     Row("rand-read-cold", "random read 4 KiB, buffered, cold", "data", _kernel(0.85)),
     Row("rand-read-direct", "random read 4 KiB, O_DIRECT", "data", _kernel(0.6)),
     Row("rand-write", "random write 4 KiB, buffered + fsync", "data", _kernel(0.5)),
+    Row("append-small", "append 4 B x {app}, O_APPEND + fsync", "data", _WITHIN_5X),
+    Row("append-small-wbc", "append 4 B x {app}, ext4box -o writeback_cache", "data",
+        _WITHIN_5X),
     Row("meta-create", "create {n} empty files + syncfs", "meta", _META),
     Row("meta-stat", "stat {n} files, cold", "meta", _META),
     Row("meta-readdir", "readdir {n} files, cold", "meta", _META),

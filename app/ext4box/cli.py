@@ -30,7 +30,11 @@ EXIT_ERROR = 1
 def cmd_serve(args: argparse.Namespace) -> int:
     from ext4box import daemon
     from ext4box.fuse.atime import take_atime_options
-    from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
+    from ext4box.fuse.fs_options import (
+        apply_quota_options,
+        take_quota_options,
+        take_writeback_option,
+    )
     from ext4box.fuse.mount import (
         MountConfig,
         MountSetupError,
@@ -50,6 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if backend == "pyfuse3" and transport != "auto":
             raise MountSetupError("transport= is for backend=native (pyfuse3 reads /dev/fuse)")
         quota_types, user_options = take_quota_options(user_options)
+        writeback_cache, user_options = take_writeback_option(user_options)
+        if writeback_cache and backend == "pyfuse3":
+            raise CliError("-o writeback_cache needs the native FUSE transport, not pyfuse3")
         atime, user_options = take_atime_options(user_options)
         options = fuse_options(
             os.path.abspath(args.image),
@@ -67,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               direct_io_for(fs.dev) as direct):
             engine.direct = direct  # large data runs bypass the image's page cache
             apply_quota_options(fs, quota_types)
-            ops = Operations(fs, engine, atime)
+            ops = Operations(fs, engine, atime, writeback_cache=writeback_cache)
             if backend == "pyfuse3":
                 serve_pyfuse3(ops, config, on_ready=readiness.ready)
             else:
@@ -296,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         " always nosuid,nodev); fstab-only options (defaults, noauto, nofail, _netdev,"
         " user, x-*) are ignored; backend=native (default) or backend=pyfuse3 picks"
         " the FUSE transport; transport=auto (default: FUSE over io_uring when the"
-        " kernel's enable_uring is on), uring or dev picks the native backend's loop",
+        " kernel's enable_uring is on), uring or dev picks the native backend's loop;"
+        " writeback_cache (native, rw) lets the kernel's page cache collect small"
+        " writes (docs/status.md says what it trades)",
     )
     serve.add_argument(
         "-f", "--foreground", action="store_true",

@@ -215,3 +215,18 @@ def test_cache_and_splice_agree_with_a_full_parse_and_build(block_size: int,
     other = build_dir_block([*records[:1], records[1]._replace(rec_len=area - 12, inode=3)],
                             block_size=block_size, csum_seed=csum_seed)
     assert cache.parse(other, ino=9, lblk=0, csum_seed=csum_seed).records[1].inode == 3
+
+
+def test_parsed_block_find_answers_the_first_live_record_of_a_name() -> None:
+    """find() is what a front-to-back scan answers, also in a (corrupt) block naming
+    one entry twice: deleted records are skipped, the first live one wins."""
+    from ext4box.ext4.format.dir_block import ParsedBlock
+
+    records = (DirRecord(0, 2, 12, b".", 2), DirRecord(12, 0, 16, b"twin", 1),
+               DirRecord(28, 30, 16, b"twin", 1), DirRecord(44, 31, 16, b"other", 1),
+               DirRecord(60, 32, 16, b"twin", 1))  # fmt: skip
+    parsed = ParsedBlock(b"", records)
+    scan = {name: next(i for i, r in enumerate(records) if r.inode and r.name == name)
+            for name in (b".", b"twin", b"other")}  # fmt: skip
+    assert {name: parsed.find(name) for name in scan} == scan
+    assert parsed.find(b"missing") is None

@@ -65,9 +65,10 @@ def assert_fsck_clean(image: Path) -> None:
 
 
 @contextmanager
-def rw_mount(image: Path, mountpoint: Path) -> Iterator[ServedMount]:
-    """`ext4box serve IMAGE MOUNTPOINT -o rw` for the duration of the block."""
-    with served(image, mountpoint, ext4box_argv(image, mountpoint, "rw")) as handle:
+def rw_mount(image: Path, mountpoint: Path, *extra: str) -> Iterator[ServedMount]:
+    """`ext4box serve IMAGE MOUNTPOINT -o rw[,extra...]` for the duration of the block."""
+    options = ",".join(("rw", *extra))
+    with served(image, mountpoint, ext4box_argv(image, mountpoint, options)) as handle:
         yield handle
 
 
@@ -209,9 +210,12 @@ def tree_differences(reference: dict, candidate: dict) -> list[str]:
     return lines
 
 
-def on_both(tmp_path: Path, image: Path, scenario, ignore: frozenset[str] = NONDETERMINISTIC):
+def on_both(tmp_path: Path, image: Path, scenario, ignore: frozenset[str] = NONDETERMINISTIC,
+            options: tuple[str, ...] = (), view_ignore: frozenset[str] = frozenset()):
     """Run `scenario(root) -> observations` on a kernel rw mount and an ext4box rw mount
-    of copies of `image`; both images must then pass e2fsck -fn.
+    (`-o rw` plus `options`) of copies of `image`; both images must then pass e2fsck -fn.
+    `view_ignore`: fields besides atime the kernel's view of the ext4box image may
+    show otherwise than ext4box did.
 
     Returns ((kernel observations, kernel tree), (ext4box observations, ext4box tree)),
     trees stripped of `ignore`.
@@ -225,7 +229,7 @@ def on_both(tmp_path: Path, image: Path, scenario, ignore: frozenset[str] = NOND
         # Settle delayed allocation: before writeback st_blocks holds reservations.
         syncfs(root)
         kernel_tree = strip(walk(root), ignore)
-    with rw_mount(ours_image, tmp_path / "omnt") as handle:
+    with rw_mount(ours_image, tmp_path / "omnt", *options) as handle:
         ours_obs = scenario(handle.mountpoint)
         ours_raw = walk(handle.mountpoint)
         ours_tree = strip(ours_raw, ignore)
@@ -233,14 +237,17 @@ def on_both(tmp_path: Path, image: Path, scenario, ignore: frozenset[str] = NOND
     assert_fsck_clean(ours_image)
     # What ext4box left on the image, as the kernel sees it, must be what it showed.
     # (Everything but atime: same image, so even times and inode numbers agree.)
-    kernel_view_tree = strip(kernel_walk(ours_image, tmp_path / "vmnt"), frozenset({"atime_ns"}))
-    differences = tree_differences(kernel_view_tree, strip(ours_raw, frozenset({"atime_ns"})))
+    view_ignore = view_ignore | {"atime_ns"}
+    kernel_view_tree = strip(kernel_walk(ours_image, tmp_path / "vmnt"), view_ignore)
+    differences = tree_differences(kernel_view_tree, strip(ours_raw, view_ignore))
     assert not differences, "kernel view of the ext4box image differs:\n" + "\n".join(differences)
     return (kernel_obs, kernel_tree), (ours_obs, ours_tree)
 
 
-def assert_same_on_both(tmp_path: Path, image: Path, scenario) -> list:
-    (k_obs, k_tree), (o_obs, o_tree) = on_both(tmp_path, image, scenario)
+def assert_same_on_both(tmp_path: Path, image: Path, scenario, options: tuple[str, ...] = (),
+                        view_ignore: frozenset[str] = frozenset()) -> list:
+    (k_obs, k_tree), (o_obs, o_tree) = on_both(tmp_path, image, scenario, options=options,
+                                               view_ignore=view_ignore)
     if o_obs != k_obs:
         lines = [
             f"[{i}] kernel={k!r:.300} ext4box={o!r:.300}"

@@ -389,6 +389,7 @@ def _stat(path: Path) -> tuple[int, int, int, int, int]:
 class KernelVsExt4box(RuleBasedStateMachine):
     workdir: Path  # set by the test before the machine runs
     mkfs_args: tuple[str, ...] = ()  # image variant (a sibling machine sets its own)
+    mount_options: tuple[str, ...] = ()  # more ext4box -o options (likewise)
     steps_run: list[int] = []  # steps of each finished sequence, for the report
     outcomes: dict[str, int] = {}  # "ok" or errno name -> count, over all sequences
     block_differences = 0  # entries whose st_blocks differ (reported, not failed)
@@ -417,7 +418,7 @@ class KernelVsExt4box(RuleBasedStateMachine):
         self.kroot = self._kernel_cm.__enter__()
         self.block_size = os.statvfs(self.kroot).f_bsize
         try:
-            self._ours_cm = rw_mount(self.ours_image, self.dir / "omnt")
+            self._ours_cm = rw_mount(self.ours_image, self.dir / "omnt", *self.mount_options)
             self.oroot = self._ours_cm.__enter__().mountpoint
         except BaseException:
             self._kernel_cm.__exit__(None, None, None)

@@ -65,7 +65,12 @@ def ext4box_argv(image: Path, mountpoint: Path, options: str = "ro", *,
 
     `backend`: the FUSE transport (default: `fuse_backend()`); on the native
     backend EXT4BOX_TEST_TRANSPORT adds transport= unless `options` has one.
+    Read-write mounts also get EXT4BOX_TEST_RW_OPTIONS (comma-separated), so
+    the whole suite can run with e.g. writeback_cache.
     """
+    if options.split(",")[0] == "rw":
+        extra = [o for o in os.environ.get("EXT4BOX_TEST_RW_OPTIONS", "").split(",") if o]
+        options = ",".join(dict.fromkeys([*options.split(","), *extra]))
     backend = backend or fuse_backend()
     options = f"{options},backend={backend}"
     if fuse_transport() is not None and backend == "native" and "transport=" not in options:

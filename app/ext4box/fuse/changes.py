@@ -10,6 +10,7 @@ truncate and chown.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from ext4box.ext4.format.errors import NotFound
 from ext4box.ext4.format.inode import Inode
 from ext4box.ext4.read.filesystem import Filesystem
+from ext4box.fuse import kernel_times
 from ext4box.fuse.attrs import Attributes, ext4_ino
 from ext4box.fuse.errors import FuseError, fuse_errors
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
@@ -84,6 +86,7 @@ class NamespaceChanges:
 
     # Provided by Operations.
     rw: WritableFilesystem
+    writeback_cache: bool
 
     def _require_writable(self) -> None: ...
     def _attributes(self, ino: int) -> Attributes: ...
@@ -188,7 +191,9 @@ class NamespaceChanges:
     def link(self, node_id: int, new_parent_id: int, new_name: bytes) -> Attributes:
         check_name(new_name)
         self._require_writable()
-        node = self.rw.link(ext4_ino(node_id), ext4_ino(new_parent_id), new_name)
+        ino = ext4_ino(node_id)
+        with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
+            node = self.rw.link(ino, ext4_ino(new_parent_id), new_name)
         self._orphans.discard(node.ino)  # an O_TMPFILE inode: named now, kept at close
         attr = self._inode_attributes(node)
         self.remember(node.ino)
@@ -208,9 +213,20 @@ class NamespaceChanges:
         check_name(name)
         self._require_writable()
         parent = ext4_ino(parent_id)
-        ino = self.fs.lookup(parent, name)
-        still_open = self._open_counts.get(ino, 0) > 0
+        # Which inode the name holds matters before the unlink only when some
+        # file is open, or under the writeback cache (its times before); else
+        # (the common case) the directory is not searched twice.
+        still_open = False
+        before: Inode | None = None
+        if self._open_counts or self.writeback_cache:
+            target = self.fs.lookup(parent, name)
+            still_open = self._open_counts.get(target, 0) > 0
+            before = self.fs.inode(target) if self.writeback_cache else None
         node = self.rw.unlink(parent, name, still_open=still_open)
+        ino = node.ino
+        if before is not None and before.is_reg and node.links_count:
+            # A name left: its ctime is the kernel's (kernel_times.py).
+            kernel_times.keep_times(self.rw, ino, (before.mtime_ns, before.ctime_ns), node)
         if node.links_count == 0:
             if still_open:
                 self._orphans.add(ino)
@@ -253,8 +269,12 @@ class NamespaceChanges:
         except NotFound:
             target = None
         victim = self.fs.inode(target) if target is not None else None
-        self.rw.rename(old_parent, old_name, new_parent, new_name, flags,
-                       whiteout_owner=whiteout_owner)
+        exchanged = target is not None and bool(flags & RENAME_EXCHANGE)
+        wb = self.writeback_cache
+        with (kernel_times.kept(self.rw, source, writeback_cache=wb),
+              kernel_times.kept(self.rw, target or source, writeback_cache=wb and exchanged)):
+            self.rw.rename(old_parent, old_name, new_parent, new_name, flags,
+                           whiteout_owner=whiteout_owner)
         if whiteout_owner is not None:
             # The whiteout is a new inode; its number may be one the kernel still holds.
             whiteout = self.fs.lookup(old_parent, old_name)
@@ -276,6 +296,12 @@ class NamespaceChanges:
     @fuse_errors("setattr")
     def setattr(self, node_id: int, req: SetattrRequest, ctx: Context) -> Attributes:
         ino = ext4_ino(node_id)
+        dead = self._dead.get(ino)
+        if dead is not None:
+            # Freed by its last unlink while the kernel still holds it: no fd
+            # and no name can reach it, only the writeback cache's flush of
+            # the ctime that unlink stamped (fuse_update_ctime_in_cache).
+            return dead
         if req.changes_nothing() and not self.writable:
             return self._attributes(ino)
         # A SETATTR naming no field is chown(path, -1, -1) (FATTR_CTIME comes only
@@ -290,8 +316,12 @@ class NamespaceChanges:
             changes["uid"] = req.uid
         if req.gid is not None and req.gid != node.gid:
             changes["gid"] = req.gid
-        # An empty SETATTR is chown(path, -1, -1): a chown all the same.
-        empty = req.changes_nothing()
+        # An empty SETATTR is chown(path, -1, -1): a chown all the same. Under
+        # the writeback cache it names the kernel's ctime, and nothing else does
+        # (the kernel's own time flush brings mtime too).
+        empty = req.changes_nothing() or (
+            self.writeback_cache and req.ctime_ns is not None
+            and dataclasses.replace(req, ctime_ns=None).changes_nothing())
         chown = req.uid is not None or req.gid is not None or empty
         if req.kill_suidgid is None:
             # chown(2) clears suid (always) and sgid (with group-exec), even

@@ -26,11 +26,13 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
+from ext4box.fuse import kernel_times
 from ext4box.fuse.errors import FuseError, fuse_errors
 from ext4box.fuse.killpriv import now_ns
 
 if TYPE_CHECKING:
     from ext4box.ext4.read.filesystem import Filesystem
+    from ext4box.ext4.write.writable import WritableFilesystem
     from ext4box.fuse.operations import OpenFile
     from ext4box.iomap.engine import IOMapEngine
 
@@ -44,8 +46,12 @@ class FileRangeOps:
     fs: Filesystem
     engine: IOMapEngine
     writable: bool
+    writeback_cache: bool
     dirty: bool
     _open_files: dict[int, OpenFile]
+
+    @property
+    def rw(self) -> WritableFilesystem: ...
 
     def _handle(self, fh: int, *, for_write: bool) -> OpenFile:
         handle = self._open_files.get(fh)
@@ -92,5 +98,10 @@ class FileRangeOps:
         if target.append:
             raise FuseError(errno.EBADF)
         self.dirty = True
-        return self.engine.copy_file_range(source.ino, off_in, target.ino, off_out, length,
-                                           now_ns=now_ns())
+        if not self.writeback_cache:
+            return self.engine.copy_file_range(source.ino, off_in, target.ino, off_out, length,
+                                               now_ns=now_ns())
+        # The kernel stamped the target's times itself (kernel_times.py).
+        with kernel_times.kept(self.rw, target.ino, writeback_cache=True):
+            return self.engine.copy_file_range(source.ino, off_in, target.ino, off_out,
+                                               length, now_ns=now_ns())

