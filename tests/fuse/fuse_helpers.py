@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from support import fuse_teardown
+from support.fuse_teardown import FuseConnection
 from support.serve import fuse_backend
 
 EXT4BOX = [sys.executable, "-m", "ext4box"]
@@ -62,15 +64,22 @@ class Server:
     proc: subprocess.Popen[str]
     mountpoint: Path
     stderr_path: Path
+    # Recorded once mounted: after the unmount the mountpoint no longer names it.
+    connection: FuseConnection | None = None
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
     def stop(self) -> int:
-        """Unmount as a user would and return the server's exit status."""
-        if is_mountpoint(self.mountpoint):
-            subprocess.run(["umount", str(self.mountpoint)], check=True)
-        return self.proc.wait(timeout=30)
+        """Unmount as a user would and return the server's exit status.
+
+        Copies of the mount held only by other people's namespaces get the
+        connection aborted (support.fuse_teardown); a copy of ours fails.
+        """
+        if self.connection is not None:
+            fuse_teardown.unmount(self.mountpoint, self.connection)
+        fuse_teardown.wait_for_server_exit(self.proc, self.connection, self.mountpoint, 30)
+        return self.proc.wait()
 
 
 def start_server(image: Path, mountpoint: Path, *options: str) -> Server:
@@ -94,6 +103,7 @@ def start_server(image: Path, mountpoint: Path, *options: str) -> Server:
             proc.kill()
             raise AssertionError(f"not mounted after {MOUNT_TIMEOUT}s: {server.stderr()}")
         time.sleep(0.05)
+    server.connection = FuseConnection.of(mountpoint)
     return server
 
 
@@ -105,7 +115,11 @@ def served(image: Path, mountpoint: Path, *options: str) -> Iterator[Server]:
     except BaseException:
         _force_down(server)
         raise
-    status = server.stop()
+    try:
+        status = server.stop()
+    except BaseException:
+        _force_down(server)  # never leave the server running
+        raise
     assert status == 0, server.stderr()
 
 

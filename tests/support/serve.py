@@ -3,7 +3,10 @@
 The server runs in the foreground as a child process. We wait until the
 mountpoint's st_dev changes (the mount is live), and at exit unmount, wait for
 the server and insist that it exits 0 — a server that crashes or hangs on the
-way out fails the test that used it.
+way out fails the test that used it. Copies of the mount in other people's
+namespaces do not hang the teardown: support.fuse_teardown aborts the
+connection then, and the server must still exit 0 (ENODEV ends its session
+exactly as an unmount does).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from support.kernel import unmount
+from support import fuse_teardown as teardown
+from support.fuse_teardown import FuseConnection
 
 MOUNT_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 30.0
@@ -113,6 +117,9 @@ class ServedMount:
     mountpoint: Path
     process: subprocess.Popen[bytes]
     stderr_path: Path
+    # The FUSE connection, recorded as soon as the mount is live: after the
+    # unmount (or once the server is dead) the mountpoint no longer names it.
+    connection: FuseConnection | None = None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -124,7 +131,7 @@ class ServedMount:
             return ""
 
 
-def _wait_for_mount(served: ServedMount, dev_before: int, argv: Sequence[str]) -> None:
+def _wait_for_mount(served: ServedMount, dev_before: int, argv: Sequence[str]) -> FuseConnection:
     deadline = time.monotonic() + MOUNT_TIMEOUT_S
     while time.monotonic() < deadline:
         if not served.alive():
@@ -133,8 +140,9 @@ def _wait_for_mount(served: ServedMount, dev_before: int, argv: Sequence[str]) -
                 f"(argv {list(argv)}):\n{served.stderr_text()}"
             )
         try:
-            if os.stat(served.mountpoint).st_dev != dev_before:
-                return
+            dev = os.stat(served.mountpoint).st_dev
+            if dev != dev_before:
+                return FuseConnection(dev)
         except OSError:
             pass  # a half-set-up FUSE mount can answer ENOTCONN for a moment
         time.sleep(_POLL_S)
@@ -143,55 +151,24 @@ def _wait_for_mount(served: ServedMount, dev_before: int, argv: Sequence[str]) -
     )
 
 
-def mount_holders(fuse_dev: int) -> list[str]:
-    """Processes whose mount namespace still has the FUSE mount `fuse_dev` (st_dev).
-
-    A FUSE server sees its unmount only when the last copy of the mount is
-    gone; a namespace created (unshare, a container) while the mount existed
-    holds a copy. Naming the holders turns "did not exit" into a reason.
-    """
-    wanted = f" {os.major(fuse_dev)}:{os.minor(fuse_dev)} "
-    holders = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if wanted in (entry / "mountinfo").read_text():
-                comm = (entry / "comm").read_text().strip()
-                namespace = os.readlink(entry / "ns" / "mnt")
-                holders.append(f"pid {entry.name} ({comm}, {namespace})")
-        except OSError:
-            continue  # exited meanwhile, or not ours to read
-    return holders
-
-
 def _stop(served: ServedMount) -> None:
-    """Unmount and reap the server; never leave a mount or a process behind."""
-    fuse_dev = None
-    with suppress(OSError):
-        fuse_dev = os.stat(served.mountpoint).st_dev
+    """Unmount (a dead mount too) and reap the server; never leave a mount or a process behind.
+
+    A server kept waiting only by other people's copies of the mount has its
+    connection aborted (support.fuse_teardown); one kept by a copy of ours
+    fails the test.
+    """
     try:
-        if os.path.ismount(served.mountpoint):
-            if os.geteuid() == 0:
-                unmount(served.mountpoint)
-            else:
-                subprocess.run(["fusermount3", "-u", str(served.mountpoint)], check=False)
+        if served.connection is not None:
+            teardown.unmount(served.mountpoint, served.connection)
     finally:
         try:
-            served.process.wait(timeout=EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            holders = mount_holders(fuse_dev) if fuse_dev is not None else []
+            teardown.wait_for_server_exit(served.process, served.connection, served.mountpoint,
+                                          EXIT_TIMEOUT_S)
+        except AssertionError as err:
             served.process.kill()
             served.process.wait()
-            held = (
-                f"; copies of the mount are still held by {', '.join(holders)}"
-                if holders
-                else "; no process holds a copy of the mount"
-            )
-            raise AssertionError(
-                f"server did not exit within {EXIT_TIMEOUT_S:.0f}s of the unmount{held} "
-                f"(killed):\n{served.stderr_text()}"
-            ) from None
+            raise AssertionError(f"{err} (killed):\n{served.stderr_text()}") from None
 
 
 @contextmanager
@@ -218,7 +195,7 @@ def served(
         )
     handle = ServedMount(mountpoint, process, stderr_path)
     try:
-        _wait_for_mount(handle, dev_before, argv)
+        handle = replace(handle, connection=_wait_for_mount(handle, dev_before, argv))
     except BaseException:
         _kill_quietly(handle)
         raise
@@ -249,6 +226,7 @@ def served(
 
 
 def _kill_quietly(handle: ServedMount) -> None:
+    # Only when mounting failed: a connection, if any, was never recorded.
     if os.path.ismount(handle.mountpoint):
         subprocess.run(["umount", "-l", str(handle.mountpoint)], check=False)
     if handle.alive():
