@@ -230,3 +230,82 @@ def test_parsed_block_find_answers_the_first_live_record_of_a_name() -> None:
             for name in (b".", b"twin", b"other")}  # fmt: skip
     assert {name: parsed.find(name) for name in scan} == scan
     assert parsed.find(b"missing") is None
+
+
+@pytest.mark.parametrize(("block_size", "csum_seed"), [(4096, 77), (1024, None)])
+def test_inherited_index_and_rooms_match_a_fresh_scan(block_size: int,
+                                                      csum_seed: int | None) -> None:
+    """Through the writer's edits (first-fit insert, merge-delete, retarget), the name
+    index and room summary a remembered block inherits from the one it was spliced
+    from answer find() and first_fit() exactly as a scan of its records does."""
+    from ext4box.ext4.format.dir_block import splice_dir_block_span
+
+    rng = random.Random(block_size + 1)
+    area = block_size - (DIR_TAIL_SIZE if csum_seed is not None else 0)
+    records = [DirRecord(0, 2, 12, b".", 2), DirRecord(12, 2, area - 12, b"..", 2)]
+    cache = ParsedBlockCache(4, has_filetype=True, max_ino=1 << 20, block_size=block_size)
+    cache.remember(build_dir_block(records, block_size=block_size, csum_seed=csum_seed),
+                   records, ino=9, lblk=0, csum_seed=csum_seed)
+    names: list[bytes] = []
+    gone: list[bytes] = []  # removed names: the index must forget them
+    inherited = 0
+    for step in range(1500):
+        old = cache.peek(9, 0, csum_seed)
+        assert old is not None
+        if step % 3 == 0:  # build the summaries on the entry, so that the next one inherits
+            old.find(b"x")
+            old.first_fit(12)
+        roll = rng.random()
+        if names and roll < 0.1:
+            name = rng.choice(names)
+            at = next(i for i, r in enumerate(records) if r.inode and r.name == name)
+            changed = list(records)
+            changed[at] = records[at]._replace(inode=rng.randrange(11, 1 << 20))
+        elif names and (roll < 0.45 or len(names) > 120):
+            name = names.pop(rng.randrange(len(names)))
+            changed = _delete(records, old.find(name))
+            gone.append(name)
+        else:
+            name = bytes(rng.choice(b"abcdefgh") for _ in range(rng.randint(1, 40)))
+            new = DirRecord(0, rng.randrange(11, 1 << 20), dir_rec_len(len(name)), name, 1)
+            at = old.first_fit(new.rec_len)
+            assert at == find_slot(records, new.rec_len)
+            if name in names or at is None:
+                continue
+            changed = insert_record(records, at, new)
+            names.append(name)
+        spliced = splice_dir_block_span(old, changed, block_size=block_size,
+                                        csum_seed=csum_seed)  # fmt: skip
+        assert spliced is not None
+        data, head, tail = spliced
+        assert data == build_dir_block(changed, block_size=block_size, csum_seed=csum_seed)
+        inherited += old._names is not None
+        cache.remember(data, changed, ino=9, lblk=0, csum_seed=csum_seed,
+                       spliced_from=(old, head, tail))  # fmt: skip
+        records = changed
+        entry = cache.peek(9, 0, csum_seed)
+        assert entry is not None
+        probe = [*names, *gone[-5:], *(rng.choice(names) + b"!" for _ in range(3) if names),
+                 b".."]  # fmt: skip
+        for name in probe:
+            scan = next((i for i, r in enumerate(records) if r.inode and r.name == name), None)
+            assert entry.find(name) == scan, name
+        for need in (12, 16, 24, 52, 264, area):
+            assert entry.first_fit(need) == find_slot(records, need), need
+    assert inherited > 300
+
+
+def test_inheriting_a_duplicate_name_leaves_the_index_to_a_scan() -> None:
+    """An edit that makes a live name appear twice (a corrupt block's own duplicate
+    kept by a rewrite) must not leave an index answering the second record."""
+    from ext4box.ext4.format.dir_block import ParsedBlock
+
+    old = ParsedBlock(b"", (DirRecord(0, 2, 12, b".", 2), DirRecord(12, 30, 16, b"twin", 1),
+                            DirRecord(28, 0, 996, b"", 0)), canonical=True)  # fmt: skip
+    assert old.find(b"twin") == 1
+    new = ParsedBlock(b"", (*old.records[:2], DirRecord(28, 31, 16, b"twin", 1),
+                            DirRecord(44, 0, 980, b"", 0)))  # fmt: skip
+    new.inherit(old, 2, 0)
+    assert new.find(b"twin") == 1
+    assert new.first_fit(980) == 3
+    assert new.first_fit(981) is None

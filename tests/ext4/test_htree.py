@@ -345,3 +345,19 @@ def test_reader_inputs_come_from_debugfs(big_dir) -> None:  # type: ignore[no-un
         assert reader.csum_seed == checksum.inode_csum_seed(
             sb.fs_csum_seed, info.ino, info.generation
         )
+
+
+def test_memoized_root_is_never_answered_for_other_bytes(big_dir) -> None:  # type: ignore[no-untyped-def]
+    """A root parsed once (and memoized) does not answer for a damaged copy of its
+    block: the copy is checked afresh and raises Corrupt, every time."""
+    _, reader, _ = big_dir
+    good = bytes(reader._read_lblk(0))
+    args = {"ino": reader.ino, "block_size": 1024, "csum_seed": reader.csum_seed}
+    first = parse_dx_root(good, **args)
+    assert parse_dx_root(bytes(bytearray(good)), **args) == first
+    block = bytearray(good)
+    block[DX_ROOT_ENTRIES_OFFSET + 2] = 0  # count 0
+    for _ in range(2):
+        with pytest.raises(Corrupt, match="count 0"):
+            parse_dx_root(bytes(block), **args)
+    assert parse_dx_root(good, **args) == first

@@ -17,6 +17,7 @@ All arithmetic is modulo 2**32, written out with explicit masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 from ext4box.ext4.format.errors import Corrupt, Unsupported
 
@@ -167,6 +168,13 @@ def _chunked(
     return state
 
 
+# A create hashes its name three times or more (the EEXIST search, the insert,
+# the FUSE lookup before it) and each half-MD4 costs tens of µs in Python.
+# Entries are ~200 bytes; the hash is a pure function of the key, so a hit is
+# exactly what computing it again would give (errors are never cached).
+_HASH_MEMO_ENTRIES = 4096
+
+
 def dx_hash(
     name: bytes,
     version: int,
@@ -179,6 +187,17 @@ def dx_hash(
     version 0..2 to its unsigned twin, the way the kernel applies the
     superblock's unsigned-hash flag to the version stored in a dx_root.
     """
+    if type(name) is bytes and (seed is None or type(seed) is tuple):
+        return _dx_hash_memo(name, version, seed, unsigned)
+    return _dx_hash(name, version, seed, unsigned)
+
+
+def _dx_hash(
+    name: bytes,
+    version: int,
+    seed: tuple[int, int, int, int] | None,
+    unsigned: bool,
+) -> tuple[int, int]:
     if unsigned and version in (DX_HASH_LEGACY, DX_HASH_HALF_MD4, DX_HASH_TEA):
         version += UNSIGNED_DELTA
     if version == DX_HASH_SIPHASH:
@@ -202,6 +221,9 @@ def dx_hash(
     if major == _EOF_MAJOR:
         major = (0x7FFFFFFF - 1) << 1
     return major, minor
+
+
+_dx_hash_memo = lru_cache(maxsize=_HASH_MEMO_ENTRIES)(_dx_hash)
 
 
 def hash_seed_words(raw: bytes) -> tuple[int, int, int, int]:

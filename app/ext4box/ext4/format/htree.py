@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ext4box.ext4.format import checksum
 from ext4box.ext4.format.dir_block import DIR_RECORD, rec_len_from_disk
@@ -131,8 +132,26 @@ def _parse_entries(
     return limit, tuple(entries), tail_reserved
 
 
+# Parsed index blocks, keyed by their bytes and every other input of the parse:
+# each create or unlink walks the index two or three times (EEXIST search,
+# insert, the lookup before it), and a 4 KiB root is ~500 entries to unpack
+# and checksum. A hit is what parsing the same bytes again gives; a corrupt
+# block raises every time (exceptions are not cached). Each entry holds a block
+# and its entry tuple: ~40 KiB at 4 KiB blocks, 16x that at 64 KiB.
+_DX_MEMO_ENTRIES = 32
+
+
 def parse_dx_root(
     block: bytes, *, ino: int, block_size: int, csum_seed: int | None, large_dir: bool = False
+) -> DxRoot:
+    """The dx_root of block 0 of directory `ino` (Corrupt when it is not a valid one)."""
+    if type(block) is bytes:
+        return _dx_root_memo(block, ino, block_size, csum_seed, large_dir)
+    return _parse_dx_root(block, ino, block_size, csum_seed, large_dir)
+
+
+def _parse_dx_root(
+    block: bytes, ino: int, block_size: int, csum_seed: int | None, large_dir: bool
 ) -> DxRoot:
     where = _where(ino, 0)
     if len(block) != block_size:
@@ -182,8 +201,20 @@ def is_dx_node_block(block: bytes, block_size: int) -> bool:
     return inode == 0 and name_len == 0 and rec_len_from_disk(rec_len, block_size) == block_size
 
 
+_dx_root_memo = lru_cache(maxsize=_DX_MEMO_ENTRIES)(_parse_dx_root)
+
+
 def parse_dx_node(
     block: bytes, *, ino: int, lblk: int, block_size: int, csum_seed: int | None
+) -> DxNode:
+    """The interior index node at logical block `lblk` of directory `ino`."""
+    if type(block) is bytes:
+        return _dx_node_memo(block, ino, lblk, block_size, csum_seed)
+    return _parse_dx_node(block, ino, lblk, block_size, csum_seed)
+
+
+def _parse_dx_node(
+    block: bytes, ino: int, lblk: int, block_size: int, csum_seed: int | None
 ) -> DxNode:
     where = _where(ino, lblk)
     if len(block) != block_size:
@@ -200,6 +231,9 @@ def parse_dx_node(
         csum_seed=csum_seed,
     )
     return DxNode(limit, entries, tail_reserved)
+
+
+_dx_node_memo = lru_cache(maxsize=_DX_MEMO_ENTRIES)(_parse_dx_node)
 
 
 def _pack_entries(buf: bytearray, offset: int, limit: int, entries: tuple[DxEntry, ...]) -> None:

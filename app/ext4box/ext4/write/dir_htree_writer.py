@@ -123,7 +123,8 @@ class HtreeWriter:
 
     `nblocks()` is the directory's current size in blocks; `read_block(lblk,
     what)` returns a checked block (Corrupt names `what`); `read_records`,
-    `write_records` and `write_lblk` read and store whole blocks; `append()`
+    `write_records` and `write_lblk` read and store whole blocks; `first_fit(lblk,
+    records, need)` answers find_slot for a leaf's records; `append()`
     adds one empty directory block and returns its number (NoSpace if it
     cannot). `read_lblk` is the raw callback, for the read-side HtreeIndex.
     """
@@ -148,6 +149,7 @@ class HtreeWriter:
         write_records: Callable[[int, list[DirRecord]], None],
         write_lblk: Callable[[int, bytes], None],
         append: Callable[[], int],
+        first_fit: Callable[[int, list[DirRecord], int], int | None] | None = None,
     ) -> None:
         self.ino = ino
         self.block_size = block_size
@@ -167,6 +169,8 @@ class HtreeWriter:
         self._write_records = write_records
         self._write_lblk = write_lblk
         self._append = append
+        # find_slot for the records of a leaf, possibly from a cached summary.
+        self._first_fit = first_fit or (lambda _lblk, records, need: find_slot(records, need))
 
     @property
     def nblocks(self) -> int:
@@ -222,7 +226,7 @@ class HtreeWriter:
         for _ in range(2 * max_levels + 2):
             path = self._probe(new.name)
             records = self._records(path.leaf)
-            at = find_slot(records, new.rec_len)
+            at = self._first_fit(path.leaf, records, new.rec_len)
             if at is not None:
                 self._write_records(path.leaf, insert_record(records, at, new))
                 return

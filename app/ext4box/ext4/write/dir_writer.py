@@ -40,7 +40,7 @@ from ext4box.ext4.format.dir_block import (
     dir_rec_len,
     pack_dir_record,
     parse_dir_records,
-    splice_dir_block,
+    splice_dir_block_span,
 )
 from ext4box.ext4.format.errors import (
     Corrupt,
@@ -225,6 +225,7 @@ class DirectoryWriter:
             read_block=self._read,
             read_records=self._records,
             write_records=self._write_records,
+            first_fit=self._first_fit,
             write_lblk=write_lblk,
             append=self._append,
         )
@@ -338,19 +339,34 @@ class DirectoryWriter:
 
     def _write_records(self, lblk: int, records: list[DirRecord]) -> None:
         data = None
+        spliced_from = None
         if self._parsed is not None:
             # Most writes change one or two records of a block we wrote before:
             # repack only those (same bytes as a full build, see splice_dir_block).
             old = self._parsed.peek(self.ino, lblk, self._tail_seed)
             if old is not None and old.canonical and old.block == self._read_lblk(lblk):
-                data = splice_dir_block(
+                spliced = splice_dir_block_span(
                     old, records, block_size=self.block_size, csum_seed=self._tail_seed
                 )
+                if spliced is not None:
+                    data, head, tail = spliced
+                    spliced_from = (old, head, tail)
         if data is None:
             data = build_dir_block(records, block_size=self.block_size, csum_seed=self._tail_seed)
         self._write_lblk(lblk, data)
         if self._parsed is not None:
-            self._parsed.remember(data, records, ino=self.ino, lblk=lblk, csum_seed=self._tail_seed)
+            self._parsed.remember(data, records, ino=self.ino, lblk=lblk,
+                                  csum_seed=self._tail_seed, spliced_from=spliced_from)  # fmt: skip
+
+    def _first_fit(self, lblk: int, records: list[DirRecord], need: int) -> int | None:
+        """find_slot(records, need), answered from the block's cached room summary
+        when `records` are exactly the cached parse of that block."""
+        if self._parsed is not None:
+            parsed = self._parsed.peek(self.ino, lblk, self._tail_seed)
+            # Tuple equality checks identity first: ~200 pointer compares.
+            if parsed is not None and parsed.records == tuple(records):
+                return parsed.first_fit(need)
+        return find_slot(records, need)
 
     def _store(self, lblk: int, records: list[DirRecord]) -> None:
         """Write records back where _locate found them (a block or an inline area)."""
@@ -425,7 +441,7 @@ class DirectoryWriter:
         nblocks = self.nblocks
         for lblk in range(nblocks):
             records = self._records(lblk)
-            at = find_slot(records, new.rec_len)
+            at = self._first_fit(lblk, records, new.rec_len)
             if at is not None:
                 self._write_records(lblk, insert_record(records, at, new))
                 return
