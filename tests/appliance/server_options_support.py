@@ -10,8 +10,10 @@ it, and e2fsprogs is the oracle that the image holds it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -156,3 +158,27 @@ def mount_options_of(mountpoint: Path) -> set[str]:
     with open("/proc/self/mountinfo") as table:
         line = next(row for row in table if row.split()[4] == str(mountpoint))
     return set(line.split()[5].split(","))
+
+
+APPENDS = 20_000  # 4-byte O_APPEND writes: one round trip each without the cache
+RECORD = b"ab\n\0"
+
+
+def small_appends(path: Path, count: int = APPENDS) -> list[object]:
+    """`count` RECORD-sized O_APPEND writes, fsync, then [size, sha256] of `path`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for _ in range(count):
+            os.write(fd, RECORD)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+
+
+def negotiated_flags(log: str) -> set[str]:
+    """The INIT flags the native session agreed with the kernel, from its one
+    `session ... backend=native ... flags=A,B,...` line (the server's own log:
+    structlog's console lines on stdout, or in the container's log file)."""
+    (flags,) = re.findall(r"\bsession\b.*\bbackend=native\b.*\bflags=([A-Z0-9_,]*)", log)
+    return set(flags.split(","))
