@@ -10,7 +10,6 @@ it, and e2fsprogs is the oracle that the image holds it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -164,16 +163,29 @@ APPENDS = 20_000  # 4-byte O_APPEND writes: one round trip each without the cach
 RECORD = b"ab\n\0"
 
 
-def small_appends(path: Path, count: int = APPENDS) -> list[object]:
-    """`count` RECORD-sized O_APPEND writes, fsync, then [size, sha256] of `path`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        for _ in range(count):
-            os.write(fd, RECORD)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+# Runs as the user: N small O_APPEND writes, fsync; prints [size, sha256].
+APPENDER = r"""
+import hashlib, json, os, sys
+path, count, record = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+try:
+    for _ in range(count):
+        os.write(fd, record)
+    os.fsync(fd)
+finally:
+    os.close(fd)
+with open(path, "rb") as f:
+    print(json.dumps([os.stat(path).st_size, hashlib.sha256(f.read()).hexdigest()]))
+"""
+
+
+def small_appends(argv_prefix: list[str], path: Path, count: int = APPENDS) -> list[object]:
+    """`count` RECORD-sized O_APPEND writes and an fsync, as `argv_prefix` runs
+    them (setpriv, or [] for root); [size, sha256] of `path` after."""
+    proc = subprocess.run([*argv_prefix, PYTHON, "-I", "-c", APPENDER, str(path), str(count),
+                           RECORD.hex()], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def negotiated_flags(log: str) -> set[str]:

@@ -110,11 +110,11 @@ def test_writeback_cache_over_the_handoff_is_negotiated_and_appends_match_the_ke
     shutil.copyfile(image, twin)
     with served_by_handoff(image, scratch / "mnt", SERVICE, mode=Mode.RW,
                            server_options=("writeback_cache",)) as served:  # fmt: skip
-        ours = small_appends(served.mountpoint / "log")
+        ours = small_appends([], served.mountpoint / "log")
     assert served.proc.returncode == 0, served.proc.stderr.read()
     assert "WRITEBACK_CACHE" in negotiated_flags(served.proc.stdout.read())
     with kernel_mount(twin, scratch / "kmnt", readonly=False) as root:
-        theirs = small_appends(root / "log")
+        theirs = small_appends([], root / "log")
     assert ours == theirs and ours[0] == APPENDS * len(RECORD)
     _fsck_clean(image)
 
