@@ -13,9 +13,11 @@ option is refused by name. e2fsck -fn after every write.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,9 @@ from appliance.server_options_support import (
     usage,
     write_as,
 )
-from ext4box.handoff_protocol import Mode, PeerRefused
+from ext4box.fuse.fs_options import WRITEBACK_NEEDS_NATIVE
+from ext4box.handoff_protocol import ImageKind, Mode, MountRequest, PeerRefused, ReceivedMount
+from ext4box.service.serve import ServeRefused, serve_fds
 from support.kernel import kernel_mount, why_no_kernel_mounts
 from support.serve import why_no_fuse
 
@@ -135,6 +139,29 @@ def test_without_the_option_or_read_only_the_cache_is_not_asked_for(scratch: Pat
         warned = "writeback_cache ignored" in log and "why='read-only mount'" in log
         assert warned is bool(options), log
     _fsck_clean(image)
+
+
+def test_the_pyfuse3_backend_refuses_writeback_cache(scratch: Path) -> None:
+    """As `ext4box serve -o backend=pyfuse3,writeback_cache` does: libfuse's
+    session is not asked for the cache, so serving without it would be a lie.
+    Refused before the image is parsed, both descriptors closed."""
+    image = quota_image(scratch / "q.img", *USER)
+    kernel_end, fuse_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = MountRequest(Mode.RW, ImageKind.REGULAR, image.stat().st_size,
+                           server_options=("writeback_cache",))  # fmt: skip
+    received = ReceivedMount(3, request, fuse_end.detach(), os.open(image, os.O_RDWR))
+    started: list[bool] = []
+    try:
+        with pytest.raises(ServeRefused) as refused:
+            serve_fds(received, lambda: started.append(True), backend="pyfuse3")
+    finally:
+        kernel_end.close()
+    assert refused.value.reason == WRITEBACK_NEEDS_NATIVE
+    assert refused.value.errno == errno.EINVAL and not started
+    for fd in (received.fuse_fd, received.image_fd):
+        with pytest.raises(OSError) as closed:
+            os.fstat(fd)
+        assert closed.value.errno == errno.EBADF
 
 
 def test_an_unknown_server_option_is_refused_by_name(scratch: Path) -> None:
