@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -156,3 +157,40 @@ def mount_options_of(mountpoint: Path) -> set[str]:
     with open("/proc/self/mountinfo") as table:
         line = next(row for row in table if row.split()[4] == str(mountpoint))
     return set(line.split()[5].split(","))
+
+
+APPENDS = 20_000  # 4-byte O_APPEND writes: one round trip each without the cache
+RECORD = b"ab\n\0"
+
+
+# Runs as the user: N small O_APPEND writes, fsync; prints [size, sha256].
+APPENDER = r"""
+import hashlib, json, os, sys
+path, count, record = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+try:
+    for _ in range(count):
+        os.write(fd, record)
+    os.fsync(fd)
+finally:
+    os.close(fd)
+with open(path, "rb") as f:
+    print(json.dumps([os.stat(path).st_size, hashlib.sha256(f.read()).hexdigest()]))
+"""
+
+
+def small_appends(argv_prefix: list[str], path: Path, count: int = APPENDS) -> list[object]:
+    """`count` RECORD-sized O_APPEND writes and an fsync, as `argv_prefix` runs
+    them (setpriv, or [] for root); [size, sha256] of `path` after."""
+    proc = subprocess.run([*argv_prefix, PYTHON, "-I", "-c", APPENDER, str(path), str(count),
+                           RECORD.hex()], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def negotiated_flags(log: str) -> set[str]:
+    """The INIT flags the native session agreed with the kernel, from its one
+    `session ... backend=native ... flags=A,B,...` line (the server's own log:
+    structlog's console lines on stdout, or in the container's log file)."""
+    (flags,) = re.findall(r"\bsession\b.*\bbackend=native\b.*\bflags=([A-Z0-9_,]*)", log)
+    return set(flags.split(","))

@@ -9,13 +9,18 @@ in a real podman container, for the root helper and for the broker.
   ["usrquota"]: alice's strictatime is refused before any container starts, and
   the decision is logged; her noatime mount shows noatime, keeps atime, and
   enforces her limit though she never asked for quota.
-e2fsck -fn after the writes. Two container starts: slow.
+- broker, writeback_cache: refused (and logged) by a rule that does not list
+  it; granted by one that does, the container's session negotiates
+  FUSE_WRITEBACK_CACHE (its INIT flags in the container's log) and 20,000
+  4-byte O_APPEND writes give the bytes the kernel's ext4 gives.
+e2fsck -fn after the writes. Three container starts: slow.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -36,18 +41,23 @@ from appliance.broker_support import (
     running_broker,
 )
 from appliance.server_options_support import (
+    APPENDS,
     ATIME_FLAGS,
     OLD_ATIME,
+    RECORD,
     allowed_bytes,
     atimes_after_reads,
     kernel_atime_flags,
     mount_options_of,
+    negotiated_flags,
     public_scratch,
     quota_image,
     setpriv,
+    small_appends,
     usage,
     write_as,
 )
+from support.kernel import kernel_mount
 from support.server_image import server_image as build_server_image
 
 pytestmark = [
@@ -173,6 +183,68 @@ def test_broker_refuses_what_the_rule_does_not_allow_and_enforces_quota() -> Non
             assert granted["allowed"] and granted["server_options"] == ["noatime", "usrquota"]
         _fsck_clean(image)
         assert usage(image, alice.pw_uid)[0] <= 120 * 1024
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        remove_scene(scene)
+
+
+def test_broker_grants_writeback_cache_only_where_the_rule_lists_it() -> None:
+    server_image = build_server_image()
+    alice, bob = real_user(ALICE), real_user(BOB)
+    scene = make_scene(alice, bob)
+    home, mnt = scene.home(alice), scene.home(alice) / "mnt"
+    plain, cached = home / "plain.img", home / "cached.img"
+    for image in (plain, cached):  # her root directory, her file
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"root_owner={alice.pw_uid}:"
+                        f"{alice.pw_gid}", str(image), "8M"], check=True)  # fmt: skip
+        os.chown(image, alice.pw_uid, alice.pw_gid)
+        image.chmod(0o600)
+    twin = scene.root / "kernel.img"
+    shutil.copyfile(cached, twin)
+    (scene.policy / "05-cache.toml").write_text(textwrap.dedent(f"""
+        [[rule]]
+        name = "alice-plain"
+        images = ["{plain}"]
+        users = ["{alice.pw_name}"]
+        mode = "rw"
+        server_options = ["noatime"]
+
+        [[rule]]
+        name = "alice-cached"
+        images = ["{cached}"]
+        users = ["{alice.pw_name}"]
+        mode = "rw"
+        server_options = ["writeback_cache"]
+        """))  # fmt: skip
+    try:
+        with running_broker(scene, env={"EXT4BOX_SERVER_IMAGE": server_image}):
+            refused = scene.ext4box(alice, "mount", str(plain), str(mnt), "--rw",
+                                    "-o", "writeback_cache")  # fmt: skip
+            assert ("rule \"alice-plain\" (05-cache.toml:2) did not match: server option(s)"
+                    " writeback_cache requested but the rule's server_options allow only"
+                    " [noatime]") in error_line(refused)  # fmt: skip
+            (decision,) = _policy_decisions(scene.root / "broker.log")
+            assert not decision["allowed"]
+            assert decision["requested_server_options"] == ["writeback_cache"]
+            assert "writeback_cache requested" in str(decision["reason"])
+            proc = scene.ext4box(alice, "mount", str(cached), str(mnt), "--rw",
+                                 "-o", "writeback_cache")  # fmt: skip
+            assert proc.returncode == 0, proc.stderr + broker_log(scene)
+            try:
+                # The container's log (podman's k8s-file in the broker's state
+                # directory) holds the session line written at FUSE_INIT.
+                logs = "".join(path.read_text() for path in (scene.root / "state").rglob("*.log"))
+                assert "WRITEBACK_CACHE" in negotiated_flags(logs)
+                ours = small_appends(setpriv(alice.pw_uid, alice.pw_gid), mnt / "log")
+            finally:
+                done = scene.ext4box(alice, "umount", str(mnt))
+            assert done.returncode == 0, done.stderr + broker_log(scene)
+            granted = _policy_decisions(scene.root / "broker.log")[-1]
+            assert granted["allowed"] and granted["server_options"] == ["writeback_cache"]
+        with kernel_mount(twin, scene.root / "kmnt", readonly=False) as root:
+            theirs = small_appends([], root / "log")
+        assert ours == theirs and ours[0] == APPENDS * len(RECORD)
+        _fsck_clean(cached)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         remove_scene(scene)

@@ -10,7 +10,7 @@ import pytest
 from test_load_errors import line_of, only_error
 
 from ext4box.fuse.atime import ATIME_OPTIONS, RELATIME, take_atime_options
-from ext4box.fuse.fs_options import QUOTA_OPTIONS
+from ext4box.fuse.fs_options import QUOTA_OPTIONS, WRITEBACK_CACHE
 from ext4box.policy import Request, load_policy
 from ext4box.policy.server_options import (
     NEUTRAL_OPTIONS,
@@ -32,7 +32,7 @@ mode = "rw"
 
 def test_the_policy_knows_exactly_the_names_the_server_reads() -> None:
     # The policy may not import fuse/; its list must not drift from the readers'.
-    assert frozenset(QUOTA_OPTIONS) | ATIME_OPTIONS == SERVER_OPTIONS
+    assert frozenset(QUOTA_OPTIONS) | ATIME_OPTIONS | {WRITEBACK_CACHE} == SERVER_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -97,6 +97,24 @@ def test_neutral_options_are_always_allowed(
     # Neutral after an allowed option still needs that option allowed.
     decision = _decide(policy_dir, write_policy, "", ("noatime", "atime"), request_for)
     assert not decision.allowed and "server option(s) noatime requested" in decision.reason
+
+
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_writeback_cache_needs_the_rule_to_list_it(
+    policy_dir: Path, write_policy: WritePolicy, request_for: Callable[..., Request], mode: str
+) -> None:
+    """It changes durability (errors at fsync/close, those bytes lost): never
+    always allowed, on ro too (where the server ignores it, as `serve` does)."""
+    write_policy("10-x.toml", RULE + 'server_options = ["noatime"]\n')
+    refused = load_policy(str(policy_dir)).evaluate(
+        request_for(mode=mode, server_options=("usrquota", "writeback_cache")))
+    assert not refused.allowed
+    assert ("server option(s) writeback_cache requested but the rule's server_options allow"
+            " only [noatime]") in refused.reason  # fmt: skip
+    write_policy("10-x.toml", RULE + 'server_options = ["writeback_cache"]\n')
+    granted = load_policy(str(policy_dir)).evaluate(
+        request_for(mode=mode, server_options=("writeback_cache",)))
+    assert granted.allowed and granted.server_options == ("writeback_cache",)
 
 
 def test_quota_enforcement_is_always_allowed_and_the_rule_can_force_it(

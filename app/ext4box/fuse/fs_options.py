@@ -30,6 +30,8 @@ log = get_logger("ext4box.fuse")
 QUOTA_OPTIONS = {"quota": USRQUOTA, "usrquota": USRQUOTA, "grpquota": GRPQUOTA,
                  "prjquota": PRJQUOTA}
 WRITEBACK_CACHE = "writeback_cache"
+# pyfuse3's libfuse session is not asked for the cache (`serve` and the appliance refuse it).
+WRITEBACK_NEEDS_NATIVE = "writeback_cache needs the native FUSE transport, not pyfuse3"
 
 
 def take_writeback_option(options: Iterable[str]) -> tuple[bool, list[str]]:

@@ -1,9 +1,10 @@
 """Which server options may a mount ask for, and which does a rule let it have?
 
 Server options change what the server does, not what mount(2) is told:
-quota enforcement (usrquota, quota, grpquota, prjquota) and the access-time
-rule (noatime, strictatime, ...). `ext4box serve -o` reads them in
-fuse/fs_options.py and fuse/atime.py; through the appliance they travel in
+quota enforcement (usrquota, quota, grpquota, prjquota), the access-time
+rule (noatime, strictatime, ...) and writeback_cache (the kernel's page cache
+holds writes). `ext4box serve -o` reads them in fuse/fs_options.py and
+fuse/atime.py; through the appliance they travel in
 the hand-off's MOUNT options (protocol version 3) and the server applies them
 the same way. This module is only their names, so the policy can judge them
 without knowing FUSE (tests check it against the two readers).
@@ -11,9 +12,10 @@ without knowing FUSE (tests check it against the two readers).
 A caller may always ask for quota enforcement (it only limits the caller)
 and for the neutral options, which on their own leave the server's default
 (relatime, no lazytime) as it is. Every other option (noatime, strictatime,
-nodiratime: they change when reads write the inode) must be listed in the
-rule's `server_options`. A rule's `enforce_quota` turns enforcement on
-whatever the caller asks; no option turns it off.
+nodiratime: they change when reads write the inode; writeback_cache: it
+changes durability, see policy/README.md) must be listed in the rule's
+`server_options`. A rule's `enforce_quota` turns enforcement on whatever the
+caller asks; no option turns it off.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ ATIME_OPTIONS = frozenset({
     "noatime", "atime", "relatime", "norelatime", "strictatime", "nostrictatime",
     "nodiratime", "diratime", "lazytime", "nolazytime",
 })  # fmt: skip
-SERVER_OPTIONS = QUOTA_OPTIONS | ATIME_OPTIONS
+# write(2) lands in the kernel's page cache; ENOSPC/EDQUOT/EFBIG come back at
+# fsync/close with those bytes lost (fuse/fs_options.py). Read-write only.
+CACHE_OPTIONS = frozenset({"writeback_cache"})
+SERVER_OPTIONS = QUOTA_OPTIONS | ATIME_OPTIONS | CACHE_OPTIONS
 # Each one alone keeps the default: relatime, atime updates on directories too.
 NEUTRAL_OPTIONS = frozenset({"relatime", "norelatime", "nostrictatime", "atime", "diratime",
                              "lazytime", "nolazytime"})  # fmt: skip

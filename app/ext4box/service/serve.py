@@ -7,7 +7,8 @@ the native backend (the default):
     confine()                 (stage-2 seccomp: from here no path, no socket)
     parse the image           (first untrusted byte is read here)
     refuse policy features    (on the very superblock the session will serve)
-    apply server options      (quota enforcement, the atime rule: as `serve -o`)
+    apply server options      (quota enforcement, the atime rule, writeback_cache:
+                               as `serve -o`)
     FUSE_INIT answered        (the fd really carries a mount)
     ready()                   (READY to the helper), serve until the kernel unmounts
 
@@ -31,7 +32,12 @@ from ext4box.ext4.format.errors import Ext4Error
 from ext4box.ext4.opening import open_filesystem
 from ext4box.ext4.read.filesystem import Filesystem
 from ext4box.fuse.atime import AtimePolicy, take_atime_options
-from ext4box.fuse.fs_options import apply_quota_options, take_quota_options
+from ext4box.fuse.fs_options import (
+    WRITEBACK_NEEDS_NATIVE,
+    apply_quota_options,
+    take_quota_options,
+    take_writeback_option,
+)
 from ext4box.fuse.operations import Operations
 from ext4box.fuse.session import NotMounted, Session
 from ext4box.handoff_protocol import Mode, ReceivedMount
@@ -79,7 +85,14 @@ def serve_fds(
         unknown = sorted(set(request.options) - KNOWN_OPTIONS)
         if unknown:
             raise ServeRefused(f"unknown mount option(s): {','.join(unknown)}", errno.EINVAL)
-        quota_types, atime = _server_options(request.server_options)
+        quota_types, atime, writeback_cache = _server_options(request.server_options)
+        if writeback_cache and backend == "pyfuse3":
+            raise ServeRefused(WRITEBACK_NEEDS_NATIVE, errno.EINVAL)
+        if writeback_cache and request.mode is not Mode.RW:
+            # As `ext4box serve -o ro,writeback_cache`: nothing to cache, the
+            # kernel is not asked (Operations keeps it for writable mounts).
+            log.warning("writeback_cache ignored", why="read-only mount")
+            writeback_cache = False
     except ServeRefused:
         received.close()
         raise
@@ -93,7 +106,8 @@ def serve_fds(
         engine = IOMapEngine(fs, fs.dev)
         engine.direct = direct
         apply_quota_options(fs, quota_types)
-        ops = Operations(fs, engine, atime)
+        # Session.negotiate asks the kernel for FUSE_WRITEBACK_CACHE from ops.
+        ops = Operations(fs, engine, atime, writeback_cache=writeback_cache)
         session = Session(ops, received.fuse_fd, after_init=ready)
         try:
             session.run()
@@ -183,17 +197,19 @@ async def _serve_pyfuse3(
             direct.close()
 
 
-def _server_options(options: tuple[str, ...]) -> tuple[frozenset[int], AtimePolicy]:
-    """The hand-off's server options read as `ext4box serve -o` reads them; a
-    name this server does not know refuses the mount (never ignored: it may
-    be a limit the policy enforces)."""
+def _server_options(options: tuple[str, ...]) -> tuple[frozenset[int], AtimePolicy, bool]:
+    """The hand-off's server options read as `ext4box serve -o` reads them
+    (quota types, atime rule, writeback_cache); a name this server does not
+    know refuses the mount (never ignored: it may be a limit the policy enforces)."""
     quota_types, rest = take_quota_options(options)
+    writeback_cache, rest = take_writeback_option(rest)
     atime, unknown = take_atime_options(rest)
     if unknown:
         raise ServeRefused(f"unknown server option(s): {','.join(unknown)}", errno.EINVAL)
     log.info("server options", options=",".join(options), quota_types=sorted(quota_types),
-             atime=atime.mode.value, nodiratime=atime.nodiratime)  # fmt: skip
-    return quota_types, atime
+             atime=atime.mode.value, nodiratime=atime.nodiratime,
+             writeback_cache=writeback_cache)  # fmt: skip
+    return quota_types, atime, writeback_cache
 
 
 def _open_filesystem(dev: BlockDevice, fuse_fd: int) -> Filesystem:
