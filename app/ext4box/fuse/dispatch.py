@@ -27,8 +27,9 @@ from ext4box.fuse.attrs import Attributes
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.negotiate import Agreed
-from ext4box.fuse.operations import Context, OpenResult, Operations
+from ext4box.fuse.operations import Operations
 from ext4box.fuse.protocol import InitFlag, Layout, Opcode
+from ext4box.fuse.request_records import Context, OpenResult
 
 Caller = tuple[int, int, int]  # uid, gid, pid
 Payload = bytes | memoryview | list[bytes] | None
