@@ -30,8 +30,8 @@ from ext4box.blockdev import BlockDevice
 from ext4box.ext4.format.errors import Ext4Error
 from ext4box.ext4.opening import open_filesystem
 from ext4box.ext4.read.filesystem import ACL_XATTRS, Filesystem
+from ext4box.fuse.attr_replies import pack_entry
 from ext4box.fuse.attrs import entry_attributes
-from ext4box.fuse.dispatch import pack_entry
 from ext4box.iomap.engine import IOMapEngine
 
 T = TypeVar("T")

@@ -28,7 +28,7 @@ from ext4box.iomap.engine import IOMapEngine
 
 if TYPE_CHECKING:
     from ext4box.ext4.write.writable import WritableFilesystem
-    from ext4box.fuse.operations import Context, OpenResult
+    from ext4box.fuse.request_records import Context, OpenResult
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1

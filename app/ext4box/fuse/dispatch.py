@@ -22,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ext4box.fuse import protocol as p
-from ext4box.fuse.attrs import Attributes, entry_ids
+from ext4box.fuse.attr_replies import pack_attr_out, pack_entry, pack_statx_out
+from ext4box.fuse.attrs import Attributes
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
 from ext4box.fuse.negotiate import Agreed
-from ext4box.fuse.operations import Context, OpenResult, Operations
+from ext4box.fuse.operations import Operations
 from ext4box.fuse.protocol import InitFlag, Layout, Opcode
+from ext4box.fuse.request_records import Context, OpenResult
 
 Caller = tuple[int, int, int]  # uid, gid, pid
 Payload = bytes | memoryview | list[bytes] | None
@@ -37,10 +39,8 @@ Handler = Callable[[int, Caller, bytes], Payload]
 NO_REPLY = None
 EMPTY = b""
 
-_ATTR_FLAGS = 0  # fuse_attr.flags: no submount, no DAX
 _ALIGN = 8
 _PADDING = tuple(bytes(n) for n in range(_ALIGN))  # NULs after a name, by count
-_U64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,60 +107,6 @@ def _split_name(body: bytes, start: int = 0) -> tuple[bytes, int]:
     return body[start:end], end + 1
 
 
-def _valid(seconds: float) -> tuple[int, int]:
-    whole = int(seconds)
-    return whole, int((seconds - whole) * 1e9)
-
-
-def pack_attr_values(attr: Attributes) -> tuple[int, ...]:
-    """fuse_attr's values in declaration order.
-
-    Seconds are unsigned in the header, signed in the kernel: times before
-    1970 travel as their two's complement (nanoseconds stay 0..999999999).
-    """
-    return (
-        attr.ino, attr.size, attr.blocks,
-        (attr.atime_ns // 1_000_000_000) & _U64, (attr.mtime_ns // 1_000_000_000) & _U64,
-        (attr.ctime_ns // 1_000_000_000) & _U64,
-        attr.atime_ns % 1_000_000_000, attr.mtime_ns % 1_000_000_000,
-        attr.ctime_ns % 1_000_000_000,
-        attr.mode, attr.nlink, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF, attr.blksize,
-        _ATTR_FLAGS,
-    )  # fmt: skip
-
-
-def _sx_time(time_ns: int) -> tuple[int, int]:
-    return time_ns // 1_000_000_000, time_ns % 1_000_000_000
-
-
-def pack_statx_out(attr: Attributes) -> bytes:
-    """fuse_statx_out: every basic field, and btime when the inode records one.
-
-    ext4 reports btime only when the inode is large enough to hold i_crtime;
-    an inode without it reads as crtime 0 here, so 0 means "none".
-    """
-    attr_s, attr_ns = _valid(attr.attr_timeout)
-    mask = p.STATX_BASIC_STATS | (p.STATX_BTIME if attr.crtime_ns else 0)
-    return p.STATX_OUT.pack(
-        attr_s, attr_ns, 0,
-        mask, attr.blksize, 0, attr.nlink, attr.uid, attr.gid, attr.mode, attr.ino,
-        attr.size, attr.blocks, 0,
-        *_sx_time(attr.atime_ns), *_sx_time(attr.crtime_ns), *_sx_time(attr.ctime_ns),
-        *_sx_time(attr.mtime_ns),
-        os.major(attr.rdev), os.minor(attr.rdev), 0, 0,
-    )  # fmt: skip
-
-
-def pack_entry(attr: Attributes) -> bytes:
-    entry_s, entry_ns = _valid(attr.entry_timeout)
-    attr_s, attr_ns = _valid(attr.attr_timeout)
-    return p.ENTRY_OUT.pack(*entry_ids(attr), entry_s, attr_s, entry_ns, attr_ns,
-                            *pack_attr_values(attr))
-
-
-def pack_attr_out(attr: Attributes) -> bytes:
-    attr_s, attr_ns = _valid(attr.attr_timeout)
-    return p.ATTR_OUT.pack(attr_s, attr_ns, *pack_attr_values(attr))
 
 
 class Dispatcher:

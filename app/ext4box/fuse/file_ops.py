@@ -33,7 +33,7 @@ from ext4box.fuse.killpriv import now_ns
 if TYPE_CHECKING:
     from ext4box.ext4.read.filesystem import Filesystem
     from ext4box.ext4.write.writable import WritableFilesystem
-    from ext4box.fuse.operations import OpenFile
+    from ext4box.fuse.request_records import OpenFile
     from ext4box.iomap.engine import IOMapEngine
 
 _SEEK_WHENCES = frozenset({os.SEEK_DATA, os.SEEK_HOLE})

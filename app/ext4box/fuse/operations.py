@@ -18,7 +18,6 @@ import itertools
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from ext4box.ext4.format.errors import Ext4Error
@@ -43,6 +42,7 @@ from ext4box.fuse.errors import FuseError, fuse_errors, to_fuse_error
 from ext4box.fuse.export import ExportLookups
 from ext4box.fuse.file_ops import FileRangeOps
 from ext4box.fuse.killpriv import killpriv_mode, may_have_xattrs, now_ns
+from ext4box.fuse.request_records import Context, OpenFile, OpenResult
 from ext4box.iomap.engine import IOMapEngine, ReadPlan
 from ext4box.log import get_logger
 
@@ -55,52 +55,6 @@ _DOT_NAMES = (b".", b"..")
 _GOOD_OLD_INODE_SIZE = 128  # no extra time fields: times in whole seconds
 SECURITY_CAPABILITY = b"security.capability"
 _S_ISUID_SGID = stat.S_ISUID | stat.S_ISGID
-
-
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Who asks: the caller's ids, and the umask when the server must apply it.
-
-    `umask` is None when the kernel has already applied it to the mode
-    (pyfuse3; the native session without FUSE_DONT_MASK).
-    """
-
-    uid: int
-    gid: int
-    pid: int = 0
-    umask: int | None = None
-
-
-@dataclass(slots=True)
-class OpenFile:
-    """One open file handle: which inode, and who opened it how."""
-
-    ino: int
-    writable: bool
-    # The opener's uid decides suid/sgid clearing on write when the transport
-    # does not say (FUSE_WRITE carries no credentials, and root keeps the bits).
-    uid: int
-    # Whose space the writes take (reserved blocks): the opener's, for the same
-    # reason (writeback of mmap'ed pages arrives with the flusher's ids).
-    gid: int = 0
-    # Opened O_DIRECT: each read is the application's own, one at a time for
-    # a synchronous reader, so a threaded backend executes it inline.
-    direct: bool = False
-    # Open for reading, and opened O_APPEND: the copy_file_range checks.
-    readable: bool = True
-    append: bool = False
-    # Opened FOPEN_DIRECT_IO under the writeback cache: the kernel stamps no
-    # time for its writes, so we do (see Operations.write).
-    uncached: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class OpenResult:
-    fh: int
-    # Keep the kernel's page cache across opens (see _new_handle).
-    keep_cache: bool = True
-    # FOPEN_DIRECT_IO: every write of this open reaches us (see new_handle).
-    direct_io: bool = False
 
 
 # emit(name, ino, file_type, attributes or None, cookie) -> False when the reply is full.

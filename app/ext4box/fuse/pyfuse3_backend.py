@@ -30,7 +30,8 @@ from ext4box.ext4.write.caller import Caller, acting_as
 from ext4box.fuse.attrs import Attributes, entry_ids
 from ext4box.fuse.changes import SetattrRequest
 from ext4box.fuse.errors import FuseError
-from ext4box.fuse.operations import Context, OpenResult, Operations
+from ext4box.fuse.operations import Operations
+from ext4box.fuse.request_records import Context, OpenResult
 from ext4box.iomap.read_plan import ReadPlan
 from ext4box.log import get_logger
 
