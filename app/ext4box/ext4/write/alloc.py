@@ -104,7 +104,7 @@ class BlockAllocator:
             return self._build_uninit_bitmap(group, desc, nbits)
         bitmap = bytearray(self.writer.read(desc.block_bitmap))
         if group not in self._verified:
-            self._verify(group, desc, bitmap)
+            self._verify(group, desc, bitmap, nbits)
             self._verified.add(group)
         return bitmap
 
@@ -122,7 +122,7 @@ class BlockAllocator:
             )
         return bitmap
 
-    def _verify(self, group: int, desc: GroupDesc, bitmap: bytearray) -> None:
+    def _verify(self, group: int, desc: GroupDesc, bitmap: bytearray, nbits: int) -> None:
         sb = self.sb
         where = f"block {desc.block_bitmap} ({group_where(group)})"
         if sb.metadata_csum:
@@ -138,6 +138,17 @@ class BlockAllocator:
         for offset, length in self.metadata_runs(group):
             if not B.range_is_set(bitmap, offset, length):
                 raise Corrupt("block bitmap", where, f"group metadata at +{offset} marked free")
+        # Without checksums nothing else tells a bitmap that marks a file's blocks
+        # free (a damaged logged copy, a moved pointer) from a real one; handing
+        # those blocks out would overwrite the file. The kernel refuses a group
+        # whose bitmap and descriptor disagree on the free count, and so do we.
+        free = B.count_zeros(bitmap, nbits)
+        if free != desc.free_blocks_count:
+            raise Corrupt(
+                "block bitmap",
+                where,
+                f"{free} blocks free in the bitmap, {desc.free_blocks_count} in the descriptor",
+            )
 
     def _store(self, group: int, bitmap: bytearray, free_delta: int) -> None:
         """Write the bitmap back and update descriptor and superblock counts."""
